@@ -41,6 +41,7 @@ __all__ = [
     "mthp_sizes",
     "khugepaged_settings",
     "thp_mode",
+    "thp_cow_mode",
     "kernel_release",
     "read_smaps",
     "read_vmstat",
@@ -159,6 +160,11 @@ def thp_mode(name: str, roots: Optional[Roots] = None) -> Optional[str]:
     r = _roots(roots)
     quiet = name == "thp_cow"  # not in any merged kernel: absence is normal
     return _bracketed(_read(os.path.join(r.sys, THP_DIR, name), quiet=quiet))
+
+
+def thp_cow_mode(roots: Optional[Roots] = None) -> Optional[str]:
+    """The direct-COW mode (sysfs ``thp_cow``: proposed, not merged), or None."""
+    return thp_mode("thp_cow", roots)
 
 
 def pmd_size(roots: Optional[Roots] = None) -> Optional[int]:
@@ -790,24 +796,42 @@ def _probe(r: Roots) -> Capabilities:
     )
 
 
-def can_get_huge_pages(caps: Optional[Capabilities] = None) -> Tuple[bool, str]:
+def can_get_huge_pages(caps: Optional[Capabilities] = None,
+                       roots: Optional[Roots] = None) -> Tuple[bool, str]:
     """Whether this process can get PMD-mapped huge pages at all, and why not.
 
     False when the PMD size is unknown, when THP is ``never`` (globally or
     for the PMD size) and ``MADV_COLLAPSE`` cannot help, or when the process
-    is THP-disabled by prctl without the except-advised flag.
+    is THP-disabled by prctl without the except-advised flag. Without
+    *caps* it reads the settings directly and runs the capability probe
+    only when THP is ``never`` (to learn whether MADV_COLLAPSE can help).
     """
-    c = caps if caps is not None else capabilities()
-    if c.pmd_size is None:
+    r = _roots(roots)
+    if caps is not None:
+        pmd, enabled, mthp = caps.pmd_size, caps.enabled, caps.mthp
+        completely = caps.thp_disabled_completely
+    else:
+        pmd, enabled, mthp = pmd_size(r), thp_mode("enabled", r), mthp_sizes(r)
+        raw = thp_disable_flags()
+        if raw is None:
+            try:
+                completely = read_status("self", r).thp_enabled is False
+            except OSError:
+                completely = False
+        else:
+            completely = raw == 1
+    if pmd is None:
         return False, "the PMD huge page size is unknown (no transparent_hugepage/hpage_pmd_size)"
-    if c.thp_disabled_completely:
+    if completely:
         return False, ("this process is THP-disabled by prctl(PR_SET_THP_DISABLE), "
                        "usually inherited from a parent; start it from a parent that does not set it")
-    pmd_mode = c.mthp.get(c.pmd_size)
-    never = c.enabled == "never" or pmd_mode == "never" or (
-        c.enabled is None and not c.mthp)
-    if never and not c.collapse.available:
-        where = "hugepages-%dkB/enabled" % (c.pmd_size // 1024) if pmd_mode == "never" else "enabled"
-        return False, (f"THP is off (transparent_hugepage/{where} = never) and "
-                       f"MADV_COLLAPSE is unavailable: {c.collapse.reason}")
-    return True, "ok"
+    pmd_mode = mthp.get(pmd)
+    never = enabled == "never" or pmd_mode == "never" or (enabled is None and not mthp)
+    if not never:
+        return True, "ok"
+    collapse = (caps or capabilities(roots=r)).collapse
+    if collapse.available:
+        return True, "ok (faults give small pages; MADV_COLLAPSE builds the huge pages)"
+    where = "hugepages-%dkB/enabled" % (pmd // 1024) if pmd_mode == "never" else "enabled"
+    return False, (f"THP is off (transparent_hugepage/{where} = never) and "
+                   f"MADV_COLLAPSE is unavailable: {collapse.reason}")

@@ -1,0 +1,60 @@
+/* The declarations cffi exposes to Python. Compiled against thpguard.h
+ * by build_cffi.py, so any drift between the two fails the build. */
+#define TG_MADV_DONTFORK ...
+#define TG_MADV_DOFORK ...
+#define TG_MADV_HUGEPAGE ...
+#define TG_MADV_NOHUGEPAGE ...
+#define TG_MADV_WIPEONFORK ...
+#define TG_MADV_KEEPONFORK ...
+#define TG_MADV_POPULATE_READ ...
+#define TG_MADV_POPULATE_WRITE ...
+#define TG_MADV_COLLAPSE ...
+#define TG_MADV_THP_COW ...
+#define TG_PAGE_IS_PRESENT ...
+#define TG_PAGE_IS_SWAPPED ...
+#define TG_PAGE_IS_PFNZERO ...
+#define TG_PAGE_IS_HUGE ...
+#define TG_MAX_PLACEHOLDERS ...
+
+typedef int... pid_t;
+
+struct tg_page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+enum tg_fault_op {
+    TG_FAULT_COLLAPSE,
+    TG_FAULT_MAP,
+    TG_FAULT_SCAN,
+    TG_FAULT_MREMAP,
+    TG_FAULT_NOPS,
+    ...
+};
+
+int tg_map_aligned(size_t size, size_t align, void **out);
+int tg_unmap(void *addr, size_t size);
+int tg_madvise(void *addr, size_t len, int advice);
+int tg_advice_known(int advice, int *known);
+int tg_populate_write(void *addr, size_t len, size_t page_size);
+int tg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end,
+                    uint64_t return_mask, struct tg_page_region *vec,
+                    size_t vec_len, size_t *n_out, uint64_t *walk_end);
+int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
+                  uint64_t *huge, uint64_t *present);
+int tg_collapse(void *addr, size_t len, size_t chunk, unsigned max_retries,
+                int *chunk_errno, size_t n_chunks);
+int tg_pidfd_open(pid_t pid, int *fd);
+int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
+                       size_t n, int advice, size_t *advised);
+int tg_copy_remap(void *addr, size_t len, size_t align);
+int tg_placeholder_add(void *addr, size_t len);
+int tg_placeholder_remove(void *addr);
+int tg_atfork_install(void);
+uint64_t tg_fork_generation(void);
+int tg_thp_disable_get(int *value);
+int tg_thp_disable_set(int disable, unsigned long flags);
+int tg_fault_inject(int op, int err, int count);
+void tg_fault_clear(void);
+int tg_fault_take(int op);

@@ -1,0 +1,162 @@
+/* SPDX-License-Identifier: MIT
+ *
+ * thpguard.h - the C contract of thpguard's native core.
+ *
+ * Plain C, usable without Python. Every function that can fail returns 0 on
+ * success or -1 with errno set; results come back through out-parameters.
+ * Addresses and lengths are in bytes. Nothing here allocates on the C heap
+ * except where said.
+ */
+#ifndef THPGUARD_H
+#define THPGUARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* madvise advice values, defined here so old libc headers do not matter. */
+#define TG_MADV_DONTFORK        10
+#define TG_MADV_DOFORK          11
+#define TG_MADV_HUGEPAGE        14
+#define TG_MADV_NOHUGEPAGE      15
+#define TG_MADV_WIPEONFORK      18
+#define TG_MADV_KEEPONFORK      19
+#define TG_MADV_POPULATE_READ   22
+#define TG_MADV_POPULATE_WRITE  23
+#define TG_MADV_COLLAPSE        25
+/* The proposed per-VMA direct-COW flag (not merged upstream, May 2026). */
+#define TG_MADV_THP_COW         257
+
+/* PAGEMAP_SCAN categories (uapi linux/fs.h, Linux 6.7). */
+#define TG_PAGE_IS_WPALLOWED    (1ULL << 0)
+#define TG_PAGE_IS_WRITTEN      (1ULL << 1)
+#define TG_PAGE_IS_FILE         (1ULL << 2)
+#define TG_PAGE_IS_PRESENT      (1ULL << 3)
+#define TG_PAGE_IS_SWAPPED      (1ULL << 4)
+#define TG_PAGE_IS_PFNZERO      (1ULL << 5)
+#define TG_PAGE_IS_HUGE         (1ULL << 6)
+
+/* One result of a PAGEMAP_SCAN: [start, end) with the same categories. */
+struct tg_page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+/* Operations that the fault-injection hook can make fail. */
+enum tg_fault_op {
+    TG_FAULT_COLLAPSE = 0,  /* tg_collapse: one MADV_COLLAPSE attempt */
+    TG_FAULT_MAP = 1,       /* tg_map_aligned, tg_copy_remap's new mapping */
+    TG_FAULT_SCAN = 2,      /* tg_pagemap_scan */
+    TG_FAULT_MREMAP = 3,    /* tg_copy_remap's final mremap */
+    TG_FAULT_NOPS = 4
+};
+
+/* ---- mapping ---------------------------------------------------------- */
+
+/* Map `size` bytes of private anonymous memory at an address aligned to
+ * `align` (a power of two, at least the page size). */
+int tg_map_aligned(size_t size, size_t align, void **out);
+
+int tg_unmap(void *addr, size_t size);
+
+int tg_madvise(void *addr, size_t len, int advice);
+
+/* 1 in *known if the kernel knows `advice` (madvise with length 0 returns
+ * 0 for a known advice and EINVAL for an unknown one), else 0. Changes
+ * nothing. */
+int tg_advice_known(int advice, int *known);
+
+/* Fault in [addr, addr+len) for writing without changing its contents:
+ * MADV_POPULATE_WRITE (5.14), else an atomic add of zero to one byte per
+ * `page_size` bytes. Never use it on a range shared after fork: it splits
+ * every PMD there. */
+int tg_populate_write(void *addr, size_t len, size_t page_size);
+
+/* ---- split detection -------------------------------------------------- */
+
+/* One PAGEMAP_SCAN ioctl (6.7) on `pagemap_fd` over [start, end), reporting
+ * the categories in `return_mask`. Up to `vec_len` results land in `vec`;
+ * *n_out is their number and *walk_end where the walk stopped (== end when
+ * the whole range was walked). Fails with ENOTTY on older kernels. */
+int tg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end,
+                    uint64_t return_mask, struct tg_page_region *vec,
+                    size_t vec_len, size_t *n_out, uint64_t *walk_end);
+
+/* Bytes of [start, end) that are PMD-mapped (PAGE_IS_HUGE) and present. */
+int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
+                  uint64_t *huge, uint64_t *present);
+
+/* ---- repair ----------------------------------------------------------- */
+
+/* MADV_COLLAPSE (6.1) over [addr, addr+len) in chunks of `chunk` bytes (a
+ * multiple of the PMD size), so mmap_lock is never held for the whole
+ * range. EAGAIN is retried up to `max_retries` times per chunk. The errno
+ * of each chunk (0 when it collapsed) goes to chunk_errno[i] for the first
+ * `n_chunks` chunks (may be NULL). Returns 0 when every chunk succeeded,
+ * else -1 with errno of the last failure; earlier chunks may have been
+ * collapsed all the same, so rescan rather than trust the return code. */
+int tg_collapse(void *addr, size_t len, size_t chunk, unsigned max_retries,
+                int *chunk_errno, size_t n_chunks);
+
+int tg_pidfd_open(pid_t pid, int *fd);
+
+/* process_madvise(2) (5.10; MADV_COLLAPSE on another process from 6.1,
+ * needing CAP_SYS_NICE and ptrace read access). `addrs`/`lens` give `n`
+ * ranges; *advised is the number of bytes advised. */
+int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
+                       size_t n, int advice, size_t *advised);
+
+/* ---- fork policies ---------------------------------------------------- */
+
+/* Replace [addr, addr+len) by a private copy in fresh huge-page-advised
+ * memory aligned to `align`, moved over the old range with one
+ * mremap(MREMAP_FIXED), so the range stays one VMA and no longer shares
+ * pages with another process. On failure the old range is untouched. */
+int tg_copy_remap(void *addr, size_t len, size_t align);
+
+/* Keep [addr, addr+len) reserved (PROT_NONE) in every child that fork()
+ * creates, for ranges marked MADV_DONTFORK: otherwise the child's next
+ * mmap could land in the hole and be unmapped later by the parent's
+ * bookkeeping. Done in a pthread_atfork child handler, so forks that bypass
+ * Python are covered too. Up to TG_MAX_PLACEHOLDERS ranges. */
+#define TG_MAX_PLACEHOLDERS 4096
+int tg_placeholder_add(void *addr, size_t len);
+int tg_placeholder_remove(void *addr);
+
+/* Install the pthread_atfork handlers (idempotent). */
+int tg_atfork_install(void);
+
+/* Number of fork() calls this process is the child of, counted by the
+ * atfork child handler: a change tells a process it is a new child even
+ * when the fork bypassed Python. */
+uint64_t tg_fork_generation(void);
+
+/* ---- process switches ------------------------------------------------- */
+
+/* Raw prctl(PR_GET_THP_DISABLE) result. */
+int tg_thp_disable_get(int *value);
+
+/* prctl(PR_SET_THP_DISABLE, disable, flags, 0, 0). */
+int tg_thp_disable_set(int disable, unsigned long flags);
+
+/* ---- fault injection (tests only; off unless called) ------------------ */
+
+/* Make the next `count` calls of `op` fail with `err`. count 0 clears. */
+int tg_fault_inject(int op, int err, int count);
+
+void tg_fault_clear(void);
+
+/* Consume one injected fault of `op` for a call made outside this library
+ * (a binding that maps memory itself): the errno to fail with, or 0. */
+int tg_fault_take(int op);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* THPGUARD_H */

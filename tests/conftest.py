@@ -1,0 +1,105 @@
+"""Shared fixtures: THP availability, child processes, ground truth readers."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zlib
+
+import pytest
+
+import thpguard
+from thpguard import kernel
+
+REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
+
+
+def thp_unavailable_reason():
+    """Why this host cannot give PMD THP to an advised region, or None."""
+    if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        return "the kernel has no transparent huge pages (no sysfs directory)"
+    ok, reason = kernel.can_get_huge_pages()
+    return None if ok else reason
+
+
+@pytest.fixture
+def require_thp():
+    """Skip without THP; fail instead when THPGUARD_REQUIRE_THP=1 (CI)."""
+    reason = thp_unavailable_reason()
+    if reason:
+        if REQUIRE_THP:
+            pytest.fail(f"THP required (THPGUARD_REQUIRE_THP=1) but unavailable: {reason}")
+        pytest.skip(f"needs transparent huge pages: {reason}")
+
+
+@pytest.fixture
+def pmd():
+    return kernel.pmd_size()
+
+
+def smaps_vma(pid, start):
+    """The smaps entry (kernel.Vma) of ``pid`` that starts at ``start``, or None."""
+    for vma in kernel.read_smaps(pid):
+        if vma.start == start:
+            return vma
+    return None
+
+
+def smaps_huge_bytes(pid, start, end):
+    """AnonHugePages summed over the VMAs of ``pid`` inside [start, end)."""
+    return sum(
+        v.fields.get("AnonHugePages", 0)
+        for v in kernel.read_smaps(pid)
+        if v.start >= start and v.end <= end
+    )
+
+
+def checksum(buf) -> int:
+    return zlib.crc32(buf)
+
+
+def run_in_child(fn, *args):
+    """Fork, run ``fn(*args)`` in the child and return what it returned.
+
+    The child pickles its result (or its exception) through a pipe and
+    always leaves with os._exit, so pytest never runs twice.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        status = 0
+        try:
+            payload = pickle.dumps(("ok", fn(*args)))
+        except BaseException as exc:  # report everything to the parent
+            payload = pickle.dumps(("error", repr(exc)))
+            status = 1
+        try:
+            with os.fdopen(write_end, "wb") as f:
+                f.write(payload)
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"child failed: {value}")
+    return value
+
+
+@pytest.fixture
+def region_factory(require_thp):
+    """alloc() that closes every region it made at the end of the test."""
+    made = []
+
+    def make(size, **kwargs):
+        region = thpguard.alloc(size, **kwargs)
+        made.append(region)
+        return region
+
+    yield make
+    for region in made:
+        if not region.closed:
+            region.close()

@@ -1,0 +1,247 @@
+"""Plain-Python face of the native core (the only module that sees cffi).
+
+Every function takes and returns ints, lists and tuples; a failed call
+raises :class:`~thpguard.errors.KernelCallError` carrying the errno. The C
+contract is ``native/thpguard.h``. cffi releases the GIL around each call,
+so long operations (collapse, copy) do not block other Python threads.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Dict, List, Sequence, Tuple
+
+from ._cffi import ffi, lib
+from .errors import InvalidArgumentError, kernel_error
+
+MADV_DONTFORK = lib.TG_MADV_DONTFORK
+MADV_DOFORK = lib.TG_MADV_DOFORK
+MADV_HUGEPAGE = lib.TG_MADV_HUGEPAGE
+MADV_NOHUGEPAGE = lib.TG_MADV_NOHUGEPAGE
+MADV_WIPEONFORK = lib.TG_MADV_WIPEONFORK
+MADV_KEEPONFORK = lib.TG_MADV_KEEPONFORK
+MADV_POPULATE_READ = lib.TG_MADV_POPULATE_READ
+MADV_POPULATE_WRITE = lib.TG_MADV_POPULATE_WRITE
+MADV_COLLAPSE = lib.TG_MADV_COLLAPSE
+MADV_THP_COW = lib.TG_MADV_THP_COW
+
+PAGE_IS_PRESENT = lib.TG_PAGE_IS_PRESENT
+PAGE_IS_SWAPPED = lib.TG_PAGE_IS_SWAPPED
+PAGE_IS_PFNZERO = lib.TG_PAGE_IS_PFNZERO
+PAGE_IS_HUGE = lib.TG_PAGE_IS_HUGE
+
+ADVICE_NAMES: Dict[int, str] = {
+    MADV_DONTFORK: "MADV_DONTFORK",
+    MADV_DOFORK: "MADV_DOFORK",
+    MADV_HUGEPAGE: "MADV_HUGEPAGE",
+    MADV_NOHUGEPAGE: "MADV_NOHUGEPAGE",
+    MADV_WIPEONFORK: "MADV_WIPEONFORK",
+    MADV_KEEPONFORK: "MADV_KEEPONFORK",
+    MADV_POPULATE_READ: "MADV_POPULATE_READ",
+    MADV_POPULATE_WRITE: "MADV_POPULATE_WRITE",
+    MADV_COLLAPSE: "MADV_COLLAPSE",
+    MADV_THP_COW: "MADV_THP_COW",
+}
+
+FAULT_OPS: Dict[str, int] = {
+    "collapse": lib.TG_FAULT_COLLAPSE,
+    "map": lib.TG_FAULT_MAP,
+    "scan": lib.TG_FAULT_SCAN,
+    "mremap": lib.TG_FAULT_MREMAP,
+}
+
+_SCAN_VEC = 512
+
+
+def _ptr(addr: int):
+    return ffi.cast("void *", addr)
+
+
+def _check(rc: int, operation: str, addr: int = None, length: int = None) -> None:
+    if rc != 0:
+        rng = None if addr is None else (addr, length or 0)
+        raise kernel_error(ffi.errno, operation, rng)
+
+
+def _advice_name(advice: int) -> str:
+    return ADVICE_NAMES.get(advice, str(advice))
+
+
+def buffer_address(obj) -> int:
+    """Address of the first byte of a writable buffer (e.g. an mmap)."""
+    cdata = ffi.from_buffer(obj, require_writable=True)
+    try:
+        return int(ffi.cast("uintptr_t", cdata))
+    finally:
+        ffi.release(cdata)
+
+
+def map_aligned(size: int, align: int) -> int:
+    """Map ``size`` bytes private anonymous at an ``align``-aligned address."""
+    out = ffi.new("void **")
+    _check(lib.tg_map_aligned(size, align, out), "mmap", 0, size)
+    return int(ffi.cast("uintptr_t", out[0]))
+
+
+def unmap(addr: int, size: int) -> None:
+    _check(lib.tg_unmap(_ptr(addr), size), "munmap", addr, size)
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    _check(
+        lib.tg_madvise(_ptr(addr), length, advice),
+        f"madvise({_advice_name(advice)})",
+        addr,
+        length,
+    )
+
+
+def advice_known(advice: int) -> bool:
+    """True if the running kernel knows ``advice`` (probed, changes nothing)."""
+    known = ffi.new("int *")
+    _check(lib.tg_advice_known(advice, known), f"madvise({_advice_name(advice)}, 0)")
+    return bool(known[0])
+
+
+def populate_write(addr: int, length: int, page_size: int) -> None:
+    _check(
+        lib.tg_populate_write(_ptr(addr), length, page_size),
+        "madvise(MADV_POPULATE_WRITE)",
+        addr,
+        length,
+    )
+
+
+def pagemap_scan(fd: int, start: int, end: int) -> List[Tuple[int, int, int]]:
+    """PAGEMAP_SCAN over ``[start, end)``: ``(start, end, categories)`` runs.
+
+    Categories are masked to present, swapped, zero-page and huge. Follows
+    ``walk_end`` until the whole range is walked.
+    """
+    vec = ffi.new("struct tg_page_region[]", _SCAN_VEC)
+    n_out = ffi.new("size_t *")
+    walk_end = ffi.new("uint64_t *")
+    mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_HUGE
+    runs: List[Tuple[int, int, int]] = []
+    at = start
+    while at < end:
+        rc = lib.tg_pagemap_scan(fd, at, end, mask, vec, _SCAN_VEC, n_out, walk_end)
+        _check(rc, "ioctl(PAGEMAP_SCAN)", at, end - at)
+        for i in range(n_out[0]):
+            runs.append((vec[i].start, vec[i].end, vec[i].categories))
+        if walk_end[0] <= at:
+            break
+        at = walk_end[0]
+    return runs
+
+
+def collapse(addr: int, length: int, chunk: int, max_retries: int) -> List[int]:
+    """MADV_COLLAPSE in ``chunk``-byte pieces; errno per chunk (0 = collapsed)."""
+    if chunk <= 0:
+        raise InvalidArgumentError(f"collapse chunk must be > 0 bytes, got {chunk}")
+    n_chunks = (length + chunk - 1) // chunk
+    errs = ffi.new("int[]", max(n_chunks, 1))
+    lib.tg_collapse(_ptr(addr), length, chunk, max_retries, errs, n_chunks)
+    return [errs[i] for i in range(n_chunks)]
+
+
+def pidfd_open(pid: int) -> int:
+    fd = ffi.new("int *")
+    _check(lib.tg_pidfd_open(pid, fd), f"pidfd_open({pid})")
+    return fd[0]
+
+
+def process_madvise(pidfd: int, ranges: Sequence[Tuple[int, int]], advice: int) -> int:
+    """process_madvise(2) on ``ranges`` of ``(addr, length)``; bytes advised."""
+    n = len(ranges)
+    addrs = ffi.new("uint64_t[]", [r[0] for r in ranges] or [0])
+    lens = ffi.new("uint64_t[]", [r[1] for r in ranges] or [0])
+    advised = ffi.new("size_t *")
+    rc = lib.tg_process_madvise(pidfd, addrs, lens, n, advice, advised)
+    first = ranges[0] if ranges else None
+    if rc != 0:
+        raise kernel_error(
+            ffi.errno, f"process_madvise({_advice_name(advice)})", first
+        )
+    return advised[0]
+
+
+def copy_remap(addr: int, length: int, align: int) -> None:
+    _check(lib.tg_copy_remap(_ptr(addr), length, align), "copy and mremap", addr, length)
+
+
+def placeholder_add(addr: int, length: int) -> None:
+    _check(lib.tg_placeholder_add(_ptr(addr), length), "placeholder_add", addr, length)
+
+
+def placeholder_remove(addr: int) -> None:
+    if lib.tg_placeholder_remove(_ptr(addr)) != 0 and ffi.errno != _errno.ENOENT:
+        _check(-1, "placeholder_remove", addr, 0)
+
+
+def atfork_install() -> None:
+    _check(lib.tg_atfork_install(), "pthread_atfork")
+
+
+def fork_generation() -> int:
+    return lib.tg_fork_generation()
+
+
+def thp_disable_get() -> int:
+    value = ffi.new("int *")
+    _check(lib.tg_thp_disable_get(value), "prctl(PR_GET_THP_DISABLE)")
+    return value[0]
+
+
+def thp_disable_set(disable: int, flags: int = 0) -> None:
+    _check(lib.tg_thp_disable_set(disable, flags), "prctl(PR_SET_THP_DISABLE)")
+
+
+def fault_inject(op: str, err: int, count: int = 1) -> None:
+    """Make the next ``count`` native calls of ``op`` fail with ``err``.
+
+    ``op`` is one of ``"collapse"``, ``"map"``, ``"scan"``, ``"mremap"``.
+    For tests and drills only; nothing is injected unless this is called
+    or ``THPGUARD_FAULTS`` is set when thpguard is imported.
+    """
+    if op not in FAULT_OPS:
+        raise InvalidArgumentError(
+            f"unknown fault op {op!r}; expected one of {sorted(FAULT_OPS)}"
+        )
+    if count < 0 or err < 0:
+        raise InvalidArgumentError("fault errno and count must be >= 0")
+    _check(lib.tg_fault_inject(FAULT_OPS[op], err, count), "fault_inject")
+
+
+def fault_clear() -> None:
+    """Cancel every pending injected fault."""
+    lib.tg_fault_clear()
+
+
+def fault_take(op: str) -> int:
+    """Consume one injected fault of ``op`` for a call Python makes itself.
+
+    Returns the errno to fail with, or 0. The region mapping is made by
+    the :mod:`mmap` module, not by C, and takes its ``"map"`` faults here.
+    """
+    return lib.tg_fault_take(FAULT_OPS[op])
+
+
+def _faults_from_environment(spec: str) -> None:
+    """Parse ``THPGUARD_FAULTS="op:ERRNO:count,..."`` (ERRNO a name or number)."""
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise InvalidArgumentError(
+                f"THPGUARD_FAULTS entry {item!r}: expected op:ERRNO[:count]"
+            )
+        err = getattr(_errno, parts[1], None) if not parts[1].isdigit() else int(parts[1])
+        if err is None:
+            raise InvalidArgumentError(f"THPGUARD_FAULTS entry {item!r}: unknown errno")
+        fault_inject(parts[0], err, int(parts[2]) if len(parts) == 3 else 1)
+
+
+if os.environ.get("THPGUARD_FAULTS"):
+    _faults_from_environment(os.environ["THPGUARD_FAULTS"])
+
