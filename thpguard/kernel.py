@@ -647,7 +647,7 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
 
     cow_known = known(n.MADV_THP_COW)
     if thp_cow is None and not cow_known:
-        feats["direct_cow"] = Feature(False, "kernel lacks direct COW of huge pages (thp_cow: proposed, not merged)")
+        feats["direct_cow"] = Feature(False, "no direct COW in this kernel (thp_cow: proposed, not merged)")
     elif thp_cow is None or not cow_known:
         feats["direct_cow"] = Feature(False, "kernel has only half of direct COW (thp_cow sysfs %s, MADV_THP_COW %s)"
                                       % ("present" if thp_cow else "missing", "known" if cow_known else "unknown"))
@@ -736,7 +736,7 @@ def _probe_process_madvise(n, addr, size) -> Feature:
         return Feature(False, f"process_madvise failed: {exc.strerror or exc}")
     finally:
         os.close(pidfd)
-    return Feature(True, "process_madvise works (on other processes it needs CAP_SYS_NICE and ptrace access)")
+    return Feature(True, "process_madvise works (another process: needs CAP_SYS_NICE and ptrace access)")
 
 
 _cache: Dict[Roots, Capabilities] = {}
