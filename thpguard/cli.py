@@ -58,6 +58,8 @@ def _size(text: str) -> int:
 
 
 def _pid(text: str) -> int:
+    if text == "self":
+        return os.getpid()
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a process id (a positive integer), got {text!r}")
     return int(text)
@@ -271,7 +273,7 @@ def _print_process(pc, only_eligible: bool) -> None:
     split = "?" if t["split_blocks"] is None else t["split_blocks"]
     print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['pmd_mapped_bytes'])} PMD-mapped, "
           f"{split} split block(s), {t['vmas']} VMAs [{pc.source}]")
-    print(f"  {'range':<27} {'size':>7} {'elig':>4} {'adv':>3} {'pmd-mapped':>10} {'split':>5}  path")
+    print(f"  {'range':<26} {'size':>7} {'elig':>4} {'adv':>3} {'pmd-mapped':>10} {'split':>5}  path")
     for v in pc.vmas:
         if only_eligible and not v.thp_eligible:
             continue
@@ -279,7 +281,7 @@ def _print_process(pc, only_eligible: bool) -> None:
         vsplit = "?" if v.split_blocks is None else len(v.split_blocks)
         print(f"  {v.start:012x}-{v.end:012x}  {fmt_bytes(v.size):>7} {elig:>4} {'hg' if v.advised else '':>3} "
               f"{fmt_bytes(v.pmd_mapped_bytes):>10} {vsplit:>5}  {v.path}")
-    print(f"  {'total':<27} {fmt_bytes(t['size']):>7} {'':>4} {'':>3} "
+    print(f"  {'total':<26} {fmt_bytes(t['size']):>7} {'':>4} {'':>3} "
           f"{fmt_bytes(t['pmd_mapped_bytes']):>10} {split:>5}")
 
 
