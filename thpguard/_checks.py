@@ -80,8 +80,8 @@ def check_enabled(ctx: HostContext) -> Check:
                          "use a kernel built with CONFIG_TRANSPARENT_HUGEPAGE=y")
         return Check("thp_enabled", title, FAIL, f"cannot read {path}", f"check that {path} is readable")
     if c.enabled in ("always", "madvise"):
-        who = "every anonymous mapping" if c.enabled == "always" else "regions advised MADV_HUGEPAGE (thpguard's are)"
-        return Check("thp_enabled", title, OK, f"{c.enabled}: faults in {who} map huge pages")
+        who = "every anonymous mapping gets" if c.enabled == "always" else "advised regions (thpguard's) get"
+        return Check("thp_enabled", title, OK, f"{c.enabled}: {who} huge pages on fault")
     advice = f"echo madvise > {path}"
     if c.collapse.available:
         return Check("thp_enabled", title, WARN,
@@ -136,9 +136,9 @@ def check_khugepaged(ctx: HostContext) -> Check:
         return Check("khugepaged", title, NA, "no khugepaged tunables")
     parts = []
     if shared is not None:
-        parts.append(f"max_ptes_shared={shared}: never repairs a fork split while both processes live")
+        parts.append(f"max_ptes_shared={shared}: keeps fork splits while both live")
     if pages is not None and sleep is not None:
-        parts.append(f"{pages} pages per {sleep / 1000:g} s")
+        parts.append(f"{pages} pages/{sleep / 1000:g} s")
     return Check("khugepaged", title, OK, "; ".join(parts))
 
 

@@ -642,12 +642,12 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
 
     populate_known = known(n.MADV_POPULATE_WRITE)
     feats["populate_write"] = (
-        Feature(True, "MADV_POPULATE_WRITE known") if populate_known
+        Feature(True, "known to the kernel") if populate_known
         else Feature(False, "kernel lacks MADV_POPULATE_WRITE (older than 5.14); pages are touched instead"))
 
     cow_known = known(n.MADV_THP_COW)
     if thp_cow is None and not cow_known:
-        feats["direct_cow"] = Feature(False, "no direct COW in this kernel (thp_cow: proposed, not merged)")
+        feats["direct_cow"] = Feature(False, "not in this kernel (thp_cow: proposed, not merged)")
     elif thp_cow is None or not cow_known:
         feats["direct_cow"] = Feature(False, "kernel has only half of direct COW (thp_cow sysfs %s, MADV_THP_COW %s)"
                                       % ("present" if thp_cow else "missing", "known" if cow_known else "unknown"))
@@ -695,7 +695,7 @@ def _probe_collapse(n, addr, size, collapse_known, thp_disable) -> Feature:
         result = [exc.errno]
     err = next((e for e in result if e), 0)
     if err == 0:
-        return Feature(True, "MADV_COLLAPSE repaired a probe block")
+        return Feature(True, "repaired a probe block")
     if err == _errno.EINVAL and thp_disable == 1:
         return Feature(False, "this process is THP-disabled by prctl(PR_SET_THP_DISABLE) "
                               "(inherited from its parent?): MADV_COLLAPSE fails with EINVAL")
@@ -717,7 +717,7 @@ def _probe_pagemap(n, addr, size, roots: Roots) -> Feature:
         return Feature(False, f"PAGEMAP_SCAN failed: {exc.strerror or exc}")
     finally:
         os.close(fd)
-    return Feature(True, "PAGEMAP_SCAN works")
+    return Feature(True, "scanned a probe block")
 
 
 def _probe_process_madvise(n, addr, size) -> Feature:
@@ -736,7 +736,7 @@ def _probe_process_madvise(n, addr, size) -> Feature:
         return Feature(False, f"process_madvise failed: {exc.strerror or exc}")
     finally:
         os.close(pidfd)
-    return Feature(True, "process_madvise works (another process: needs CAP_SYS_NICE and ptrace access)")
+    return Feature(True, "works (on another process: needs CAP_SYS_NICE and ptrace)")
 
 
 _cache: Dict[Roots, Capabilities] = {}
