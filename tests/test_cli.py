@@ -396,6 +396,8 @@ def main_as_nobody(*argv):
     (forked, not exec'd: nobody may not be able to read the interpreter)."""
     import io
 
+    cli._parser()  # import what argparse loads lazily while the files are still readable
+
     def child():
         os.setgroups([])
         os.setgid(65534)
