@@ -410,9 +410,9 @@ def _guard_preflight(pid: int) -> int:
     nice = _checks.has_capability(_checks.CAP_SYS_NICE)
     if nice is False:
         raise UsageError(
-            f"guard needs CAP_SYS_NICE to run process_madvise(MADV_COLLAPSE) on PID {pid}, and this "
-            "process does not have it; run as root or grant it "
-            "(e.g. setpriv --ambient-caps +sys_nice,+sys_ptrace, or systemd AmbientCapabilities=CAP_SYS_NICE)")
+            f"guard needs CAP_SYS_NICE to call process_madvise(MADV_COLLAPSE) on PID {pid}, and this "
+            "process lacks it: run it as root, or with the capability "
+            "(systemd: AmbientCapabilities=CAP_SYS_NICE)")
     try:
         os.close(os.open(os.path.join(roots.proc, str(pid), "pagemap"), os.O_RDONLY))
     except OSError as exc:
