@@ -440,3 +440,23 @@ def test_status_own_process_unprivileged(require_thp):
     code, out, err = main_as_nobody("status", "--only-eligible", "self")
     assert code == 0, err
     assert "[pagemap_scan]" in out
+
+
+def test_status_smaps_fallback(require_thp):
+    """Without PAGEMAP_SCAN (before 6.7), PMD-mapped bytes come from smaps and split blocks are unknown."""
+    from thpguard import _procmap
+
+    with split_target() as (pid, addr, size, pmd):
+        pc = _procmap.scan_process(pid, use_scan=False)
+        vma = next(v for v in pc.vmas if v.start == addr)
+        assert pc.source == "smaps" and vma.split_blocks is None
+        assert vma.pmd_mapped_bytes == size - pmd == smaps_vma(pid, addr).fields["AnonHugePages"]
+        assert pc.totals()["split_blocks"] is None
+
+
+def test_status_without_pid_lists_advised_processes(require_thp, capsys):
+    """status with no PID lists readable processes that have advised or PMD-mapped VMAs."""
+    with split_target() as (pid, addr, size, pmd):
+        code, out, _ = run(capsys, "status", "--json", "--only-eligible")
+        doc = json.loads(out)
+        assert code == 0 and pid in [p["pid"] for p in doc["processes"]]

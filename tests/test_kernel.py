@@ -375,3 +375,38 @@ def test_real_status_and_vmstat():
     assert st.threads >= 1 and st.ppid == os.getppid()
     if os.path.isdir("/sys/kernel/mm/transparent_hugepage"):
         assert "thp_split_pmd" in kernel.read_vmstat(kernel.Roots())
+
+
+def _probe_under_prctl(flags):
+    from thpguard import _native
+
+    _native.thp_disable_set(1, flags)
+    kernel._cache.clear()
+    c = kernel.capabilities(refresh=True, roots=kernel.Roots())
+    st = kernel.read_status("self", kernel.Roots())
+    return (c.thp_disable, st.thp_enabled, c.collapse.available, c.collapse.reason,
+            kernel.can_get_huge_pages(c)[0])
+
+
+def test_real_prctl_disable_is_detected(require_thp):
+    """In a child THP-disabled by prctl, the probe reports it and MADV_COLLAPSE is refused."""
+    from conftest import run_in_child
+
+    raw, status_enabled, collapse, reason, ok = run_in_child(_probe_under_prctl, 0)
+    assert raw == 1 and status_enabled is False
+    assert not collapse and "THP-disabled" in reason and not ok
+
+
+def test_real_prctl_except_advised(require_thp):
+    """6.18: with PR_THP_DISABLE_EXCEPT_ADVISED, PR_GET returns 3, status still says
+    THP_enabled 1, and MADV_COLLAPSE works on an advised block."""
+    from conftest import run_in_child
+
+    try:
+        raw, status_enabled, collapse, reason, ok = run_in_child(_probe_under_prctl, 2)
+    except AssertionError as exc:
+        if "EINVAL" in str(exc) or "Invalid argument" in str(exc):
+            pytest.skip("kernel older than 6.18: no PR_THP_DISABLE_EXCEPT_ADVISED")
+        raise
+    assert raw == 3 and status_enabled is True
+    assert collapse and ok, reason
