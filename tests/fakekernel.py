@@ -144,7 +144,8 @@ class FakeNative:
         self.unmapped = True
 
     def madvise(self, addr, length, advice):
-        return None
+        if advice == self.MADV_COLLAPSE and self.collapse_errno:
+            raise OSError(self.collapse_errno, os.strerror(self.collapse_errno))
 
     def collapse(self, addr, length, chunk, retries):
         return [self.collapse_errno]
