@@ -12,7 +12,9 @@ import pytest
 
 import thpguard
 from conftest import run_in_child, smaps_huge_bytes
-from thpguard import pagemap
+import json
+
+from thpguard import _procmap, cli, pagemap
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -83,7 +85,7 @@ def test_register_is_idempotent_and_uses_the_global_registry():
         thpguard.metrics._registered.pop(id(prometheus_client.REGISTRY), None)
 
 
-def test_textfile_for_another_process(region_factory, pmd, tmp_path):
+def test_textfile_for_another_process(region_factory, pmd, tmp_path, capsys):
     """textfile() of a live child's coverage parses, and matches its smaps."""
     region = region_factory(4 * pmd)
     ready_r, ready_w = os.pipe()
@@ -104,6 +106,11 @@ def test_textfile_for_another_process(region_factory, pmd, tmp_path):
         theirs = pagemap.coverage(region.address, end, pmd, pid=pid)
         ours = region.coverage()
         truth = smaps_huge_bytes(pid, region.address, end)
+        # What `thpguard status` collects, as objects and as --json.
+        status = [_procmap.scan_process(pid)]
+        capsys.readouterr()
+        assert cli.main(["status", "--json", str(pid)]) == 0
+        status_json = json.loads(capsys.readouterr().out)["processes"]
     finally:
         os.write(done_w, b"x")
         os.close(done_w)
@@ -125,6 +132,14 @@ def test_textfile_for_another_process(region_factory, pmd, tmp_path):
     assert samples[("thpguard_process_coverage_ratio", str(pid), None)] == 0.75
     assert samples[("thpguard_vma_huge_bytes", str(os.getpid()), start)] == 4 * pmd
     assert 'comm="worker \\"1\\""' in text
+    for records in (status, status_json):
+        from_status = {
+            (s.name, s.labels.get("start")): s.value
+            for family in text_string_to_metric_families(thpguard.metrics.textfile(records))
+            for s in family.samples
+        }
+        assert from_status[("thpguard_vma_huge_bytes", start)] == 3 * pmd
+        assert from_status[("thpguard_vma_split_bytes", start)] == pmd
     totals = thpguard.metrics.textfile({pid: [theirs]}, per_vma=False)
     assert "thpguard_vma_" not in totals and "thpguard_process_huge_bytes" in totals
 
@@ -133,6 +148,7 @@ def test_textfile_for_another_process(region_factory, pmd, tmp_path):
     "processes, error",
     [
         ([1, 2], TypeError),
+        (5, TypeError),
         ({0: []}, ValueError),
         ({1: [{"start": 0, "total_bytes": 10}]}, ValueError),
         ({1: [{"start": 0, "total_bytes": "10", "huge_bytes": 0}]}, TypeError),

@@ -237,55 +237,106 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _field(vma: Any, name: str, default: Any = None) -> Any:
-    if isinstance(vma, Mapping):
-        return vma.get(name, default)
-    return getattr(vma, name, default)
+def _field(vma: Any, *names: str) -> Any:
+    for name in names:
+        value = vma.get(name) if isinstance(vma, Mapping) else getattr(vma, name, None)
+        if value is not None:
+            return value
+    return None
 
 
-def _number(vma: Any, name: str) -> Optional[int]:
-    value = _field(vma, name)
+def _bytes(vma: Any, value: Any, what: str) -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidTypeError(f"per-VMA {name} must be a number of bytes, got {value!r}")
+        raise InvalidTypeError(f"per-VMA {what} must be a number of bytes, got {value!r} in {vma!r}")
     if value < 0:
-        raise InvalidArgumentError(f"per-VMA {name} must be >= 0 bytes, got {value}")
+        raise InvalidArgumentError(f"per-VMA {what} must be >= 0 bytes, got {value} in {vma!r}")
     return int(value)
 
 
+def _vma_numbers(vma: Any, pmd: Optional[int]) -> Tuple[int, int, int, Optional[int]]:
+    """(start, size, huge, split or None) of one VMA record, in bytes."""
+    start = _field(vma, "start")
+    size = _field(vma, "total_bytes", "size")
+    if size is None and start is not None and _field(vma, "end") is not None:
+        size = _field(vma, "end") - start
+    huge = _field(vma, "huge_bytes", "pmd_mapped_bytes")
+    if start is None or size is None or huge is None:
+        raise InvalidArgumentError(
+            "each VMA needs start, total_bytes (or size, or end) and huge_bytes "
+            f"(or pmd_mapped_bytes); got {vma!r}"
+        )
+    split = _field(vma, "split_bytes")
+    if split is None:
+        blocks = _field(vma, "split_blocks")
+        if blocks is not None and pmd:
+            split = (blocks if isinstance(blocks, int) else len(blocks)) * pmd
+    return (int(start), _bytes(vma, size, "size"), _bytes(vma, huge, "huge bytes"),
+            _bytes(vma, split, "split bytes"))
+
+
+def _counts(vma: Any, huge: int) -> bool:
+    # `thpguard status` lists every VMA of a process; only those advised
+    # MADV_HUGEPAGE or holding huge pages say anything about THP.
+    advised = _field(vma, "advised")
+    return advised is None or bool(advised) or huge > 0
+
+
+def _as_processes(processes: Any):
+    """(pid, name, pmd, vmas) for each process, from either accepted form."""
+    if isinstance(processes, Mapping):
+        for pid in sorted(processes):
+            yield pid, None, None, processes[pid]
+        return
+    if isinstance(processes, (str, bytes)) or not hasattr(processes, "__iter__"):
+        raise InvalidTypeError(
+            "processes must map a pid to its VMAs, or be process records with pid and vmas; "
+            f"got {type(processes).__name__}"
+        )
+    for record in processes:
+        pid, vmas = _field(record, "pid"), _field(record, "vmas")
+        if pid is None or vmas is None:
+            raise InvalidTypeError(
+                f"a process record needs pid and vmas (like thpguard status --json); got {record!r}"
+            )
+        yield pid, _field(record, "name"), _field(record, "pmd_size"), vmas
+
+
 def textfile(
-    processes: Mapping[int, Iterable[Any]],
+    processes: Any,
     *,
     names: Optional[Mapping[int, str]] = None,
     per_vma: bool = True,
+    pmd_size: Optional[int] = None,
     prefix: str = PREFIX,
 ) -> str:
     """node_exporter textfile-collector text for the coverage of processes.
 
-    ``processes`` maps a pid to its VMAs (or regions), each a
-    :class:`~thpguard.Coverage` or a mapping with ``start`` (address),
-    ``total_bytes`` and ``huge_bytes``, and optionally ``split_bytes``.
-    ``names`` maps a pid to its command name (``comm`` label). Per-VMA
-    series carry a ``start`` label (hex address); ``per_vma=False`` keeps
-    only the per-process totals, for hosts with many processes.
-    Write it with :func:`write_textfile` so node_exporter never reads half
-    a file.
+    ``processes`` is either a mapping of pid to that process's VMAs, or an
+    iterable of process records with ``pid``, ``vmas`` and optionally
+    ``name`` and ``pmd_size`` (objects or dicts, like each process of
+    ``thpguard status --json``). A VMA is a :class:`~thpguard.Coverage`,
+    or an object or mapping with ``start`` and ``total_bytes`` (or
+    ``size``, or ``end``) and ``huge_bytes`` (or ``pmd_mapped_bytes``),
+    and optionally ``split_bytes`` (or ``split_blocks``, a count or a list
+    of block addresses, times ``pmd_size``). VMAs with ``advised`` false
+    and no huge pages are left out. ``names`` maps a pid to its command
+    name (``comm`` label). Per-VMA series carry a ``start`` label (hex
+    address); ``per_vma=False`` keeps only the per-process totals, for
+    hosts with many processes. Write the text with :func:`write_textfile`
+    so node_exporter never reads half a file.
     """
-    if not isinstance(processes, Mapping):
-        raise InvalidTypeError(
-            f"processes must map a pid to its VMAs, got {type(processes).__name__}"
-        )
-    names = names or {}
+    names = dict(names or {})
     series: Dict[str, List[str]] = {}
     docs = {
-        "process_bytes": ("gauge", "Bytes of the process's huge-page-advised VMAs."),
-        "process_huge_bytes": ("gauge", "Bytes of them mapped with PMD-size huge pages."),
-        "process_split_bytes": ("gauge", "Bytes of them holding data but split (not PMD-mapped)."),
-        "process_coverage_ratio": ("gauge", "process_huge_bytes / process_bytes."),
-        "vma_bytes": ("gauge", "Bytes of one VMA."),
-        "vma_huge_bytes": ("gauge", "Bytes of one VMA mapped with PMD-size huge pages."),
-        "vma_split_bytes": ("gauge", "Bytes of one VMA holding data but split."),
+        "process_bytes": "Bytes of the process's huge-page VMAs (advised or holding huge pages).",
+        "process_huge_bytes": "Bytes of them mapped with PMD-size huge pages.",
+        "process_split_bytes": "Bytes of them holding data but split (not PMD-mapped).",
+        "process_coverage_ratio": "process_huge_bytes / process_bytes (1 when there are none).",
+        "vma_bytes": "Bytes of one VMA.",
+        "vma_huge_bytes": "Bytes of one VMA mapped with PMD-size huge pages.",
+        "vma_split_bytes": "Bytes of one VMA holding data but split.",
     }
 
     def add(name: str, labels: Dict[str, str], value: float) -> None:
@@ -293,32 +344,28 @@ def textfile(
         number = str(value) if isinstance(value, int) else repr(float(value))
         series.setdefault(name, []).append(f"{prefix}_{name}{{{text}}} {number}")
 
-    for pid in sorted(processes):
+    for pid, name, pmd, vmas in _as_processes(processes):
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise InvalidArgumentError(f"pid must be a positive int, got {pid!r}")
         labels = {"pid": str(pid)}
-        if pid in names:
-            labels["comm"] = str(names[pid])
+        name = names.get(pid, name)
+        if name is not None:
+            labels["comm"] = str(name)
         total = huge = split = 0
         split_known = True
-        for vma in processes[pid]:
-            start = _field(vma, "start")
-            size, vma_huge = _number(vma, "total_bytes"), _number(vma, "huge_bytes")
-            if start is None or size is None or vma_huge is None:
-                raise InvalidArgumentError(
-                    "each VMA needs start, total_bytes and huge_bytes; got "
-                    f"{vma!r}"
-                )
-            vma_split = _number(vma, "split_bytes")
-            total += size
+        for vma in vmas:
+            start, vma_size, vma_huge, vma_split = _vma_numbers(vma, pmd or pmd_size)
+            if not _counts(vma, vma_huge):
+                continue
+            total += vma_size
             huge += vma_huge
             if vma_split is None:
                 split_known = False
             else:
                 split += vma_split
             if per_vma:
-                vma_labels = dict(labels, start=f"{int(start):#x}")
-                add("vma_bytes", vma_labels, size)
+                vma_labels = dict(labels, start=f"{start:#x}")
+                add("vma_bytes", vma_labels, vma_size)
                 add("vma_huge_bytes", vma_labels, vma_huge)
                 if vma_split is not None:
                     add("vma_split_bytes", vma_labels, vma_split)
@@ -329,10 +376,10 @@ def textfile(
         add("process_coverage_ratio", labels, huge / total if total else 1.0)
 
     lines: List[str] = []
-    for name, (kind, doc) in docs.items():
+    for name, doc in docs.items():
         if name in series:
             lines.append(f"# HELP {prefix}_{name} {doc}")
-            lines.append(f"# TYPE {prefix}_{name} {kind}")
+            lines.append(f"# TYPE {prefix}_{name} gauge")
             lines.extend(series[name])
     return "\n".join(lines) + "\n" if lines else ""
 
