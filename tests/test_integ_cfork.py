@@ -105,7 +105,7 @@ RAW_FORK = textwrap.dedent(
         return sum(v.fields.get("AnonHugePages", 0) for v in kernel.read_smaps("self")
                    if v.start >= region.address and v.end <= region.address + region.size)
 
-    guard = thpguard.install(interval=0.02)
+    guard = thpguard.install(interval=0.2)
     shared = thpguard.alloc(4 << 20, fork="share")
     copied = thpguard.alloc(4 << 20, fork="copy")
     hooks = []
@@ -123,9 +123,10 @@ RAW_FORK = textwrap.dedent(
             copied.view()[0] = 1
             assert huge(copied) == copied.size, "copy region split in the child"
             shared.view()[0] = 1
-            assert huge(shared) < shared.size, "the write did not split"
+            seen_split = huge(shared) < shared.size  # unless the guard was quicker
             assert current.wait_ticks(3, timeout=10)
             assert huge(shared) == shared.size, "split not repaired"
+            assert seen_split or thpguard.stats()["splits_detected"] >= 1
             print("child ok", late, flush=True)
             code = 0
         except BaseException:

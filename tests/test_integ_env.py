@@ -26,14 +26,14 @@ def test_guard_and_interval_from_environment(require_thp):
     """THPGUARD_GUARD=1 installs the guard at import, at the given interval; it repairs."""
     done = run(THPGUARD_GUARD="1", THPGUARD_GUARD_INTERVAL="0.02")
     assert "guard: running, interval: 0.02, policy: share" in done.stdout
-    assert "child: 0.00 after the writes, 1.00 after waiting" in done.stdout
+    assert "child: split True, coverage 1.00 after waiting" in done.stdout
 
 
 def test_without_variables_nothing_is_installed(require_thp):
     """No THPGUARD_GUARD: no guard, the split stays (the default is share)."""
     done = run()
     assert "guard: off, interval: None, policy: share" in done.stdout
-    assert "child: 0.00 after the writes, 0.00 after waiting" in done.stdout
+    assert "child: split True, coverage 0.00 after waiting" in done.stdout
 
 
 @pytest.mark.parametrize("policy", ["copy", "wipe", "share"])
@@ -43,12 +43,12 @@ def test_fork_policy_from_environment(require_thp, policy):
     assert f"policy: {policy}" in done.stdout
     if policy == "copy":
         # The child's pages are its own from the fork: writes split nothing.
-        assert "child: 1.00 after the writes, 1.00 after waiting" in done.stdout
+        assert "child: split False, coverage 1.00 after waiting" in done.stdout
     elif policy == "wipe":
         # Empty in the child: each write faults in a fresh huge page.
-        assert "child: 1.00 after the writes, 1.00 after waiting" in done.stdout
+        assert "child: split False, coverage 1.00 after waiting" in done.stdout
     else:
-        assert "child: 0.00 after the writes, 1.00 after waiting" in done.stdout
+        assert "child: split True, coverage 1.00 after waiting" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -55,4 +55,4 @@ def test_run_configures_an_unchanged_program(require_thp):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "guard: running, interval: 0.02, policy: share" in done.stdout
-    assert "child: 0.00 after the writes, 1.00 after waiting" in done.stdout
+    assert "child: split True, coverage 1.00 after waiting" in done.stdout

@@ -45,6 +45,7 @@ def _split_repair_scrape(region, inject_enomem: int):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not region.coverage().complete:
         guard.wait_ticks(1, timeout=1)
+    guard.wait_ticks(1, timeout=5)  # the repairing tick has counted and emitted
     huge = smaps_huge_bytes(os.getpid(), region.address, region.address + region.size)
     return scrape(registry), huge, dict(thpguard.stats())
 
