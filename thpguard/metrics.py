@@ -208,13 +208,13 @@ def register(registry=None) -> ThpguardCollector:
 
     Idempotent per registry. Also chains :func:`on_event` onto the guard
     installed now, if any, so repair latencies reach the histogram.
-    Raises :class:`~thpguard.errors.InvalidTypeError` without
-    ``prometheus_client`` (install the ``prometheus`` extra).
+    Raises :class:`ImportError` without ``prometheus_client`` (install
+    the ``prometheus`` extra).
     """
     try:
         import prometheus_client
     except ImportError:
-        raise InvalidTypeError(
+        raise ImportError(
             "thpguard.metrics.register needs prometheus_client: "
             "pip install 'thpguard[prometheus]'"
         ) from None

@@ -29,9 +29,7 @@ def _np():
     try:
         import numpy
     except ImportError:  # pragma: no cover - numpy is a test dependency
-        raise InvalidTypeError(
-            "thpguard.numpy needs numpy: pip install numpy"
-        ) from None
+        raise ImportError("thpguard.numpy needs numpy: pip install numpy") from None
     return numpy
 
 
