@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-import thpguard
 from conftest import checksum, smaps_huge_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import pytest
 
 import thpguard
 import thpguard.numpy as tnp
-from conftest import run_in_child, smaps_vma
+from conftest import run_in_child, smaps_huge_bytes, smaps_vma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -120,6 +120,23 @@ def test_child_write_split_is_repaired(require_thp, pmd):
     split, repaired = run_in_child(child)
     assert split == 3 * pmd and repaired == 4 * pmd
     assert array[0] == 0.0  # copy-on-write: the parent's data is its own
+
+
+def test_copy_policy_array_stays_valid_in_child(require_thp, pmd):
+    """A 'copy' array keeps its address in the child, with its data, and never splits."""
+    array = tnp.zeros(2 * pmd // 4, dtype=np.uint32, fork="copy")
+    array[:] = np.arange(array.size, dtype=np.uint32)
+    region = tnp.region_of(array)
+
+    def child():
+        array[0] = 7  # the child's own huge page since the fork: no split
+        huge = smaps_huge_bytes(os.getpid(), region.address, region.address + region.size)
+        return huge, int(array[1:].sum(dtype=np.uint64)), int(array[0])
+
+    huge, rest, first = run_in_child(child)
+    assert huge == region.size
+    assert rest == int(np.arange(1, array.size, dtype=np.uint64).sum()) and first == 7
+    assert array[0] == 0
 
 
 def test_numpy_example_runs(require_thp):

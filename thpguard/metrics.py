@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import threading
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from thpguard.errors import InvalidArgumentError, InvalidTypeError
 # thpguard.guard names the function guard(); import from the module itself.
