@@ -34,11 +34,16 @@ def scrape(registry) -> dict:
     }
 
 
-def _split_repair_scrape(region, inject_enomem: int):
+def _split_repair_scrape(region, inject_enomem: int, register_first: bool = False):
     """In a child: guard on, write one block, let the guard repair, scrape."""
     registry = prometheus_client.CollectorRegistry()
+    if register_first:
+        thpguard.metrics.register(registry)
     guard = thpguard.install(interval=0.02, backoff_initial=0.01, backoff_max=0.05)
-    thpguard.metrics.register(registry)
+    if register_first:
+        scrape(registry)  # the first scrape after install() hooks the guard's events
+    else:
+        thpguard.metrics.register(registry)
     if inject_enomem:
         thpguard._native.fault_inject("collapse", errno.ENOMEM, inject_enomem)
     region.view()[0] = 1
@@ -50,10 +55,11 @@ def _split_repair_scrape(region, inject_enomem: int):
     return scrape(registry), huge, dict(thpguard.stats())
 
 
-def test_collector_reports_split_and_repair(region_factory, pmd):
+@pytest.mark.parametrize("register_first", [False, True])
+def test_collector_reports_split_and_repair(region_factory, pmd, register_first):
     """A child's split and the guard's repair show up in the scraped registry."""
     region = region_factory(4 * pmd)
-    samples, huge, stats = run_in_child(_split_repair_scrape, region, 0)
+    samples, huge, stats = run_in_child(_split_repair_scrape, region, 0, register_first)
     assert huge == region.size  # ground truth: repaired
     assert samples[("thpguard_guarded_bytes", ())] == stats["guarded_bytes"] >= region.size
     assert samples[("thpguard_huge_bytes", ())] == stats["huge_bytes"]

@@ -92,10 +92,10 @@ _latencies = _Latencies()
 def on_event(event: Event) -> None:
     """Feed one guard event into the latency histogram.
 
-    :func:`register` chains this onto the installed guard's ``on_event``
-    callback; pass it yourself (``thpguard.install(on_event=...)``, or call
-    it from your own callback) when the guard is installed after
-    :func:`register`.
+    :func:`register`, and every scrape, chain this onto the installed
+    guard's ``on_event`` callback. Repairs made before that are counted
+    but not in the histogram; to include them, pass it yourself
+    (``thpguard.install(on_event=...)``, or call it from your own callback).
     """
     if event.kind == REPAIRED:
         for seconds in event.latencies:
@@ -139,6 +139,9 @@ class ThpguardCollector:
         return list(self._families(None))
 
     def collect(self):
+        # A guard installed after register() gets the latency hook at the
+        # first scrape that sees it.
+        _chain_onto_guard()
         return list(self._families(_stats()))
 
     def _families(self, stats: Optional[Mapping[str, Any]]):
