@@ -80,3 +80,43 @@ def test_multiprocessing_example_runs(require_thp):
     assert all("split blocks 1, share coverage 1.00 after repair, copy coverage 1.00" in line
                for line in workers), done.stdout
     assert "parent: share 1.00, copy 1.00" in done.stdout
+
+
+GUARDED_POOL = '''
+import multiprocessing, os, sys, time
+import thpguard
+from thpguard import kernel
+
+shared = thpguard.alloc(8 << 20, fork="share")
+
+def huge(pid):
+    return sum(v.fields.get("AnonHugePages", 0) for v in kernel.read_smaps(pid)
+               if v.start >= shared.address and v.end <= shared.address + shared.size)
+
+def write(block):
+    shared.view()[block * shared.pmd_size] = 1  # no collapse here: the guard repairs
+    time.sleep(0.05)
+    return os.getpid()
+
+if __name__ == "__main__":
+    assert thpguard.guard() is not None and thpguard.guard().running
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pids = set(pool.map(write, range(4), chunksize=1))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(huge(p) < shared.size for p in pids):
+            time.sleep(0.05)
+        print(" ".join(f"{p}:{huge(p)}" for p in sorted(pids)), flush=True)
+        ok = all(huge(p) == shared.size for p in pids)
+    sys.exit(0 if ok and shared.coverage().complete else 1)
+'''
+
+
+def test_guard_repairs_pool_workers(require_thp, tmp_path):
+    """THPGUARD_GUARD=1: the guard restarts in each Pool worker and repairs its split."""
+    script = tmp_path / "guarded_pool.py"
+    script.write_text(GUARDED_POOL)
+    env = dict(os.environ, THPGUARD_GUARD="1", THPGUARD_GUARD_INTERVAL="0.05")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(entry.endswith(f":{8 << 20}") for entry in done.stdout.split()), done.stdout
