@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from . import _native, kernel
+from . import _fork, _native, kernel
 from .errors import KernelCallError, kernel_error
 
 Pid = Union[int, str]
@@ -102,6 +102,16 @@ class _PagemapFile:
 
 
 _self_pagemap = _PagemapFile()
+
+
+def _after_fork_in_child(late: bool = False) -> None:
+    # After a fork that bypassed Python's hooks, the guard thread may have
+    # held this lock at the moment of fork; no thread would release it here.
+    if late:
+        _self_pagemap._lock = threading.Lock()
+
+
+_fork.subscribe("pagemap", after_in_child=_after_fork_in_child, order=100)
 
 
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):
