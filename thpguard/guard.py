@@ -323,6 +323,11 @@ def _scan(region: Region, st: _RegionState, now: float) -> Optional[Coverage]:
     return cov
 
 
+# The region whose lock a repair holds right now: a fork that bypasses
+# Python can copy that lock held into a child where no thread will release it.
+_lock_held_for: Optional[Region] = None
+
+
 @dataclass
 class _Repaired:
     blocks: int = 0
@@ -349,6 +354,7 @@ def _repair(
     released during the call (cffi) and ``stop`` is checked between calls,
     so a fork waits for one chunk at most.
     """
+    global _lock_held_for
     done = _Repaired()
     if st.disabled or budget <= 0:
         return done, 0
@@ -379,9 +385,11 @@ def _repair(
         with region._lock:
             if region.closed:
                 break
+            _lock_held_for = region
             t0 = time.perf_counter()
             errs = _native.collapse(start, length, pmd, 0)
             spent = time.perf_counter() - t0
+            _lock_held_for = None
         submitted += length
         done.seconds += spent
         finished = time.monotonic()
@@ -461,6 +469,21 @@ def _check_bytes(name: str, value: object, low: int) -> int:
     if value < low:
         raise InvalidArgumentError(f"{name} must be at least {low} bytes, got {value}")
     return value
+
+
+def _wait_task_gone(tid: Optional[int]) -> None:
+    """Wait until the kernel has removed a joined thread.
+
+    ``Thread.join`` returns when the thread's Python code is done, a few
+    microseconds before the kernel task exits; forking in that window
+    forks a process that still has two threads.
+    """
+    if tid is None:
+        return
+    path = f"/proc/self/task/{tid}"
+    deadline = time.monotonic() + 1.0
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.00005)
 
 
 class Guard:
@@ -576,6 +599,7 @@ class Guard:
             if thread.is_alive():
                 log.error("the guard thread did not stop within %.0f s", _JOIN_TIMEOUT)
                 return
+            _wait_task_gone(thread.native_id)
         self._thread = self._stop_event = None
 
     # -- fork ------------------------------------------------------------------
@@ -739,7 +763,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child(late: bool = False) -> None:
-    global _counters, _states, _states_lock, _hot_lock, _install_lock
+    global _counters, _states, _states_lock, _hot_lock, _install_lock, _lock_held_for
     # New locks first: after a fork that bypassed Python another thread may
     # have held the old ones at the moment of fork.
     _counters = _Counters()
@@ -750,6 +774,9 @@ def _after_fork_in_child(late: bool = False) -> None:
     for watches in list(_hot_watches.values()):
         for watch in watches:
             watch._lock = threading.Lock()
+    if _lock_held_for is not None:
+        _lock_held_for._lock = threading.Lock()
+        _lock_held_for = None
     current = _current
     if current is not None and not _fork.in_exec_child():
         current._restart_in_child()
