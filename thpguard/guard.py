@@ -323,11 +323,6 @@ def _scan(region: Region, st: _RegionState, now: float) -> Optional[Coverage]:
     return cov
 
 
-# The region whose lock a repair holds right now: a fork that bypasses
-# Python can copy that lock held into a child where no thread will release it.
-_lock_held_for: Optional[Region] = None
-
-
 @dataclass
 class _Repaired:
     blocks: int = 0
@@ -354,7 +349,6 @@ def _repair(
     released during the call (cffi) and ``stop`` is checked between calls,
     so a fork waits for one chunk at most.
     """
-    global _lock_held_for
     done = _Repaired()
     if st.disabled or budget <= 0:
         return done, 0
@@ -385,11 +379,9 @@ def _repair(
         with region._lock:
             if region.closed:
                 break
-            _lock_held_for = region
             t0 = time.perf_counter()
             errs = _native.collapse(start, length, pmd, 0)
             spent = time.perf_counter() - t0
-            _lock_held_for = None
         submitted += length
         done.seconds += spent
         finished = time.monotonic()
@@ -763,7 +755,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child(late: bool = False) -> None:
-    global _counters, _states, _states_lock, _hot_lock, _install_lock, _lock_held_for
+    global _counters, _states, _states_lock, _hot_lock, _install_lock
     # New locks first: after a fork that bypassed Python another thread may
     # have held the old ones at the moment of fork.
     _counters = _Counters()
@@ -774,9 +766,6 @@ def _after_fork_in_child(late: bool = False) -> None:
     for watches in list(_hot_watches.values()):
         for watch in watches:
             watch._lock = threading.Lock()
-    if _lock_held_for is not None:
-        _lock_held_for._lock = threading.Lock()
-        _lock_held_for = None
     current = _current
     if current is not None and not _fork.in_exec_child():
         current._restart_in_child()

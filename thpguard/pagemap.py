@@ -109,16 +109,6 @@ _self_pagemap = _PagemapFile()
 _fork.subscribe("pagemap", after_in_child=_self_pagemap.reset_lock, order=100)
 
 
-def _after_fork_in_child(late: bool = False) -> None:
-    # After a fork that bypassed Python's hooks, the guard thread may have
-    # held this lock at the moment of fork; no thread would release it here.
-    if late:
-        _self_pagemap._lock = threading.Lock()
-
-
-_fork.subscribe("pagemap", after_in_child=_after_fork_in_child, order=100)
-
-
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):
     """Expand non-huge runs that hold data to PMD blocks, clip and merge."""
     merged: List[List[int]] = []
