@@ -928,10 +928,12 @@ class HotReport:
 
     @property
     def median_repair_latency(self) -> Optional[float]:
+        """Median of ``repair_latencies`` in seconds; None without repairs."""
         return statistics.median(self.repair_latencies) if self.repair_latencies else None
 
     @property
     def max_repair_latency(self) -> Optional[float]:
+        """Worst of ``repair_latencies`` in seconds; None without repairs."""
         return max(self.repair_latencies) if self.repair_latencies else None
 
     @property
