@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 from conftest import checksum, run_in_child, smaps_huge_bytes
@@ -220,20 +221,24 @@ def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline):
     seen = []
     _fork.subscribe("test-thread-probe", before=lambda: seen.append(status_threads()), order=10**6)
     try:
-        for _ in range(100):
-            pid = os.fork()
-            if pid == 0:
-                g = thpguard.guard()
-                ok = g is guard and g.running and g.wait_ticks(1, timeout=10)
-                ok = ok and status_threads() == 2 and region.coverage().complete
-                os._exit(0 if ok else 1)
-            assert os.waitpid(pid, 0)[1] == 0
+        with warnings.catch_warnings(record=True) as caught:
+            # Python 3.12+ warns (DeprecationWarning) when a multi-threaded process forks.
+            warnings.simplefilter("always")
+            for _ in range(100):
+                pid = os.fork()
+                if pid == 0:
+                    g = thpguard.guard()
+                    ok = g is guard and g.running and g.wait_ticks(1, timeout=10)
+                    ok = ok and status_threads() == 2 and region.coverage().complete
+                    os._exit(0 if ok else 1)
+                assert os.waitpid(pid, 0)[1] == 0
         assert guard.running
         assert status_threads() == 2 and threading.active_count() == 2
     finally:
         _fork.unsubscribe("test-thread-probe")
         guard.stop()
     assert seen == [1] * 100
+    assert [str(w.message) for w in caught if "fork" in str(w.message)] == []
     assert status_threads() == 1
     assert forks.forks_seen == 100
 
