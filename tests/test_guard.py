@@ -423,6 +423,30 @@ def test_hot_keeps_a_given_region_open(region_factory, pmd):
     assert not region.closed and buffer.report.entry_repaired_bytes == pmd
 
 
+def test_hot_entry_retries_eagain(region_factory, pmd):
+    """An EAGAIN on hot() entry is retried at once; the region is fully PMD-mapped inside."""
+    region = region_factory(2 * pmd)
+    with sharer():
+        region.view()[0] = 1
+        delta = Delta()
+        _native.fault_inject("collapse", errno.EAGAIN, 1)
+        buffer = thpguard.hot(region)
+        with buffer:
+            assert region.coverage().complete
+    assert buffer.report.entry_repaired_bytes == pmd and buffer.report.ok
+    assert delta.repair_failures == {"EAGAIN": 1}
+
+
+def test_scan_failure_is_counted_and_logged(region_factory, running_guard, pmd, caplog):
+    """A failed PAGEMAP_SCAN is counted and logged; the next tick scans again."""
+    region_factory(pmd)
+    delta = Delta()
+    _native.fault_inject("scan", errno.EIO, 1)
+    assert running_guard.wait_ticks(2, timeout=30)
+    assert delta.scan_failures == 1
+    assert any("scan failed" in r.getMessage() for r in caplog.records)
+
+
 def test_hot_bad_arguments():
     """hot() says what it expected."""
     with pytest.raises(InvalidTypeError, match="size in bytes"):

@@ -70,6 +70,8 @@ DEFAULT_BACKOFF_MAX = 10.0
 #: Consecutive ticks a region may answer EAGAIN before it is backed off.
 DEFAULT_EAGAIN_TICKS = 20
 
+#: MADV_COLLAPSE passes over a region on hot() entry while only EAGAIN fails.
+_HOT_ENTRY_ATTEMPTS = 3
 _MIN_INTERVAL = 0.001
 _MAX_INTERVAL = 3600.0
 _JOIN_TIMEOUT = 5.0
@@ -370,7 +372,7 @@ def _repair(
             calls.append((at, length))
             left -= length
             at += length
-    submitted = 0
+    submitted = calls_made = 0
     latencies: List[float] = []
     fatal: Optional[int] = None
     for start, length in calls:
@@ -383,6 +385,7 @@ def _repair(
             errs = _native.collapse(start, length, pmd, 0)
             spent = time.perf_counter() - t0
         submitted += length
+        calls_made += 1
         done.seconds += spent
         finished = time.monotonic()
         for i, err in enumerate(errs):
@@ -406,7 +409,7 @@ def _repair(
             _counters.repairs += done.blocks
             _counters.bytes_repaired += done.blocks * pmd
             _counters.repair_seconds += done.seconds
-            _counters.last_repair_seconds = done.seconds / max(1, len(calls))
+            _counters.last_repair_seconds = done.seconds / calls_made
             if latencies:
                 _counters.last_repair_latency_seconds = latencies[-1]
         st.backoff_delay = 0.0
@@ -840,8 +843,9 @@ def stats() -> Stats:
             last_repair_latency_seconds=c.last_repair_latency_seconds,
             repair_failures=dict(c.repair_failures),
             backoffs=c.backoffs,
-            regions_backing_off=sum(1 for _, st in states if st.backoff_until > now),
-            regions_disabled={hex(r.address): st.disabled for r, st in states if st.disabled},
+            regions_backing_off=sum(1 for r, st in states if st.backoff_until > now and not r.closed),
+            regions_disabled={hex(r.address): st.disabled for r, st in states
+                              if st.disabled and not r.closed},
             forks_seen=c.forks_seen,
             callback_errors=c.callback_errors,
         )
@@ -1010,33 +1014,13 @@ class HotBuffer:
                                         "call thpguard.hot() again", region)
             region._require_open("use it in hot()")
         _fork.check()
-        started = time.perf_counter()
-        st = _state(region)
-        st.disabled = None  # entering hot() is the documented way to retry
-        st.backoff_until = 0.0
-        absent = _absent_blocks(region)
-        for block in absent:
-            # Only never-touched blocks: populating a block shared after fork
-            # would split it (KERNEL-NOTES, Populating).
-            _native.populate_write(block, region.pmd_size, _region._PAGE)
-        cov = _scan(region, st, time.monotonic())
-        repaired = 0
-        if cov is not None and not cov.complete and _region._collapse_known():
-            done, _ = _repair(
-                region, st, cov, region.size, chunk=8 * region.pmd_size,
-                backoff_initial=DEFAULT_BACKOFF_INITIAL, backoff_max=DEFAULT_BACKOFF_MAX,
-                eagain_ticks=1,
-            )
-            repaired = done.blocks * region.pmd_size
-            st.backoff_until = 0.0
-            cov = _scan(region, st, time.monotonic())
-        if cov is None:
-            cov = region.coverage()
-        if not cov.complete:
-            log.warning("hot(): region %#x is only %.1f%% PMD-mapped on entry",
-                        region.address, 100 * cov.ratio)
-        self._entry = (len(absent) * region.pmd_size, repaired,
-                       time.perf_counter() - started, cov)
+        try:
+            self._entry = self._make_huge(region)
+        except BaseException:
+            if self._owned:
+                region.close()
+            raise
+        cov = self._entry[3]
         watch = self._watch = _HotWatch(cov.total_bytes - cov.huge_bytes)
         with _hot_lock:
             _hot_watches.setdefault(region, []).append(watch)
@@ -1046,6 +1030,40 @@ class HotBuffer:
         if self._watched:
             current._wake.set()  # the faster hot interval applies at once
         return region
+
+    @staticmethod
+    def _make_huge(region: Region) -> Tuple[int, int, float, Coverage]:
+        """Populate never-touched blocks, collapse split ones; what it took."""
+        started = time.perf_counter()
+        st = _state(region)
+        st.disabled = None  # entering hot() is the documented way to retry
+        st.backoff_until = 0.0
+        absent = _absent_blocks(region)
+        for block in absent:
+            # Only blocks without data: populating a block shared after fork
+            # would split it (KERNEL-NOTES, Populating).
+            _native.populate_write(block, region.pmd_size, _region._PAGE)
+        cov = _scan(region, st, time.monotonic())
+        repaired = 0
+        for _ in range(_HOT_ENTRY_ATTEMPTS):
+            if cov is None or cov.complete or not _region._collapse_known():
+                break
+            done, _ = _repair(
+                region, st, cov, region.size, chunk=8 * region.pmd_size,
+                backoff_initial=DEFAULT_BACKOFF_INITIAL, backoff_max=DEFAULT_BACKOFF_MAX,
+                eagain_ticks=_HOT_ENTRY_ATTEMPTS + 1,
+            )
+            repaired += done.blocks * region.pmd_size
+            st.backoff_until = 0.0
+            cov = _scan(region, st, time.monotonic())
+            if set(done.failures) != {"EAGAIN"}:
+                break  # only EAGAIN is worth an immediate retry
+        if cov is None:
+            cov = region.coverage()
+        if not cov.complete:
+            log.warning("hot(): region %#x is only %.1f%% PMD-mapped on entry",
+                        region.address, 100 * cov.ratio)
+        return len(absent) * region.pmd_size, repaired, time.perf_counter() - started, cov
 
     def __exit__(self, exc_type, exc, tb) -> None:
         region, watch = self.region, self._watch
