@@ -642,10 +642,12 @@ class Guard:
         _fork.check()
         now = time.monotonic()
         with _hot_lock:
-            hot_set = {r for r, w in _hot_watches.items() if w}
-        regions = [r for r in _region.regions() if r in hot_set]
+            hot_set = {r for r, w in _hot_watches.items() if w} if _hot_watches else set()
         if full:
-            regions += [r for r in _region.regions() if r not in hot_set]
+            # Hot regions first: they get the repair budget before the rest.
+            regions = sorted(_region.regions(), key=lambda r: r not in hot_set)
+        else:
+            regions = [r for r in _region.regions() if r in hot_set]
         budget = self.max_repair_bytes
         huge_total = 0
         for region in regions:
@@ -656,7 +658,7 @@ class Guard:
             if cov is None:
                 continue
             huge_total += cov.huge_bytes
-            watches = _watches(region)
+            watches = _watches(region) if hot_set else ()
             for watch in watches:
                 watch.observe(now, cov.total_bytes - cov.huge_bytes)
             if st.disabled or now < st.backoff_until or cov.complete:
