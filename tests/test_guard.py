@@ -357,6 +357,25 @@ def test_nohugepage_region_stops_being_repaired_and_says_why(region_factory, run
         assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size
 
 
+def test_prctl_disabled_process_stops_repairs_and_says_why(region_factory, running_guard, pmd):
+    """EINVAL under prctl(PR_SET_THP_DISABLE): the child's guard stops retrying and names the switch."""
+    region = region_factory(2 * pmd)
+
+    def child():
+        _native.thp_disable_set(1, 0)  # this child only; it exits after
+        guard = thpguard.guard()
+        delta = Delta()
+        region.view()[0] = 1
+        for _ in range(3):
+            guard.wait_ticks(1, timeout=30)
+        reason = thpguard.stats().regions_disabled.get(hex(region.address), "")
+        return delta.repair_failures, reason, region.coverage().complete
+
+    failures, reason, complete = run_in_child(child)
+    assert failures == {"EINVAL": 1}
+    assert "prctl(PR_SET_THP_DISABLE)" in reason and not complete
+
+
 def test_budget_caps_bytes_repaired_per_tick(region_factory, running_guard, pmd):
     """max_repair_bytes: a tick repairs at most that many bytes."""
     region = region_factory(8 * pmd)
