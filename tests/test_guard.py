@@ -243,6 +243,18 @@ def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline):
     assert forks.forks_seen == 100
 
 
+def test_no_guard_thread_in_a_child_about_to_exec(running_guard, tmp_path):
+    """subprocess with preexec_fn runs the fork hooks in a child that execs: no thread starts there."""
+    out = tmp_path / "threads"
+
+    def record_threads():
+        out.write_text(str(status_threads()))
+
+    subprocess.run(["true"], preexec_fn=record_threads, check=True)
+    assert out.read_text() == "1"
+    assert running_guard.running
+
+
 def test_fork_outside_python_is_noticed(region_factory, running_guard, pmd, deadline):
     """A fork that skips Python's hooks: the child's guard starts on its next thpguard call and repairs."""
     region = region_factory(4 * pmd)

@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import _fork, _native, kernel, pagemap
 from . import region as _region
@@ -141,7 +141,8 @@ class Event:
             )
         if self.kind == FAILED:
             errs = ", ".join(f"{k} x{v}" for k, v in sorted(self.failures.items()))
-            return f"{where}MADV_COLLAPSE failed on {self.blocks} block(s): {errs}; retried next tick"
+            then = "; retried next tick" if set(self.failures) == {"EAGAIN"} else ""
+            return f"{where}MADV_COLLAPSE failed on {self.blocks} block(s): {errs}{then}"
         if self.kind == BACKOFF:
             return f"{where}backing off {self.delay:.2f} s: {self.reason}"
         if self.kind == DISABLED:
@@ -172,7 +173,6 @@ class _Counters:
         self.backoffs = 0
         self.forks_seen = 0
         self.callback_errors = 0
-        self.huge_bytes_last_tick: Optional[int] = None
 
 
 _counters = _Counters()
@@ -496,7 +496,8 @@ class Guard:
     """
 
     def __init__(self) -> None:
-        pmd = kernel.pmd_size()
+        # Regions fall back to 2 MiB blocks where the PMD size is unknown.
+        pmd = kernel.pmd_size() or _region._FALLBACK_PMD
         self.interval = DEFAULT_INTERVAL
         self.hot_interval = DEFAULT_HOT_INTERVAL
         self.max_repair_bytes = DEFAULT_MAX_REPAIR_BYTES
@@ -649,7 +650,6 @@ class Guard:
         else:
             regions = [r for r in _region.regions() if r in hot_set]
         budget = self.max_repair_bytes
-        huge_total = 0
         for region in regions:
             if stop.is_set():
                 break
@@ -657,7 +657,6 @@ class Guard:
             cov = _scan(region, st, now)
             if cov is None:
                 continue
-            huge_total += cov.huge_bytes
             watches = _watches(region) if hot_set else ()
             for watch in watches:
                 watch.observe(now, cov.total_bytes - cov.huge_bytes)
@@ -677,7 +676,6 @@ class Guard:
             _counters.tick_cpu_seconds += time.thread_time() - cpu0
             if full:
                 _counters.ticks += 1
-                _counters.huge_bytes_last_tick = huge_total
             else:
                 _counters.hot_ticks += 1
         if full:
@@ -771,12 +769,16 @@ def _after_fork_in_child(late: bool = False) -> None:
     for watches in list(_hot_watches.values()):
         for watch in watches:
             watch._lock = threading.Lock()
+    if _fork.in_exec_child():
+        return  # subprocess with preexec_fn: exec replaces this process
     current = _current
-    if current is not None and not _fork.in_exec_child():
+    if current is not None:
         current._restart_in_child()
     how = "outside Python's fork hooks, noticed late" if late else "os.fork"
-    _emit(Event(FORK, os.getpid(), time.time(), reason=f"new child process ({how}); "
-                f"guard {'restarted' if current is not None and current.running else 'not installed'}"))
+    state = "not installed" if current is None else (
+        "restarted" if current.running else "stopped")
+    _emit(Event(FORK, os.getpid(), time.time(),
+                reason=f"new child process ({how}); guard {state}"))
 
 
 _fork.subscribe(
