@@ -213,7 +213,8 @@ def test_children_and_parent_repair_their_own_splits(region_factory, running_gua
     assert statuses == [0] * n_children
 
 
-def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline):
+@pytest.mark.parametrize("n_forks", [100, pytest.param(2000, marks=pytest.mark.stress)])
+def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline, n_forks):
     """100 forks with a busy guard: Threads: 1 in the last before-fork hook, no deadlock, no leaked thread."""
     region = region_factory(8 * pmd)
     guard = thpguard.install(interval=0.001)
@@ -224,7 +225,7 @@ def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline):
         with warnings.catch_warnings(record=True) as caught:
             # Python 3.12+ warns (DeprecationWarning) when a multi-threaded process forks.
             warnings.simplefilter("always")
-            for _ in range(100):
+            for _ in range(n_forks):
                 pid = os.fork()
                 if pid == 0:
                     g = thpguard.guard()
@@ -237,10 +238,10 @@ def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline):
     finally:
         _fork.unsubscribe("test-thread-probe")
         guard.stop()
-    assert seen == [1] * 100
+    assert seen == [1] * n_forks
     assert [str(w.message) for w in caught if "fork" in str(w.message)] == []
     assert status_threads() == 1
-    assert forks.forks_seen == 100
+    assert forks.forks_seen == n_forks
 
 
 def test_no_guard_thread_in_a_child_about_to_exec(running_guard, tmp_path):
