@@ -488,6 +488,7 @@ def test_hot_bad_arguments():
 
 
 def test_hot_region_with_alloc_arguments(region_factory, pmd):
+    """Allocation arguments with an existing region are refused with a clear message."""
     region = region_factory(pmd)
     with pytest.raises(InvalidTypeError, match="existing region"):
         thpguard.hot(region, fork="copy")
