@@ -66,8 +66,9 @@ def _check_workers(master, port, python_hooks):
     start, size = state["address"], state["size"]
 
     seen, before = {}, {}
+    started = time.monotonic()
     for n in range(200):
-        if len(seen) == WORKERS and len(before) == WORKERS:
+        if len(seen) == len(before) == WORKERS or time.monotonic() - started > 30:
             break
         hooks = get(port, "/hooks")
         seen[hooks["pid"]] = hooks
@@ -111,7 +112,9 @@ RAW_FORK = textwrap.dedent(
     hooks = []
     os.register_at_fork(after_in_child=lambda: hooks.append(1))
     # PyDLL keeps the GIL across the call, so no other Python thread holds
-    # it at the fork; libc's fork() runs pthread_atfork handlers only.
+    # it at the fork; libc's fork() runs pthread_atfork handlers only. Fork
+    # just after a tick, while the guard thread sleeps holding no lock.
+    guard.wait_ticks(1, timeout=10)
     pid = ctypes.PyDLL(None).fork()
     if pid == 0:
         code = 1
