@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import json
@@ -35,12 +36,29 @@ def get(port: int, path: str, timeout: float = 5.0) -> dict:
         conn.close()
 
 
+def get_many(port: int, paths: List[str], then=None, timeout: float = 10.0) -> list:
+    """GET ``paths`` concurrently (one connection each); replies in order.
+
+    With ``then``, each item is ``(reply, then(reply))``, ``then`` called in
+    the request's thread as soon as its reply is in.
+    """
+    def one(path):
+        reply = get(port, path, timeout)
+        return reply if then is None else (reply, then(reply))
+
+    with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+        return list(pool.map(one, paths))
+
+
 def children(pid: int) -> List[int]:
     """Direct children of ``pid``, from /proc (Linux 3.5+ children file)."""
     found = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            found += [int(x) for x in f.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(x) for x in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile (the guard's, at fork)
+            continue
     return sorted(found)
 
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from integ_servers import children, free_port, get, huge_bytes, serve
+from integ_servers import children, free_port, get, get_many, huge_bytes, serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -36,12 +36,12 @@ def _uwsgi(mode, port):
         env["THPGUARD_GUARD"] = "1"
         argv = [UWSGI, "--ini", os.path.join(EXAMPLES, "uwsgi.ini"),
                 "--workers", str(WORKERS), "--http-socket", f"127.0.0.1:{port}",
-                "--module", "uwsgi_probe_app:application"]
+                "--module", "probe_app:application"]
     else:
         # Forks from C only; the guard starts in each worker (uwsgi_guard.py).
         argv = [UWSGI, "--master", "--workers", str(WORKERS), "--enable-threads",
                 "--import", "uwsgi_guard", "--http-socket", f"127.0.0.1:{port}",
-                "--module", "uwsgi_probe_app:application"]
+                "--module", "probe_app:application"]
     return argv + ["--die-on-term", "--disable-logging"], env
 
 
@@ -65,17 +65,22 @@ def _check_workers(master, port, python_hooks):
     state = get(port, "/state")
     start, size = state["address"], state["size"]
 
-    seen, before = {}, {}
+    seen, before, copies = {}, {}, {}
     started = time.monotonic()
-    for n in range(200):
-        if len(seen) == len(before) == WORKERS or time.monotonic() - started > 30:
+    for n in range(40):
+        if len(seen) == len(before) == len(copies) == WORKERS or time.monotonic() - started > 30:
             break
-        hooks = get(port, "/hooks")
-        seen[hooks["pid"]] = hooks
-        reply = get(port, f"/write?block={n}")
-        before.setdefault(reply["pid"], huge_bytes(reply["pid"], start, start + size))
-        copy = get(port, "/copywrite")
-    assert set(seen) == set(before) == workers
+        # Concurrent requests that hold their worker a while reach every worker.
+        for hooks in get_many(port, ["/hooks?hold=0.2"] * WORKERS):
+            seen[hooks["pid"]] = hooks
+        # Each worker's smaps is read as soon as its write is answered: the
+        # guard ticks only once a second here.
+        for reply, huge in get_many(port, [f"/write?block={n}&hold=0.2"] * WORKERS,
+                                    then=lambda r: huge_bytes(r["pid"], start, start + size)):
+            before.setdefault(reply["pid"], huge)
+        for copy in get_many(port, ["/copywrite?hold=0.2"] * WORKERS):
+            copies[copy["pid"]] = copy
+    assert set(seen) == set(before) == set(copies) == workers
     for hooks in seen.values():
         assert hooks["python_hooks_ran"] == python_hooks
         assert hooks["fork_generation"] == 1  # the native pthread_atfork counter

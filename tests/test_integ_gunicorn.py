@@ -14,14 +14,15 @@ import time
 
 import pytest
 
-from integ_servers import children, free_port, get, huge_bytes, serve
+from integ_servers import children, free_port, get, get_many, huge_bytes, serve
 
 pytest.importorskip("gunicorn")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKERS = 4
-MAX_REQUESTS = 600
+MAX_ROUNDS = 30
 DEADLINE = 40.0
 
 
@@ -30,9 +31,11 @@ def gunicorn_server(require_thp):
     port = free_port()
     env = dict(os.environ, THPGUARD_GUARD="1",
                # Slow enough that the test sees each split before it is repaired.
-               THPGUARD_GUARD_INTERVAL="1.0", HOT_BYTES=str(8 << 20))
+               THPGUARD_GUARD_INTERVAL="1.0", HOT_BYTES=str(8 << 20), PYTHONPATH=EXAMPLES)
+    # examples/gunicorn.conf.py serving examples/wsgi_app.py through
+    # tests/probe_app.py, which only adds routes for the test.
     argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(EXAMPLES, "gunicorn.conf.py"),
-            "--bind", f"127.0.0.1:{port}", "--chdir", EXAMPLES, "wsgi_app:application"]
+            "--bind", f"127.0.0.1:{port}", "--chdir", TESTS, "probe_app:application"]
     with serve(argv, port, env=env) as proc:
         yield proc, port
 
@@ -50,20 +53,21 @@ def test_each_worker_is_repaired(gunicorn_server):
     # The master allocated and never writes: its copy stays whole.
     assert huge_bytes(master.pid, start, start + size) == size
 
-    before, writes = {}, 0
+    before, requests = {}, 0
     started = time.monotonic()
-    for n in range(MAX_REQUESTS):
+    for n in range(MAX_ROUNDS):
         if set(before) >= workers or time.monotonic() - started > DEADLINE:
             break
-        if n % 4:
-            get(port, f"/read?block={n}")
-            continue
-        reply = get(port, f"/write?block={writes}")
-        writes += 1
-        pid = reply["pid"]
-        if pid not in before:
-            # Read right away: the guard ticks only once a second here.
-            before[pid] = huge_bytes(pid, start, start + size)
+        # Reads, then writes; concurrent requests that hold their worker a
+        # little reach every worker.
+        for _ in range(3):
+            get_many(port, [f"/read?block={n + k}&hold=0.02" for k in range(WORKERS)])
+        # Each worker's smaps is read as soon as its write is answered: the
+        # guard ticks only once a second here.
+        for reply, huge in get_many(port, [f"/write?block={n}&hold=0.2"] * WORKERS,
+                                    then=lambda r: huge_bytes(r["pid"], start, start + size)):
+            before.setdefault(reply["pid"], huge)
+        requests += 4 * WORKERS
     assert set(before) == workers, f"not every worker served a write: {sorted(before)}"
 
     after = {}
@@ -78,7 +82,8 @@ def test_each_worker_is_repaired(gunicorn_server):
 
     report = ", ".join(f"worker {pid}: {before[pid] / size:.2f} -> {after[pid] / size:.2f}"
                        for pid in sorted(workers))
-    print(f"\ngunicorn per-worker huge coverage (smaps, before -> after repair): {report}")
+    print(f"\ngunicorn, {requests} requests, per-worker huge coverage "
+          f"(smaps, before -> after repair): {report}")
     assert all(after[pid] == size for pid in workers), report
     # At least one write was caught split before the guard got to it
     # (the guard could, rarely, tick between a write and the smaps read).
