@@ -619,7 +619,8 @@ class Guard:
         warn_about_fork_with_threads), so a thread started here would
         trigger the warning. A one-shot profile function waits for the first
         event in the frame that called fork() (its ``c_return``), starts
-        the thread and puts the previous profile function back.
+        the thread and removes itself. Where a profiler is already set, the
+        thread starts at once instead.
         """
         if not self._wanted:
             return
@@ -627,20 +628,18 @@ class Guard:
         while frame is not None and frame.f_code is not _fork._after_in_parent.__code__:
             frame = frame.f_back
         caller = frame.f_back if frame is not None else None
-        if caller is None:
+        if caller is None or sys.getprofile() is not None:
+            # Never displace a profiler: start now (3.13 may then warn).
             self._start()
             return
-        previous = sys.getprofile()
 
         def profile(frame, event, arg):
-            if previous is not None:
-                previous(frame, event, arg)
             at = caller
             while at is not None and at is not frame:
                 at = at.f_back
             if at is None:
                 return  # still inside the fork hooks
-            sys.setprofile(previous)
+            sys.setprofile(None)
             if self._wanted:
                 self._start()
 
