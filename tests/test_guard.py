@@ -272,13 +272,11 @@ def test_fork_outside_python_is_noticed(region_factory, running_guard, pmd, dead
     fill_blocks(region, pmd)
     libc_fork = ctypes.PyDLL(None).fork  # PyDLL keeps the GIL: no Python hook runs
     with sharer():
-        # Such a fork cannot stop the guard thread first: fork while it sleeps
-        # (a fork while it takes the GIL would leave CPython's GIL mutex held
-        # in the child; docs/guard.rst, Fork).
-        running_guard.wait_ticks(1, timeout=30)
-        time.sleep(0.005)
+        # No thread may run during a fork that bypasses Python: it could
+        # leave CPython's GIL mutex held in the child (docs/guard.rst, Fork).
         read_end, write_end = os.pipe()
-        pid = libc_fork()
+        with running_guard.paused():
+            pid = libc_fork()
         if pid == 0:
             status = 0
             try:

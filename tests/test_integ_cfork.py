@@ -116,11 +116,12 @@ RAW_FORK = textwrap.dedent(
     copied = thpguard.alloc(4 << 20, fork="copy")
     hooks = []
     os.register_at_fork(after_in_child=lambda: hooks.append(1))
-    # PyDLL keeps the GIL across the call, so no other Python thread holds
-    # it at the fork; libc's fork() runs pthread_atfork handlers only. Fork
-    # just after a tick, while the guard thread sleeps holding no lock.
-    guard.wait_ticks(1, timeout=10)
-    pid = ctypes.PyDLL(None).fork()
+    # libc's fork() runs pthread_atfork handlers only, no Python hook. No
+    # thread may run during it (it could leave CPython's GIL mutex held in
+    # the child): guard.paused() stops the guard thread, which stays
+    # installed, so the child starts its own on its first thpguard call.
+    with guard.paused():
+        pid = ctypes.PyDLL(None).fork()
     if pid == 0:
         code = 1
         try:

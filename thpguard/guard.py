@@ -25,6 +25,7 @@ A bad value never breaks the import: it is logged as an error on the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno as _errno
 import logging
 import math
@@ -35,7 +36,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import _fork, _native, kernel, pagemap
 from . import region as _region
@@ -572,6 +573,28 @@ class Guard:
             return self._tick_done.wait_for(
                 lambda: _counters.ticks >= target or not self._wanted, timeout
             ) and _counters.ticks >= target
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["Guard"]:
+        """Stop the guard thread for the block, then start it again.
+
+        Use it around a ``fork()`` that bypasses Python's at-fork hooks (a
+        C extension, uWSGI without ``py-call-osafterfork``): a thread that
+        runs during such a fork can leave CPython's own GIL mutex locked in
+        the child, which then hangs. The guard stays installed, so a child
+        forked inside the block starts its own guard on its first thpguard
+        call.
+        """
+        with self._lock:
+            self._halt()
+        try:
+            yield self
+        finally:
+            # In a child forked inside the block, handle that fork first: it
+            # replaces this guard's locks and thread state, then starts it.
+            _fork.check()
+            if self._wanted:
+                self._start()
 
     def _start(self) -> None:
         with self._lock:
