@@ -1,0 +1,281 @@
+"""What every benchmark shares: timing, interleaving, statistics, children,
+warm memory, the host description, and the result table.
+
+Rules the helpers enforce (these machines are noisy and shared): every
+figure is a ratio against a baseline measured in the same run; variants
+run interleaved (A B A B ...) after a discarded warm-up round; the
+reported value is the median of the repetitions, and every raw sample is
+kept for the JSON output.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import platform
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import thpguard
+from thpguard import _native, kernel
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+now = time.perf_counter
+
+
+class Skipped(Exception):
+    """A benchmark cannot run on this host or with this thpguard; says why."""
+
+
+@dataclass
+class Settings:
+    """Sizes and repetitions, from the command line (``--quick`` shrinks them)."""
+
+    quick: bool = False
+    reps: int = 7
+    warmup: int = 1
+
+    @classmethod
+    def make(cls, quick: bool) -> "Settings":
+        return cls(quick=True, reps=3, warmup=1) if quick else cls(quick=False, reps=7, warmup=1)
+
+    def pick(self, quick_value, full_value):
+        return quick_value if self.quick else full_value
+
+
+# -- statistics -------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def interleave(variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> Dict[str, List[Any]]:
+    """Run each variant ``warmup + reps`` times, A B C A B C ...
+
+    Returns the samples of the timed rounds per variant (warm-up rounds are
+    discarded). A variant returns its own sample (a duration, a rate or a
+    dict), so it can time exactly the part that matters.
+    """
+    samples: Dict[str, List[Any]] = {name: [] for name in variants}
+    for round_no in range(warmup + reps):
+        for name, run in variants.items():
+            value = run()
+            if round_no >= warmup:
+                samples[name].append(value)
+    return samples
+
+
+# -- processes and memory ---------------------------------------------------
+
+
+def in_child(fn: Callable[..., Any], *args) -> Any:
+    """Fork, run ``fn(*args)`` in the child, return its (pickled) result.
+
+    The child always leaves with ``os._exit``; an exception there is
+    raised here as RuntimeError with the child's traceback.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        status = 0
+        try:
+            payload = pickle.dumps(("ok", fn(*args)))
+        except BaseException:
+            payload = pickle.dumps(("error", traceback.format_exc()))
+            status = 1
+        try:
+            with os.fdopen(write_end, "wb") as f:
+                f.write(payload)
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError("benchmark child died without a result")
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise RuntimeError(f"benchmark child failed:\n{value}")
+    return value
+
+
+def warm_memory(size: int) -> float:
+    """Touch ``size`` bytes of fresh huge pages once and free them; seconds taken.
+
+    On these VMs the first touch of guest memory the host has not backed
+    recently is 10-20x slower than later touches; doing it here keeps that
+    cost out of the timed rounds. The time it took is the cold figure.
+    """
+    pmd = kernel.pmd_size()
+    started = now()
+    addr = _native.map_aligned(size, pmd)
+    try:
+        _native.madvise(addr, size, _native.MADV_HUGEPAGE)
+        _native.populate_write(addr, size, mmap.PAGESIZE)
+    finally:
+        _native.unmap(addr, size)
+    return now() - started
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# -- host ---------------------------------------------------------------------
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def host_info() -> dict:
+    """Kernel, CPU, memory and THP settings of this host, for the JSON."""
+    cpu = None
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_total = None
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_total = int(line.split()[1]) * 1024
+    thp = {}
+    base = kernel.SYS_THP
+    for rel in (
+        "enabled",
+        "defrag",
+        "shmem_enabled",
+        "hpage_pmd_size",
+        "khugepaged/defrag",
+        "khugepaged/pages_to_scan",
+        "khugepaged/scan_sleep_millisecs",
+        "khugepaged/alloc_sleep_millisecs",
+        "khugepaged/max_ptes_none",
+        "khugepaged/max_ptes_shared",
+        "khugepaged/max_ptes_swap",
+    ):
+        thp[rel] = _read(os.path.join(base, rel))
+    uname = platform.uname()
+    return {
+        "hostname": uname.node,
+        "kernel": uname.release,
+        "kernel_version": uname.version,
+        "machine": uname.machine,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_total_bytes": mem_total,
+        "thp": thp,
+        "python": platform.python_version(),
+        "thpguard": thpguard.__version__,
+        "loadavg": _read("/proc/loadavg"),
+    }
+
+
+# -- results ------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of a result table: the ratio first, then what it compares.
+
+    ``ratio`` is ``value / baseline`` in the unit of ``what`` (so a time
+    ratio above 1 means slower, a throughput ratio above 1 means faster);
+    ``value`` and ``baseline`` are medians, already formatted.
+    """
+
+    case: str
+    ratio: Optional[float]
+    what: str
+    value: str
+    baseline: str = ""
+
+
+@dataclass
+class Result:
+    name: str
+    title: str
+    params: Dict[str, Any] = field(default_factory=dict)
+    rows: List[Row] = field(default_factory=list)
+    samples: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: Optional[str] = None
+    series: Dict[str, Any] = field(default_factory=dict)
+
+    def add(self, case: str, ratio_value: Optional[float], what: str, value: str, baseline: str = "") -> None:
+        self.rows.append(Row(case, ratio_value, what, value, baseline))
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "params": self.params,
+            "rows": [row.__dict__ for row in self.rows],
+            "samples": self.samples,
+            "series": self.series,
+            "notes": self.notes,
+            "seconds": self.seconds,
+            "skipped": self.skipped,
+        }
+
+
+def format_table(result: Result) -> str:
+    """A plain-text table: ratio first, then the medians it was made of."""
+    head = f"== {result.name}: {result.title}"
+    lines = [head]
+    if result.params:
+        lines.append("   " + ", ".join(f"{k}={v}" for k, v in result.params.items()))
+    if result.skipped:
+        lines.append(f"   skipped: {result.skipped}")
+        return "\n".join(lines)
+    cols = ("case", "ratio", "ratio of", "value", "baseline")
+    table = [cols] + [
+        (
+            r.case,
+            "-" if r.ratio is None else f"{r.ratio:.2f}",
+            r.what,
+            r.value,
+            r.baseline,
+        )
+        for r in result.rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+    for n, row in enumerate(table):
+        cells = [str(c).ljust(w) if i != 1 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("   " + "  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("   " + "  ".join("-" * w for w in widths))
+    for note in result.notes:
+        lines.append(f"   note: {note}")
+    lines.append(f"   ({result.seconds:.1f} s)")
+    return "\n".join(lines)
