@@ -409,7 +409,12 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child(late: bool = False) -> None:
+    global _live_lock
+    # A lock another parent thread held at fork stays held forever in the
+    # child, where that thread does not exist: start with fresh ones.
+    _live_lock = threading.Lock()
     for region in list(_live):
+        region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:
             region._unmapped_here = True
     pipe = getattr(_pending, "pipe", None)
