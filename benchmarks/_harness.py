@@ -40,6 +40,8 @@ class Settings:
     quick: bool = False
     reps: int = 7
     warmup: int = 1
+    #: Seconds per GiB of the run's first touch (the warm-up), if it made one.
+    cold_s_per_gib: Optional[float] = None
 
     @classmethod
     def make(cls, quick: bool) -> "Settings":

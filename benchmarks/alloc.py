@@ -1,0 +1,114 @@
+"""6. Allocation: thpguard.alloc(populate=True) against numpy and mmap + memset.
+
+Each variant allocates and fills ``size`` bytes, then the huge-page coverage
+of what it made is read from PAGEMAP_SCAN (untimed) and it is freed. The
+variants interleave after a warm-up round; the first touch of the run
+(``warm_memory`` at the start, on memory the host had not backed yet) is
+reported as the cold figure.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import thpguard
+from thpguard import _native, kernel, pagemap
+
+from . import _cbench
+from ._harness import GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, ratio, warm_memory
+
+NAME = "alloc"
+TITLE = "allocation: alloc(populate=True) vs numpy.zeros + fill and mmap + memset (warm)"
+
+VARIANTS = ("thpguard.alloc", "numpy.zeros+fill", "mmap+memset")
+
+
+def _coverage(address: int, size: int) -> float:
+    page = mmap.PAGESIZE
+    start = address - address % page
+    end = -(-(address + size) // page) * page
+    cov = pagemap.coverage(start, end, kernel.pmd_size())
+    return cov.huge_bytes / size
+
+
+def _thpguard(size: int) -> dict:
+    t0 = now()
+    region = thpguard.alloc(size, populate=True)
+    elapsed = now() - t0
+    cov = _coverage(region.address, region.size)
+    region.close()
+    return {"seconds": elapsed, "coverage": cov}
+
+
+def _numpy(size: int) -> dict:
+    import numpy
+
+    t0 = now()
+    array = numpy.zeros(size, dtype=numpy.uint8)
+    array.fill(1)
+    elapsed = now() - t0
+    cov = _coverage(array.ctypes.data, size)
+    del array
+    return {"seconds": elapsed, "coverage": cov}
+
+
+def _mmap(size: int) -> dict:
+    ffi, lib = _cbench.load()
+    t0 = now()
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = _native.buffer_address(m)
+    lib.tgb_fill(ffi.cast("void *", address), 1, size)
+    elapsed = now() - t0
+    cov = _coverage(address, size)
+    m.close()
+    return {"seconds": elapsed, "coverage": cov}
+
+
+def run(settings: Settings) -> Result:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        raise Skipped("needs numpy (pip install '.[bench]')") from None
+    sizes = settings.pick((1 * GiB,), (1 * GiB, 4 * GiB))
+    res = Result(NAME, TITLE, params={"sizes": [fmt_bytes(s) for s in sizes], "reps": settings.reps})
+    biggest = max(sizes)
+    if settings.cold_s_per_gib is not None:
+        cold = settings.cold_s_per_gib * biggest / GiB
+    else:
+        cold = warm_memory(biggest)
+    for size in sizes:
+        samples = interleave(
+            {
+                "thpguard.alloc": lambda: _thpguard(size),
+                "numpy.zeros+fill": lambda: _numpy(size),
+                "mmap+memset": lambda: _mmap(size),
+            },
+            settings.reps,
+            settings.warmup,
+        )
+        res.samples[fmt_bytes(size)] = samples
+        secs = {v: median([s["seconds"] for s in samples[v]]) for v in VARIANTS}
+        cov = {v: median([s["coverage"] for s in samples[v]]) for v in VARIANTS}
+        gb = size / 1e9
+        for v in VARIANTS[1:]:
+            res.add(
+                f"{fmt_bytes(size)} thpguard vs {v}",
+                ratio(secs["thpguard.alloc"], secs[v]),
+                "time thpguard/other",
+                f"{gb / secs['thpguard.alloc']:.2f} GB/s, {cov['thpguard.alloc']:.0%} huge",
+                f"{gb / secs[v]:.2f} GB/s, {cov[v]:.0%} huge",
+            )
+    warm = median([s["seconds"] for s in res.samples[fmt_bytes(biggest)]["thpguard.alloc"]])
+    res.samples["cold_first_touch_s"] = cold
+    res.add(
+        f"{fmt_bytes(biggest)} first touch of the run (cold) vs warm alloc",
+        ratio(cold, warm),
+        "time cold/warm",
+        f"{biggest / 1e9 / cold:.2f} GB/s",
+        f"{biggest / 1e9 / warm:.2f} GB/s",
+    )
+    res.notes.append(
+        "cold = the run's warm-up (first touch of huge pages, then unmap) scaled to this size; "
+        "it is only truly cold on memory the host has not backed since boot"
+    )
+    return res

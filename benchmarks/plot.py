@@ -1,0 +1,99 @@
+"""The PNG of a benchmark run: coverage after fork, and the TLB-workload ratios.
+
+``python -m benchmarks.plot RESULTS.json OUT.png`` redraws it from the JSON
+that ``python -m benchmarks --json`` wrote. Needs matplotlib (the ``bench``
+extra).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _result(document: dict, name: str):
+    for result in document.get("results", []):
+        if result["name"] == name and not result.get("skipped"):
+            return result
+    return None
+
+
+def plot(document: dict, path: str) -> None:
+    """Draw the two panels of ``document`` (a results JSON object) into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    host = document["host"]
+    fig.suptitle(
+        f"thpguard {document['thpguard']}, Linux {host['kernel']}, {host['cpu']} x{host['cpus']}, "
+        f"{document['date'][:10]}{' (quick)' if document.get('quick') else ''}",
+        fontsize=9,
+    )
+
+    cov = _result(document, "coverage")
+    if cov:
+        for label, style in (("unguarded", "-"), ("guarded", "-")):
+            series = cov["series"].get(label)
+            if not series:
+                continue
+            t = [max(p[0], 1e-3) for p in series]
+            y = [100 * p[1] for p in series]
+            if label == "guarded" and t[-1] < cov["series"]["unguarded"][-1][0]:
+                # Stays at 100 % once repaired; draw it to the end of the watch.
+                t.append(cov["series"]["unguarded"][-1][0])
+                y.append(y[-1])
+            name = "thpguard guard" if label == "guarded" else "kernel defaults (khugepaged)"
+            left.step(t, y, style, where="post", label=name)
+        left.set_xscale("log")
+        left.set_xlabel("seconds after the child split 256 blocks")
+        left.set_ylabel("PMD-mapped share of the region (%)")
+        left.set_ylim(-5, 105)
+        left.set_title("coverage after fork (PAGEMAP_SCAN)", fontsize=10)
+        left.legend(fontsize=8, loc="center right")
+    else:
+        left.text(0.5, 0.5, "coverage benchmark not run", ha="center", transform=left.transAxes)
+
+    tlb = _result(document, "tlb")
+    if tlb:
+        sizes, split, repaired = [], [], []
+        for row in tlb["rows"]:
+            size, _, kind = row["case"].partition(" ")
+            if kind == "split":
+                sizes.append(size.replace("GiB", " GiB") if " " not in size else size)
+                split.append(row["ratio"])
+            elif kind == "repaired":
+                repaired.append(row["ratio"])
+        labels = [r["case"].rsplit(" ", 1)[0] for r in tlb["rows"] if r["case"].endswith(" split")]
+        x = range(len(labels))
+        width = 0.38
+        right.bar([i - width / 2 for i in x], split, width, label="split (one write per block)")
+        right.bar([i + width / 2 for i in x], repaired, width, label="split, then repaired by thpguard")
+        right.axhline(1.0, color="gray", linewidth=0.8)
+        right.set_xticks(list(x))
+        right.set_xticklabels(labels)
+        right.set_ylabel("throughput / pristine huge pages")
+        right.set_title("pointer chasing in a forked worker", fontsize=10)
+        right.legend(fontsize=8, loc="lower right")
+    else:
+        right.text(0.5, 0.5, "tlb benchmark not run", ha="center", transform=right.transAxes)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m benchmarks.plot RESULTS.json OUT.png", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        plot(json.load(f), argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""7. Stall of other threads while split blocks are repaired.
+
+A forked child splits 512 blocks of its 1 GiB region, starts a thread that
+maps, touches and unmaps 64 KiB in a loop (every round takes mmap_lock),
+and repairs the region while that thread records each round's latency:
+
+``idle``
+    no repair; the same thread for a comparable time (the noise floor).
+``chunked``
+    the guard repairs the region with its default chunking (MADV_COLLAPSE
+    per chunk, a bounded number of bytes per tick); where this thpguard has
+    no guard, ``Region.collapse()`` with its default chunk.
+``one call``
+    a single ``MADV_COLLAPSE`` over the whole region (no chunking).
+
+Each repetition is a fresh fork; the variants interleave.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import thpguard
+from thpguard import _native, region as _region
+
+from . import _cbench, _guard
+from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, percentile, ratio
+
+NAME = "stall"
+TITLE = "stall of another thread (mmap + fault loop) while split blocks are repaired"
+
+VARIANTS = ("idle", "chunked", "one call")
+_LOOP_BYTES = 64 << 10
+_CAPACITY = 2_000_000
+
+
+def _child(region, variant: str, idle_s: float) -> dict:
+    ffi, lib = _cbench.load()
+    lib.tgb_write_each(ffi.cast("void *", region.address), region.size, region.pmd_size)
+    split = region.coverage().split_blocks
+    stop = ffi.new("int *")
+    lat = ffi.new("uint64_t[]", _CAPACITY)
+    count = [0]
+
+    def loop() -> None:
+        count[0] = lib.tgb_fault_loop(stop, lat, _CAPACITY, _LOOP_BYTES)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(0.02)
+    t0 = now()
+    if variant == "chunked" and _guard.available():
+        guard = _guard.start()
+        _guard.wait_complete(region, timeout=60.0)
+        _guard.stop(guard)
+    elif variant == "chunked":
+        region.collapse()
+    elif variant == "one call":
+        _native.collapse(region.address, region.size, region.size, _region.DEFAULT_COLLAPSE_RETRIES)
+    else:
+        time.sleep(idle_s)
+    busy_s = now() - t0
+    stop[0] = 1
+    thread.join()
+    values = [lat[i] / 1e3 for i in range(count[0])]  # microseconds
+    return {
+        "variant": variant,
+        "split_blocks": split,
+        "repair_s": busy_s,
+        "coverage_after": region.coverage().ratio,
+        "rounds": len(values),
+        "max_us": max(values) if values else float("nan"),
+        "p99_us": percentile(values, 99),
+        "p50_us": percentile(values, 50),
+    }
+
+
+def _chunking() -> str:
+    if _guard.available():
+        from thpguard import guard as _g
+
+        return (
+            f"the guard: {fmt_bytes(_g.Guard().chunk)} per call, "
+            f"at most {fmt_bytes(_g.DEFAULT_MAX_REPAIR_BYTES)} per {_g.DEFAULT_INTERVAL * 1e3:.0f} ms tick"
+        )
+    return f"Region.collapse(): {fmt_bytes(_region.DEFAULT_COLLAPSE_CHUNK)} per call"
+
+
+def run(settings: Settings) -> Result:
+    size = settings.pick(512 * MiB, 1 * GiB)
+    idle_s = settings.pick(0.3, 0.5)
+    res = Result(
+        NAME,
+        TITLE,
+        params={
+            "region": fmt_bytes(size),
+            "split_blocks": size // thpguard.kernel.pmd_size(),
+            "chunked by": _chunking(),
+            "loop": f"mmap+touch+munmap {fmt_bytes(_LOOP_BYTES)}",
+            "reps": settings.reps,
+        },
+    )
+    with thpguard.alloc(size) as region:
+        samples = interleave(
+            {v: (lambda v=v: in_child(_child, region, v, idle_s)) for v in VARIANTS},
+            settings.reps,
+            settings.warmup,
+        )
+    res.samples["runs"] = samples
+    worst = {v: median([s["max_us"] for s in samples[v]]) for v in VARIANTS}
+    p99 = {v: median([s["p99_us"] for s in samples[v]]) for v in VARIANTS}
+    repair = {v: median([s["repair_s"] for s in samples[v]]) for v in VARIANTS}
+    for v in ("chunked", "one call"):
+        res.add(f"{v}: worst", ratio(worst[v], worst["idle"]), "latency vs idle", f"{worst[v] / 1e3:.2f} ms", f"{worst['idle'] / 1e3:.2f} ms")
+        res.add(f"{v}: p99", ratio(p99[v], p99["idle"]), "latency vs idle", f"{p99[v] / 1e3:.3f} ms", f"{p99['idle'] / 1e3:.3f} ms")
+    res.add("one call vs chunked: worst", ratio(worst["one call"], worst["chunked"]), "latency one call/chunked", f"{worst['one call'] / 1e3:.2f} ms", f"{worst['chunked'] / 1e3:.2f} ms")
+    res.add("one call vs chunked: p99", ratio(p99["one call"], p99["chunked"]), "latency one call/chunked", f"{p99['one call'] / 1e3:.3f} ms", f"{p99['chunked'] / 1e3:.3f} ms")
+    res.add("one call vs chunked: repair time", ratio(repair["one call"], repair["chunked"]), "time one call/chunked", f"{repair['one call'] * 1e3:.0f} ms", f"{repair['chunked'] * 1e3:.0f} ms")
+    res.notes.append("worst and p99 are medians over the repetitions of each run's worst and 99th percentile")
+    return res
