@@ -58,15 +58,10 @@ def plot(document: dict, path: str) -> None:
 
     tlb = _result(document, "tlb")
     if tlb:
-        sizes, split, repaired = [], [], []
-        for row in tlb["rows"]:
-            size, _, kind = row["case"].partition(" ")
-            if kind == "split":
-                sizes.append(size.replace("GiB", " GiB") if " " not in size else size)
-                split.append(row["ratio"])
-            elif kind == "repaired":
-                repaired.append(row["ratio"])
-        labels = [r["case"].rsplit(" ", 1)[0] for r in tlb["rows"] if r["case"].endswith(" split")]
+        points = tlb["series"]["ratios"]
+        labels = [p["size"] for p in points]
+        split = [p["split"] for p in points]
+        repaired = [p["repaired"] for p in points]
         x = range(len(labels))
         width = 0.38
         right.bar([i - width / 2 for i in x], split, width, label="split (one write per block)")

@@ -108,6 +108,13 @@ def run(settings: Settings) -> Result:
             f"{rate['repaired'] / 1e6:.2f} M hops/s",
             f"{rate['split'] / 1e6:.2f} M hops/s",
         )
+        res.series.setdefault("ratios", []).append(
+            {
+                "size": fmt_bytes(size),
+                "split": ratio(rate["split"], rate["pristine"]),
+                "repaired": ratio(rate["repaired"], rate["pristine"]),
+            }
+        )
         repair_s = median([s["repair_s"] for s in samples["repaired"]])
         res.notes.append(
             f"{fmt_bytes(size)}: repair took {repair_s:.2f} s (median); "
