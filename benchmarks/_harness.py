@@ -10,6 +10,7 @@ kept for the JSON output.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import pickle
@@ -27,6 +28,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 now = time.perf_counter
+
+SYS_THP = "/sys/kernel/mm/transparent_hugepage"
 
 
 class Skipped(Exception):
@@ -63,7 +66,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -123,6 +126,14 @@ def in_child(fn: Callable[..., Any], *args) -> Any:
     return value
 
 
+def pmd_size() -> int:
+    """The PMD huge-page size; Skipped where the kernel offers none."""
+    size = kernel.pmd_size()
+    if not size:
+        raise Skipped("the kernel reports no PMD huge-page size (no THP)")
+    return size
+
+
 def warm_memory(size: int) -> float:
     """Touch ``size`` bytes of fresh huge pages once and free them; seconds taken.
 
@@ -130,7 +141,7 @@ def warm_memory(size: int) -> float:
     recently is 10-20x slower than later touches; doing it here keeps that
     cost out of the timed rounds. The time it took is the cold figure.
     """
-    pmd = kernel.pmd_size()
+    pmd = pmd_size()
     started = now()
     addr = _native.map_aligned(size, pmd)
     try:
@@ -172,7 +183,7 @@ def host_info() -> dict:
         if line.startswith("MemTotal:"):
             mem_total = int(line.split()[1]) * 1024
     thp = {}
-    base = kernel.SYS_THP
+    base = SYS_THP
     for rel in (
         "enabled",
         "defrag",

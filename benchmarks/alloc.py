@@ -9,13 +9,14 @@ reported as the cold figure.
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 
 import thpguard
-from thpguard import _native, kernel, pagemap
+from thpguard import _native, pagemap
 
 from . import _cbench
-from ._harness import GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, ratio, warm_memory
+from ._harness import pmd_size, GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, ratio, warm_memory
 
 NAME = "alloc"
 TITLE = "allocation: alloc(populate=True) vs numpy.zeros + fill and mmap + memset (warm)"
@@ -27,7 +28,7 @@ def _coverage(address: int, size: int) -> float:
     page = mmap.PAGESIZE
     start = address - address % page
     end = -(-(address + size) // page) * page
-    cov = pagemap.coverage(start, end, kernel.pmd_size())
+    cov = pagemap.coverage(start, end, pmd_size())
     return cov.huge_bytes / size
 
 
@@ -65,10 +66,8 @@ def _mmap(size: int) -> dict:
 
 
 def run(settings: Settings) -> Result:
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        raise Skipped("needs numpy (pip install '.[bench]')") from None
+    if importlib.util.find_spec("numpy") is None:
+        raise Skipped("needs numpy (pip install '.[bench]')")
     sizes = settings.pick((1 * GiB,), (1 * GiB, 4 * GiB))
     res = Result(NAME, TITLE, params={"sizes": [fmt_bytes(s) for s in sizes], "reps": settings.reps})
     biggest = max(sizes)

@@ -21,7 +21,7 @@ import time
 import thpguard
 
 from . import _cbench, _guard
-from ._harness import MiB, Result, Settings, fmt_bytes, in_child, median, now, ratio
+from ._harness import pmd_size, Result, Settings, fmt_bytes, in_child, median, now, ratio
 
 NAME = "coverage"
 TITLE = "time to full coverage after a child splits 256 blocks: guard vs kernel defaults"
@@ -78,7 +78,7 @@ def _child(region, watch_s: float, poll_s: float, stop_when_complete: bool) -> d
 def run(settings: Settings) -> Result:
     _guard.require()
     blocks = 256
-    pmd = thpguard.kernel.pmd_size()
+    pmd = pmd_size()
     watch_unguarded = settings.pick(10.0, 60.0)
     guarded_reps = settings.pick(3, 7)
     res = Result(

@@ -16,9 +16,9 @@ import mmap
 import os
 
 import thpguard
-from thpguard import _native, kernel
+from thpguard import _native
 
-from ._harness import GiB, Result, Settings, fmt_bytes, interleave, median, now, ratio
+from ._harness import pmd_size, GiB, Result, Settings, fmt_bytes, interleave, median, now, ratio
 
 NAME = "fork"
 TITLE = "fork latency: os.fork() + child exit with a populated region, per fork policy"
@@ -30,7 +30,7 @@ VARIANTS = (BASELINE, SMALL, "share", "copy", "wipe", "private")
 
 class _PlainMapping:
     def __init__(self, size: int, huge: bool) -> None:
-        pmd = kernel.pmd_size()
+        pmd = pmd_size()
         self.size = size
         self.address = _native.map_aligned(size, pmd)
         _native.madvise(self.address, size, _native.MADV_HUGEPAGE if huge else _native.MADV_NOHUGEPAGE)

@@ -24,7 +24,7 @@ import thpguard
 from thpguard import pagemap
 
 from . import _cbench, _guard
-from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, ratio
+from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now
 
 NAME = "overhead"
 TITLE = "guard overhead: CPU per tick and per second at the default interval"

@@ -25,7 +25,7 @@ import thpguard
 from thpguard import _native, region as _region
 
 from . import _cbench, _guard
-from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, percentile, ratio
+from ._harness import pmd_size, GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, percentile, ratio
 
 NAME = "stall"
 TITLE = "stall of another thread (mmap + fault loop) while split blocks are repaired"
@@ -95,7 +95,7 @@ def run(settings: Settings) -> Result:
         TITLE,
         params={
             "region": fmt_bytes(size),
-            "split_blocks": size // thpguard.kernel.pmd_size(),
+            "split_blocks": size // pmd_size(),
             "chunked by": _chunking(),
             "loop": f"mmap+touch+munmap {fmt_bytes(_LOOP_BYTES)}",
             "reps": settings.reps,

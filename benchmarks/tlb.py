@@ -19,12 +19,11 @@ Variants interleave (pristine, split, repaired, pristine, ...).
 
 from __future__ import annotations
 
-import time
 
 import thpguard
 
 from . import _cbench, _guard
-from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, ratio, warm_memory
+from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, ratio
 
 NAME = "tlb"
 TITLE = "what a split costs the application: dependent random reads (pointer chasing)"
