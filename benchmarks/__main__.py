@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from . import BENCHMARKS
-from ._harness import GiB, Result, Settings, Skipped, fmt_bytes, format_table, host_info, now, warm_memory
+from ._harness import Result, Settings, Skipped, fmt_bytes, format_table, host_info, now
 
 SCHEMA = 1
 
@@ -40,19 +40,6 @@ def _parse(argv):
     return args, selected
 
 
-def _warm_up(settings: Settings) -> dict:
-    """Touch the memory the run will use once, so the timed rounds find it warm."""
-    size = settings.pick(3 * GiB, 8 * GiB)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-        size = min(size, avail // 2 // GiB * GiB)
-    except (OSError, StopIteration):
-        pass
-    seconds = warm_memory(size) if size else 0.0
-    return {"bytes": size, "seconds": seconds}
-
-
 def main(argv=None) -> int:
     args, selected = _parse(argv)
     if args.list:
@@ -74,10 +61,7 @@ def main(argv=None) -> int:
         f"ratios: medians of {settings.reps} interleaved repetitions after {settings.warmup} warm-up round(s)",
         flush=True,
     )
-    warm = _warm_up(settings)
-    if warm["bytes"]:
-        settings.cold_s_per_gib = warm["seconds"] / (warm["bytes"] / GiB)
-    print(f"warm-up: first touch of {fmt_bytes(warm['bytes'])} took {warm['seconds']:.2f} s\n", flush=True)
+    print(flush=True)
     results = []
     failed = False
     for bench in selected:
@@ -102,7 +86,6 @@ def main(argv=None) -> int:
         "host": host,
         "thpguard": host["thpguard"],
         "versions": _versions(),
-        "warm_up": warm,
         "loadavg_end": _loadavg(),
         "total_seconds": total,
         "results": [r.as_dict() for r in results],

@@ -43,8 +43,6 @@ class Settings:
     quick: bool = False
     reps: int = 7
     warmup: int = 1
-    #: Seconds per GiB of the run's first touch (the warm-up), if it made one.
-    cold_s_per_gib: Optional[float] = None
 
     @classmethod
     def make(cls, quick: bool) -> "Settings":
@@ -135,11 +133,13 @@ def pmd_size() -> int:
 
 
 def warm_memory(size: int) -> float:
-    """Touch ``size`` bytes of fresh huge pages once and free them; seconds taken.
+    """Touch ``size`` bytes of fresh huge pages and free them; seconds taken.
 
-    On these VMs the first touch of guest memory the host has not backed
-    recently is 10-20x slower than later touches; doing it here keeps that
-    cost out of the timed rounds. The time it took is the cold figure.
+    On these VMs free memory is handed back to the host (virtio-balloon
+    free page reporting, after about 2 s), and the next first touch of it
+    costs 10-20x a warm one. Calling this right before a timed step that
+    allocates makes that step reuse the pages just freed, which the host
+    still backs; the time this call took is the cold figure.
     """
     pmd = pmd_size()
     started = now()

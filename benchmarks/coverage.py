@@ -21,7 +21,7 @@ import time
 import thpguard
 
 from . import _cbench, _guard
-from ._harness import pmd_size, Result, Settings, fmt_bytes, in_child, median, now, ratio
+from ._harness import pmd_size, Result, Settings, fmt_bytes, in_child, median, now, ratio, warm_memory
 
 NAME = "coverage"
 TITLE = "time to full coverage after a child splits 256 blocks: guard vs kernel defaults"
@@ -45,6 +45,8 @@ def _vmstat() -> dict:
 def _child(region, watch_s: float, poll_s: float, stop_when_complete: bool) -> dict:
     ffi, lib = _cbench.load()
     forked = now()
+    # Repairs allocate fresh huge pages: let them reuse warm ones.
+    warm_memory(region.size)
     vm0 = _vmstat()
     lib.tgb_write_each(ffi.cast("void *", region.address), region.size, region.pmd_size)
     t0 = now()

@@ -18,7 +18,7 @@ import os
 import thpguard
 from thpguard import _native
 
-from ._harness import pmd_size, GiB, Result, Settings, fmt_bytes, interleave, median, now, ratio
+from ._harness import pmd_size, GiB, Result, Settings, fmt_bytes, interleave, median, now, ratio, warm_memory
 
 NAME = "fork"
 TITLE = "fork latency: os.fork() + child exit with a populated region, per fork policy"
@@ -58,6 +58,9 @@ def _round(variant: str, size: int, forks: int) -> list:
         mapping = _PlainMapping(size, huge=False)
     else:
         mapping = thpguard.alloc(size, fork=variant)
+    if variant == "copy":
+        # The child copies into fresh pages: let it find warm ones.
+        warm_memory(size)
     try:
         return [_one_fork() for _ in range(forks)]
     finally:

@@ -78,13 +78,15 @@ def _child(region, variant: str, idle_s: float) -> dict:
 
 def _chunking() -> str:
     if _guard.available():
-        from thpguard import guard as _g
-
-        return (
-            f"the guard: {fmt_bytes(_g.Guard().chunk)} per call, "
-            f"at most {fmt_bytes(_g.DEFAULT_MAX_REPAIR_BYTES)} per {_g.DEFAULT_INTERVAL * 1e3:.0f} ms tick"
-        )
-    return f"Region.collapse(): {fmt_bytes(_region.DEFAULT_COLLAPSE_CHUNK)} per call"
+        guard = _guard.start()
+        try:
+            return (
+                f"the guard: {fmt_bytes(guard.chunk)} per MADV_COLLAPSE, at most "
+                f"{fmt_bytes(guard.max_repair_bytes)} per {guard.interval * 1e3:.0f} ms tick"
+            )
+        finally:
+            _guard.stop(guard)
+    return f"Region.collapse(): {fmt_bytes(_region.DEFAULT_COLLAPSE_CHUNK)} per MADV_COLLAPSE"
 
 
 def run(settings: Settings) -> Result:
