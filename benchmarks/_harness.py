@@ -16,6 +16,7 @@ import os
 import pickle
 import platform
 import statistics
+import struct
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -130,6 +131,94 @@ def pmd_size() -> int:
     if not size:
         raise Skipped("the kernel reports no PMD huge-page size (no THP)")
     return size
+
+
+def _send(fd: int, obj) -> None:
+    data = pickle.dumps(obj)
+    os.write(fd, struct.pack("<Q", len(data)))
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _recv(fd: int):
+    def exactly(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = os.read(fd, n)
+            if not chunk:
+                raise EOFError("benchmark worker closed its pipe")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    (length,) = struct.unpack("<Q", exactly(8))
+    return pickle.loads(exactly(length))
+
+
+class Worker:
+    """A forked child that keeps its state and measures on request.
+
+    ``setup(*args)`` runs once in the child and returns its state (a
+    dict; its ``"info"`` entry, if any, comes back as :attr:`info`);
+    each :meth:`measure` call runs ``measure(state)`` there and returns
+    the result. Several workers let destructive setups (a split, a
+    repair) be measured interleaved at a fine grain: A B C A B C ...
+    """
+
+    def __init__(self, setup: Callable[..., dict], measure: Callable[[dict], Any], *args) -> None:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(cmd_w)
+            os.close(res_r)
+            status = 0
+            try:
+                state = setup(*args)
+                _send(res_w, ("ok", state.get("info")))
+                while _recv(cmd_r) == "measure":
+                    _send(res_w, ("ok", measure(state)))
+            except EOFError:
+                pass
+            except BaseException:
+                status = 1
+                try:
+                    _send(res_w, ("error", traceback.format_exc()))
+                except OSError:
+                    pass
+            os._exit(status)
+        os.close(cmd_r)
+        os.close(res_w)
+        self.pid, self._cmd, self._res = pid, cmd_w, res_r
+        self.info = self._reply()
+
+    def _reply(self):
+        try:
+            kind, value = _recv(self._res)
+        except EOFError:
+            self.close()
+            raise RuntimeError("benchmark worker died") from None
+        if kind == "error":
+            self.close()
+            raise RuntimeError(f"benchmark worker failed:\n{value}")
+        return value
+
+    def measure(self):
+        _send(self._cmd, "measure")
+        return self._reply()
+
+    def close(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            _send(self._cmd, "stop")
+        except OSError:
+            pass
+        os.close(self._cmd)
+        os.close(self._res)
+        os.waitpid(self.pid, 0)
+        self.pid = None
 
 
 def warm_memory(size: int) -> float:

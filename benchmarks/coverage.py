@@ -9,7 +9,7 @@ coverage over time:
     it restarts in the child, which samples until coverage is 100 %.
 ``unguarded``
     no guard, kernel defaults: the child watches what khugepaged does for a
-    bounded time (60 s; 10 s with --quick). Expected: nothing, since every
+    bounded time (60 s; 5 s with --quick). Expected: nothing, since every
     split block still shares 511 pages with the live parent, more than
     khugepaged's ``max_ptes_shared``.
 """
@@ -81,7 +81,7 @@ def run(settings: Settings) -> Result:
     _guard.require()
     blocks = 256
     pmd = pmd_size()
-    watch_unguarded = settings.pick(10.0, 60.0)
+    watch_unguarded = settings.pick(5.0, 60.0)
     guarded_reps = settings.pick(3, 7)
     res = Result(
         NAME,

@@ -75,7 +75,7 @@ def _mem_available() -> int:
 def run(settings: Settings) -> Result:
     _guard.require()
     sizes = settings.pick((1 * GiB, 2 * GiB), (1 * GiB, 8 * GiB, 16 * GiB))
-    window = settings.pick(0.5, 3.0)
+    window = settings.pick(0.3, 3.0)
     res = Result(
         NAME,
         TITLE,

@@ -1,29 +1,28 @@
 """3. What a split costs the application: pointer chasing over huge vs split pages.
 
 The parent builds one random cycle through every 4 KiB page of a region
-(one 8-byte slot per page at a random cache line) and forks a worker per
-measurement. The worker follows the chain (dependent loads, in C) and
-reports hops per second:
+(one 8-byte slot per page at a random cache line) and forks three
+workers, which keep their state while the parent asks each in turn to
+follow the chain for a fixed number of dependent loads (in C): pristine,
+split, repaired, pristine, ... so load on the machine hits all three alike.
 
 ``pristine``
     the worker reads the region as forked: still PMD-mapped, shared.
 ``split``
-    the worker first writes one byte per 2 MiB block, keeping its value:
+    the worker first wrote one byte per 2 MiB block, keeping its value:
     every block is split into 4 KiB pages in the worker.
 ``repaired``
-    the same split, then thpguard repairs it (the background guard when
-    this thpguard has one, else ``Region.collapse()``) before timing.
-
-Variants interleave (pristine, split, repaired, pristine, ...).
+    the same split, then thpguard repaired it (the background guard, still
+    running while timed, where this thpguard has one; else
+    ``Region.collapse()``).
 """
 
 from __future__ import annotations
 
-
 import thpguard
 
 from . import _cbench, _guard
-from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, ratio
+from ._harness import GiB, Result, Settings, Worker, fmt_bytes, median, now, ratio, warm_memory
 
 NAME = "tlb"
 TITLE = "what a split costs the application: dependent random reads (pointer chasing)"
@@ -31,45 +30,54 @@ TITLE = "what a split costs the application: dependent random reads (pointer cha
 VARIANTS = ("pristine", "split", "repaired")
 
 
-def _worker(region, first: int, hops: int, variant: str) -> dict:
+def _setup(region, first: int, hops: int, variant: str) -> dict:
     ffi, lib = _cbench.load()
-    base = ffi.cast("uint64_t *", region.address)
-    out = {"variant": variant}
-    guard = None
+    info = {"variant": variant}
+    state = {"region": region, "first": first, "hops": hops, "info": info, "guard": None}
+    if variant == "repaired":
+        warm_memory(region.size)  # the repair allocates: let it reuse warm pages
     if variant != "pristine":
         lib.tgb_write_each(ffi.cast("void *", region.address), region.size, region.pmd_size)
-        out["coverage_split"] = region.coverage().ratio
+        info["coverage_split"] = region.coverage().ratio
     if variant == "repaired":
         started = now()
         if _guard.available():
-            guard = _guard.start()
-            out["repair"] = "guard"
-            out["repaired"] = _guard.wait_complete(region, timeout=60.0)
+            state["guard"] = _guard.start()
+            info["repair"] = "guard"
+            info["repaired"] = _guard.wait_complete(region, timeout=120.0)
         else:
-            out["repair"] = "Region.collapse()"
-            out["repaired"] = region.collapse().coverage.complete
-        out["repair_s"] = now() - started
-    lib.tgb_chase(base, first, max(hops // 4, 1000))  # warm caches and TLB
+            info["repair"] = "Region.collapse()"
+            info["repaired"] = region.collapse().coverage.complete
+        info["repair_s"] = now() - started
+    lib.tgb_chase(ffi.cast("uint64_t *", region.address), first, hops)  # warm caches and TLB
+    return state
+
+
+def _measure(state: dict) -> dict:
+    ffi, lib = _cbench.load()
+    region = state["region"]
     t0 = now()
-    end = lib.tgb_chase(base, first, hops)
+    end = lib.tgb_chase(ffi.cast("uint64_t *", region.address), state["first"], state["hops"])
     elapsed = now() - t0
-    out["coverage"] = region.coverage().ratio
-    if guard is not None:
-        _guard.stop(guard)
-    out.update(hops=hops, seconds=elapsed, hops_per_s=hops / elapsed, end=int(end))
-    return out
+    return {
+        "seconds": elapsed,
+        "hops_per_s": state["hops"] / elapsed,
+        "coverage": region.coverage().ratio,
+        "end": int(end),
+    }
 
 
 def run(settings: Settings) -> Result:
     sizes = settings.pick((1 * GiB, 2 * GiB), (1 * GiB, 4 * GiB))
-    hops = settings.pick(500_000, 4_000_000)
+    hops = settings.pick(200_000, 500_000)
+    rounds = settings.pick(7, 25)
     res = Result(
         NAME,
         TITLE,
         params={
             "sizes": [fmt_bytes(s) for s in sizes],
-            "hops": hops,
-            "reps": settings.reps,
+            "hops_per_round": hops,
+            "rounds": rounds,
             "repair": "guard" if _guard.available() else "Region.collapse() (no guard in this thpguard)",
         },
     )
@@ -79,34 +87,30 @@ def run(settings: Settings) -> Result:
             first = lib.tgb_build_chain(ffi.cast("uint64_t *", region.address), size, 4096, 0x7468706775617264)
             if first < 0:
                 raise MemoryError("cannot build the pointer chain")
-            samples = interleave(
-                {v: (lambda v=v: in_child(_worker, region, first, hops, v)) for v in VARIANTS},
-                settings.reps,
-                settings.warmup,
-            )
-        res.samples[fmt_bytes(size)] = samples
+            workers = {}
+            try:
+                for v in VARIANTS:
+                    workers[v] = Worker(_setup, _measure, region, first, hops, v)
+                samples = {v: [] for v in VARIANTS}
+                for round_no in range(settings.warmup + rounds):
+                    for v in VARIANTS:
+                        sample = workers[v].measure()
+                        if round_no >= settings.warmup:
+                            samples[v].append(sample)
+                infos = {v: w.info for v, w in workers.items()}
+            finally:
+                for w in workers.values():
+                    w.close()
+        res.samples[fmt_bytes(size)] = {"rounds": samples, "workers": infos}
         rate = {v: median([s["hops_per_s"] for s in samples[v]]) for v in VARIANTS}
-        res.add(
-            f"{fmt_bytes(size)} split",
-            ratio(rate["split"], rate["pristine"]),
-            "throughput split/pristine",
-            f"{rate['split'] / 1e6:.2f} M hops/s",
-            f"{rate['pristine'] / 1e6:.2f} M hops/s",
-        )
-        res.add(
-            f"{fmt_bytes(size)} repaired",
-            ratio(rate["repaired"], rate["pristine"]),
-            "throughput repaired/pristine",
-            f"{rate['repaired'] / 1e6:.2f} M hops/s",
-            f"{rate['pristine'] / 1e6:.2f} M hops/s",
-        )
-        res.add(
-            f"{fmt_bytes(size)} repaired vs split",
-            ratio(rate["repaired"], rate["split"]),
-            "throughput repaired/split",
-            f"{rate['repaired'] / 1e6:.2f} M hops/s",
-            f"{rate['split'] / 1e6:.2f} M hops/s",
-        )
+        for v, base in (("split", "pristine"), ("repaired", "pristine"), ("repaired", "split")):
+            res.add(
+                f"{fmt_bytes(size)} {v}" + ("" if base == "pristine" else f" vs {base}"),
+                ratio(rate[v], rate[base]),
+                f"throughput {v}/{base}",
+                f"{rate[v] / 1e6:.2f} M hops/s",
+                f"{rate[base] / 1e6:.2f} M hops/s",
+            )
         res.series.setdefault("ratios", []).append(
             {
                 "size": fmt_bytes(size),
@@ -114,9 +118,9 @@ def run(settings: Settings) -> Result:
                 "repaired": ratio(rate["repaired"], rate["pristine"]),
             }
         )
-        repair_s = median([s["repair_s"] for s in samples["repaired"]])
+        rep = infos["repaired"]
         res.notes.append(
-            f"{fmt_bytes(size)}: repair took {repair_s:.2f} s (median); "
+            f"{fmt_bytes(size)}: repair by {rep['repair']} took {rep['repair_s']:.2f} s; "
             f"coverage while timed: pristine {min(s['coverage'] for s in samples['pristine']):.0%}, "
             f"split {max(s['coverage'] for s in samples['split']):.0%}, "
             f"repaired {min(s['coverage'] for s in samples['repaired']):.0%}"
