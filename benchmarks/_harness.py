@@ -73,16 +73,23 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def interleave(variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> Dict[str, List[Any]]:
+def interleave(
+    variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1, rotate: bool = True
+) -> Dict[str, List[Any]]:
     """Run each variant ``warmup + reps`` times, A B C A B C ...
 
     Returns the samples of the timed rounds per variant (warm-up rounds are
     discarded). A variant returns its own sample (a duration, a rate or a
-    dict), so it can time exactly the part that matters.
+    dict), so it can time exactly the part that matters. With ``rotate``
+    each round starts one variant later (A B C, B C A, C A B, ...), so no
+    variant always runs first after the previous round's teardown.
     """
     samples: Dict[str, List[Any]] = {name: [] for name in variants}
+    names = list(variants)
     for round_no in range(warmup + reps):
-        for name, run in variants.items():
+        shift = round_no % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            run = variants[name]
             value = run()
             if round_no >= warmup:
                 samples[name].append(value)

@@ -30,9 +30,18 @@ def test_interleave_runs_variants_alternately_and_drops_warmup():
 
         return run
 
-    samples = _harness.interleave({"a": make("a"), "b": make("b")}, reps=3, warmup=1)
+    samples = _harness.interleave({"a": make("a"), "b": make("b")}, reps=3, warmup=1, rotate=False)
     assert order == ["a", "b"] * 4
     assert samples == {"a": [2, 3, 4], "b": [2, 3, 4]}
+
+
+def test_interleave_rotates_the_first_variant_by_default():
+    """Each round starts one variant later, so none always runs first."""
+    order = []
+    variants = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    samples = _harness.interleave(variants, reps=2, warmup=1)
+    assert order == list("abc") + list("bca") + list("cab")
+    assert all(len(v) == 2 for v in samples.values())
 
 
 def test_statistics_helpers():
