@@ -28,6 +28,9 @@ def _parse(argv):
     parser.add_argument("--only", metavar="NAME[,NAME]", help=f"run only these: {', '.join(names)}")
     parser.add_argument("--json", metavar="PATH", help="write every raw sample, the host and the versions here")
     parser.add_argument("--plot", metavar="PATH", help="write the PNG plot here (needs matplotlib)")
+    parser.add_argument(
+        "--max-gib", type=float, metavar="N", help="leave out region sizes above N GiB (shared hosts)"
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     selected = list(BENCHMARKS)
@@ -47,6 +50,11 @@ def main(argv=None) -> int:
             print(f"{bench.NAME:10} {bench.TITLE}")
         return 0
     settings = Settings.make(args.quick)
+    if args.max_gib is not None:
+        if args.max_gib <= 0:
+            print("--max-gib must be > 0", file=sys.stderr)
+            return 2
+        settings.max_bytes = int(args.max_gib * (1 << 30))
     started = now()
     host = host_info()
     when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)

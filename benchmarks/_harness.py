@@ -49,8 +49,25 @@ class Settings:
     def make(cls, quick: bool) -> "Settings":
         return cls(quick=True, reps=3, warmup=1) if quick else cls(quick=False, reps=7, warmup=1)
 
+    #: Largest region a benchmark may map (``--max-gib``); None: no cap.
+    max_bytes: Optional[int] = None
+
     def pick(self, quick_value, full_value):
         return quick_value if self.quick else full_value
+
+    def sizes(self, result: "Result", sizes, headroom: int = 2 << 30):
+        """The sizes that fit the cap and the available memory (plus
+        ``headroom`` bytes for copies and for everybody else); the others
+        are left out with a note in ``result``."""
+        kept = []
+        for size in sizes:
+            if self.max_bytes is not None and size > self.max_bytes:
+                result.notes.append(f"{fmt_bytes(size)} left out: above --max-gib")
+            elif mem_available() < size + headroom:
+                result.notes.append(f"{fmt_bytes(size)} left out: not enough available memory")
+            else:
+                kept.append(size)
+        return kept
 
 
 # -- statistics -------------------------------------------------------------
@@ -246,6 +263,14 @@ def warm_memory(size: int) -> float:
     finally:
         _native.unmap(addr, size)
     return now() - started
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 when unreadable)."""
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def fmt_bytes(n: float) -> str:

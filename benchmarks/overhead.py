@@ -31,6 +31,12 @@ TITLE = "guard overhead: CPU per tick and per second at the default interval"
 
 VARIANTS = ("idle", "pagemap", "pagemap+splits", "smaps", "smaps+splits")
 SPLITS = 64
+LABELS = {
+    "pagemap": "PAGEMAP_SCAN, no split",
+    "pagemap+splits": f"PAGEMAP_SCAN, {SPLITS} split (repaired in window)",
+    "smaps": "smaps fallback, no split",
+    "smaps+splits": f"smaps fallback, {SPLITS} split (repaired in window)",
+}
 
 
 def _cpu() -> float:
@@ -64,14 +70,6 @@ def _child(region, variant: str, window_s: float) -> dict:
     return out
 
 
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run(settings: Settings) -> Result:
     _guard.require()
     sizes = settings.pick((1 * GiB, 2 * GiB), (1 * GiB, 8 * GiB, 16 * GiB))
@@ -81,11 +79,7 @@ def run(settings: Settings) -> Result:
         TITLE,
         params={"sizes": [fmt_bytes(s) for s in sizes], "window_s": window, "splits": SPLITS, "reps": settings.reps},
     )
-    for size in sizes:
-        # Room for the region, the repaired copies and everybody else.
-        if _mem_available() < size + 4 * GiB:
-            res.notes.append(f"{fmt_bytes(size)} skipped: not enough available memory")
-            continue
+    for size in settings.sizes(res, sizes, headroom=4 * GiB):
         with thpguard.alloc(size) as region:
             samples = interleave(
                 {v: (lambda v=v: in_child(_child, region, v, window)) for v in VARIANTS},
@@ -101,7 +95,7 @@ def run(settings: Settings) -> Result:
             per_tick = per_s * window / ticks
             own_tick = median([s["tick_cpu_s"] / s["ticks"] for s in runs if s["ticks"]])
             res.add(
-                f"{fmt_bytes(size)} {v}",
+                f"{fmt_bytes(size)} {LABELS[v]}",
                 per_s,
                 "CPU s per s (one core = 1)",
                 f"{per_tick * 1e3:.3f} ms/tick",

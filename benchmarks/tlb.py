@@ -82,7 +82,7 @@ def run(settings: Settings) -> Result:
         },
     )
     ffi, lib = _cbench.load()
-    for size in sizes:
+    for size in settings.sizes(res, sizes, headroom=max(sizes) + 2 * GiB):
         with thpguard.alloc(size) as region:
             first = lib.tgb_build_chain(ffi.cast("uint64_t *", region.address), size, 4096, 0x7468706775617264)
             if first < 0:
