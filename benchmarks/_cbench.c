@@ -96,14 +96,16 @@ uint64_t tgb_read_each(const void *addr, size_t len, size_t stride)
 }
 
 /* Until *stop: map `bytes`, touch each page, unmap; store each round's
- * latency in ns. Every round takes mmap_lock (mmap, fault, munmap), so
- * it stalls whenever another thread holds it for write. Returns the
- * number of rounds stored (at most cap). */
-size_t tgb_fault_loop(volatile int *stop, uint64_t *lat_ns, size_t cap, size_t bytes)
+ * start (tgb_now_ns clock) and latency in ns. Every round takes mmap_lock
+ * (mmap, fault, munmap), so it stalls whenever another thread holds it
+ * for write. Returns the number of rounds stored (at most cap). */
+size_t tgb_fault_loop(volatile int *stop, uint64_t *start_ns, uint64_t *lat_ns,
+                      size_t cap, size_t bytes)
 {
     size_t n = 0;
     while (!*stop && n < cap) {
         uint64_t t0 = tgb_now_ns();
+        start_ns[n] = t0;
         unsigned char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED)

@@ -25,7 +25,8 @@ void tgb_copy(void *dst, const void *src, size_t n);
 void tgb_fill(void *dst, int value, size_t n);
 void tgb_write_each(void *addr, size_t len, size_t stride);
 uint64_t tgb_read_each(const void *addr, size_t len, size_t stride);
-size_t tgb_fault_loop(volatile int *stop, uint64_t *lat_ns, size_t cap, size_t bytes);
+size_t tgb_fault_loop(volatile int *stop, uint64_t *start_ns, uint64_t *lat_ns,
+                      size_t cap, size_t bytes);
 """
 
 _module = None

@@ -24,7 +24,7 @@ import thpguard
 from thpguard import pagemap
 
 from . import _cbench, _guard
-from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now
+from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, warm_memory
 
 NAME = "overhead"
 TITLE = "guard overhead: CPU per tick and per second at the default interval"
@@ -49,6 +49,7 @@ def _child(region, variant: str, window_s: float) -> dict:
     if variant.startswith("smaps"):
         pagemap._self_pagemap.scan_supported = False
     if variant.endswith("+splits"):
+        warm_memory(SPLITS * region.pmd_size)  # the repairs allocate: warm pages
         stride = region.size // SPLITS
         for i in range(SPLITS):
             lib.tgb_write_each(ffi.cast("void *", region.address + i * stride), 1, 1)
