@@ -35,7 +35,7 @@ def plot(document: dict, path: str) -> None:
 
     cov = _result(document, "coverage")
     if cov:
-        for label, style in (("unguarded", "-"), ("guarded", "-")):
+        for label, style, width in (("unguarded", "--", 2.5), ("guarded", "-", 1.8)):
             series = cov["series"].get(label)
             if not series:
                 continue
@@ -46,7 +46,7 @@ def plot(document: dict, path: str) -> None:
                 t.append(cov["series"]["unguarded"][-1][0])
                 y.append(y[-1])
             name = "thpguard guard" if label == "guarded" else "kernel defaults (khugepaged)"
-            left.step(t, y, style, where="post", label=name)
+            left.step(t, y, style, where="post", label=name, linewidth=width)
         left.set_xscale("log")
         left.set_xlabel("seconds after the child split 256 blocks")
         left.set_ylabel("PMD-mapped share of the region (%)")
@@ -64,8 +64,12 @@ def plot(document: dict, path: str) -> None:
         repaired = [p["repaired"] for p in points]
         x = range(len(labels))
         width = 0.38
-        right.bar([i - width / 2 for i in x], split, width, label="split (one write per block)")
-        right.bar([i + width / 2 for i in x], repaired, width, label="split, then repaired by thpguard")
+        for offset, values, name in (
+            (-width / 2, split, "split (one write per block)"),
+            (width / 2, repaired, "split, then repaired by thpguard"),
+        ):
+            bars = right.bar([i + offset for i in x], values, width, label=name)
+            right.bar_label(bars, fmt="%.2f", fontsize=8)
         right.axhline(1.0, color="gray", linewidth=0.8)
         right.set_xticks(list(x))
         right.set_xticklabels(labels)

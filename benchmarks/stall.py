@@ -53,7 +53,8 @@ def _child(region, variant: str, idle_s: float) -> dict:
     t0, t0_ns = now(), lib.tgb_now_ns()
     if variant == "chunked" and _guard.available():
         guard = _guard.start()
-        _guard.wait_complete(region, timeout=60.0)
+        # Poll once per guard interval: a scan takes mmap_lock for read too.
+        _guard.wait_complete(region, timeout=60.0, poll=guard.interval)
         _guard.stop(guard)
     elif variant == "chunked":
         region.collapse()
