@@ -90,6 +90,16 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def paired(values: Sequence[float], baselines: Sequence[float]) -> float:
+    """Median over rounds of ``values[i] / baselines[i]``.
+
+    Samples of the same interleaved round ran back to back, under the same
+    load; their ratio is steadier than the ratio of two medians when the
+    load on the machine changes during the run.
+    """
+    return median([ratio(v, b) for v, b in zip(values, baselines)])
+
+
 def interleave(
     variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1, rotate: bool = True
 ) -> Dict[str, List[Any]]:

@@ -18,7 +18,7 @@ import thpguard
 from thpguard import _native, pagemap
 
 from . import _cbench
-from ._harness import pmd_size, GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, ratio, warm_memory
+from ._harness import pmd_size, GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired, ratio, warm_memory
 
 NAME = "alloc"
 TITLE = "allocation: alloc(populate=True) vs numpy.zeros + fill and mmap + memset (warm)"
@@ -104,7 +104,9 @@ def run(settings: Settings) -> Result:
         for v in VARIANTS[1:]:
             res.add(
                 f"{fmt_bytes(size)} thpguard vs {v}",
-                ratio(secs["thpguard.alloc"], secs[v]),
+                paired(
+                    [s["seconds"] for s in samples["thpguard.alloc"]], [s["seconds"] for s in samples[v]]
+                ),
                 "time thpguard/other",
                 f"{gb / secs['thpguard.alloc']:.2f} GB/s, {cov['thpguard.alloc']:.1%} huge",
                 f"{gb / secs[v]:.2f} GB/s, {cov[v]:.1%} huge",

@@ -18,7 +18,7 @@ import os
 import thpguard
 from thpguard import _native
 
-from ._harness import pmd_size, GiB, Result, Skipped, Settings, fmt_bytes, interleave, median, now, ratio, warm_memory
+from ._harness import pmd_size, GiB, Result, Skipped, Settings, fmt_bytes, interleave, median, now, paired, warm_memory
 
 NAME = "fork"
 TITLE = "fork latency: os.fork() + child exit with a populated region, per fork policy"
@@ -81,12 +81,13 @@ def run(settings: Settings) -> Result:
     flat = {v: [f for rnd in samples[v] for f in rnd] for v in VARIANTS}
     total = {v: median([f["total_s"] for f in flat[v]]) for v in VARIANTS}
     fork_ret = {v: median([f["fork_s"] for f in flat[v]]) for v in VARIANTS}
+    per_round = {v: [median([f["total_s"] for f in rnd]) for rnd in samples[v]] for v in VARIANTS}
     for v in VARIANTS:
         if v == BASELINE:
             continue
         res.add(
             v,
-            ratio(total[v], total[BASELINE]),
+            paired(per_round[v], per_round[BASELINE]),
             f"time vs {BASELINE}",
             f"{total[v] * 1e3:.2f} ms (fork() returns: {fork_ret[v] * 1e3:.2f} ms)",
             f"{total[BASELINE] * 1e3:.2f} ms",

@@ -88,10 +88,11 @@ def run(settings: Settings) -> Result:
                 settings.warmup,
             )
         res.samples[fmt_bytes(size)] = samples
-        idle = median([s["cpu_s"] / s["wall_s"] for s in samples["idle"]])
+        idle = [s["cpu_s"] / s["wall_s"] for s in samples["idle"]]
         for v in VARIANTS[1:]:
             runs = samples[v]
-            per_s = median([s["cpu_s"] / s["wall_s"] for s in runs]) - idle
+            # Extra CPU over the idle child of the same round, per second.
+            per_s = median([s["cpu_s"] / s["wall_s"] - i for s, i in zip(runs, idle)])
             ticks = median([s["ticks"] for s in runs]) or float("nan")
             per_tick = per_s * window / ticks
             own_tick = median([s["tick_cpu_s"] / s["ticks"] for s in runs if s["ticks"]])

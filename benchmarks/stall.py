@@ -25,7 +25,7 @@ import thpguard
 from thpguard import _native, region as _region
 
 from . import _cbench, _guard
-from ._harness import pmd_size, GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, percentile, ratio
+from ._harness import pmd_size, GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, paired, percentile
 
 NAME = "stall"
 TITLE = "stall of another thread (mmap + fault loop) while split blocks are repaired"
@@ -114,18 +114,29 @@ def run(settings: Settings) -> Result:
             settings.warmup,
         )
     res.samples["runs"] = samples
-    worst = {v: median([s["max_us"] for s in samples[v]]) for v in VARIANTS}
-    p99 = {v: median([s["p99_us"] for s in samples[v]]) for v in VARIANTS}
-    repair = {v: median([s["repair_s"] for s in samples[v]]) for v in VARIANTS}
-    for v in ("chunked", "one call"):
-        res.add(f"{v}: worst", ratio(worst[v], worst["idle"]), "latency vs idle", f"{worst[v] / 1e3:.2f} ms", f"{worst['idle'] / 1e3:.2f} ms")
-        res.add(f"{v}: p99", ratio(p99[v], p99["idle"]), "latency vs idle", f"{p99[v] / 1e3:.3f} ms", f"{p99['idle'] / 1e3:.3f} ms")
-    rate = {v: median([s["rounds_per_s"] for s in samples[v]]) for v in VARIANTS}
-    for v in ("chunked", "one call"):
-        res.add(f"{v}: loop rounds/s", ratio(rate[v], rate["idle"]), "throughput vs idle", f"{rate[v]:.0f}/s", f"{rate['idle']:.0f}/s")
-    res.add("one call vs chunked: worst", ratio(worst["one call"], worst["chunked"]), "latency one call/chunked", f"{worst['one call'] / 1e3:.2f} ms", f"{worst['chunked'] / 1e3:.2f} ms")
-    res.add("one call vs chunked: p99", ratio(p99["one call"], p99["chunked"]), "latency one call/chunked", f"{p99['one call'] / 1e3:.3f} ms", f"{p99['chunked'] / 1e3:.3f} ms")
-    res.add("one call vs chunked: repair time", ratio(repair["one call"], repair["chunked"]), "time one call/chunked", f"{repair['one call'] * 1e3:.0f} ms", f"{repair['chunked'] * 1e3:.0f} ms")
+    def rows(key: str, scale: float, unit: str, digits: int, label: str, what: str) -> None:
+        per_round = {v: [r[key] * scale for r in samples[v]] for v in VARIANTS}
+        mid = {v: median(per_round[v]) for v in VARIANTS}
+        for v, base in (("chunked", "idle"), ("one call", "idle"), ("one call", "chunked")):
+            res.add(
+                f"{v}{'' if base == 'idle' else ' vs ' + base}: {label}",
+                paired(per_round[v], per_round[base]),
+                f"{what} {v}/{base}",
+                f"{mid[v]:.{digits}f} {unit}",
+                f"{mid[base]:.{digits}f} {unit}",
+            )
+
+    rows("max_us", 1e-3, "ms", 2, "worst", "latency")
+    rows("p99_us", 1e-3, "ms", 3, "p99", "latency")
+    rows("rounds_per_s", 1.0, "/s", 0, "loop rounds/s", "throughput")
+    per_round = {v: [r["repair_s"] for r in samples[v]] for v in ("chunked", "one call")}
+    res.add(
+        "one call vs chunked: repair time",
+        paired(per_round["one call"], per_round["chunked"]),
+        "time one call/chunked",
+        f"{median(per_round['one call']) * 1e3:.0f} ms",
+        f"{median(per_round['chunked']) * 1e3:.0f} ms",
+    )
     res.notes.append(
         "only loop rounds that started during the repair (or the idle wait) count; worst and p99 "
         "are medians over the repetitions of each run's worst and 99th percentile"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import thpguard
 
 from . import _cbench, _guard
-from ._harness import GiB, Result, Settings, Worker, fmt_bytes, median, now, ratio, warm_memory
+from ._harness import GiB, Result, Settings, Worker, fmt_bytes, median, now, paired, warm_memory
 
 NAME = "tlb"
 TITLE = "what a split costs the application: dependent random reads (pointer chasing)"
@@ -102,11 +102,12 @@ def run(settings: Settings) -> Result:
                 for w in workers.values():
                     w.close()
         res.samples[fmt_bytes(size)] = {"rounds": samples, "workers": infos}
-        rate = {v: median([s["hops_per_s"] for s in samples[v]]) for v in VARIANTS}
+        per_round = {v: [s["hops_per_s"] for s in samples[v]] for v in VARIANTS}
+        rate = {v: median(per_round[v]) for v in VARIANTS}
         for v, base in (("split", "pristine"), ("repaired", "pristine"), ("repaired", "split")):
             res.add(
                 f"{fmt_bytes(size)} {v}" + ("" if base == "pristine" else f" vs {base}"),
-                ratio(rate[v], rate[base]),
+                paired(per_round[v], per_round[base]),
                 f"throughput {v}/{base}",
                 f"{rate[v] / 1e6:.2f} M hops/s",
                 f"{rate[base] / 1e6:.2f} M hops/s",
@@ -114,8 +115,8 @@ def run(settings: Settings) -> Result:
         res.series.setdefault("ratios", []).append(
             {
                 "size": fmt_bytes(size),
-                "split": ratio(rate["split"], rate["pristine"]),
-                "repaired": ratio(rate["repaired"], rate["pristine"]),
+                "split": paired(per_round["split"], per_round["pristine"]),
+                "repaired": paired(per_round["repaired"], per_round["pristine"]),
             }
         )
         rep = infos["repaired"]

@@ -53,6 +53,8 @@ def test_statistics_helpers():
     assert _harness.percentile([5.0], 99) == 5.0
     assert _harness.percentile([], 50) != _harness.percentile([], 50)  # nan
     assert _harness.ratio(3.0, 2.0) == 1.5
+    # Per-round ratios: a load swing that hits both sides of a round cancels.
+    assert _harness.paired([2.0, 20.0, 4.0], [1.0, 10.0, 4.0]) == 2.0
     assert _harness.ratio(1.0, 0.0) != _harness.ratio(1.0, 0.0)  # nan
 
 
