@@ -83,6 +83,9 @@ def run(settings: Settings) -> Result:
     )
     ffi, lib = _cbench.load()
     for size in settings.sizes(res, sizes, headroom=max(sizes) + 2 * GiB):
+        # Like the repaired worker's pages, the parent's come from memory
+        # touched just before: both are backed alike by the host.
+        warm_memory(size)
         with thpguard.alloc(size) as region:
             first = lib.tgb_build_chain(ffi.cast("uint64_t *", region.address), size, 4096, 0x7468706775617264)
             if first < 0:
