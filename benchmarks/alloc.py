@@ -18,7 +18,7 @@ import thpguard
 from thpguard import _native, pagemap
 
 from . import _cbench
-from ._harness import pmd_size, GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired, ratio, warm_memory
+from ._harness import pmd_size, GiB, MiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired, ratio, warm_memory
 
 NAME = "alloc"
 TITLE = "allocation: alloc(populate=True) vs numpy.zeros + fill and mmap + memset (warm)"
@@ -72,7 +72,7 @@ def _mmap(size: int) -> dict:
 def run(settings: Settings) -> Result:
     if importlib.util.find_spec("numpy") is None:
         raise Skipped("needs numpy (pip install '.[bench]')")
-    sizes = settings.pick((1 * GiB,), (1 * GiB, 4 * GiB))
+    sizes = settings.pick((512 * MiB,), (1 * GiB, 4 * GiB))
     res = Result(NAME, TITLE, params={"sizes": [fmt_bytes(s) for s in sizes], "reps": settings.reps})
     for size in settings.sizes(res, sizes):
         # Free pages go back to the host about 2 s after they are freed

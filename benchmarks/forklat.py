@@ -18,7 +18,7 @@ import os
 import thpguard
 from thpguard import _native
 
-from ._harness import pmd_size, GiB, Result, Skipped, Settings, fmt_bytes, interleave, median, now, paired, warm_memory
+from ._harness import pmd_size, GiB, MiB, Result, Skipped, Settings, fmt_bytes, interleave, median, now, paired, warm_memory
 
 NAME = "fork"
 TITLE = "fork latency: os.fork() + child exit with a populated region, per fork policy"
@@ -68,7 +68,7 @@ def _round(variant: str, size: int, forks: int) -> list:
 
 
 def run(settings: Settings) -> Result:
-    size = settings.pick(1 * GiB, 4 * GiB)
+    size = settings.pick(512 * MiB, 4 * GiB)
     res_sizes = settings.sizes(Result(NAME, TITLE), [size], headroom=size + 2 * GiB)
     if not res_sizes:
         raise Skipped(f"{fmt_bytes(size)} does not fit (--max-gib or available memory)")

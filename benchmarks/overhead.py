@@ -74,7 +74,7 @@ def _child(region, variant: str, window_s: float) -> dict:
 def run(settings: Settings) -> Result:
     _guard.require()
     sizes = settings.pick((1 * GiB, 2 * GiB), (1 * GiB, 8 * GiB, 16 * GiB))
-    window = settings.pick(0.3, 3.0)
+    window = settings.pick(0.25, 3.0)
     res = Result(
         NAME,
         TITLE,
