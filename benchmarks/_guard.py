@@ -28,14 +28,8 @@ def start(**kwargs):
 
 
 def stop(guard) -> None:
-    for name in ("stop", "uninstall", "close"):
-        fn = getattr(guard, name, None)
-        if callable(fn):
-            fn()
-            return
-    fn = getattr(thpguard, "uninstall", None)
-    if callable(fn):
-        fn()
+    """Stop the guard thread and uninstall it (``Guard.stop``)."""
+    guard.stop()
 
 
 def wait_complete(region, timeout: float, poll: float = 0.005) -> bool:

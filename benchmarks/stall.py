@@ -82,14 +82,13 @@ def _child(region, variant: str, idle_s: float) -> dict:
 
 def _chunking() -> str:
     if _guard.available():
-        guard = _guard.start()
-        try:
-            return (
-                f"the guard: {fmt_bytes(guard.chunk)} per MADV_COLLAPSE, at most "
-                f"{fmt_bytes(guard.max_repair_bytes)} per {guard.interval * 1e3:.0f} ms tick"
-            )
-        finally:
-            _guard.stop(guard)
+        from thpguard.guard import DEFAULT_INTERVAL, Guard
+
+        defaults = Guard()  # not started: only its default settings are read
+        return (
+            f"the guard: {fmt_bytes(defaults.chunk)} per MADV_COLLAPSE, at most "
+            f"{fmt_bytes(defaults.max_repair_bytes)} per {DEFAULT_INTERVAL * 1e3:.0f} ms tick"
+        )
     return f"Region.collapse(): {fmt_bytes(_region.DEFAULT_COLLAPSE_CHUNK)} per MADV_COLLAPSE"
 
 
