@@ -22,7 +22,7 @@ from __future__ import annotations
 import thpguard
 
 from . import _cbench, _guard
-from ._harness import GiB, MiB, Result, Settings, Worker, fmt_bytes, median, now, paired, warm_memory
+from ._harness import GiB, Result, Settings, Worker, fmt_bytes, median, now, paired, warm_memory
 
 NAME = "tlb"
 TITLE = "what a split costs the application: dependent random reads (pointer chasing)"
@@ -68,7 +68,7 @@ def _measure(state: dict) -> dict:
 
 
 def run(settings: Settings) -> Result:
-    sizes = settings.pick((512 * MiB, 1 * GiB), (1 * GiB, 4 * GiB))
+    sizes = settings.pick((2 * GiB,), (1 * GiB, 4 * GiB))
     hops = settings.pick(200_000, 500_000)
     rounds = settings.pick(7, 25)
     res = Result(
