@@ -82,6 +82,8 @@ def main(argv=None) -> int:
             failed = True
             result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
         result.seconds = now() - t0
+        if settings.quick:
+            result.title += " [quick: smaller sizes, fewer repetitions]"
         results.append(result)
         print(format_table(result) + "\n", flush=True)
     total = now() - started
