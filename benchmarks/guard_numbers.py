@@ -12,7 +12,9 @@
 4. fork() latency of a process with 1 GiB guarded, guard running against
    no guard, interleaved.
 
-Usage: python benchmarks/guard_numbers.py [--big-gib 8] [--json]
+Usage: python -m benchmarks.guard_numbers [--big-gib 8] [--json]
+(as a module: run as a script, its folder would go first on sys.path and
+the benchmark modules there could shadow installed packages)
 """
 
 from __future__ import annotations
