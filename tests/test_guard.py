@@ -605,3 +605,21 @@ def test_fork_policy_from_environment(monkeypatch, region_factory):
     monkeypatch.setenv("THPGUARD_FORK_POLICY", "wipe")
     assert region_factory(1).fork == "wipe"
     assert region_factory(1, fork="share").fork == "share"
+
+
+def test_smaps_fallback_keeps_guard_cpu_low(require_thp):
+    """Without PAGEMAP_SCAN (injected ENOTTY) the guard stretches its interval to stay near 5 % of a core."""
+
+    def child():
+        _native.fault_inject("scan", errno.ENOTTY, 1)  # as on Linux < 6.7
+        regions = [thpguard.alloc(4 << 20) for _ in range(8)]
+        assert regions[0].coverage().source == "smaps"
+        guard = thpguard.install(interval=0.001)
+        guard.wait_ticks(2, timeout=30)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(1.0)
+        share = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        guard.stop()
+        return share
+
+    assert run_in_child(child) < 0.25

@@ -74,6 +74,7 @@ DEFAULT_EAGAIN_TICKS = 20
 
 #: MADV_COLLAPSE passes over a region on hot() entry while only EAGAIN fails.
 _HOT_ENTRY_ATTEMPTS = 3
+_SMAPS_CPU_SHARE = 0.05
 _MIN_INTERVAL = 0.001
 _MAX_INTERVAL = 3600.0
 _JOIN_TIMEOUT = 5.0
@@ -687,11 +688,18 @@ class Guard:
             full = now >= next_full
             if full:
                 next_full = now + self.interval
+            cpu = time.thread_time()
             try:
                 hot = self._tick(full, stop)
             except Exception:  # the guard must outlive any one bad tick
                 log.exception("guard tick failed")
                 hot = False
+            if full and pagemap.scan_supported() is False:
+                # Each smaps read walks every VMA's page tables (Linux < 6.7
+                # has no PAGEMAP_SCAN): stretch the interval so full ticks
+                # take at most _SMAPS_CPU_SHARE of a core.
+                spent = time.thread_time() - cpu
+                next_full = max(next_full, now + spent / _SMAPS_CPU_SHARE)
             wait = next_full - time.monotonic()
             if hot:
                 wait = min(wait, self.hot_interval)

@@ -109,6 +109,11 @@ _self_pagemap = _PagemapFile()
 _fork.subscribe("pagemap", after_in_child=_self_pagemap.reset_lock, order=100)
 
 
+def scan_supported() -> Optional[bool]:
+    """Whether PAGEMAP_SCAN works here: None until the first coverage()."""
+    return _self_pagemap.scan_supported
+
+
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):
     """Expand non-huge runs that hold data to PMD blocks, clip and merge."""
     merged: List[List[int]] = []
