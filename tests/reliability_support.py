@@ -1,0 +1,153 @@
+"""Helpers shared by the reliability tests (test_reliability_*.py).
+
+Patterns are self-describing 8-byte words, so a reader can tell a word that
+was written (by whom, at which index, in which round) from one that was
+lost, moved or half-copied.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from thpguard import _native, pagemap
+
+#: Rounds scale for the stress marker (``pytest -m stress``).
+STRESS = os.environ.get("THPGUARD_STRESS_SCALE")
+
+_IDX_BITS = 24
+_SEQ_BITS = 24
+_TAG_SHIFT = _IDX_BITS + _SEQ_BITS
+
+
+def stripe_base(tag: int, words: int) -> np.ndarray:
+    """The seq-less part of the pattern of stripe ``tag``: tag and index."""
+    assert words < (1 << _IDX_BITS)
+    return np.arange(words, dtype=np.uint64) | np.uint64(tag << _TAG_SHIFT)
+
+
+def write_stripe(stripe: np.ndarray, base: np.ndarray, seq: int) -> None:
+    """Fill ``stripe`` with the words of round ``seq`` (no temporary copy)."""
+    np.bitwise_or(base, np.uint64((seq & ((1 << _SEQ_BITS) - 1)) << _IDX_BITS), out=stripe)
+
+
+def check_stripe(stripe: np.ndarray, base: np.ndarray, lo: int, hi: int) -> str:
+    """'' when every word is this stripe's, at its index, of a seq in [lo, hi].
+
+    Otherwise a sentence naming the first bad word.
+    """
+    seq = (stripe >> np.uint64(_IDX_BITS)) & np.uint64((1 << _SEQ_BITS) - 1)
+    bad_shape = (stripe & ~np.uint64(((1 << _SEQ_BITS) - 1) << _IDX_BITS)) != base
+    bad_seq = (seq < np.uint64(lo)) | (seq > np.uint64(hi))
+    bad = np.flatnonzero(bad_shape | bad_seq)
+    if bad.size == 0:
+        return ""
+    i = int(bad[0])
+    return (
+        f"{bad.size} bad words; first at word {i}: {int(stripe[i]):#018x}, "
+        f"expected {int(base[i]):#018x} with seq in [{lo}, {hi}]"
+    )
+
+
+def run_child(fn, *args, timeout: float = 30.0, send=None):
+    """Fork; in the child run ``fn(*args)`` (and ``fn(*args, received)`` when
+    ``send`` is given: the parent computes ``send()`` after the fork and
+    passes it down a pipe). Returns what ``fn`` returned.
+
+    A child that does not finish within ``timeout`` seconds is killed and
+    the test fails: a hang after fork is a bug (a lock held across fork).
+    """
+    result_r, result_w = os.pipe()
+    down_r, down_w = os.pipe() if send is not None else (None, None)
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            os.close(result_r)
+            if send is not None:
+                os.close(down_w)
+                with os.fdopen(down_r, "rb") as f:
+                    received = pickle.loads(f.read())
+                payload = pickle.dumps(("ok", fn(*args, received)))
+            else:
+                payload = pickle.dumps(("ok", fn(*args)))
+        except BaseException as exc:  # report everything to the parent
+            import traceback
+
+            payload = pickle.dumps(("error", f"{exc!r}\n{traceback.format_exc()}"))
+            status = 1
+        try:
+            with os.fdopen(result_w, "wb") as f:
+                f.write(payload)
+        finally:
+            os._exit(status)
+    os.close(result_w)
+    if send is not None:
+        os.close(down_r)
+        with os.fdopen(down_w, "wb") as f:
+            f.write(pickle.dumps(send()))
+    return finish_child(pid, result_r, timeout)
+
+
+def finish_child(pid: int, read_fd: int, timeout: float):
+    """Read the child's pickled result from ``read_fd`` and reap it."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    os.set_blocking(read_fd, False)
+    try:
+        while True:
+            try:
+                data = os.read(read_fd, 1 << 16)
+            except BlockingIOError:
+                data = None
+            if data:
+                chunks.append(data)
+                continue
+            if data == b"":
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"child {pid} hung for {timeout} s after fork")
+            time.sleep(0.002)
+    finally:
+        os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        pytest.fail(f"child {pid} died without a result (wait status {status:#x})")
+    kind, value = pickle.loads(b"".join(chunks))
+    if kind == "error":
+        pytest.fail(f"child {pid} failed: {value}")
+    return value
+
+
+@pytest.fixture
+def no_faults():
+    """Clear injected faults (and the scan fallback they may flip) afterwards."""
+    supported = pagemap._self_pagemap.scan_supported
+    _native.fault_clear()
+    yield
+    _native.fault_clear()
+    pagemap._self_pagemap.scan_supported = supported
+
+
+def own_mappings():
+    """Set of (start, end) of this process's mappings, from /proc/self/maps."""
+    spans = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = line.split()[0].split("-")
+            spans.add((int(lo, 16), int(hi, 16)))
+    return spans
+
+
+def scale(default: int, stress: int, request) -> int:
+    """``stress`` under the stress marker, else ``default``."""
+    if request.node.get_closest_marker("stress"):
+        return stress
+    return default
