@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from . import _native, kernel
+from . import _fork, _native, kernel
 from .errors import KernelCallError, kernel_error
 
 Pid = Union[int, str]
@@ -101,7 +101,14 @@ class _PagemapFile:
             return self._fd
 
 
+    def after_fork_in_child(self, late: bool = False) -> None:
+        # A thread of the parent may have held the lock at fork; it does
+        # not exist here to release it.
+        self._lock = threading.Lock()
+
+
 _self_pagemap = _PagemapFile()
+_fork.subscribe("pagemap", after_in_child=_self_pagemap.after_fork_in_child, order=20)
 
 
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):
