@@ -7,6 +7,9 @@ lost, moved or half-copied.
 
 from __future__ import annotations
 
+import atexit
+import collections
+import json
 import os
 import pickle
 import signal
@@ -17,8 +20,26 @@ import pytest
 
 from thpguard import _native, pagemap
 
-#: Rounds scale for the stress marker (``pytest -m stress``).
-STRESS = os.environ.get("THPGUARD_STRESS_SCALE")
+#: What the reliability tests did (rounds, faults injected, inputs tried),
+#: written as JSON at exit to the file named by THPGUARD_RELIABILITY_COUNTS.
+COUNTS: "collections.Counter[str]" = collections.Counter()
+_COUNTS_FILE = os.environ.get("THPGUARD_RELIABILITY_COUNTS")
+_MAIN_PID = os.getpid()
+
+
+def _write_counts() -> None:
+    if _COUNTS_FILE and os.getpid() == _MAIN_PID:
+        with open(_COUNTS_FILE, "w") as f:
+            json.dump(dict(COUNTS), f, sort_keys=True, indent=1)
+
+
+atexit.register(_write_counts)
+
+
+def inject(op: str, err: int, count: int = 1) -> None:
+    """Inject ``count`` faults of ``op`` (see thpguard._native.fault_inject)."""
+    _native.fault_inject(op, err, count)
+    COUNTS["faults_injected"] += count
 
 _IDX_BITS = 24
 _SEQ_BITS = 24

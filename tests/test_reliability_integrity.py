@@ -12,6 +12,7 @@ import thpguard
 from thpguard.errors import RegionClosedError
 
 from reliability_support import (
+    COUNTS,
     check_stripe,
     run_child,
     scale,
@@ -149,6 +150,7 @@ def _rounds(region, stripe_bytes, rounds, child_fn=_child_round):
                 child_fn, work, lo, send=lambda: list(work.started), timeout=60
             )
             incomplete += not complete
+            COUNTS["integrity_rounds"] += 1
             work.pause()
             work.check_exact()
     finally:
