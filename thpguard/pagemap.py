@@ -89,6 +89,10 @@ class _PagemapFile:
         self._fd = -1
         self.scan_supported: Optional[bool] = None
 
+    def reset_lock(self, late: bool = False) -> None:
+        # In a new child: a parent thread may have held the lock at fork.
+        self._lock = threading.Lock()
+
     def fd(self) -> int:
         with self._lock:
             if self._pid != os.getpid():
@@ -101,14 +105,8 @@ class _PagemapFile:
             return self._fd
 
 
-    def after_fork_in_child(self, late: bool = False) -> None:
-        # A thread of the parent may have held the lock at fork; it does
-        # not exist here to release it.
-        self._lock = threading.Lock()
-
-
 _self_pagemap = _PagemapFile()
-_fork.subscribe("pagemap", after_in_child=_self_pagemap.after_fork_in_child, order=20)
+_fork.subscribe("pagemap", after_in_child=_self_pagemap.reset_lock, order=100)
 
 
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):

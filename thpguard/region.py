@@ -410,13 +410,11 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child(late: bool = False) -> None:
     global _live_lock
-    # Only the forking thread survives fork: a lock another thread held
-    # (a repair inside collapse(), alloc, close) would stay locked forever
-    # in the child and hang it, and for `copy` the parent waiting on it.
+    # A lock another parent thread held at fork stays held forever in the
+    # child, where that thread does not exist: start with fresh ones.
     _live_lock = threading.Lock()
     for region in list(_live):
         region._lock = threading.Lock()
-    for region in list(_live):
         if region.fork == "private" and not region._closed:
             region._unmapped_here = True
     pipe = getattr(_pending, "pipe", None)
