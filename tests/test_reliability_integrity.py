@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -44,7 +45,10 @@ class Workload:
             write_stripe(self.stripes[i], self.bases[i], 0)
         self.running = threading.Event()
         self.stop = False
-        self.paused = threading.Barrier(N_WRITERS + 1)
+        # Every round starts and ends with all writers and the main thread
+        # at a barrier; the timeout turns a hang into a failure.
+        self.go = threading.Barrier(N_WRITERS + 1, timeout=60)
+        self.paused = threading.Barrier(N_WRITERS + 1, timeout=60)
         self.repairs = 0
         self.repair_errors = []
         self.threads = [
@@ -55,26 +59,29 @@ class Workload:
             self.threads.append(threading.Thread(target=self._repair, daemon=True))
 
     def _write(self, i: int) -> None:
-        while True:
-            self.running.wait()
-            if self.stop:
-                return
-            seq = self.done[i] + 1
-            self.started[i] = seq
-            write_stripe(self.stripes[i], self.bases[i], seq)
-            self.done[i] = seq
-            if not self.running.is_set():
+        try:
+            while True:
+                self.go.wait()
+                if self.stop:
+                    return
+                while self.running.is_set():
+                    seq = self.done[i] + 1
+                    self.started[i] = seq
+                    write_stripe(self.stripes[i], self.bases[i], seq)
+                    self.done[i] = seq
                 self.paused.wait()
+        except threading.BrokenBarrierError:
+            return  # close() while paused or waiting
 
     def _repair(self) -> None:
         while not self.stop:
-            self.running.wait(0.05)
             try:
                 self.region.collapse()
                 self.repairs += 1
+                time.sleep(0.001)
             except RegionClosedError:
                 return
-            except Exception as exc:  # reported by check()
+            except Exception as exc:  # reported by check_exact()
                 self.repair_errors.append(repr(exc))
                 return
 
@@ -84,6 +91,7 @@ class Workload:
 
     def resume(self) -> None:
         self.running.set()
+        self.go.wait()
 
     def pause(self) -> None:
         """Stop the writers after their current write and wait for them."""
@@ -92,11 +100,9 @@ class Workload:
 
     def close(self) -> None:
         self.stop = True
-        self.running.set()
-        try:
-            self.paused.abort()
-        except threading.BrokenBarrierError:
-            pass
+        self.running.clear()
+        self.go.abort()
+        self.paused.abort()
         for t in self.threads:
             t.join(10)
         del self.stripes, self.arr
