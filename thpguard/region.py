@@ -50,6 +50,7 @@ POLICIES = ("share", "copy", "wipe", "private")
 #: 2 MiB block, so bounded calls let other threads fault in between.
 DEFAULT_COLLAPSE_CHUNK = 8 << 20
 DEFAULT_COLLAPSE_RETRIES = 3
+_MAX_RETRIES = 1000  # EAGAIN retries per chunk; the C side takes an unsigned
 
 _PAGE = mmap.PAGESIZE
 _live: "weakref.WeakSet[Region]" = weakref.WeakSet()
@@ -246,7 +247,7 @@ class Region:
 
         Runs ``MADV_COLLAPSE`` (Linux 6.1) over the blocks that hold data
         but are not PMD-mapped, ``chunk`` bytes per call, retrying EAGAIN up
-        to ``max_retries`` times, then rescans. Blocks never touched are
+        to ``max_retries`` (0 to 1000) times, then rescans. Blocks never touched are
         left alone. Raises :class:`~thpguard.errors.UnsupportedError` on
         kernels without MADV_COLLAPSE. Each repair of a block shared with
         another process allocates a new 2 MiB page.
@@ -254,13 +255,22 @@ class Region:
         self._require_open("collapse it")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise InvalidArgumentError(f"chunk must be a positive int of bytes, got {chunk!r}")
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= _MAX_RETRIES
+        ):
+            raise InvalidArgumentError(
+                f"max_retries must be an int from 0 to {_MAX_RETRIES}, got {max_retries!r}"
+            )
         if not _collapse_known():
             raise UnsupportedError(
                 "MADV_COLLAPSE",
                 "this kernel has no MADV_COLLAPSE (Linux 6.1+): split blocks cannot be "
                 "repaired; use fork='copy', 'wipe' or 'private' to avoid splits instead",
             )
-        chunk = max(self.pmd_size, chunk - chunk % self.pmd_size)
+        # More than the region is the whole region (and fits the C size_t).
+        chunk = max(self.pmd_size, min(self.size, chunk - chunk % self.pmd_size))
         started = time.perf_counter()
         before = self.coverage()
         if before.split_ranges is not None:
