@@ -323,11 +323,17 @@ class Region:
             try:
                 self._map.close()
             except BufferError:
-                raise BufferError(
-                    "cannot close the region: memoryviews or arrays made from "
-                    "region.view() still use it; release them (del, or "
-                    "memoryview.release()) and close again"
-                ) from None
+                if self._unmapped_here:
+                    # A child of a `private` region: views inherited from
+                    # the parent are unusable here anyway; the mmap object
+                    # unmaps the reservation once they are gone.
+                    pass
+                else:
+                    raise BufferError(
+                        "cannot close the region: memoryviews or arrays made from "
+                        "region.view() still use it; release them (del, or "
+                        "memoryview.release()) and close again"
+                    ) from None
             self._closed = True
         if self.fork == "private":
             _native.placeholder_remove(self.address)
