@@ -157,13 +157,16 @@ def no_faults():
     pagemap._self_pagemap.scan_supported = supported
 
 
-def own_mappings():
-    """Set of (start, end) of this process's mappings, from /proc/self/maps."""
+def own_mappings(min_size: int = 2 << 20):
+    """Set of (start, end) of this process's mappings of at least
+    ``min_size`` bytes, from /proc/self/maps (smaller ones come and go
+    with the interpreter's own allocations)."""
     spans = set()
     with open("/proc/self/maps") as f:
         for line in f:
-            lo, hi = line.split()[0].split("-")
-            spans.add((int(lo, 16), int(hi, 16)))
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if hi - lo >= min_size:
+                spans.add((lo, hi))
     return spans
 
 
