@@ -283,6 +283,9 @@ class Region:
         failures: Dict[int, int] = {}
         attempted = 0
         with self._lock:
+            # close() from another thread may have won the lock since the
+            # scan: the range may be unmapped, or mapped by someone else.
+            self._require_open("collapse it")
             for start, end in targets:
                 attempted += end - start
                 for err in _native.collapse(start, end - start, chunk, max_retries):
