@@ -13,12 +13,14 @@ import json
 import os
 import pickle
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from thpguard import _native, pagemap
+from thpguard.errors import RegionClosedError
 
 #: What the reliability tests did (rounds, faults injected, inputs tried),
 #: written as JSON at exit to the file named by THPGUARD_RELIABILITY_COUNTS.
@@ -170,8 +172,109 @@ def own_mappings(min_size: int = 2 << 20):
     return spans
 
 
+#: Parametrize a test into its default size and its big version, which
+#: carries the ``stress`` marker (deselected unless ``-m stress``).
+sized = pytest.mark.parametrize(
+    "size", ["default", pytest.param("stress", marks=pytest.mark.stress)]
+)
+
+
 def scale(default: int, stress: int, request) -> int:
     """``stress`` under the stress marker, else ``default``."""
     if request.node.get_closest_marker("stress"):
         return stress
     return default
+
+
+N_WRITERS = 4
+
+
+class Workload:
+    """4 writer threads, each filling its own stripe round after round, and
+    one repair thread collapsing whatever splits, until stopped.
+
+    ``started[i]`` is set before writer ``i`` begins a write of that seq,
+    ``done[i]`` after it finished, so a reader knows the range of seqs a
+    stripe may hold at any moment.
+    """
+
+    def __init__(self, region, stripe_bytes: int, repair: bool = True):
+        self.region = region
+        self.arr = np.frombuffer(region.view(), dtype=np.uint64)
+        words = stripe_bytes // 8
+        self.stripes = [self.arr[i * words : (i + 1) * words] for i in range(N_WRITERS)]
+        self.bases = [stripe_base(i + 1, words) for i in range(N_WRITERS)]
+        self.started = [0] * N_WRITERS
+        self.done = [0] * N_WRITERS
+        for i in range(N_WRITERS):
+            write_stripe(self.stripes[i], self.bases[i], 0)
+        self.running = threading.Event()
+        self.stop = False
+        # Every round starts and ends with all writers and the main thread
+        # at a barrier; the timeout turns a hang into a failure.
+        self.go = threading.Barrier(N_WRITERS + 1, timeout=60)
+        self.paused = threading.Barrier(N_WRITERS + 1, timeout=60)
+        self.repairs = 0
+        self.repair_errors = []
+        self.threads = [
+            threading.Thread(target=self._write, args=(i,), daemon=True)
+            for i in range(N_WRITERS)
+        ]
+        if repair:
+            self.threads.append(threading.Thread(target=self._repair, daemon=True))
+
+    def _write(self, i: int) -> None:
+        try:
+            while True:
+                self.go.wait()
+                if self.stop:
+                    return
+                while self.running.is_set():
+                    seq = self.done[i] + 1
+                    self.started[i] = seq
+                    write_stripe(self.stripes[i], self.bases[i], seq)
+                    self.done[i] = seq
+                self.paused.wait()
+        except threading.BrokenBarrierError:
+            return  # close() while paused or waiting
+
+    def _repair(self) -> None:
+        while not self.stop:
+            try:
+                self.region.collapse()
+                self.repairs += 1
+                time.sleep(0.001)
+            except RegionClosedError:
+                return
+            except Exception as exc:  # reported by check_exact()
+                self.repair_errors.append(repr(exc))
+                return
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def resume(self) -> None:
+        self.running.set()
+        self.go.wait()
+
+    def pause(self) -> None:
+        """Stop the writers after their current write and wait for them."""
+        self.running.clear()
+        self.paused.wait()
+
+    def close(self) -> None:
+        self.stop = True
+        self.running.clear()
+        self.go.abort()
+        self.paused.abort()
+        for t in self.threads:
+            t.join(10)
+        del self.stripes, self.arr
+
+    def check_exact(self) -> None:
+        """With writers paused: every stripe holds exactly its last write."""
+        assert not self.repair_errors, self.repair_errors
+        for i in range(N_WRITERS):
+            msg = check_stripe(self.stripes[i], self.bases[i], self.done[i], self.done[i])
+            assert not msg, f"parent stripe {i}: {msg}"

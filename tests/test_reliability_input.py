@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 
@@ -14,7 +13,6 @@ import thpguard
 from thpguard import _native, pagemap
 from thpguard.errors import (
     InvalidArgumentError,
-    InvalidTypeError,
     RegionClosedError,
     ThpguardError,
 )
