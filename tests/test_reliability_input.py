@@ -254,3 +254,130 @@ def test_view_of_private_region_in_child_then_new_mapping(region_factory, pmd):
     region = region_factory(4 * pmd, fork="private")
     reserved, overlaps = run_child(child, region)
     assert reserved and not overlaps
+
+
+# -- sysfs and /proc parsers on random and truncated text ----------------------
+
+from thpguard import kernel  # noqa: E402
+
+THP = "sys/kernel/mm/transparent_hugepage"
+#: Files of a fake tree, each with a real-looking sample to mutate.
+SAMPLES = {
+    f"{THP}/enabled": "always [madvise] never\n",
+    f"{THP}/defrag": "always defer defer+madvise [madvise] never\n",
+    f"{THP}/shmem_enabled": "always within_size advise [never] deny force\n",
+    f"{THP}/thp_cow": "always [madvise] never\n",
+    f"{THP}/hpage_pmd_size": "2097152\n",
+    f"{THP}/khugepaged/max_ptes_shared": "256\n",
+    f"{THP}/khugepaged/pages_to_scan": "4096\n",
+    f"{THP}/hugepages-2048kB/enabled": "always inherit [madvise] never\n",
+    f"{THP}/hugepages-64kB/enabled": "always inherit madvise [never]\n",
+    "proc/sys/kernel/osrelease": "6.18.44\n",
+    "proc/vmstat": "nr_free_pages 123\nthp_split_pmd 7\nthp_collapse_alloc 3\n",
+    "proc/buddyinfo": "Node 0, zone   Normal   10  5  3  2  1  0  0  1  2  3  4\n",
+    "proc/self/status": "Name:\tpython\nPPid:\t1\nThreads:\t1\nUid:\t0\t0\t0\t0\n"
+                        "CapEff:\t000001ffffffffff\nTHP_enabled:\t1\n",
+    "proc/self/cgroup": "4:memory:/a/b\n0::/\n",
+    "proc/self/mountinfo": "30 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n",
+    "proc/self/smaps": (
+        "7f0000000000-7f0000400000 rw-p 00000000 00:00 0 \n"
+        "Size:               4096 kB\nRss:                4096 kB\n"
+        "AnonHugePages:      4096 kB\nTHPeligible:    1\nVmFlags: rd wr mr mw me ac hg\n"
+    ),
+    "sys/fs/cgroup/memory/a/b/memory.limit_in_bytes": "9223372036854771712\n",
+    "sys/fs/cgroup/memory/a/b/memory.usage_in_bytes": "1048576\n",
+    "sys/fs/cgroup/memory/a/b/memory.stat": "hierarchical_memory_limit 1073741824\n",
+}
+
+
+@st.composite
+def mutated(draw, sample: str):
+    """The sample truncated, with bytes replaced or inserted, or noise."""
+    data = sample.encode()
+    kind = draw(st.sampled_from(["truncate", "flip", "insert", "noise", "missing", "same"]))
+    if kind == "truncate":
+        return data[: draw(st.integers(0, len(data)))]
+    if kind == "flip" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        return data[:i] + draw(st.binary(min_size=1, max_size=3)) + data[i + 1 :]
+    if kind == "insert":
+        i = draw(st.integers(0, len(data)))
+        junk_text = draw(st.sampled_from([b"\n", b" ", b"[", b"]", b":", b"-", b"\x00",
+                                          b"99999999999999999999999", b"-1", b"kB", b"\xff"]))
+        return data[:i] + junk_text + data[i:]
+    if kind == "noise":
+        return draw(st.binary(max_size=64))
+    if kind == "missing":
+        return None
+    return data
+
+
+trees = st.fixed_dictionaries({path: mutated(sample) for path, sample in SAMPLES.items()})
+
+
+def _build(root, tree):
+    for path, data in tree.items():
+        if data is None:
+            continue
+        full = os.path.join(root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(data)
+    return kernel.Roots(sys=os.path.join(root, "sys"), proc=os.path.join(root, "proc"))
+
+
+PARSERS = [
+    ("thp_mode", lambda r: kernel.thp_mode("enabled", r)),
+    ("thp_cow_mode", kernel.thp_cow_mode),
+    ("pmd_size", kernel.pmd_size),
+    ("mthp_sizes", kernel.mthp_sizes),
+    ("khugepaged_settings", kernel.khugepaged_settings),
+    ("kernel_release", kernel.kernel_release),
+    ("read_vmstat", kernel.read_vmstat),
+    ("read_buddyinfo", kernel.read_buddyinfo),
+    ("free_huge_bytes", kernel.free_huge_bytes),
+    ("memory_cgroup", lambda r: kernel.memory_cgroup("self", r)),
+]
+#: These open a /proc/PID file and raise OSError when it is missing, as
+#: documented; they must parse any content they do get.
+OPENERS = [
+    ("read_smaps", lambda r: kernel.read_smaps("self", r), "proc/self/smaps"),
+    ("read_status", lambda r: kernel.read_status("self", r), "proc/self/status"),
+]
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=trees)
+def test_kernel_parsers_on_mutated_trees(tmp_path_factory, tree):
+    """Every sysfs/proc reader returns (None or empty where the text makes
+    no sense) on random, truncated and corrupted files; never raises."""
+    roots = _build(str(tmp_path_factory.mktemp("tree")), tree)
+    for name, call in PARSERS:
+        COUNTS["inputs_tried"] += 1
+        try:
+            call(roots)
+        except Exception as exc:  # noqa: BLE001 - any exception is the bug
+            pytest.fail(f"{name} raised {exc!r}")
+    for name, call, path in OPENERS:
+        COUNTS["inputs_tried"] += 1
+        try:
+            call(roots)
+        except OSError:
+            assert tree[path] is None, f"{name}: OSError although {path} exists"
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"{name} raised {exc!r}")
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=trees)
+def test_capabilities_and_can_get_huge_pages_on_mutated_trees(tmp_path_factory, tree):
+    """capabilities() and can_get_huge_pages() on corrupted trees answer
+    with a Capabilities object and a (bool, reason) pair."""
+    roots = _build(str(tmp_path_factory.mktemp("tree")), tree)
+    COUNTS["inputs_tried"] += 1
+    caps = kernel.capabilities(refresh=True, roots=roots)
+    assert isinstance(caps.as_dict(), dict)
+    ok, reason = kernel.can_get_huge_pages(caps, roots)
+    assert isinstance(ok, bool) and isinstance(reason, str) and reason
