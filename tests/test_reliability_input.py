@@ -381,3 +381,23 @@ def test_capabilities_and_can_get_huge_pages_on_mutated_trees(tmp_path_factory, 
     assert isinstance(caps.as_dict(), dict)
     ok, reason = kernel.can_get_huge_pages(caps, roots)
     assert isinstance(ok, bool) and isinstance(reason, str) and reason
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=trees)
+def test_verify_cli_on_mutated_trees(tmp_path_factory, tree):
+    """`thpguard verify --json` pointed at a corrupted tree prints one JSON
+    object and exits 0, 1 or 2, without a traceback."""
+    import json
+    import subprocess
+    import sys
+
+    roots = _build(str(tmp_path_factory.mktemp("tree")), tree)
+    env = dict(os.environ, THPGUARD_SYSFS_ROOT=roots.sys, THPGUARD_PROC_ROOT=roots.proc)
+    out = subprocess.run([sys.executable, "-m", "thpguard", "verify", "--json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    COUNTS["inputs_tried"] += 1
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.returncode in (0, 1, 2), out.stderr[-2000:]
+    assert isinstance(json.loads(out.stdout), dict)

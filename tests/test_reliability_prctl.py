@@ -109,3 +109,32 @@ def test_prctl_untouched_in_test_process():
     """The tests above changed only their children."""
     assert _native.thp_disable_get() == 0
     assert os.path.exists("/proc/self/status")
+
+
+def _verify_json():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "thpguard", "verify", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    report = json.loads(out.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    return out.returncode, checks["prctl"], "Traceback" in out.stderr
+
+
+def test_verify_names_inherited_prctl(require_thp):
+    """`thpguard verify` run under a THP-disabled parent fails the prctl
+    check (exit 1) and says the setting is inherited; with
+    PR_THP_DISABLE_EXCEPT_ADVISED the check passes."""
+    code, check, traceback = _in_disabled_child(_verify_json)
+    assert code == 1 and not traceback
+    assert check["status"] == "fail"
+    assert "PR_SET_THP_DISABLE" in check["detail"] and "inherited" in check["detail"]
+    got = _in_disabled_child(_verify_json, PR_THP_DISABLE_EXCEPT_ADVISED)
+    if got == "unsupported":
+        return
+    code, check, traceback = got
+    assert check["status"] == "ok" and not traceback
