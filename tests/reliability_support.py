@@ -159,10 +159,9 @@ def no_faults():
     pagemap._self_pagemap.scan_supported = supported
 
 
-def own_mappings(min_size: int = 2 << 20):
+def own_mappings(min_size: int = 0):
     """Set of (start, end) of this process's mappings of at least
-    ``min_size`` bytes, from /proc/self/maps (smaller ones come and go
-    with the interpreter's own allocations)."""
+    ``min_size`` bytes, from /proc/self/maps."""
     spans = set()
     with open("/proc/self/maps") as f:
         for line in f:
@@ -170,6 +169,15 @@ def own_mappings(min_size: int = 2 << 20):
             if hi - lo >= min_size:
                 spans.add((lo, hi))
     return spans
+
+
+def advised_mappings():
+    """Set of (start, end) of this process's MADV_HUGEPAGE VMAs (smaps
+    VmFlags ``hg``): every region's, and nothing the interpreter or a
+    sanitizer's allocator maps on its own."""
+    from thpguard import kernel
+
+    return {(v.start, v.end) for v in kernel.read_smaps("self") if "hg" in v.vm_flags}
 
 
 #: Parametrize a test into its default size and its big version, which
