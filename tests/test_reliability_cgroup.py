@@ -157,10 +157,19 @@ def _recv(fd, timeout=60.0):
     return msg
 
 
-def _child(region, pmd, cmd_r, res_w):
-    """Runs inside the cgroup: split, repair under the limit, then above it."""
+def _child(region, pmd, cmd_r, res_w, repairer):
+    """Runs inside the cgroup: split, repair under the limit, then above it.
+
+    ``repairer`` "collapse" calls Region.collapse(); "guard" leaves the
+    repairs to the background guard and reads its events and stats.
+    """
     view = region.view()
     _recv(cmd_r)  # moved into the cgroup
+    events = []
+    if repairer == "guard":
+        guard = thpguard.install(interval=0.01, backoff_initial=0.02, backoff_max=0.1,
+                                 on_event=events.append)
+        guard.wait_ticks(3, timeout=10)
     # Warm up the code paths (and their copy-on-write heap pages) before
     # the limit is set, so the limited phase allocates little but THPs.
     region.coverage()
@@ -170,20 +179,45 @@ def _child(region, pmd, cmd_r, res_w):
     for off in range(0, region.size, pmd):
         view[off] ^= 0x5A  # splits each shared block in this process
     expected = checksum(view)
-    limited = region.collapse(chunk=pmd)
+    if repairer == "guard":
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(e.kind == "backoff" for e in events) < 3:
+            time.sleep(0.01)
+        failures = {}
+        for e in events:
+            if e.kind == "failed":
+                for name, n in e.failures.items():
+                    err = getattr(errno, name)
+                    failures[err] = failures.get(err, 0) + n
+        backoffs = [e.delay for e in events if e.kind == "backoff"]
+        stats = thpguard.stats()
+        report = (failures, backoffs, dict(stats.repair_failures), stats.guard_running)
+    else:
+        limited = region.collapse(chunk=pmd)
+        report = (limited.failures,)
     limited_cov = region.coverage()
     intact_limited = checksum(view) == expected
-    _send(res_w, (limited.failures, limited_cov.split_blocks, intact_limited))
+    _send(res_w, (report, limited_cov.split_blocks, intact_limited))
     _recv(cmd_r)  # limit raised
-    raised = region.collapse(chunk=pmd)
+    if repairer == "guard":
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not region.coverage().complete:
+            time.sleep(0.01)
+        failures = {}
+    else:
+        failures = region.collapse(chunk=pmd).failures
     intact_raised = checksum(view) == expected
-    _send(res_w, (raised.failures, region.coverage().complete, intact_raised))
+    _send(res_w, (failures, region.coverage().complete, intact_raised))
 
 
-def test_repairs_fail_under_memory_limit_then_succeed(memory_cgroup, pmd):
+@pytest.mark.parametrize("repairer", ["collapse", "guard"])
+def test_repairs_fail_under_memory_limit_then_succeed(memory_cgroup, pmd, repairer):
     """In a cgroup whose limit leaves no room for a 2 MiB copy, collapse
     fails with ENOMEM/EBUSY per block, says so, keeps every byte and the
-    process running; raising the limit lets the same repairs succeed."""
+    process running; the guard backs off with growing delays instead of
+    retrying at once; raising the limit lets the same repairs succeed."""
+    if repairer == "guard" and not hasattr(thpguard, "install"):
+        pytest.skip("the background guard is not in this tree")
     blocks = 4
     region = thpguard.alloc(blocks * pmd)
     view = region.view()
@@ -198,7 +232,7 @@ def test_repairs_fail_under_memory_limit_then_succeed(memory_cgroup, pmd):
         try:
             os.close(cmd_w)
             os.close(res_r)
-            _child(region, pmd, cmd_r, res_w)
+            _child(region, pmd, cmd_r, res_w, repairer)
             status = 0
         except BaseException as exc:
             try:
@@ -216,12 +250,19 @@ def test_repairs_fail_under_memory_limit_then_succeed(memory_cgroup, pmd):
         failcnt = memory_cgroup.read("failcnt")
         memory_cgroup.set_limit(memory_cgroup.read("usage") + HEADROOM)
         _send(cmd_w, "go")
-        failures, split_blocks, intact = _recv(res_r)
-        COUNTS["cgroup_limited_repairs"] += blocks
+        report, split_blocks, intact = _recv(res_r)
+        failures = report[0]
+        COUNTS["cgroup_limited_repairs"] += sum(failures.values())
         assert intact, "data changed while repairs failed"
         assert split_blocks == blocks, "no block could be repaired under the limit"
-        assert sum(failures.values()) == blocks
-        assert set(failures) <= {errno.ENOMEM, errno.EBUSY}, failures
+        assert set(failures) <= {errno.ENOMEM, errno.EBUSY} and failures, failures
+        if repairer == "collapse":
+            assert sum(failures.values()) == blocks
+        else:
+            _, backoffs, stats_failures, running = report
+            assert running, "the guard thread died"
+            assert len(backoffs) >= 3 and backoffs == sorted(backoffs), backoffs
+            assert sum(stats_failures.values()) >= sum(failures.values())
         assert memory_cgroup.read("failcnt") > failcnt, "the kernel saw the limit hit"
         memory_cgroup.set_limit(1 << 30)
         _send(cmd_w, "go")
