@@ -401,3 +401,36 @@ def test_verify_cli_on_mutated_trees(tmp_path_factory, tree):
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.returncode in (0, 1, 2), out.stderr[-2000:]
     assert isinstance(json.loads(out.stdout), dict)
+
+
+# -- command line: PIDs, sizes, intervals ------------------------------------------
+
+cli_text = st.one_of(
+    st.sampled_from(["self", "1", "0", "-1", "2147483648", "99999999999999999999", "²", "",
+                     "0x10", " 7", "1e3", "nan", "inf", "-0", "8M", "1G", "0K", "12QB"]),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(command=st.sampled_from(["status", "watch", "guard", "verify"]),
+       pid=cli_text, value=cli_text)
+def test_cli_arguments(capsys, command, pid, value):
+    """Every subcommand with any PID, size or interval text exits 0, 1 or 2
+    (usage errors through argparse), never with a traceback."""
+    from thpguard import cli
+
+    argv = {
+        "status": ["status", pid, "--json"],
+        "watch": ["watch", pid, "--count", "1", "--interval", value],
+        "guard": ["guard", pid, "--once", "--rate", value, "--interval", "0.01"],
+        "verify": ["verify", "--skip-selftest", "--pid", pid, "--size", value, "--json"],
+    }[command]
+    COUNTS["inputs_tried"] += 1
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    capsys.readouterr()
+    assert code in (0, 1, 2), (argv, code)
