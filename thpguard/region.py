@@ -168,6 +168,9 @@ class Region:
             self._setup(populate, strict)
         except BaseException:
             self._map.close()
+            forget = getattr(self, "_forget_placeholder", None)
+            if forget is not None:
+                forget()  # else every later child reserves this stale range
             raise
         with _live_lock:
             _live.add(self)
@@ -186,6 +189,10 @@ class Region:
         elif self.fork == "private":
             _native.madvise(addr, size, _native.MADV_DONTFORK)
             _native.placeholder_add(addr, size)
+            # A region dropped without close() takes its reservation along.
+            self._forget_placeholder = weakref.finalize(
+                self, _native.placeholder_remove, addr
+            )
         elif _direct_cow_mode() is not None:
             try:
                 _native.madvise(addr, size, _native.MADV_THP_COW)
@@ -349,7 +356,7 @@ class Region:
                     ) from None
             self._closed = True
         if self.fork == "private":
-            _native.placeholder_remove(self.address)
+            self._forget_placeholder()
         with _live_lock:
             _live.discard(self)
 
