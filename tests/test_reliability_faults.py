@@ -241,3 +241,41 @@ def test_faults_from_environment(require_thp, pmd):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ENOMEM", "ok"]
+
+
+def _mapped_in_child(addresses):
+    """Which of ``addresses`` a fresh child has any mapping at."""
+
+    def child():
+        found = []
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                found += [a for a in addresses if lo <= a < hi]
+        return found
+
+    return run_child(child)
+
+
+def test_failed_private_alloc_leaves_no_reservation(require_thp, pmd):
+    """A `private` alloc() that fails after its setup began leaves nothing
+    behind: no mapping here and no PROT_NONE reservation in later children
+    (the native placeholder list does not keep its address)."""
+    inject("scan", errno.EIO, 1)
+    with pytest.raises(KernelCallError) as info:
+        thpguard.alloc(2 * pmd, fork="private")
+    address = info.value.range[0]
+    assert not any(lo <= address < hi for lo, hi in advised_mappings())
+    assert _mapped_in_child([address]) == []
+
+
+def test_dropped_private_region_leaves_no_reservation(require_thp, pmd):
+    """A `private` region dropped without close() (garbage collected) also
+    takes its reservation in future children with it."""
+    import gc
+
+    region = thpguard.alloc(2 * pmd, fork="private")
+    address = region.address
+    del region
+    gc.collect()
+    assert _mapped_in_child([address]) == []
