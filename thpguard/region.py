@@ -24,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -179,6 +180,12 @@ class Region:
         # unmaps when the last reference goes. One page of slack either side
         # of the aligned range keeps this region a VMA of its own.
         span = self.size + self.pmd_size + _PAGE
+        if span > sys.maxsize:
+            # mmap.mmap would raise OverflowError; no address space is this big.
+            raise InvalidArgumentError(
+                f"size {size} bytes is larger than any mapping can be (at most "
+                f"{sys.maxsize - self.pmd_size - _PAGE} bytes)"
+            )
         try:
             self._map = mmap.mmap(
                 -1, span, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
