@@ -6,7 +6,7 @@ import os
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import thpguard
@@ -59,6 +59,8 @@ def _documented(call, *args, **kwargs):
 
 
 @FUZZ
+@example(size=2**63 - 1, fork="share", populate=False, strict=False)
+@example(size=2**64, fork="copy", populate=True, strict=False)
 @given(size=sizes, fork=st.one_of(junk, st.sampled_from(thpguard.POLICIES)),
        populate=st.one_of(st.booleans(), junk), strict=st.one_of(st.booleans(), junk))
 def test_alloc_arguments(require_thp, size, fork, populate, strict):
@@ -346,7 +348,7 @@ OPENERS = [
 ]
 
 
-@settings(max_examples=250, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(tree=trees)
 def test_kernel_parsers_on_mutated_trees(tmp_path_factory, tree):
@@ -383,7 +385,7 @@ def test_capabilities_and_can_get_huge_pages_on_mutated_trees(tmp_path_factory, 
     assert isinstance(ok, bool) and isinstance(reason, str) and reason
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=6, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(tree=trees)
 def test_verify_cli_on_mutated_trees(tmp_path_factory, tree):
