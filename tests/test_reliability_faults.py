@@ -190,7 +190,9 @@ def test_copy_policy_failure_leaves_child_shared_never_half(region_factory, pmd,
     assert intact and vma_len == size
     assert owned == {"private": size, "shared": 0}, "fault-free copy owns every page"
 
-    inject(op, errno.ENOMEM, 1)
+    # One fault per `copy` region alive (an earlier test may have left one):
+    # the child copies them in no set order, and every copy must fail.
+    inject(op, errno.ENOMEM, sum(r.fork == "copy" for r in thpguard.regions()))
     intact, owned, vma_len = run_child(_copy_child_report, region, pmd, before)
     _native.fault_clear()  # the child consumed its copy of the fault, not ours
     assert intact and vma_len == size
@@ -213,7 +215,7 @@ def test_copy_policy_failure_is_logged_in_child(region_factory, pmd, tmp_path):
     logger = logging.getLogger("thpguard")
     logger.addHandler(handler)
     try:
-        inject("mremap", errno.EBUSY, 1)
+        inject("mremap", errno.EBUSY, sum(r.fork == "copy" for r in thpguard.regions()))
         run_child(_child_messages_copy_failure, region)
     finally:
         logger.removeHandler(handler)
