@@ -171,15 +171,25 @@ def own_mappings(min_size: int = 0):
     return spans
 
 
-def advised_mappings(pmd: int = 2 << 20):
+def region_shaped_mappings(pmd: int = 2 << 20):
     """Set of (start, end) of this process's mappings shaped like a region
-    (PMD-aligned start, a whole number of PMD blocks), from /proc/self/maps.
-
-    Cheap enough to call around every hypothesis example (smaps costs
-    ~100 ms here), and blind to the interpreter's arenas and to a
-    sanitizer allocator's regions, which come and go on their own.
-    """
+    (PMD-aligned start, a whole number of PMD blocks), from /proc/self/maps:
+    cheap enough to take around every hypothesis example."""
     return {(lo, hi) for lo, hi in own_mappings(pmd) if lo % pmd == 0 and (hi - lo) % pmd == 0}
+
+
+def leaked_regions(before):
+    """Region-shaped mappings made since ``before`` (a
+    :func:`region_shaped_mappings` result) that are MADV_HUGEPAGE-advised
+    (smaps VmFlags ``hg``), as every region is: the interpreter's arenas
+    and a sanitizer allocator's regions come and go, but are never advised.
+    smaps (~100 ms here) is read only when something new appeared."""
+    new = region_shaped_mappings() - before
+    if not new:
+        return set()
+    from thpguard import kernel
+
+    return new & {(v.start, v.end) for v in kernel.read_smaps("self") if "hg" in v.vm_flags}
 
 
 #: Parametrize a test into its default size and its big version, which

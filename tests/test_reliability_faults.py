@@ -16,7 +16,14 @@ from thpguard import _native
 from thpguard.errors import KernelCallError
 
 from conftest import checksum, smaps_vma
-from reliability_support import advised_mappings, inject, no_faults, run_child  # noqa: F401
+from reliability_support import (  # noqa: F401
+    inject,
+    leaked_regions,
+    no_faults,
+    own_mappings,
+    region_shaped_mappings,
+    run_child,
+)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_faults")
 
@@ -110,14 +117,14 @@ def test_collapse_hard_errors_not_retried_and_reported(region_factory, pmd, err)
 def test_alloc_map_failure_raises_and_leaks_nothing(require_thp, pmd):
     """A failed mmap raises KernelCallError(ENOMEM) naming the call; no
     mapping and no region is left behind."""
-    maps_before = advised_mappings()
+    maps_before = region_shaped_mappings()
     regions_before = len(thpguard.regions())
     inject("map", errno.ENOMEM, 1)
     with pytest.raises(KernelCallError) as info:
         thpguard.alloc(4 * pmd)
     assert info.value.errno == errno.ENOMEM
     assert "mmap" in str(info.value)
-    assert advised_mappings() == maps_before
+    assert not leaked_regions(maps_before)
     assert len(thpguard.regions()) == regions_before
     with thpguard.alloc(4 * pmd) as region:  # the next one works
         assert region.coverage().complete
@@ -126,13 +133,13 @@ def test_alloc_map_failure_raises_and_leaks_nothing(require_thp, pmd):
 def test_alloc_scan_failure_raises_and_leaks_nothing(require_thp, pmd):
     """PAGEMAP_SCAN failing while alloc() checks its pages raises
     KernelCallError and unmaps what it had mapped."""
-    maps_before = advised_mappings()
+    maps_before = region_shaped_mappings()
     inject("scan", errno.EIO, 1)
     with pytest.raises(KernelCallError) as info:
         thpguard.alloc(4 * pmd)
     assert info.value.errno == errno.EIO
     assert "PAGEMAP_SCAN" in str(info.value)
-    assert advised_mappings() == maps_before
+    assert not leaked_regions(maps_before)
 
 
 def test_scan_failure_is_reported_then_recovers(region_factory, pmd):
@@ -267,7 +274,7 @@ def test_failed_private_alloc_leaves_no_reservation(require_thp, pmd):
     with pytest.raises(KernelCallError) as info:
         thpguard.alloc(2 * pmd, fork="private")
     address = info.value.range[0]
-    assert not any(lo <= address < hi for lo, hi in advised_mappings())
+    assert not any(lo <= address < hi for lo, hi in own_mappings(1))
     assert _mapped_in_child([address]) == []
 
 

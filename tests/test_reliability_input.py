@@ -17,7 +17,14 @@ from thpguard.errors import (
     ThpguardError,
 )
 
-from reliability_support import COUNTS, advised_mappings, no_faults, own_mappings, run_child  # noqa: F401
+from reliability_support import (  # noqa: F401
+    COUNTS,
+    leaked_regions,
+    no_faults,
+    own_mappings,
+    region_shaped_mappings,
+    run_child,
+)
 
 PMD = thpguard.region.kernel.pmd_size()
 FUZZ = settings(
@@ -66,12 +73,12 @@ def _documented(call, *args, **kwargs):
 def test_alloc_arguments(require_thp, size, fork, populate, strict):
     """alloc() with any arguments returns a region or raises a documented
     error; a failed alloc leaves no mapping behind."""
-    before = advised_mappings()
+    before = region_shaped_mappings()
     got = _documented(thpguard.alloc, size, fork=fork, populate=populate, strict=strict)
     if isinstance(got, thpguard.Region):
         assert got.size >= size and got.size % PMD == 0
         got.close()
-    assert advised_mappings() == before
+    assert not leaked_regions(before)
 
 
 MADV_DONTNEED = 4
