@@ -121,6 +121,10 @@ def _read(path: str, *, quiet: bool = False) -> Optional[str]:
     except OSError as exc:
         if not quiet:
             _warn_once(path, "cannot read %s: %s", path, exc.strerror or exc)
+    except ValueError:
+        # A path built from file contents (cgroup, mountinfo) with a NUL.
+        if not quiet:
+            _warn_once(path, "cannot read %r: the path holds a NUL byte", path)
     return None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 from . import _fork, _native, kernel
-from .errors import KernelCallError, kernel_error
+from .errors import InvalidArgumentError, InvalidTypeError, KernelCallError, kernel_error
 
 Pid = Union[int, str]
 
@@ -161,11 +161,41 @@ def smaps_coverage(start: int, end: int, pmd: int, pid: Pid = "self") -> Coverag
     thpguard region is one VMA, so this stays per region.
     """
     huge = present = 0
-    for vma in kernel.read_smaps(pid):
+    try:
+        vmas = kernel.read_smaps(pid)
+    except OSError as exc:
+        raise kernel_error(exc.errno, f"read /proc/{pid}/smaps") from None
+    for vma in vmas:
         if vma.start >= start and vma.end <= end:
             huge += vma.fields.get("AnonHugePages", 0)
             present += vma.fields.get("Rss", 0)
     return Coverage(start, end - start, huge, present, None, pmd, SOURCE_SMAPS)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_arguments(start, end, pmd, pid) -> int:
+    """Validate :func:`coverage`'s arguments; the PMD size to use."""
+    for name, value in (("start", start), ("end", end)):
+        if not _is_int(value):
+            raise InvalidTypeError(f"{name} must be an int address, got {type(value).__name__}")
+    if not 0 <= start <= end <= _ADDRESS_LIMIT:
+        raise InvalidArgumentError(
+            f"need 0 <= start <= end <= 2**64, got start={start:#x} end={end:#x}"
+        )
+    if pmd is None:
+        pmd = kernel.pmd_size()
+    elif not _is_int(pmd) or pmd <= 0 or pmd & (pmd - 1):
+        raise InvalidArgumentError(f"pmd must be a power-of-two int of bytes or None, got {pmd!r}")
+    if not (pid == "self" or (_is_int(pid) and pid > 0)
+            or (isinstance(pid, str) and pid.isascii() and pid.isdigit())):
+        raise InvalidArgumentError(f"pid must be a positive int or 'self', got {pid!r}")
+    return pmd
+
+
+_ADDRESS_LIMIT = 1 << 64
 
 
 def coverage(start: int, end: int, pmd: Optional[int] = None, pid: Pid = "self") -> Coverage:
@@ -175,7 +205,7 @@ def coverage(start: int, end: int, pmd: Optional[int] = None, pid: Pid = "self")
     Reading another process needs ptrace read access; failures raise
     :class:`~thpguard.errors.KernelCallError` (EACCES, EPERM, ESRCH, ...).
     """
-    pmd = pmd or kernel.pmd_size()
+    pmd = _check_arguments(start, end, pmd, pid)
     if _self_pagemap.scan_supported is False:
         return smaps_coverage(start, end, pmd, pid)
     own = pid == "self" or pid == os.getpid()
