@@ -70,7 +70,7 @@ def test_run_sets_checked_environment():
 
 @pytest.mark.parametrize("args, code, message", [
     (["--fork-policy", "bogus", "--", "true"], 2, "unknown fork policy"),
-    (["--interval", "-1", "--", "true"], 2, "interval must be > 0"),
+    (["--interval", "-1", "--", "true"], 2, "interval must be between"),
     (["--", "no-such-program-here"], 127, "not found on PATH"),
     ([], 2, "no command given"),
 ])

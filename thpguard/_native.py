@@ -8,10 +8,11 @@ so long operations (collapse, copy) do not block other Python threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from ._cffi import ffi, lib
 from .errors import InvalidArgumentError, kernel_error
@@ -189,6 +190,25 @@ def fork_generation() -> int:
     return lib.tg_fork_generation()
 
 
+def fork_claim() -> bool:
+    """True exactly once per new fork generation (see ``tg_fork_claim``)."""
+    return bool(lib.tg_fork_claim())
+
+
+@contextlib.contextmanager
+def faults_suspended() -> Iterator[None]:
+    """Injected faults do not apply to this thread's calls inside the block.
+
+    For thpguard's own probes, which must not consume faults a test set up
+    for the code under test.
+    """
+    lib.tg_fault_suspend(1)
+    try:
+        yield
+    finally:
+        lib.tg_fault_suspend(0)
+
+
 def thp_disable_get() -> int:
     value = ffi.new("int *")
     _check(lib.tg_thp_disable_get(value), "prctl(PR_GET_THP_DISABLE)")
@@ -213,6 +233,8 @@ def fault_inject(op: str, err: int, count: int = 1) -> None:
     for name, value, limit in (("errno", err, _MAX_ERRNO), ("count", count, _MAX_FAULTS)):
         if not isinstance(value, int) or not 0 <= value <= limit:
             raise InvalidArgumentError(f"fault {name} must be an int from 0 to {limit}, got {value!r}")
+    if count and not err:
+        raise InvalidArgumentError("fault errno must be > 0 when count > 0")
     _check(lib.tg_fault_inject(FAULT_OPS[op], err, count), "fault_inject")
 
 

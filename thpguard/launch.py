@@ -11,19 +11,15 @@ through a library); nothing is injected into other processes.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from thpguard.errors import InvalidArgumentError, InvalidTypeError
-from thpguard.region import POLICIES
+from thpguard.guard import ENV_GUARD, ENV_GUARD_INTERVAL, _check_seconds
+from thpguard.region import ENV_FORK_POLICY, _check_policy
 
 __all__ = ["ENV_GUARD", "ENV_GUARD_INTERVAL", "ENV_FORK_POLICY", "environment", "run"]
-
-ENV_GUARD = "THPGUARD_GUARD"
-ENV_GUARD_INTERVAL = "THPGUARD_GUARD_INTERVAL"
-ENV_FORK_POLICY = "THPGUARD_FORK_POLICY"
 
 
 def environment(
@@ -46,17 +42,10 @@ def environment(
         raise InvalidTypeError(f"guard must be True or False, got {guard!r}")
     env[ENV_GUARD] = "1" if guard else "0"
     if interval is not None:
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)):
-            raise InvalidTypeError(f"interval must be a number of seconds, got {interval!r}")
-        if not (interval > 0 and math.isfinite(interval)):
-            raise InvalidArgumentError(f"interval must be > 0 seconds, got {interval!r}")
-        env[ENV_GUARD_INTERVAL] = repr(float(interval))
+        # The guard's own check: what passes here, the guard accepts.
+        env[ENV_GUARD_INTERVAL] = repr(_check_seconds("interval", interval))
     if fork_policy is not None:
-        if fork_policy not in POLICIES:
-            raise InvalidArgumentError(
-                f"unknown fork policy {fork_policy!r}; expected one of {', '.join(POLICIES)}"
-            )
-        env[ENV_FORK_POLICY] = fork_policy
+        env[ENV_FORK_POLICY] = _check_policy(fork_policy)
     return env
 
 

@@ -87,26 +87,37 @@ class _PagemapFile:
         self._lock = threading.Lock()
         self._pid = -1
         self._fd = -1
+        self._identity = None  # (st_dev, st_ino) of the fd we opened
         self.scan_supported: Optional[bool] = None
 
-    def reset_lock(self, late: bool = False) -> None:
-        # In a new child: a parent thread may have held the lock at fork.
+    def after_fork_in_child(self, late: bool = False) -> None:
+        # A parent thread may have held the lock at fork.
         self._lock = threading.Lock()
+        # The inherited fd still reads the parent's mm (fs/proc/task_mmu.c
+        # binds the mm at open). Close it, unless the program has closed
+        # and reused that number already (possible when a fork that
+        # bypassed Python is noticed late): then it is not ours to close.
+        fd, self._fd, self._pid = self._fd, -1, -1
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.close(fd)
 
     def fd(self) -> int:
         with self._lock:
             if self._pid != os.getpid():
-                # The inherited fd still reads the parent's mm (fs/proc/
-                # task_mmu.c binds the mm at open): open our own.
-                if self._fd >= 0:
-                    os.close(self._fd)
                 self._fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                st = os.fstat(self._fd)
+                self._identity = (st.st_dev, st.st_ino)
                 self._pid = os.getpid()
             return self._fd
 
 
 _self_pagemap = _PagemapFile()
-_fork.subscribe("pagemap", after_in_child=_self_pagemap.reset_lock, order=100)
+_fork.subscribe("pagemap", after_in_child=_self_pagemap.after_fork_in_child, order=100)
 
 
 def scan_supported() -> Optional[bool]:

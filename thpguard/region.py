@@ -445,10 +445,15 @@ def regions() -> List[Region]:
 # -- fork handling ------------------------------------------------------------
 
 _pending = threading.local()
+# Held from before fork() to after it, so forks from several threads run
+# one at a time: a child forked by another thread meanwhile would inherit
+# the hand-shake pipe and keep this parent waiting until it exits.
+_fork_serial = threading.Lock()
 
 
 def _before_fork() -> None:
     """Prepare the `copy` hand-shake: a pipe the child closes when done."""
+    _fork_serial.acquire()
     _pending.pipe = None
     mode = None
     targets = [r for r in regions() if r.fork == "copy"]
@@ -462,25 +467,30 @@ def _before_fork() -> None:
 
 def _after_fork_in_parent() -> None:
     pipe = getattr(_pending, "pipe", None)
-    if pipe is None:
-        return
-    read_end, write_end = pipe
-    os.close(write_end)
+    _pending.pipe, _pending.targets = None, []  # hold no region alive
     try:
-        # Until the child has copied, a write here would split the pages it
-        # still shares (DESIGN: the `copy` race); EOF comes if it dies.
-        while os.read(read_end, 64):
-            pass
+        if pipe is None:
+            return
+        read_end, write_end = pipe
+        os.close(write_end)
+        try:
+            # Until the child has copied, a write here would split the pages
+            # it still shares (DESIGN: the `copy` race); EOF if it dies.
+            while os.read(read_end, 64):
+                pass
+        finally:
+            os.close(read_end)
     finally:
-        os.close(read_end)
-        _pending.pipe = None
+        if _fork_serial.locked():
+            _fork_serial.release()
 
 
 def _after_fork_in_child(late: bool = False) -> None:
-    global _live_lock
+    global _live_lock, _fork_serial
     # A lock another parent thread held at fork stays held forever in the
     # child, where that thread does not exist: start with fresh ones.
     _live_lock = threading.Lock()
+    _fork_serial = threading.Lock()
     for region in list(_live):
         region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:
