@@ -495,6 +495,9 @@ class _RateLimit:
 def _cmd_guard(args) -> int:
     from . import _procmap  # noqa: PLC0415
 
+    if args.rate <= 0:
+        # 0 became 1 byte/s in _RateLimit: one block, then weeks of waiting.
+        raise UsageError(f"--rate must be more than 0 bytes per second, got {args.rate}")
     pidfd = _guard_preflight(args.pid)
     budget = _RateLimit(args.rate)
     total = 0
