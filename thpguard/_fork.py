@@ -76,7 +76,8 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child(late: bool = False) -> None:
-    global _handled_generation
+    global _handled_generation, _lock
+    _lock = threading.Lock()  # another parent thread may have held it
     _handled_generation = _native.fork_generation()
     for _, _, _, child in _ordered(reverse=True):
         if child:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from . import _native, kernel
+from . import _fork, _native, kernel
 from .errors import KernelCallError, kernel_error
 
 Pid = Union[int, str]
@@ -89,6 +89,10 @@ class _PagemapFile:
         self._fd = -1
         self.scan_supported: Optional[bool] = None
 
+    def reset_lock(self, late: bool = False) -> None:
+        # In a new child: a parent thread may have held the lock at fork.
+        self._lock = threading.Lock()
+
     def fd(self) -> int:
         with self._lock:
             if self._pid != os.getpid():
@@ -102,6 +106,7 @@ class _PagemapFile:
 
 
 _self_pagemap = _PagemapFile()
+_fork.subscribe("pagemap", after_in_child=_self_pagemap.reset_lock, order=100)
 
 
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):

@@ -20,6 +20,7 @@ child of ``fork()`` gets:
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -52,6 +53,7 @@ DEFAULT_COLLAPSE_CHUNK = 8 << 20
 DEFAULT_COLLAPSE_RETRIES = 3
 
 _PAGE = mmap.PAGESIZE
+_FALLBACK_PMD = 2 << 20
 _live: "weakref.WeakSet[Region]" = weakref.WeakSet()
 _live_lock = threading.Lock()
 
@@ -128,7 +130,9 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool) -> None:
-        self.pmd_size = kernel.pmd_size()
+        # Without a known PMD size (no THP in this kernel) the region still
+        # works, on small pages, aligned as on x86-64.
+        self.pmd_size = kernel.pmd_size() or _FALLBACK_PMD
         self.size = -(-size // self.pmd_size) * self.pmd_size
         self.fork = fork
         self.degraded: Optional[str] = None
@@ -169,7 +173,13 @@ class Region:
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
-        _native.madvise(addr, size, _native.MADV_HUGEPAGE)
+        try:
+            _native.madvise(addr, size, _native.MADV_HUGEPAGE)
+        except OSError as exc:
+            # EINVAL: a kernel built without CONFIG_TRANSPARENT_HUGEPAGE.
+            if exc.errno != errno.EINVAL or strict:
+                raise
+            self.degraded = "this kernel has no transparent huge pages (MADV_HUGEPAGE: EINVAL)"
         if self.fork == "wipe":
             _native.madvise(addr, size, _native.MADV_WIPEONFORK)
         elif self.fork == "private":
@@ -191,7 +201,7 @@ class Region:
             cov = self.collapse().coverage
         if not cov.complete:
             ok, reason = kernel.can_get_huge_pages()
-            self.degraded = reason if not ok else (
+            self.degraded = self.degraded or reason if not ok else (
                 f"only {cov.huge_bytes} of {cov.total_bytes} bytes are PMD-mapped "
                 "(memory fragmented or THP unavailable)"
             )
@@ -280,7 +290,7 @@ class Region:
                         failures[err] = failures.get(err, 0) + 1
         after = self.coverage()
         if before.split_ranges is None:
-            failures.pop(22, None)  # EINVAL: untouched blocks, expected here
+            failures.pop(errno.EINVAL, None)  # untouched blocks, expected here
         return CollapseResult(
             attempted_bytes=attempted,
             collapsed_bytes=max(0, after.huge_bytes - before.huge_bytes),
@@ -409,7 +419,12 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child(late: bool = False) -> None:
+    global _live_lock
+    # A lock another parent thread held at fork stays held forever in the
+    # child, where that thread does not exist: start with fresh ones.
+    _live_lock = threading.Lock()
     for region in list(_live):
+        region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:
             region._unmapped_here = True
     pipe = getattr(_pending, "pipe", None)

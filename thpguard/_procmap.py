@@ -1,0 +1,173 @@
+"""Per-VMA huge-page coverage of any process, for ``thpguard status``,
+``watch`` and ``guard``.
+
+PAGEMAP_SCAN on ``/proc/PID/pagemap`` (Linux 6.7) gives, per PMD-size block,
+whether it is PMD-mapped; without it, smaps ``AnonHugePages`` gives the
+PMD-mapped bytes per VMA and split blocks are unknown. Reading another
+process needs ptrace read access (same user and dumpable, or root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from typing import List, Optional, Tuple
+
+from . import _native, kernel
+
+SOURCE_PAGEMAP_SCAN = "pagemap_scan"
+SOURCE_SMAPS = "smaps"
+
+
+class ProcessGone(Exception):
+    """The process exited (or never existed)."""
+
+
+@dataclasses.dataclass
+class VmaCoverage:
+    """Huge-page state of one VMA. Sizes in bytes. ``split_blocks`` are
+    the start addresses of PMD-size blocks that are fully present but not
+    PMD-mapped; None when only smaps was available."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+    thp_eligible: Optional[bool]
+    advised: bool
+    pmd_mapped_bytes: int
+    present_bytes: Optional[int]
+    split_blocks: Optional[List[int]]
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def as_dict(self) -> dict:
+        return {
+            "advised": self.advised,
+            "end": self.end,
+            "path": self.path,
+            "perms": self.perms,
+            "pmd_mapped_bytes": self.pmd_mapped_bytes,
+            "present_bytes": self.present_bytes,
+            "size": self.size,
+            "split_blocks": None if self.split_blocks is None else len(self.split_blocks),
+            "split_block_addresses": None if self.split_blocks is None else list(self.split_blocks),
+            "start": self.start,
+            "thp_eligible": self.thp_eligible,
+        }
+
+
+@dataclasses.dataclass
+class ProcessCoverage:
+    pid: int
+    name: Optional[str]
+    source: str
+    pmd_size: int
+    vmas: List[VmaCoverage]
+
+    def totals(self, only_eligible: bool = False) -> dict:
+        vmas = [v for v in self.vmas if v.thp_eligible or not only_eligible]
+        split = None if self.source == SOURCE_SMAPS else sum(len(v.split_blocks or ()) for v in vmas)
+        return {
+            "eligible_bytes": sum(v.size for v in vmas if v.thp_eligible),
+            "pmd_mapped_bytes": sum(v.pmd_mapped_bytes for v in vmas),
+            "size": sum(v.size for v in vmas),
+            "split_blocks": split,
+            "vmas": len(vmas),
+        }
+
+
+def _block_scan(fd: int, vma: kernel.Vma, pmd: int) -> Tuple[int, int, List[int]]:
+    """(PMD-mapped bytes, present bytes, split block starts) of one VMA."""
+    first = -(-vma.start // pmd) * pmd
+    blocks = {}  # block start -> [present, huge incl. zero page]
+    huge = present = 0
+    for lo, hi, cats in _native.pagemap_scan(fd, vma.start, vma.end):
+        is_present = cats & _native.PAGE_IS_PRESENT
+        is_huge = cats & _native.PAGE_IS_HUGE
+        if is_present:
+            present += hi - lo
+        if is_huge and not cats & _native.PAGE_IS_PFNZERO:
+            huge += hi - lo
+        if not is_present:
+            continue
+        at = max(lo, first)
+        while at < hi:
+            block = at - (at - first) % pmd
+            upto = min(hi, block + pmd)
+            entry = blocks.setdefault(block, [0, 0])
+            entry[0] += upto - at
+            if is_huge:
+                entry[1] += upto - at
+            at = upto
+    split = sorted(b for b, (p, h) in blocks.items()
+                   if b + pmd <= vma.end and p == pmd and h == 0)
+    return huge, present, split
+
+
+def _error(exc: OSError, pid: int, what: str) -> OSError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionError(exc.errno, f"not allowed to read {what} of PID {pid}: it needs ptrace read "
+                                          "access (the same user and a dumpable process, or root)")
+    return exc
+
+
+def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roots] = None,
+                 use_scan: bool = True) -> ProcessCoverage:
+    """Coverage of every VMA of *pid*.
+
+    Raises :class:`ProcessGone` if the process does not exist (any more),
+    ``PermissionError`` (with a message saying what access is missing) when
+    its memory map may not be read.
+    """
+    pmd = pmd or kernel.pmd_size(roots) or 2 * 1024 * 1024
+    try:
+        vmas = kernel.read_smaps(pid, roots)
+        name = kernel.read_status(pid, roots).name
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(pid) from None
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise ProcessGone(pid) from None
+        raise _error(exc, pid, "the memory map") from None
+    if not vmas and not os.path.exists(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid))):
+        raise ProcessGone(pid)
+    fd = -1
+    source = SOURCE_SMAPS
+    if use_scan:
+        try:
+            fd = os.open(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid), "pagemap"),
+                         os.O_RDONLY | os.O_CLOEXEC)
+            source = SOURCE_PAGEMAP_SCAN
+        except FileNotFoundError:
+            raise ProcessGone(pid) from None
+        except OSError as exc:
+            raise _error(exc, pid, "the page map") from None
+    out: List[VmaCoverage] = []
+    try:
+        for v in vmas:
+            cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
+                              v.anon_huge_bytes or 0, v.rss, None)
+            if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
+                try:
+                    cov.pmd_mapped_bytes, cov.present_bytes, cov.split_blocks = _block_scan(fd, v, pmd)
+                except OSError as exc:
+                    if exc.errno == errno.ENOTTY:  # PAGEMAP_SCAN is Linux 6.7+
+                        source = SOURCE_SMAPS
+                        for c in out:
+                            c.split_blocks = None
+                    elif exc.errno == errno.ESRCH:
+                        raise ProcessGone(pid) from None
+                    elif exc.errno not in (errno.EINVAL, errno.EFAULT):
+                        raise _error(exc, pid, "the page map") from None
+            out.append(cov)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if source == SOURCE_SMAPS:
+        for c in out:
+            c.split_blocks = None
+    return ProcessCoverage(int(pid) if str(pid).isdigit() else os.getpid(), name, source, pmd, out)
