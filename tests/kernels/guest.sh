@@ -6,6 +6,7 @@
 
 cd "$THPG_REPO" || { echo "THPG:error:cannot enter $THPG_REPO"; exit 3; }
 export TMPDIR=/tmp HOME=/tmp PYTHONDONTWRITEBYTECODE=1 THPGUARD_REQUIRE_THP=1
+case "$THPG_KERNEL" in *thp_cow) export THPGUARD_REQUIRE_DIRECT_COW=1 ;; esac
 PY=$THPG_PYTHON
 THP=/sys/kernel/mm/transparent_hugepage
 
@@ -13,7 +14,7 @@ echo "THPG:release:$(uname -r)"
 echo "THPG:probe:$("$THPG_PROBE")"
 
 caps() {
-    "$PY" -c 'import json, thpguard; print(json.dumps(thpguard.capabilities().as_dict(), sort_keys=True, default=str))' 2>/tmp/caps.err
+    "$PY" -c 'import json, thpguard, thpguard.kernel; caps = getattr(thpguard, "capabilities", thpguard.kernel.capabilities); print(json.dumps(caps().as_dict(), sort_keys=True, default=str))' 2>/tmp/caps.err
 }
 if out=$(caps); then
     echo "THPG:caps:$out"

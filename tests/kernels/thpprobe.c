@@ -404,8 +404,14 @@ static int time_first_write(int nblocks, int direct, struct timing *t)
 	pid = fork();
 	if (pid == 0) {
 		struct timing c = { 0 };
-		long f0 = minflt();
-		double t0 = now(), t1, t2;
+		long f0;
+		double t0, t1, t2;
+
+		/* the child's own first-touch faults (stack, libc data) first */
+		f0 = minflt();
+		t0 = now();
+		f0 = minflt();
+		t0 = now();
 
 		for (int b = 0; b < nblocks; b++)
 			p[b * pmd + CHILD_OFF] = 1;
@@ -477,7 +483,8 @@ static void ratio(int nblocks, int rounds)
 	       "\"direct_cow_faults\":%ld,\"split_faults\":%ld,\"all_huge_after\":%s},",
 	       nblocks, rounds, cow[rounds / 2] * 1e3, split[rounds / 2] * 1e3,
 	       coll[rounds / 2] * 1e3, sum[rounds / 2] * 1e3,
-	       cow[rounds / 2] / sum[rounds / 2], cow[rounds / 2] / split[rounds / 2],
+	       sum[rounds / 2] > 0 ? cow[rounds / 2] / sum[rounds / 2] : -1.0,
+	       split[rounds / 2] > 0 ? cow[rounds / 2] / split[rounds / 2] : -1.0,
 	       cow_faults, split_faults, huge_ok ? "true" : "false");
 }
 
@@ -500,7 +507,7 @@ int main(int argc, char **argv)
 	struct cow_result r;
 	int has_cow;
 
-	int rounds = argc > 1 ? atoi(argv[1]) : 7;
+	int rounds = argc > 1 ? atoi(argv[1]) : 5;
 
 	if (read_file(THP_DIR "hpage_pmd_size", buf, sizeof(buf))) {
 		printf("{\"error\":\"no transparent_hugepage in sysfs\"}\n");
@@ -571,7 +578,7 @@ int main(int argc, char **argv)
 			print_cow("cow_always", &r, r.child_huge && r.cow_alloc == 2);
 		write_file(THP_DIR "thp_cow", "madvise");
 		if (rounds > 0)
-			ratio(8, rounds);
+			ratio(32, rounds);
 		write_file(THP_DIR "thp_cow", saved);
 	}
 	printf("\"done\":true}\n");
