@@ -16,10 +16,21 @@ echo "THPG:probe:$("$THPG_PROBE")"
 caps() {
     "$PY" -c 'import json, thpguard, thpguard.kernel; caps = getattr(thpguard, "capabilities", thpguard.kernel.capabilities); print(json.dumps(caps().as_dict(), sort_keys=True, default=str))' 2>/tmp/caps.err
 }
-if out=$(caps); then
-    echo "THPG:caps:$out"
+# verify --json carries capabilities(); ask capabilities() itself only
+# where the CLI is missing (one Python start less: they are slow over 9p).
+if [ -f thpguard/cli.py ]; then
+    "$PY" -c 'import sys; from thpguard.cli import main; sys.exit(main(sys.argv[1:]))' \
+        verify --json > /tmp/verify.json 2>/tmp/verify.err
+    echo "THPG:verify_rc:$?"
+    echo "THPG:verify:$(tr -d '\n' < /tmp/verify.json)"
+    tail -n 3 /tmp/verify.err
 else
-    echo "THPG:caps_error:$(tail -n 1 /tmp/caps.err)"
+    echo "THPG:verify_rc:absent"
+    if out=$(caps); then
+        echo "THPG:caps:$out"
+    else
+        echo "THPG:caps_error:$(tail -n 1 /tmp/caps.err)"
+    fi
 fi
 
 if [ -f "$THP/thp_cow" ]; then
@@ -27,16 +38,6 @@ if [ -f "$THP/thp_cow" ]; then
     echo never > "$THP/thp_cow"
     if out=$(caps); then echo "THPG:caps_never:$out"; fi
     echo "$saved" > "$THP/thp_cow"
-fi
-
-if "$PY" -c 'import thpguard.cli' 2>/dev/null; then
-    "$PY" -c 'import sys; from thpguard.cli import main; sys.exit(main(sys.argv[1:]))' \
-        verify --json > /tmp/verify.json 2>/tmp/verify.err
-    echo "THPG:verify_rc:$?"
-    echo "THPG:verify:$("$PY" -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])), sort_keys=True))' /tmp/verify.json 2>&1)"
-    tail -n 3 /tmp/verify.err
-else
-    echo "THPG:verify_rc:absent"
 fi
 
 rc=0

@@ -516,6 +516,20 @@ int main(int argc, char **argv)
 	pmd = strtoul(buf, NULL, 10);
 	uname(&u);
 	printf("{\"release\":\"%s\",\"pmd_size\":%zu,", u.release, pmd);
+	{
+		/* The timings below are only as fine as this clock (coarse in some guests). */
+		struct timespec res;
+		double start = now(), prev = start, t, step = 1.0;
+
+		clock_getres(CLOCK_MONOTONIC, &res);
+		for (int i = 0; i < 1000000 && (t = now()) - start < 0.05; i++)
+			if (t > prev) {
+				if (t - prev < step)
+					step = t - prev;
+				prev = t;
+			}
+		printf("\"clock_res_ns\":%ld,\"clock_step_ns\":%.0f,", res.tv_nsec, step * 1e9);
+	}
 	if (!bracketed(THP_DIR "enabled", mode, sizeof(mode)))
 		printf("\"thp_enabled\":\"%s\",", mode);
 	has_cow = !bracketed(THP_DIR "thp_cow", mode, sizeof(mode));
