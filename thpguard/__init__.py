@@ -18,6 +18,20 @@ from .errors import (
 )
 from .pagemap import Coverage
 from .region import POLICIES, CollapseResult, Region, alloc, regions
+# ``thpguard.guard`` is the function below; the module stays importable as
+# ``from thpguard.guard import ...``.
+from .guard import (
+    Event,
+    Guard,
+    HotBuffer,
+    HotReport,
+    Stats,
+    _install_from_environment,
+    guard,
+    hot,
+    install,
+    stats,
+)
 
 try:
     from ._version import version as __version__
@@ -28,15 +42,28 @@ __all__ = [
     "POLICIES",
     "CollapseResult",
     "Coverage",
+    "Event",
+    "Guard",
+    "HotBuffer",
+    "HotReport",
     "HugePagesUnavailableError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "KernelCallError",
     "Region",
     "RegionClosedError",
+    "Stats",
     "ThpguardError",
     "UnsupportedError",
     "alloc",
     "errors",
+    "guard",
+    "hot",
+    "install",
     "regions",
+    "stats",
 ]
+
+# THPGUARD_GUARD=1 turns the guard on without code changes (docs/guard.rst).
+_install_from_environment()
+

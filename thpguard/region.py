@@ -47,6 +47,11 @@ log = logging.getLogger("thpguard")
 
 POLICIES = ("share", "copy", "wipe", "private")
 
+#: Environment variable naming the fork policy :func:`alloc` uses when none
+#: is given (default ``share``); a bad value is logged and ignored.
+ENV_FORK_POLICY = "THPGUARD_FORK_POLICY"
+_reported_bad_policies: set = set()
+
 #: Bytes per MADV_COLLAPSE call: the kernel holds mmap_lock for write per
 #: 2 MiB block, so bounded calls let other threads fault in between.
 DEFAULT_COLLAPSE_CHUNK = 8 << 20
@@ -105,6 +110,25 @@ def _check_size(size: object) -> int:
     if size <= 0:
         raise InvalidArgumentError(f"size must be > 0 bytes, got {size}")
     return size
+
+
+def default_policy() -> str:
+    """The fork policy :func:`alloc` uses when none is given.
+
+    ``THPGUARD_FORK_POLICY`` if set to one of :data:`POLICIES`, else
+    ``"share"``. A bad value must not break the service that imports us:
+    it is logged as an error (once per value) and ``"share"`` is used.
+    """
+    raw = os.environ.get(ENV_FORK_POLICY, "").strip().lower()
+    if not raw:
+        return "share"
+    if raw in POLICIES:
+        return raw
+    if raw not in _reported_bad_policies:
+        _reported_bad_policies.add(raw)
+        log.error("%s=%r is not a fork policy (expected one of %s); using 'share'",
+                  ENV_FORK_POLICY, os.environ.get(ENV_FORK_POLICY), ", ".join(POLICIES))
+    return "share"
 
 
 def _check_policy(policy: object) -> str:
@@ -357,21 +381,22 @@ class Region:
 def alloc(
     size: int,
     *,
-    fork: str = "share",
+    fork: Optional[str] = None,
     populate: bool = True,
     strict: bool = False,
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
     ``size`` is rounded up to the PMD size (2 MiB on x86-64). ``fork`` is the
-    fork policy: ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``.
+    fork policy: ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``; when
+    None, :func:`default_policy` (``THPGUARD_FORK_POLICY``, else ``share``).
     ``populate`` faults every page in now, as huge pages. With ``strict``,
     :class:`~thpguard.errors.HugePagesUnavailableError` is raised where huge
     pages cannot be had; otherwise the region works on small pages and
     ``Region.degraded`` and :meth:`Region.coverage` say so.
     """
     size = _check_size(size)
-    fork = _check_policy(fork)
+    fork = default_policy() if fork is None else _check_policy(fork)
     for name, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{name} must be True or False, got {value!r}")

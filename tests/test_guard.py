@@ -1,0 +1,590 @@
+"""The guard: automatic split repair in every process, fork handling, faults, stats."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+from conftest import checksum, run_in_child, smaps_huge_bytes
+
+import thpguard
+from thpguard import _fork, _native
+from thpguard.errors import InvalidArgumentError, InvalidTypeError
+
+pytestmark = pytest.mark.kernel
+
+MADV_NOHUGEPAGE = _native.MADV_NOHUGEPAGE
+MADV_HUGEPAGE = _native.MADV_HUGEPAGE
+
+
+def status_threads() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError("no Threads: line in /proc/self/status")
+
+
+@pytest.fixture
+def running_guard():
+    """A guard installed for the test, stopped (and faults cleared) after it."""
+    assert thpguard.guard() is None, "a guard leaked from an earlier test"
+    guard = thpguard.install(interval=0.05)
+    try:
+        yield guard
+    finally:
+        guard.stop()
+        _native.fault_clear()
+    assert thpguard.guard() is None
+
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging forever if a fork deadlocks."""
+    def alarm(signum, frame):
+        raise AssertionError("timed out: deadlock?")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def sharer():
+    """A child that keeps sharing every region until the block ends."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write_end)
+        try:
+            os.read(read_end, 1)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    try:
+        yield pid
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+
+
+class Delta:
+    """Counter changes since creation (stats() counts for the whole process)."""
+
+    def __init__(self):
+        self.before = thpguard.stats()
+
+    def __getattr__(self, key):
+        return thpguard.stats()[key] - self.before[key]
+
+    @property
+    def repair_failures(self):
+        after, before = thpguard.stats().repair_failures, self.before.repair_failures
+        return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def repaired_within(guard, region, ticks):
+    """True when ``region`` is fully PMD-mapped after at most ``ticks`` ticks."""
+    for _ in range(ticks):
+        if region.coverage().complete:
+            return True
+        assert guard.wait_ticks(1, timeout=30), "the guard stopped ticking"
+    return region.coverage().complete
+
+
+def fill_blocks(region, pmd):
+    """Fill block i with byte i; return the per-block checksums."""
+    view = region.view()
+    sums = []
+    for i in range(region.size // pmd):
+        view[i * pmd:(i + 1) * pmd] = bytes([i % 256]) * pmd
+        sums.append(checksum(view[i * pmd:(i + 1) * pmd]))
+    view.release()
+    return sums
+
+
+def expected_checksum(block_index, pmd, writes):
+    data = bytearray([block_index % 256]) * pmd
+    for offset, value in writes:
+        data[offset] = value
+    return checksum(data)
+
+
+# -- repair after fork ------------------------------------------------------------
+
+
+def test_children_and_parent_repair_their_own_splits(region_factory, running_guard, pmd, deadline):
+    """8 children write 8 blocks each, then the parent writes: all back to 100 % within 3 ticks, data intact."""
+    n_children, per_child = 8, 8
+    region = region_factory(n_children * per_child * pmd)
+    sums = fill_blocks(region, pmd)
+    start, end = region.address, region.address + region.size
+    assert region.coverage().complete
+    parent = Delta()
+
+    children = []
+    for i in range(n_children):
+        report_r, report_w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                os.close(report_r)
+                os.close(go_w)
+                guard = thpguard.guard()
+                view = region.view()
+                mine = [i + n_children * k for k in range(per_child)]
+                for b in mine:
+                    view[b * pmd + 100 + i] = 0xAB
+                view.release()
+                ok = repaired_within(guard, region, 3)
+                cov = region.coverage()
+                view = region.view()
+                data_ok = all(
+                    checksum(view[b * pmd:(b + 1) * pmd])
+                    == (expected_checksum(b, pmd, [(100 + i, 0xAB)]) if b in mine else sums[b])
+                    for b in range(len(sums))
+                )
+                view.release()
+                s = thpguard.stats()
+                result = dict(
+                    within_3_ticks=ok, complete=cov.complete, split=cov.split_ranges,
+                    smaps=smaps_huge_bytes(os.getpid(), start, end), data_ok=data_ok,
+                    guard_pid_ok=guard is not None and guard.running,
+                    repairs=s.repairs, splits=s.splits_detected, forks_seen=s.forks_seen,
+                    threads=status_threads(),
+                )
+                with os.fdopen(report_w, "wb") as f:
+                    pickle.dump(result, f)
+                os.read(go_r, 1)
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)
+        os.close(report_w)
+        os.close(go_r)
+        children.append((pid, report_r, go_w))
+
+    for pid, report_r, _ in children:
+        with os.fdopen(report_r, "rb") as f:
+            result = pickle.load(f)
+        assert result["within_3_ticks"], result
+        assert result["complete"] and result["split"] == (), result
+        assert result["smaps"] == region.size, result
+        assert result["data_ok"], result
+        assert result["guard_pid_ok"] and result["threads"] == 2, result
+        assert result["repairs"] == per_child and result["splits"] == per_child, result
+        assert result["forks_seen"] == 0, result  # the child's own counters
+
+    # Child 0's blocks are still shared with children 1..7: the parent splits them.
+    try:
+        view = region.view()
+        parent_blocks = [n_children * k for k in range(per_child)]
+        for b in parent_blocks:
+            view[b * pmd + 7] = 0xCD
+        view.release()
+        assert not region.coverage().complete
+        assert repaired_within(running_guard, region, 3)
+        assert smaps_huge_bytes(os.getpid(), start, end) == region.size
+        view = region.view()
+        for b in range(len(sums)):
+            want = expected_checksum(b, pmd, [(7, 0xCD)]) if b in parent_blocks else sums[b]
+            assert checksum(view[b * pmd:(b + 1) * pmd]) == want, b
+        view.release()
+        assert parent.splits_detected == per_child and parent.repairs == per_child
+        assert parent.forks_seen == n_children
+    finally:
+        for pid, _, go_w in children:
+            os.close(go_w)
+        statuses = [os.waitpid(pid, 0)[1] for pid, _, _ in children]
+    assert statuses == [0] * n_children
+
+
+@pytest.mark.parametrize("n_forks", [100, pytest.param(2000, marks=pytest.mark.stress)])
+def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline, n_forks):
+    """100 forks with a busy guard: Threads: 1 in the last before-fork hook, no deadlock, no leaked thread."""
+    region = region_factory(8 * pmd)
+    guard = thpguard.install(interval=0.001)
+    forks = Delta()
+    seen = []
+    _fork.subscribe("test-thread-probe", before=lambda: seen.append(status_threads()), order=10**6)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            # Python 3.12+ warns (DeprecationWarning) when a multi-threaded process forks.
+            warnings.simplefilter("always")
+            for _ in range(n_forks):
+                pid = os.fork()
+                if pid == 0:
+                    g = thpguard.guard()
+                    ok = g is guard and g.running and g.wait_ticks(1, timeout=10)
+                    ok = ok and status_threads() == 2 and region.coverage().complete
+                    os._exit(0 if ok else 1)
+                assert os.waitpid(pid, 0)[1] == 0
+        assert guard.running
+        assert status_threads() == 2 and threading.active_count() == 2
+    finally:
+        _fork.unsubscribe("test-thread-probe")
+        guard.stop()
+    assert seen == [1] * n_forks
+    assert [str(w.message) for w in caught if "fork" in str(w.message)] == []
+    assert status_threads() == 1
+    assert forks.forks_seen == n_forks
+
+
+def test_no_guard_thread_in_a_child_about_to_exec(running_guard, tmp_path):
+    """subprocess with preexec_fn runs the fork hooks in a child that execs: no thread starts there."""
+    out = tmp_path / "threads"
+
+    def record_threads():
+        out.write_text(str(status_threads()))
+
+    subprocess.run(["true"], preexec_fn=record_threads, check=True)
+    assert out.read_text() == "1"
+    assert running_guard.running
+
+
+def test_fork_outside_python_is_noticed(region_factory, running_guard, pmd, deadline):
+    """A fork that skips Python's hooks: the child's guard starts on its next thpguard call and repairs."""
+    region = region_factory(4 * pmd)
+    fill_blocks(region, pmd)
+    libc_fork = ctypes.PyDLL(None).fork  # PyDLL keeps the GIL: no Python hook runs
+    with sharer():
+        read_end, write_end = os.pipe()
+        pid = libc_fork()
+        if pid == 0:
+            status = 0
+            try:
+                view = region.view()
+                view[pmd + 1] = 9
+                view.release()
+                guard = thpguard.guard()  # runs _fork.check()
+                ok = repaired_within(guard, region, 3)
+                result = dict(ok=ok, running=guard.running, forks=_fork.generation(),
+                              repairs=thpguard.stats().repairs)
+                os.write(write_end, pickle.dumps(result))
+            except BaseException as exc:
+                os.write(write_end, pickle.dumps(dict(error=repr(exc))))
+                status = 1
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            result = pickle.loads(f.read())
+        os.waitpid(pid, 0)
+    assert result == dict(ok=True, running=True, forks=_fork.generation() + 1, repairs=1)
+    assert running_guard.running
+
+
+# -- bounded repair and faults ----------------------------------------------------------
+
+
+def test_injected_eagain_is_counted_logged_and_retried(region_factory, running_guard, pmd, caplog):
+    """EAGAIN from MADV_COLLAPSE: counted, logged, retried on the next tick without back-off."""
+    caplog.set_level(logging.INFO, logger="thpguard")
+    region = region_factory(4 * pmd)
+    events = []
+    thpguard.install(on_event=events.append)
+    with sharer():
+        s = Delta()
+        _native.fault_inject("collapse", errno.EAGAIN, 1)
+        region.view()[0] = 1
+        assert repaired_within(running_guard, region, 5)
+    assert s.repair_failures == {"EAGAIN": 1}
+    assert s.repairs == 1 and s.backoffs == 0
+    kinds = [e.kind for e in events]
+    assert kinds == ["split", "failed", "repaired"], kinds
+    assert events[1].failures == {"EAGAIN": 1}
+    assert any("EAGAIN" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+@pytest.mark.parametrize("err", [errno.ENOMEM, errno.EBUSY])
+def test_injected_enomem_ebusy_back_off(region_factory, running_guard, pmd, caplog, err):
+    """ENOMEM/EBUSY: counted, logged as warnings, retried after a doubling pause capped at backoff_max."""
+    caplog.set_level(logging.INFO, logger="thpguard")
+    region = region_factory(4 * pmd)
+    events = []
+    thpguard.install(on_event=events.append, backoff_initial=0.05, backoff_max=0.1)
+    name = errno.errorcode[err]
+    with sharer():
+        s = Delta()
+        _native.fault_inject("collapse", err, 3)
+        region.view()[pmd] = 1
+        assert repaired_within(running_guard, region, 40)
+    assert s.repair_failures == {name: 3} and s.backoffs == 3 and s.repairs == 1
+    delays = [e.delay for e in events if e.kind == "backoff"]
+    assert delays == [0.05, 0.1, 0.1]
+    assert [e.kind for e in events][-1] == "repaired"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("backing off" in r.getMessage() for r in warned) == 3
+    assert sum(name in r.getMessage() for r in warned) >= 3
+
+
+def test_persistent_eagain_backs_off(region_factory, running_guard, pmd):
+    """EAGAIN on eagain_ticks ticks in a row turns into a back-off."""
+    region = region_factory(2 * pmd)
+    events = []
+    thpguard.install(on_event=events.append, eagain_ticks=2, backoff_initial=0.05)
+    with sharer():
+        s = Delta()
+        _native.fault_inject("collapse", errno.EAGAIN, 2)
+        region.view()[0] = 1
+        assert repaired_within(running_guard, region, 20)
+    assert [e.kind for e in events] == ["split", "failed", "failed", "backoff", "repaired"]
+    assert s.repair_failures == {"EAGAIN": 2}
+
+
+def test_nohugepage_region_stops_being_repaired_and_says_why(region_factory, running_guard, pmd, caplog):
+    """EINVAL (MADV_NOHUGEPAGE): no more retries, the reason is in stats and logs; hot() resumes it."""
+    region = region_factory(2 * pmd)
+    with sharer():
+        delta = Delta()
+        _native.madvise(region.address, region.size, MADV_NOHUGEPAGE)
+        region.view()[0] = 1
+        for _ in range(3):
+            running_guard.wait_ticks(1, timeout=30)
+        assert delta.repair_failures == {"EINVAL": 1}
+        s = thpguard.stats()
+        assert "MADV_NOHUGEPAGE" in s.regions_disabled[hex(region.address)]
+        assert not region.coverage().complete
+        assert any("no longer repaired" in r.getMessage() and "MADV_NOHUGEPAGE" in r.getMessage()
+                   for r in caplog.records)
+        _native.madvise(region.address, region.size, MADV_HUGEPAGE)
+        buffer = thpguard.hot(region)
+        with buffer:
+            pass
+        assert buffer.report.entry_repaired_bytes == pmd and buffer.report.ok
+        assert thpguard.stats().regions_disabled == {}
+        assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size
+
+
+def test_prctl_disabled_process_stops_repairs_and_says_why(region_factory, running_guard, pmd):
+    """EINVAL under prctl(PR_SET_THP_DISABLE): the child's guard stops retrying and names the switch."""
+    region = region_factory(2 * pmd)
+
+    def child():
+        _native.thp_disable_set(1, 0)  # this child only; it exits after
+        guard = thpguard.guard()
+        delta = Delta()
+        region.view()[0] = 1
+        for _ in range(3):
+            guard.wait_ticks(1, timeout=30)
+        reason = thpguard.stats().regions_disabled.get(hex(region.address), "")
+        return delta.repair_failures, reason, region.coverage().complete
+
+    failures, reason, complete = run_in_child(child)
+    assert failures == {"EINVAL": 1}
+    assert "prctl(PR_SET_THP_DISABLE)" in reason and not complete
+
+
+def test_budget_caps_bytes_repaired_per_tick(region_factory, running_guard, pmd):
+    """max_repair_bytes: a tick repairs at most that many bytes."""
+    region = region_factory(8 * pmd)
+    events = []
+    thpguard.install(on_event=events.append, max_repair_bytes=2 * pmd)
+    with sharer():
+        view = region.view()
+        for b in range(8):
+            view[b * pmd] = 1
+        view.release()
+        assert repaired_within(running_guard, region, 8)
+    repaired = [e.blocks for e in events if e.kind == "repaired"]
+    assert sum(repaired) == 8 and max(repaired) <= 2
+
+
+# -- hot() ---------------------------------------------------------------------------------
+
+
+def test_hot_reports_split_and_repair(running_guard, require_thp, pmd):
+    """Inside hot() a split is seen and repaired; the report has both, with latency."""
+    buffer = thpguard.hot(8 * pmd)
+    assert buffer.report is None
+    with buffer as region:
+        assert region.coverage().complete
+        with sharer():
+            region.view()[3 * pmd + 5] = 1
+            assert repaired_within(running_guard, region, 3)
+            assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size
+    report = buffer.report
+    assert region.closed
+    assert report.watched and report.ok
+    assert report.splits_seen == 1 and report.repairs == 1
+    assert len(report.repair_latencies) == 1 and report.max_repair_latency >= 0
+    assert report.failures == {}
+    assert report.not_huge_seconds > 0 and report.max_not_huge_bytes == pmd
+    assert report.as_dict()["repairs"] == 1
+
+
+def test_hot_without_guard_checks_entry_and_exit(require_thp, pmd):
+    """Without a guard, hot() populates on entry and reports what it finds at exit."""
+    assert thpguard.guard() is None
+    buffer = thpguard.hot(4 * pmd, populate=False)
+    with buffer as region:
+        assert region.coverage().complete
+        with sharer():
+            region.view()[pmd] = 1
+    report = buffer.report
+    assert not report.watched
+    assert report.populated_bytes == 4 * pmd and report.entry_coverage.complete
+    assert report.splits_seen == 1 and report.repairs == 0
+    assert report.exit_coverage.split_blocks == 1
+    assert report.not_huge_seconds is None and not report.ok
+
+
+def test_hot_keeps_a_given_region_open(region_factory, pmd):
+    """hot(region) re-collapses a split region on entry and leaves it open."""
+    region = region_factory(2 * pmd)
+    with sharer():
+        region.view()[0] = 1
+        assert not region.coverage().complete
+        buffer = thpguard.hot(region)
+        with buffer as same:
+            assert same is region and region.coverage().complete
+    assert not region.closed and buffer.report.entry_repaired_bytes == pmd
+
+
+def test_hot_entry_retries_eagain(region_factory, pmd):
+    """An EAGAIN on hot() entry is retried at once; the region is fully PMD-mapped inside."""
+    region = region_factory(2 * pmd)
+    with sharer():
+        region.view()[0] = 1
+        delta = Delta()
+        _native.fault_inject("collapse", errno.EAGAIN, 1)
+        buffer = thpguard.hot(region)
+        with buffer:
+            assert region.coverage().complete
+    assert buffer.report.entry_repaired_bytes == pmd and buffer.report.ok
+    assert delta.repair_failures == {"EAGAIN": 1}
+
+
+def test_scan_failure_is_counted_and_logged(region_factory, running_guard, pmd, caplog):
+    """A failed PAGEMAP_SCAN is counted and logged; the next tick scans again."""
+    region_factory(pmd)
+    delta = Delta()
+    _native.fault_inject("scan", errno.EIO, 1)
+    assert running_guard.wait_ticks(2, timeout=30)
+    assert delta.scan_failures == 1
+    assert any("scan failed" in r.getMessage() for r in caplog.records)
+
+
+def test_hot_bad_arguments():
+    """hot() says what it expected."""
+    with pytest.raises(InvalidTypeError, match="size in bytes"):
+        thpguard.hot("1G")
+    with pytest.raises(InvalidArgumentError):
+        thpguard.hot(0)
+
+
+def test_hot_region_with_alloc_arguments(region_factory, pmd):
+    """Allocation arguments with an existing region are refused with a clear message."""
+    region = region_factory(pmd)
+    with pytest.raises(InvalidTypeError, match="existing region"):
+        thpguard.hot(region, fork="copy")
+
+
+# -- install, stats, events -----------------------------------------------------------------
+
+
+def test_install_is_idempotent_and_validates(running_guard):
+    """install() returns the running guard; bad settings raise clear errors."""
+    assert thpguard.install() is running_guard
+    assert thpguard.install(interval=0.02) is running_guard and running_guard.interval == 0.02
+    with pytest.raises(InvalidArgumentError, match="interval"):
+        thpguard.install(interval=0)
+    with pytest.raises(InvalidTypeError, match="interval"):
+        thpguard.install(interval="fast")
+    with pytest.raises(InvalidArgumentError, match="max_repair_bytes"):
+        thpguard.install(max_repair_bytes=1)
+    with pytest.raises(InvalidTypeError, match="on_event"):
+        thpguard.install(on_event=3)
+    assert running_guard.running
+
+
+def test_stats_keys_and_child_counters(region_factory, running_guard, pmd):
+    """stats() is a dict; a child starts with its own zeroed counters."""
+    region = region_factory(2 * pmd)
+    delta = Delta()
+    with sharer():
+        region.view()[0] = 1
+        assert repaired_within(running_guard, region, 3)
+    s = thpguard.stats()
+    assert isinstance(s, dict) and s["repairs"] == s.repairs
+    assert delta.repairs == 1 and delta.bytes_repaired == pmd and delta.forks_seen == 1
+    assert s.regions >= 1 and s.guarded_bytes >= region.size and s.huge_bytes >= region.size
+    assert delta.repair_seconds > 0 and s.last_repair_seconds > 0
+    assert s.guard_running and delta.ticks > 0
+
+    def child_stats():
+        return dict(thpguard.stats())
+
+    child = run_in_child(child_stats)
+    assert child["pid"] != os.getpid() and child["guard_running"]
+    assert child["repairs"] == 0 and child["forks_seen"] == 0 and child["splits_detected"] == 0
+
+
+def test_callback_errors_are_counted_not_fatal(region_factory, running_guard, pmd):
+    """A failing on_event callback is logged and counted; repairs go on."""
+    region = region_factory(2 * pmd)
+
+    def broken(event):
+        raise RuntimeError("callback bug")
+
+    thpguard.install(on_event=broken)
+    s = Delta()
+    with sharer():
+        region.view()[0] = 1
+        assert repaired_within(running_guard, region, 3)
+    assert s.callback_errors >= 2 and s.repairs == 1
+
+
+# -- environment -----------------------------------------------------------------------------
+
+
+def run_python(code, **env):
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_environment_installs_the_guard():
+    """THPGUARD_GUARD=1 installs the guard at import, THPGUARD_GUARD_INTERVAL sets its interval."""
+    done = run_python("import thpguard; g = thpguard.guard(); print(g.running, g.interval)",
+                      THPGUARD_GUARD="1", THPGUARD_GUARD_INTERVAL="0.2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "0.2"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"THPGUARD_GUARD": "maybe"}, "THPGUARD_GUARD='maybe' not understood"),
+    ({"THPGUARD_GUARD": "1", "THPGUARD_GUARD_INTERVAL": "fast"}, "must be a number of seconds"),
+    ({"THPGUARD_GUARD": "1", "THPGUARD_GUARD_INTERVAL": "-1"}, "must be between"),
+    ({"THPGUARD_FORK_POLICY": "sharing"}, "is not a fork policy"),
+])
+def test_bad_environment_is_logged_not_fatal(env, message):
+    """A bad environment value logs an error and the defaults apply; the import still works."""
+    done = run_python(
+        "import thpguard; g = thpguard.guard();"
+        "print(g is not None and g.interval, thpguard.region.default_policy())", **env)
+    assert done.returncode == 0, done.stderr
+    assert message in done.stderr
+    interval, policy = done.stdout.split()
+    assert interval in ("False", "0.05") and policy == "share"
+
+
+def test_fork_policy_from_environment(monkeypatch, region_factory):
+    """THPGUARD_FORK_POLICY picks alloc()'s default policy; an explicit fork= wins."""
+    monkeypatch.setenv("THPGUARD_FORK_POLICY", "wipe")
+    assert region_factory(1).fork == "wipe"
+    assert region_factory(1, fork="share").fork == "share"
