@@ -43,9 +43,11 @@ fi
 rc=0
 if [ "$THPG_PYTEST" = 1 ]; then
     start=$(cut -d' ' -f1 /proc/uptime)
-    "$PY" -m pytest -m kernel -q -p no:cacheprovider -rfE tests > /tmp/pytest.out 2>&1
-    rc=$?
-    cat /tmp/pytest.out
+    # -v and streamed: a test that hangs shows by name before the guest's
+    # timeout; faulthandler dumps its stack after 300 s.
+    { "$PY" -m pytest -m "kernel and not stress" -v -p no:cacheprovider -rfE -o faulthandler_timeout=300 tests 2>&1
+      echo $? > /tmp/pytest.rc; } | tee /tmp/pytest.out
+    rc=$(cat /tmp/pytest.rc)
     echo "THPG:pytest_rc:$rc"
     echo "THPG:pytest_seconds:$(awk -v s="$start" '{print $1 - s}' /proc/uptime)"
     # 5: no tests collected (no kernel-marked tests in this tree)
