@@ -45,7 +45,7 @@ if [ "$THPG_PYTEST" = 1 ]; then
     start=$(cut -d' ' -f1 /proc/uptime)
     # -v and streamed: a test that hangs shows by name before the guest's
     # timeout; faulthandler dumps its stack after 300 s.
-    { "$PY" -m pytest -m "kernel and not stress" -v -p no:cacheprovider -rfE -o faulthandler_timeout=300 tests 2>&1
+    { "$PY" -m pytest -m "kernel and not stress" -v -p no:cacheprovider -rfE -o faulthandler_timeout=300 $THPG_PYTEST_ARGS tests 2>&1
       echo $? > /tmp/pytest.rc; } | tee /tmp/pytest.out
     rc=$(cat /tmp/pytest.rc)
     echo "THPG:pytest_rc:$rc"
