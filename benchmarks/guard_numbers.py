@@ -12,7 +12,9 @@
 4. fork() latency of a process with 1 GiB guarded, guard running against
    no guard, interleaved.
 
-Usage: python benchmarks/guard_numbers.py [--big-gib 8] [--json]
+Usage: python -m benchmarks.guard_numbers [--big-gib 8] [--json]
+(as a module: run as a script, its folder would go first on sys.path and
+the benchmark modules there could shadow installed packages)
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def repair_latency(n=100, in_hot=False):
         "n": len(latencies),
         "interval_ms": (guard.hot_interval if in_hot else guard.interval) * 1e3,
         "median_ms": statistics.median(latencies) * 1e3,
+        "p90_ms": statistics.quantiles(latencies, n=10)[-1] * 1e3,
         "worst_ms": max(latencies) * 1e3,
         "median_over_interval": statistics.median(latencies)
         / (guard.hot_interval if in_hot else guard.interval),
@@ -214,6 +217,8 @@ def main(argv=None) -> int:
         return 2
     results = {
         "kernel": os.uname().release,
+        "load_average_at_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
         "cpu_per_tick": cpu_per_tick([1, args.big_gib]),
         "write_to_pmd_mapped": repair_latency(),
         "write_to_pmd_mapped_in_hot": repair_latency(in_hot=True),

@@ -58,6 +58,12 @@ struct tg_pm_scan_arg {
 
 static _Atomic int fault_errno[TG_FAULT_NOPS];
 static _Atomic int fault_count[TG_FAULT_NOPS];
+static _Thread_local int fault_suspended;
+
+void tg_fault_suspend(int suspend)
+{
+    fault_suspended = suspend;
+}
 
 int tg_fault_inject(int op, int err, int count)
 {
@@ -79,6 +85,8 @@ void tg_fault_clear(void)
 /* 1 (with errno set) when an injected fault consumes this call of `op`. */
 static int fault_take(int op)
 {
+    if (fault_suspended)
+        return 0;
     int n = atomic_load(&fault_count[op]);
     while (n > 0) {
         if (atomic_compare_exchange_weak(&fault_count[op], &n, n - 1)) {
@@ -105,6 +113,13 @@ int tg_map_aligned(size_t size, size_t align, void **out)
         errno = EINVAL;
         return -1;
     }
+    /* munmap of the tail needs a page-aligned start: round the size up. */
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    if (size > SIZE_MAX - align - page) {
+        errno = ENOMEM;
+        return -1;
+    }
+    size = (size + page - 1) & ~(page - 1);
     if (fault_take(TG_FAULT_MAP))
         return -1;
     size_t span = size + align;
@@ -406,6 +421,19 @@ int tg_atfork_install(void)
 uint64_t tg_fork_generation(void)
 {
     return atomic_load(&fork_generation);
+}
+
+static _Atomic uint64_t handled_generation;
+
+int tg_fork_claim(void)
+{
+    uint64_t now = atomic_load(&fork_generation);
+    uint64_t seen = atomic_load(&handled_generation);
+    while (seen != now) {
+        if (atomic_compare_exchange_weak(&handled_generation, &seen, now))
+            return 1;
+    }
+    return 0;
 }
 
 /* ---- process switches --------------------------------------------------- */

@@ -136,6 +136,11 @@ int tg_atfork_install(void);
  * when the fork bypassed Python. */
 uint64_t tg_fork_generation(void);
 
+/* 1 exactly once per new fork generation, for the one caller that should
+ * do this process's after-fork work; 0 otherwise. Lock-free, so it is safe
+ * however the fork happened and whichever thread asks first. */
+int tg_fork_claim(void);
+
 /* ---- process switches ------------------------------------------------- */
 
 /* Raw prctl(PR_GET_THP_DISABLE) result. */
@@ -150,6 +155,10 @@ int tg_thp_disable_set(int disable, unsigned long flags);
 int tg_fault_inject(int op, int err, int count);
 
 void tg_fault_clear(void);
+
+/* Nonzero: injected faults do not apply to this thread's calls (a probe
+ * of the library's own must not consume the faults a test set up). */
+void tg_fault_suspend(int suspend);
 
 /* Consume one injected fault of `op` for a call made outside this library
  * (a binding that maps memory itself): the errno to fail with, or 0. */

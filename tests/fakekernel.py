@@ -6,6 +6,7 @@ management (tests that need that run against the real kernel).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 
@@ -128,6 +129,10 @@ class FakeNative:
         self._thp_disable = thp_disable
         self.pidfd_errno = pidfd_errno
         self.mapped = []
+
+    @contextlib.contextmanager
+    def faults_suspended(self):
+        yield
 
     def advice_known(self, advice):
         return advice in self.known

@@ -8,10 +8,12 @@ import errno
 import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -96,12 +98,20 @@ class Delta:
 
 
 def repaired_within(guard, region, ticks):
-    """True when ``region`` is fully PMD-mapped after at most ``ticks`` ticks."""
+    """True when ``region`` is fully PMD-mapped after at most ``ticks`` ticks.
+
+    Then waits for the end of the tick that repaired it, so the counters
+    include the repair.
+    """
     for _ in range(ticks):
         if region.coverage().complete:
-            return True
+            break
         assert guard.wait_ticks(1, timeout=30), "the guard stopped ticking"
-    return region.coverage().complete
+    else:
+        if not region.coverage().complete:
+            return False
+    guard.wait_ticks(1, timeout=30)
+    return True
 
 
 def fill_blocks(region, pmd):
@@ -262,8 +272,11 @@ def test_fork_outside_python_is_noticed(region_factory, running_guard, pmd, dead
     fill_blocks(region, pmd)
     libc_fork = ctypes.PyDLL(None).fork  # PyDLL keeps the GIL: no Python hook runs
     with sharer():
+        # No thread may run during a fork that bypasses Python: it could
+        # leave CPython's GIL mutex held in the child (docs/guard.rst, Fork).
         read_end, write_end = os.pipe()
-        pid = libc_fork()
+        with running_guard.paused():
+            pid = libc_fork()
         if pid == 0:
             status = 0
             try:
@@ -281,6 +294,10 @@ def test_fork_outside_python_is_noticed(region_factory, running_guard, pmd, dead
             finally:
                 os._exit(status)
         os.close(write_end)
+        if not select.select([read_end], [], [], 60)[0]:
+            os.kill(pid, signal.SIGKILL)  # it holds the sharer's pipe: free it
+            os.waitpid(pid, 0)
+            raise AssertionError("the child forked outside Python hangs")
         with os.fdopen(read_end, "rb") as f:
             result = pickle.loads(f.read())
         os.waitpid(pid, 0)
@@ -588,3 +605,21 @@ def test_fork_policy_from_environment(monkeypatch, region_factory):
     monkeypatch.setenv("THPGUARD_FORK_POLICY", "wipe")
     assert region_factory(1).fork == "wipe"
     assert region_factory(1, fork="share").fork == "share"
+
+
+def test_smaps_fallback_keeps_guard_cpu_low(require_thp):
+    """Without PAGEMAP_SCAN (injected ENOTTY) the guard stretches its interval to stay near 5 % of a core."""
+
+    def child():
+        _native.fault_inject("scan", errno.ENOTTY, 1)  # as on Linux < 6.7
+        regions = [thpguard.alloc(4 << 20) for _ in range(8)]
+        assert regions[0].coverage().source == "smaps"
+        guard = thpguard.install(interval=0.001)
+        guard.wait_ticks(2, timeout=30)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(1.0)
+        share = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        guard.stop()
+        return share
+
+    assert run_in_child(child) < 0.25

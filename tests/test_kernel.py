@@ -307,6 +307,8 @@ def test_as_dict_is_json_ready_and_sorted(tmp_path, monkeypatch):
     ("never", "inherit", True, True),  # MADV_COLLAPSE ignores "never"
     ("never", "inherit", False, False),
     ("madvise", "never", False, False),
+    ("never", "always", False, True),  # the per-size setting overrides the global one
+    ("never", "madvise", False, True),
 ])
 def test_can_get_huge_pages(tmp_path, monkeypatch, enabled, pmd_mode, collapse, expect):
     """THP never without collapse, or a PMD size set to never, means no huge pages."""

@@ -27,7 +27,6 @@ Callback = Optional[Callable[..., None]]
 
 _subscribers: Dict[str, Tuple[int, Callback, Callback, Callback]] = {}
 _lock = threading.Lock()
-_handled_generation = 0
 
 
 def subscribe(
@@ -76,9 +75,10 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child(late: bool = False) -> None:
-    global _handled_generation, _lock
+    global _lock
     _lock = threading.Lock()  # another parent thread may have held it
-    _handled_generation = _native.fork_generation()
+    if not late:
+        _native.fork_claim()  # os.fork: this hook is the one handler
     for _, _, _, child in _ordered(reverse=True):
         if child:
             _run(child, late=late)
@@ -89,7 +89,8 @@ def check() -> bool:
 
     Cheap (one native call); the guard calls it every tick.
     """
-    if _native.fork_generation() == _handled_generation:
+    # The claim is atomic: of several threads asking at once, one handles it.
+    if not _native.fork_claim():
         return False
     log.info("fork without Python's at-fork hooks noticed in pid %d", os.getpid())
     _after_in_child(late=True)
@@ -118,7 +119,7 @@ def in_exec_child() -> bool:
 
 
 _native.atfork_install()
-_handled_generation = _native.fork_generation()
+_native.fork_claim()  # nothing to handle for forks made before import
 os.register_at_fork(
     before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
 )

@@ -8,9 +8,11 @@ so long operations (collapse, copy) do not block other Python threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
-from typing import Dict, List, Sequence, Tuple
+import re
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from ._cffi import ffi, lib
 from .errors import InvalidArgumentError, kernel_error
@@ -188,6 +190,25 @@ def fork_generation() -> int:
     return lib.tg_fork_generation()
 
 
+def fork_claim() -> bool:
+    """True exactly once per new fork generation (see ``tg_fork_claim``)."""
+    return bool(lib.tg_fork_claim())
+
+
+@contextlib.contextmanager
+def faults_suspended() -> Iterator[None]:
+    """Injected faults do not apply to this thread's calls inside the block.
+
+    For thpguard's own probes, which must not consume faults a test set up
+    for the code under test.
+    """
+    lib.tg_fault_suspend(1)
+    try:
+        yield
+    finally:
+        lib.tg_fault_suspend(0)
+
+
 def thp_disable_get() -> int:
     value = ffi.new("int *")
     _check(lib.tg_thp_disable_get(value), "prctl(PR_GET_THP_DISABLE)")
@@ -205,13 +226,20 @@ def fault_inject(op: str, err: int, count: int = 1) -> None:
     For tests and drills only; nothing is injected unless this is called
     or ``THPGUARD_FAULTS`` is set when thpguard is imported.
     """
-    if op not in FAULT_OPS:
+    if not isinstance(op, str) or op not in FAULT_OPS:
         raise InvalidArgumentError(
             f"unknown fault op {op!r}; expected one of {sorted(FAULT_OPS)}"
         )
-    if count < 0 or err < 0:
-        raise InvalidArgumentError("fault errno and count must be >= 0")
+    for name, value, limit in (("errno", err, _MAX_ERRNO), ("count", count, _MAX_FAULTS)):
+        if not isinstance(value, int) or not 0 <= value <= limit:
+            raise InvalidArgumentError(f"fault {name} must be an int from 0 to {limit}, got {value!r}")
+    if count and not err:
+        raise InvalidArgumentError("fault errno must be > 0 when count > 0")
     _check(lib.tg_fault_inject(FAULT_OPS[op], err, count), "fault_inject")
+
+
+_MAX_ERRNO = 4095  # the kernel's MAX_ERRNO
+_MAX_FAULTS = 2**31 - 1  # a C int
 
 
 def fault_clear() -> None:
@@ -230,16 +258,33 @@ def fault_take(op: str) -> int:
 
 def _faults_from_environment(spec: str) -> None:
     """Parse ``THPGUARD_FAULTS="op:ERRNO:count,..."`` (ERRNO a name or number)."""
+    names = {name: num for num, name in _errno.errorcode.items()}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
         if len(parts) not in (2, 3):
             raise InvalidArgumentError(
                 f"THPGUARD_FAULTS entry {item!r}: expected op:ERRNO[:count]"
             )
-        err = getattr(_errno, parts[1], None) if not parts[1].isdigit() else int(parts[1])
+        err = int(parts[1]) if _DECIMAL.fullmatch(parts[1]) else names.get(parts[1])
         if err is None:
-            raise InvalidArgumentError(f"THPGUARD_FAULTS entry {item!r}: unknown errno")
-        fault_inject(parts[0], err, int(parts[2]) if len(parts) == 3 else 1)
+            raise InvalidArgumentError(
+                f"THPGUARD_FAULTS entry {item!r}: unknown errno {parts[1]!r} "
+                "(a name such as ENOMEM, or a number)"
+            )
+        count = 1
+        if len(parts) == 3:
+            if not _DECIMAL.fullmatch(parts[2]):
+                raise InvalidArgumentError(
+                    f"THPGUARD_FAULTS entry {item!r}: count {parts[2]!r} is not a number"
+                )
+            count = int(parts[2])
+        try:
+            fault_inject(parts[0], err, count)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"THPGUARD_FAULTS entry {item!r}: {exc}") from None
+
+
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 if os.environ.get("THPGUARD_FAULTS"):

@@ -15,9 +15,9 @@ import time
 from typing import Dict, List, Optional
 
 from . import kernel
+from .region import POLICIES
 from ._checks import FAIL, OK, Check, fmt_bytes
 
-POLICIES = ("share", "copy", "wipe", "private")
 
 
 def _ms(seconds: float) -> float:

@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from . import _checks, kernel
 from ._checks import FAIL, NA, OK, WARN, Check, HostContext, fmt_bytes
+from .errors import ThpguardError
 
 SCHEMA_VERSION = 1
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -246,6 +247,10 @@ def _add_status(sub) -> None:
                    help="processes to show (default: every readable process with huge-page VMAs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--only-eligible", action="store_true", help="only VMAs that may get THP (THPeligible: 1)")
+    p.add_argument("--prometheus", action="store_true",
+                   help="print node_exporter textfile-collector metrics instead of the table")
+    p.add_argument("--prometheus-file", metavar="PATH",
+                   help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -297,7 +302,15 @@ def _cmd_status(args) -> int:
         pc = _scan_or_error(pid, errors if explicit else [])
         if pc is not None and (explicit or _interesting(pc)):
             found.append(pc)
-    if args.json:
+    if args.prometheus or args.prometheus_file:
+        from . import metrics  # noqa: PLC0415 - only these flags need it
+
+        text = metrics.textfile(found)
+        if args.prometheus_file:
+            metrics.write_textfile(args.prometheus_file, text)
+        else:
+            sys.stdout.write(text)
+    elif args.json:
         _emit_json({
             "command": "status",
             "errors": errors,
@@ -533,7 +546,35 @@ def _parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_watch(sub)
     _add_guard(sub)
+    _add_run(sub)
     return p
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a program with the guard configured (THPGUARD_* variables)",
+                       description="Execute COMMAND with THPGUARD_GUARD=1 (and the other settings) in "
+                                   "its environment, checked first. Only programs that import "
+                                   "thpguard are affected.")
+    p.add_argument("--no-guard", action="store_true", help="set THPGUARD_GUARD=0 instead of 1")
+    p.add_argument("--interval", type=float, metavar="S", help="guard interval in seconds")
+    p.add_argument("--fork-policy", metavar="POLICY", help="default fork policy for alloc()")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    from . import launch  # noqa: PLC0415
+
+    try:
+        launch.run(args.command, guard=not args.no_guard, interval=args.interval,
+                   fork_policy=args.fork_policy)
+    except ThpguardError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        _err(str(exc.strerror or exc))
+        return 127
+    return EXIT_OK  # not reached: run() execs or raises
 
 
 def main(argv: Optional[List[str]] = None) -> int:

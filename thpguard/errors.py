@@ -45,6 +45,10 @@ class RegionClosedError(ThpguardError, ValueError):
         super().__init__(message)
         self.region = region
 
+    def __reduce__(self):
+        # The region stays behind: its mapping belongs to this process.
+        return type(self), (str(self),)
+
 
 class HugePagesUnavailableError(ThpguardError):
     """Huge pages cannot be had for a region that asked for them strictly.
@@ -60,6 +64,9 @@ class HugePagesUnavailableError(ThpguardError):
         self.reason = reason
         self.setting = setting
 
+    def __reduce__(self):
+        return type(self), (self.reason, self.setting)
+
 
 class UnsupportedError(ThpguardError):
     """The running kernel lacks a feature the call needs.
@@ -70,6 +77,9 @@ class UnsupportedError(ThpguardError):
     def __init__(self, feature: str, message: str) -> None:
         super().__init__(message)
         self.feature = feature
+
+    def __reduce__(self):
+        return type(self), (self.feature, str(self))
 
 
 class KernelCallError(ThpguardError, OSError):
@@ -97,6 +107,10 @@ class KernelCallError(ThpguardError, OSError):
         OSError.__init__(self, err, message)
         self.operation = operation
         self.range = range
+        self.hint = hint
+
+    def __reduce__(self):
+        return type(self), (self.errno, self.operation, self.range, self.hint)
 
     def __str__(self) -> str:
         return self.strerror

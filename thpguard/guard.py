@@ -25,16 +25,18 @@ A bad value never breaks the import: it is logged as an error on the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno as _errno
 import logging
 import math
 import os
 import statistics
+import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import _fork, _native, kernel, pagemap
 from . import region as _region
@@ -72,6 +74,7 @@ DEFAULT_EAGAIN_TICKS = 20
 
 #: MADV_COLLAPSE passes over a region on hot() entry while only EAGAIN fails.
 _HOT_ENTRY_ATTEMPTS = 3
+_SMAPS_CPU_SHARE = 0.05
 _MIN_INTERVAL = 0.001
 _MAX_INTERVAL = 3600.0
 _JOIN_TIMEOUT = 5.0
@@ -572,15 +575,43 @@ class Guard:
                 lambda: _counters.ticks >= target or not self._wanted, timeout
             ) and _counters.ticks >= target
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["Guard"]:
+        """Stop the guard thread for the block, then start it again.
+
+        Use it around a ``fork()`` that bypasses Python's at-fork hooks (a
+        C extension, uWSGI without ``py-call-osafterfork``): a thread that
+        runs during such a fork can leave CPython's own GIL mutex locked in
+        the child, which then hangs. The guard stays installed, so a child
+        forked inside the block starts its own guard on its first thpguard
+        call.
+        """
+        with self._lock:
+            self._halt()
+        try:
+            yield self
+        finally:
+            # In a child forked inside the block, handle that fork first: it
+            # replaces this guard's locks and thread state, then starts it.
+            _fork.check()
+            if self._wanted:
+                self._start()
+
     def _start(self) -> None:
         with self._lock:
             if self.running:
                 return
             self._stop_event = threading.Event()
+            ready = threading.Event()
             self._thread = threading.Thread(
-                target=self._run, args=(self._stop_event,), name="thpguard-guard", daemon=True
+                target=self._run, args=(self._stop_event, ready), name="thpguard-guard",
+                daemon=True,
             )
             self._thread.start()
+            # Thread.start() returns before the new thread has registered
+            # itself under threading's internal lock; a fork that bypasses
+            # Python in that window would leave the lock held in the child.
+            ready.wait(_JOIN_TIMEOUT)
 
     def _halt(self) -> None:
         thread, stop = self._thread, self._stop_event
@@ -605,8 +636,38 @@ class Guard:
             self._halt()
 
     def _resume_in_parent(self) -> None:
-        if self._wanted:
+        """Start the thread again once ``fork()`` has returned to its caller.
+
+        Python 3.13 checks whether the parent is multi-threaded (and warns)
+        after the at-fork hooks have run (Modules/posixmodule.c,
+        warn_about_fork_with_threads), so a thread started here would
+        trigger the warning. A one-shot profile function waits for the first
+        event in the frame that called fork() (its ``c_return``), starts
+        the thread and removes itself. Where a profiler is already set, the
+        thread starts at once instead.
+        """
+        if not self._wanted:
+            return
+        frame = sys._getframe()
+        while frame is not None and frame.f_code is not _fork._after_in_parent.__code__:
+            frame = frame.f_back
+        caller = frame.f_back if frame is not None else None
+        if caller is None or sys.getprofile() is not None:
+            # Never displace a profiler: start now (3.13 may then warn).
             self._start()
+            return
+
+        def profile(frame, event, arg):
+            at = caller
+            while at is not None and at is not frame:
+                at = at.f_back
+            if at is None:
+                return  # still inside the fork hooks
+            sys.setprofile(None)
+            if self._wanted:
+                self._start()
+
+        sys.setprofile(profile)
 
     def _restart_in_child(self) -> None:
         # The parent's thread does not exist here; after a fork that
@@ -619,18 +680,26 @@ class Guard:
 
     # -- work ------------------------------------------------------------------
 
-    def _run(self, stop: threading.Event) -> None:
+    def _run(self, stop: threading.Event, ready: threading.Event) -> None:
+        ready.set()
         next_full = 0.0
         while not stop.is_set():
             now = time.monotonic()
             full = now >= next_full
             if full:
                 next_full = now + self.interval
+            cpu = time.thread_time()
             try:
                 hot = self._tick(full, stop)
             except Exception:  # the guard must outlive any one bad tick
                 log.exception("guard tick failed")
                 hot = False
+            if full and pagemap.scan_supported() is False:
+                # Each smaps read walks every VMA's page tables (Linux < 6.7
+                # has no PAGEMAP_SCAN): stretch the interval so full ticks
+                # take at most _SMAPS_CPU_SHARE of a core.
+                spent = time.thread_time() - cpu
+                next_full = max(next_full, now + spent / _SMAPS_CPU_SHARE)
             wait = next_full - time.monotonic()
             if hot:
                 wait = min(wait, self.hot_interval)

@@ -121,6 +121,10 @@ def _read(path: str, *, quiet: bool = False) -> Optional[str]:
     except OSError as exc:
         if not quiet:
             _warn_once(path, "cannot read %s: %s", path, exc.strerror or exc)
+    except ValueError:
+        # A path built from file contents (cgroup, mountinfo) with a NUL.
+        if not quiet:
+            _warn_once(path, "cannot read %r: the path holds a NUL byte", path)
     return None
 
 
@@ -690,8 +694,6 @@ def _probe_collapse(n, addr, size, collapse_known, thp_disable) -> Feature:
     ctypes.c_char.from_address(addr).value = b"\x01"
     try:
         n.madvise(addr, size, n.MADV_HUGEPAGE)
-        # Plain madvise, not _native.collapse: a probe must not consume
-        # faults a test injected for the code under test.
         n.madvise(addr, size, n.MADV_COLLAPSE)
         err = 0
     except OSError as exc:
@@ -781,7 +783,8 @@ def _probe(r: Roots) -> Capabilities:
         feats = {k: Feature(False, why) for k in
                  ("collapse", "pagemap_scan", "populate_write", "process_madvise", "direct_cow")}
     else:
-        feats = _probe_features(native, pmd, thp_disable, cow, r)
+        with native.faults_suspended():  # not the faults a test injected
+            feats = _probe_features(native, pmd, thp_disable, cow, r)
     return Capabilities(
         kernel_release=kernel_release(r),
         machine=platform.machine(),
@@ -828,7 +831,10 @@ def can_get_huge_pages(caps: Optional[Capabilities] = None,
         return False, ("this process is THP-disabled by prctl(PR_SET_THP_DISABLE), "
                        "usually inherited from a parent; start it from a parent that does not set it")
     pmd_mode = mthp.get(pmd)
-    never = enabled == "never" or pmd_mode == "never" or (enabled is None and not mthp)
+    if pmd_mode in ("always", "madvise"):
+        never = False  # the per-size setting overrides the global one
+    else:
+        never = enabled == "never" or pmd_mode == "never" or (enabled is None and not mthp)
     if not never:
         return True, "ok"
     collapse = (caps or capabilities(roots=r)).collapse

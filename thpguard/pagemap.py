@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 from . import _fork, _native, kernel
-from .errors import KernelCallError, kernel_error
+from .errors import InvalidArgumentError, InvalidTypeError, KernelCallError, kernel_error
 
 Pid = Union[int, str]
 
@@ -87,26 +87,42 @@ class _PagemapFile:
         self._lock = threading.Lock()
         self._pid = -1
         self._fd = -1
+        self._identity = None  # (st_dev, st_ino) of the fd we opened
         self.scan_supported: Optional[bool] = None
 
-    def reset_lock(self, late: bool = False) -> None:
-        # In a new child: a parent thread may have held the lock at fork.
+    def after_fork_in_child(self, late: bool = False) -> None:
+        # A parent thread may have held the lock at fork.
         self._lock = threading.Lock()
+        # The inherited fd still reads the parent's mm (fs/proc/task_mmu.c
+        # binds the mm at open). Close it, unless the program has closed
+        # and reused that number already (possible when a fork that
+        # bypassed Python is noticed late): then it is not ours to close.
+        fd, self._fd, self._pid = self._fd, -1, -1
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.close(fd)
 
     def fd(self) -> int:
         with self._lock:
             if self._pid != os.getpid():
-                # The inherited fd still reads the parent's mm (fs/proc/
-                # task_mmu.c binds the mm at open): open our own.
-                if self._fd >= 0:
-                    os.close(self._fd)
                 self._fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                st = os.fstat(self._fd)
+                self._identity = (st.st_dev, st.st_ino)
                 self._pid = os.getpid()
             return self._fd
 
 
 _self_pagemap = _PagemapFile()
-_fork.subscribe("pagemap", after_in_child=_self_pagemap.reset_lock, order=100)
+_fork.subscribe("pagemap", after_in_child=_self_pagemap.after_fork_in_child, order=100)
+
+
+def scan_supported() -> Optional[bool]:
+    """Whether PAGEMAP_SCAN works here: None until the first coverage()."""
+    return _self_pagemap.scan_supported
 
 
 def _merge_block_ranges(runs, start: int, end: int, pmd: int):
@@ -156,11 +172,41 @@ def smaps_coverage(start: int, end: int, pmd: int, pid: Pid = "self") -> Coverag
     thpguard region is one VMA, so this stays per region.
     """
     huge = present = 0
-    for vma in kernel.read_smaps(pid):
+    try:
+        vmas = kernel.read_smaps(pid)
+    except OSError as exc:
+        raise kernel_error(exc.errno, f"read /proc/{pid}/smaps") from None
+    for vma in vmas:
         if vma.start >= start and vma.end <= end:
             huge += vma.fields.get("AnonHugePages", 0)
             present += vma.fields.get("Rss", 0)
     return Coverage(start, end - start, huge, present, None, pmd, SOURCE_SMAPS)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_arguments(start, end, pmd, pid) -> int:
+    """Validate :func:`coverage`'s arguments; the PMD size to use."""
+    for name, value in (("start", start), ("end", end)):
+        if not _is_int(value):
+            raise InvalidTypeError(f"{name} must be an int address, got {type(value).__name__}")
+    if not 0 <= start <= end <= _ADDRESS_LIMIT:
+        raise InvalidArgumentError(
+            f"need 0 <= start <= end <= 2**64, got start={start:#x} end={end:#x}"
+        )
+    if pmd is None:
+        pmd = kernel.pmd_size()
+    elif not _is_int(pmd) or pmd <= 0 or pmd & (pmd - 1):
+        raise InvalidArgumentError(f"pmd must be a power-of-two int of bytes or None, got {pmd!r}")
+    if not (pid == "self" or (_is_int(pid) and pid > 0)
+            or (isinstance(pid, str) and pid.isascii() and pid.isdigit())):
+        raise InvalidArgumentError(f"pid must be a positive int or 'self', got {pid!r}")
+    return pmd
+
+
+_ADDRESS_LIMIT = 1 << 64
 
 
 def coverage(start: int, end: int, pmd: Optional[int] = None, pid: Pid = "self") -> Coverage:
@@ -170,7 +216,7 @@ def coverage(start: int, end: int, pmd: Optional[int] = None, pid: Pid = "self")
     Reading another process needs ptrace read access; failures raise
     :class:`~thpguard.errors.KernelCallError` (EACCES, EPERM, ESRCH, ...).
     """
-    pmd = pmd or kernel.pmd_size()
+    pmd = _check_arguments(start, end, pmd, pid)
     if _self_pagemap.scan_supported is False:
         return smaps_coverage(start, end, pmd, pid)
     own = pid == "self" or pid == os.getpid()

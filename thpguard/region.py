@@ -24,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -56,6 +57,7 @@ _reported_bad_policies: set = set()
 #: 2 MiB block, so bounded calls let other threads fault in between.
 DEFAULT_COLLAPSE_CHUNK = 8 << 20
 DEFAULT_COLLAPSE_RETRIES = 3
+_MAX_RETRIES = 1000  # EAGAIN retries per chunk; the C side takes an unsigned
 
 _PAGE = mmap.PAGESIZE
 _FALLBACK_PMD = 2 << 20
@@ -178,6 +180,12 @@ class Region:
         # unmaps when the last reference goes. One page of slack either side
         # of the aligned range keeps this region a VMA of its own.
         span = self.size + self.pmd_size + _PAGE
+        if span > sys.maxsize:
+            # mmap.mmap would raise OverflowError; no address space is this big.
+            raise InvalidArgumentError(
+                f"size {size} bytes is larger than any mapping can be (at most "
+                f"{sys.maxsize - self.pmd_size - _PAGE} bytes)"
+            )
         try:
             self._map = mmap.mmap(
                 -1, span, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
@@ -191,6 +199,9 @@ class Region:
             self._setup(populate, strict)
         except BaseException:
             self._map.close()
+            forget = getattr(self, "_forget_placeholder", None)
+            if forget is not None:
+                forget()  # else every later child reserves this stale range
             raise
         with _live_lock:
             _live.add(self)
@@ -209,6 +220,10 @@ class Region:
         elif self.fork == "private":
             _native.madvise(addr, size, _native.MADV_DONTFORK)
             _native.placeholder_add(addr, size)
+            # A region dropped without close() takes its reservation along.
+            self._forget_placeholder = weakref.finalize(
+                self, _native.placeholder_remove, addr
+            )
         elif _direct_cow_mode() is not None:
             try:
                 _native.madvise(addr, size, _native.MADV_THP_COW)
@@ -280,7 +295,7 @@ class Region:
 
         Runs ``MADV_COLLAPSE`` (Linux 6.1) over the blocks that hold data
         but are not PMD-mapped, ``chunk`` bytes per call, retrying EAGAIN up
-        to ``max_retries`` times, then rescans. Blocks never touched are
+        to ``max_retries`` (0 to 1000) times, then rescans. Blocks never touched are
         left alone. Raises :class:`~thpguard.errors.UnsupportedError` on
         kernels without MADV_COLLAPSE. Each repair of a block shared with
         another process allocates a new 2 MiB page.
@@ -288,13 +303,22 @@ class Region:
         self._require_open("collapse it")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise InvalidArgumentError(f"chunk must be a positive int of bytes, got {chunk!r}")
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= _MAX_RETRIES
+        ):
+            raise InvalidArgumentError(
+                f"max_retries must be an int from 0 to {_MAX_RETRIES}, got {max_retries!r}"
+            )
         if not _collapse_known():
             raise UnsupportedError(
                 "MADV_COLLAPSE",
                 "this kernel has no MADV_COLLAPSE (Linux 6.1+): split blocks cannot be "
                 "repaired; use fork='copy', 'wipe' or 'private' to avoid splits instead",
             )
-        chunk = max(self.pmd_size, chunk - chunk % self.pmd_size)
+        # More than the region is the whole region (and fits the C size_t).
+        chunk = max(self.pmd_size, min(self.size, chunk - chunk % self.pmd_size))
         started = time.perf_counter()
         before = self.coverage()
         if before.split_ranges is not None:
@@ -307,6 +331,9 @@ class Region:
         failures: Dict[int, int] = {}
         attempted = 0
         with self._lock:
+            # close() from another thread may have won the lock since the
+            # scan: the range may be unmapped, or mapped by someone else.
+            self._require_open("collapse it")
             for start, end in targets:
                 attempted += end - start
                 for err in _native.collapse(start, end - start, chunk, max_retries):
@@ -347,14 +374,20 @@ class Region:
             try:
                 self._map.close()
             except BufferError:
-                raise BufferError(
-                    "cannot close the region: memoryviews or arrays made from "
-                    "region.view() still use it; release them (del, or "
-                    "memoryview.release()) and close again"
-                ) from None
+                if self._unmapped_here:
+                    # A child of a `private` region: views inherited from
+                    # the parent are unusable here anyway; the mmap object
+                    # unmaps the reservation once they are gone.
+                    pass
+                else:
+                    raise BufferError(
+                        "cannot close the region: memoryviews or arrays made from "
+                        "region.view() still use it; release them (del, or "
+                        "memoryview.release()) and close again"
+                    ) from None
             self._closed = True
         if self.fork == "private":
-            _native.placeholder_remove(self.address)
+            self._forget_placeholder()
         with _live_lock:
             _live.discard(self)
 
@@ -412,10 +445,15 @@ def regions() -> List[Region]:
 # -- fork handling ------------------------------------------------------------
 
 _pending = threading.local()
+# Held from before fork() to after it, so forks from several threads run
+# one at a time: a child forked by another thread meanwhile would inherit
+# the hand-shake pipe and keep this parent waiting until it exits.
+_fork_serial = threading.Lock()
 
 
 def _before_fork() -> None:
     """Prepare the `copy` hand-shake: a pipe the child closes when done."""
+    _fork_serial.acquire()
     _pending.pipe = None
     mode = None
     targets = [r for r in regions() if r.fork == "copy"]
@@ -429,25 +467,30 @@ def _before_fork() -> None:
 
 def _after_fork_in_parent() -> None:
     pipe = getattr(_pending, "pipe", None)
-    if pipe is None:
-        return
-    read_end, write_end = pipe
-    os.close(write_end)
+    _pending.pipe, _pending.targets = None, []  # hold no region alive
     try:
-        # Until the child has copied, a write here would split the pages it
-        # still shares (DESIGN: the `copy` race); EOF comes if it dies.
-        while os.read(read_end, 64):
-            pass
+        if pipe is None:
+            return
+        read_end, write_end = pipe
+        os.close(write_end)
+        try:
+            # Until the child has copied, a write here would split the pages
+            # it still shares (DESIGN: the `copy` race); EOF if it dies.
+            while os.read(read_end, 64):
+                pass
+        finally:
+            os.close(read_end)
     finally:
-        os.close(read_end)
-        _pending.pipe = None
+        if _fork_serial.locked():
+            _fork_serial.release()
 
 
 def _after_fork_in_child(late: bool = False) -> None:
-    global _live_lock
+    global _live_lock, _fork_serial
     # A lock another parent thread held at fork stays held forever in the
     # child, where that thread does not exist: start with fresh ones.
     _live_lock = threading.Lock()
+    _fork_serial = threading.Lock()
     for region in list(_live):
         region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:

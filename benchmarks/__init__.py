@@ -1,0 +1,16 @@
+"""thpguard's benchmarks: what a split costs, how fast thpguard repairs it,
+and what thpguard costs in CPU, memory and latency.
+
+Run them from the repository root, with thpguard installed::
+
+    python -m benchmarks [--quick] [--only NAME[,NAME...]] [--json PATH] [--plot PATH]
+
+Every figure is a ratio against a baseline measured in the same run,
+interleaved, after warm-up, as the median of several repetitions (see
+``_harness``). This package is not part of the installed ``thpguard``.
+"""
+
+from . import alloc, coverage, forklat, overhead, repair, stall, tlb
+
+#: Every benchmark, in the order they run: module with NAME, TITLE, run().
+BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall)

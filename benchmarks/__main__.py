@@ -1,0 +1,149 @@
+"""``python -m benchmarks``: run the benchmarks, print one table each.
+
+Exit status: 0 when every selected benchmark ran (or was skipped for a
+stated reason), 1 when one failed, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import traceback
+
+from . import BENCHMARKS
+from ._harness import Result, Settings, Skipped, fmt_bytes, format_table, host_info, now
+
+SCHEMA = 1
+
+
+def _parse(argv):
+    names = [b.NAME for b in BENCHMARKS]
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="thpguard benchmarks: every figure a ratio against a baseline measured in the same run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (about 2 minutes)")
+    parser.add_argument("--only", metavar="NAME[,NAME]", help=f"run only these: {', '.join(names)}")
+    parser.add_argument("--json", metavar="PATH", help="write every raw sample, the host and the versions here")
+    parser.add_argument("--plot", metavar="PATH", help="write the PNG plot here (needs matplotlib)")
+    parser.add_argument(
+        "--max-gib", type=float, metavar="N", help="leave out region sizes above N GiB (shared hosts)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = parser.parse_args(argv)
+    selected = list(BENCHMARKS)
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        selected = [b for b in BENCHMARKS if b.NAME in wanted]
+    return args, selected
+
+
+def main(argv=None) -> int:
+    args, selected = _parse(argv)
+    if args.list:
+        for bench in BENCHMARKS:
+            print(f"{bench.NAME:10} {bench.TITLE}")
+        return 0
+    settings = Settings.make(args.quick)
+    if args.max_gib is not None:
+        if args.max_gib <= 0:
+            print("--max-gib must be > 0", file=sys.stderr)
+            return 2
+        settings.max_bytes = int(args.max_gib * (1 << 30))
+    started = now()
+    host = host_info()
+    when = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    mode = "quick (smaller sizes, fewer repetitions)" if settings.quick else "full"
+    print(
+        f"thpguard {host['thpguard']} benchmarks, {mode}; {when.isoformat()}\n"
+        f"host {host['hostname']}: Linux {host['kernel']}, {host['cpu']} x{host['cpus']}, "
+        f"{fmt_bytes(host['mem_total_bytes'] or 0)}, THP enabled={_choice(host['thp']['enabled'])} "
+        f"defrag={_choice(host['thp']['defrag'])}, load {host['loadavg']}"
+    )
+    print(
+        f"ratios: medians of {settings.reps} interleaved repetitions after {settings.warmup} warm-up round(s)",
+        flush=True,
+    )
+    print(flush=True)
+    results = []
+    failed = False
+    for bench in selected:
+        t0 = now()
+        try:
+            result = bench.run(settings)
+        except Skipped as exc:
+            result = Result(bench.NAME, bench.TITLE, skipped=str(exc))
+        except Exception:
+            failed = True
+            result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
+        result.seconds = now() - t0
+        if settings.quick:
+            result.title += " [quick: smaller sizes, fewer repetitions]"
+        results.append(result)
+        print(format_table(result) + "\n", flush=True)
+    total = now() - started
+    print(f"total {total:.0f} s; load at the end {_loadavg()}")
+    document = {
+        "schema": SCHEMA,
+        "date": when.isoformat(),
+        "quick": settings.quick,
+        "settings": {"reps": settings.reps, "warmup": settings.warmup},
+        "host": host,
+        "thpguard": host["thpguard"],
+        "versions": _versions(),
+        "loadavg_end": _loadavg(),
+        "total_seconds": total,
+        "results": [r.as_dict() for r in results],
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=1, sort_keys=True)
+        print(f"raw samples written to {args.json}")
+    if args.plot:
+        try:
+            from . import plot
+
+            plot.plot(document, args.plot)
+            print(f"plot written to {args.plot}")
+        except ImportError as exc:
+            print(f"no plot: {exc} (pip install '.[bench]')", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _choice(text):
+    if not text:
+        return "?"
+    for word in text.split():
+        if word.startswith("["):
+            return word.strip("[]")
+    return text
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _versions() -> dict:
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "cffi", "matplotlib"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

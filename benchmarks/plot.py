@@ -1,0 +1,103 @@
+"""The PNG of a benchmark run: coverage after fork, and the TLB-workload ratios.
+
+``python -m benchmarks.plot RESULTS.json OUT.png`` redraws it from the JSON
+that ``python -m benchmarks --json`` wrote. Needs matplotlib (the ``bench``
+extra).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _result(document: dict, name: str):
+    for result in document.get("results", []):
+        if result["name"] == name and not result.get("skipped"):
+            return result
+    return None
+
+
+def plot(document: dict, path: str) -> None:
+    """Draw the two panels of ``document`` (a results JSON object) into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    host = document["host"]
+    fig.suptitle(
+        f"thpguard {document['thpguard']}, Linux {host['kernel']}, {host['cpu']} x{host['cpus']}, "
+        f"{document['date'][:10]}{' (quick)' if document.get('quick') else ''}",
+        fontsize=9,
+    )
+
+    cov = _result(document, "coverage")
+    if cov:
+        from .coverage import median_run
+
+        chosen = dict(cov["series"])
+        if cov["samples"].get("guarded"):
+            chosen["guarded"] = median_run(cov["samples"]["guarded"])["series"]
+        for label, style, width in (("unguarded", "--", 2.5), ("guarded", "-", 1.8)):
+            series = chosen.get(label)
+            if not series:
+                continue
+            t = [max(p[0], 1e-3) for p in series]
+            y = [100 * p[1] for p in series]
+            if label == "guarded" and t[-1] < chosen["unguarded"][-1][0]:
+                # Stays at 100 % once repaired; draw it to the end of the watch.
+                t.append(chosen["unguarded"][-1][0])
+                y.append(y[-1])
+            name = "thpguard guard" if label == "guarded" else "kernel defaults (khugepaged)"
+            left.step(t, y, style, where="post", label=name, linewidth=width)
+        left.set_xscale("log")
+        left.set_xlabel("seconds after the child split 256 blocks")
+        left.set_ylabel("PMD-mapped share of the region (%)")
+        left.set_ylim(-5, 105)
+        left.set_title("coverage after fork (PAGEMAP_SCAN; guarded: the median run)", fontsize=10)
+        left.legend(fontsize=8, loc="center right")
+    else:
+        left.text(0.5, 0.5, "coverage benchmark not run", ha="center", transform=left.transAxes)
+
+    tlb = _result(document, "tlb")
+    if tlb:
+        points = tlb["series"]["ratios"]
+        labels = [p["size"] for p in points]
+        split = [p["split"] for p in points]
+        repaired = [p["repaired"] for p in points]
+        x = range(len(labels))
+        width = 0.38
+        for offset, values, name in (
+            (-width / 2, split, "split (one write per block)"),
+            (width / 2, repaired, "split, then repaired by thpguard"),
+        ):
+            bars = right.bar([i + offset for i in x], values, width, label=name)
+            right.bar_label(bars, fmt="%.2f", fontsize=8)
+        right.axhline(1.0, color="gray", linewidth=0.8)
+        right.set_xticks(list(x))
+        right.set_xticklabels(labels)
+        right.set_ylabel("throughput / pristine huge pages")
+        right.set_title("pointer chasing in a forked worker", fontsize=10)
+        right.legend(fontsize=8, loc="lower right")
+    else:
+        right.text(0.5, 0.5, "tlb benchmark not run", ha="center", transform=right.transAxes)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m benchmarks.plot RESULTS.json OUT.png", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        plot(json.load(f), argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The benchmark helpers (benchmarks/ at the repo top): statistics, interleaving,
+output shape. No timings are asserted: benchmarks are not tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import BENCHMARKS, _harness  # noqa: E402
+from benchmarks import __main__ as entry  # noqa: E402
+
+
+def test_interleave_runs_variants_alternately_and_drops_warmup():
+    """Variants run A B A B ...; warm-up rounds are not in the samples."""
+    order = []
+    counter = {"a": 0, "b": 0}
+
+    def make(name):
+        def run():
+            order.append(name)
+            counter[name] += 1
+            return counter[name]
+
+        return run
+
+    samples = _harness.interleave({"a": make("a"), "b": make("b")}, reps=3, warmup=1, rotate=False)
+    assert order == ["a", "b"] * 4
+    assert samples == {"a": [2, 3, 4], "b": [2, 3, 4]}
+
+
+def test_interleave_rotates_the_first_variant_by_default():
+    """Each round starts one variant later, so none always runs first."""
+    order = []
+    variants = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    samples = _harness.interleave(variants, reps=2, warmup=1)
+    assert order == list("abc") + list("bca") + list("cab")
+    assert all(len(v) == 2 for v in samples.values())
+
+
+def test_statistics_helpers():
+    """median, nearest-rank percentile and ratio, including the empty cases."""
+    assert _harness.median([3, 1, 2]) == 2
+    values = list(range(1, 101))
+    assert _harness.percentile(values, 99) == 99
+    assert _harness.percentile(values, 100) == 100
+    assert _harness.percentile([5.0], 99) == 5.0
+    assert _harness.percentile([], 50) != _harness.percentile([], 50)  # nan
+    assert _harness.ratio(3.0, 2.0) == 1.5
+    # Per-round ratios: a load swing that hits both sides of a round cancels.
+    assert _harness.paired([2.0, 20.0, 4.0], [1.0, 10.0, 4.0]) == 2.0
+    assert _harness.ratio(1.0, 0.0) != _harness.ratio(1.0, 0.0)  # nan
+
+
+def test_in_child_returns_value_and_reports_child_errors():
+    """Results come back pickled; a child exception becomes a RuntimeError here."""
+    assert _harness.in_child(os.getpid) != os.getpid()
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        _harness.in_child(lambda: 1 // 0)
+
+
+def test_table_puts_ratio_first_and_json_keeps_rows():
+    """The table lists case then ratio; as_dict is JSON-serialisable."""
+    res = _harness.Result("demo", "a demo", params={"reps": 3})
+    res.add("case one", 1.234, "time a/b", "2 ms", "1.6 ms")
+    res.add("no ratio", None, "", "5 ms")
+    res.notes.append("a note")
+    text = _harness.format_table(res)
+    header = text.splitlines()[2]
+    assert header.split()[:2] == ["case", "ratio"]
+    assert "1.23" in text and "note: a note" in text
+    assert json.loads(json.dumps(res.as_dict()))["rows"][0]["ratio"] == 1.234
+
+
+def test_entry_point_lists_every_benchmark(capsys):
+    """--list names all seven benchmarks and exits 0."""
+    assert entry.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    names = [b.NAME for b in BENCHMARKS]
+    assert names == ["repair", "coverage", "tlb", "overhead", "fork", "alloc", "stall"]
+    for name in names:
+        assert name in out
+
+
+def test_entry_point_rejects_unknown_names(capsys):
+    """--only with an unknown name is a usage error (exit 2) naming the choices."""
+    with pytest.raises(SystemExit) as info:
+        entry.main(["--only", "nope"])
+    assert info.value.code == 2
+    assert "repair" in capsys.readouterr().err
+
+
+def test_host_info_has_kernel_and_thp_settings():
+    """The JSON's host block names the kernel, the CPU and the THP settings."""
+    host = _harness.host_info()
+    assert host["kernel"] == os.uname().release
+    assert "enabled" in host["thp"] and "khugepaged/max_ptes_shared" in host["thp"]
+    assert host["thpguard"]

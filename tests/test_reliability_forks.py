@@ -1,0 +1,267 @@
+"""Reliability: fork storms, forks from threads, grandchildren, quick exits."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import threading
+import time
+
+import pytest
+
+import thpguard
+
+from reliability_support import COUNTS, N_WRITERS, Workload, run_child, scale, sized
+
+
+def _split_and_repair_loop(region, pmd, forks, fork_fn):
+    """Keep ``region`` split in this process (a sharer child lives while we
+    write one byte per block) while a thread repairs it, and fork through
+    ``fork_fn`` meanwhile: every fork lands inside a repair sooner or later.
+    """
+    view = region.view()
+    stop = threading.Event()
+    errors = []
+
+    def repair():
+        while not stop.is_set():
+            try:
+                region.collapse()
+            except Exception as exc:
+                errors.append(repr(exc))
+                return
+
+    repairer = threading.Thread(target=repair, daemon=True)
+    repairer.start()
+    try:
+        for k in range(forks):
+            sharer = os.fork()
+            if sharer == 0:
+                time.sleep(0.3)
+                os._exit(0)
+            for off in range(0, region.size, pmd):
+                view[off] = k & 0xFF
+            try:
+                fork_fn(k)
+            finally:
+                os.kill(sharer, 9)
+                os.waitpid(sharer, 0)
+    finally:
+        stop.set()
+        repairer.join(10)
+        view.release()
+    assert not errors, errors
+    return True
+
+
+def _collapse_in_child(region):
+    """Collapse in the child: it must finish; blocks the parent's repair
+    thread was collapsing at fork may fail transiently (EAGAIN) here."""
+    result = region.collapse()
+    return result.coverage.complete or set(result.failures) <= {errno.EAGAIN}
+
+
+def _scenario_fork_during_repair(policy, forks):
+    pmd = thpguard.region.kernel.pmd_size()
+    region = thpguard.alloc(32 * pmd, fork=policy)
+    try:
+
+        def fork_fn(k):
+            # run_child times out (and fails) when the child hangs.
+            assert run_child(_collapse_in_child, region, timeout=10)
+
+        return _split_and_repair_loop(region, pmd, forks, fork_fn)
+    finally:
+        region.close()
+
+
+@sized
+@pytest.mark.parametrize("policy", ["share", "copy"])
+def test_fork_while_another_thread_repairs(require_thp, policy, request, size):
+    """A fork that lands while a thread holds a region inside collapse()
+    gives a child that can still collapse (and, for `copy`, copy) its region:
+    no lock is inherited locked, neither side hangs."""
+    forks = scale(8, 200, request)
+    # A scenario process of its own: if the parent side hangs in fork (the
+    # `copy` hand-shake), run_child's timeout still ends the test.
+    assert run_child(_scenario_fork_during_repair, policy, forks, timeout=60 + forks)
+    COUNTS["forks"] += 2 * forks
+
+
+# -- storms, threads, generations -------------------------------------------
+
+FILL = 0x3C
+
+
+class PolicySet:
+    """One region per fork policy, filled with known bytes."""
+
+    def __init__(self, pmd):
+        self.pmd = pmd
+        self.regions = {p: thpguard.alloc(2 * pmd, fork=p) for p in thpguard.POLICIES}
+        for region in self.regions.values():
+            view = region.view()
+            view[:] = bytes([FILL]) * len(view)
+            view.release()
+
+    def close(self):
+        for region in self.regions.values():
+            region.close()
+
+
+def _check_policies(policies: PolicySet, expect_fill: int = FILL, write: bool = True):
+    """In a child: each policy gave what DESIGN promises, by ground truth."""
+    from conftest import smaps_vma
+
+    problems = []
+    pmd = policies.pmd
+    for name in ("share", "copy"):
+        region = policies.regions[name]
+        view = region.view()
+        if view.tobytes() != bytes([expect_fill]) * len(view):
+            problems.append(f"{name}: data differs from the parent's")
+        view.release()
+    copy = policies.regions["copy"]
+    vma = smaps_vma("self", copy.address)
+    if vma.fields.get("Private_Dirty", 0) != copy.size or not copy.coverage().complete:
+        problems.append(f"copy: not in own huge pages ({vma.fields})")
+    wipe = policies.regions["wipe"]
+    view = wipe.view()
+    if view.tobytes() != bytes(len(view)):
+        problems.append("wipe: not zero-filled")
+    view.release()
+    private = policies.regions["private"]
+    if not private.closed:
+        problems.append("private: still open in the child")
+    if any(lo <= private.address < hi for lo, hi in _rw_mappings()):
+        problems.append("private: mapped readable in the child")
+    # Write everything this child can, as children do.
+    for name in ("share", "copy", "wipe") if write else ():
+        view = policies.regions[name].view()
+        view[:: pmd // 2] = bytes([0xEE]) * len(view[:: pmd // 2])
+        view.release()
+    return problems
+
+
+def _rw_mappings():
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1].startswith("r"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((lo, hi))
+    return spans
+
+
+def _assert_parent_intact(policies: PolicySet):
+    for region in policies.regions.values():
+        view = region.view()
+        assert view.tobytes() == bytes([FILL]) * len(view), f"{region.fork}: parent data changed"
+        view.release()
+
+
+@pytest.fixture
+def policies(require_thp, pmd):
+    made = PolicySet(pmd)
+    yield made
+    made.close()
+
+
+@sized
+def test_fork_storm_with_busy_threads(require_thp, policies, pmd, request, size):
+    """Forks in a row while 4 threads write and a thread repairs: every child
+    gets each policy's promise, the parent's bytes never change."""
+    forks = scale(12, 200, request)
+    busy = thpguard.alloc(N_WRITERS * pmd)
+    work = Workload(busy, pmd)
+    work.start()
+    try:
+        work.resume()
+        for _ in range(forks):
+            problems = run_child(_check_policies, policies, timeout=30)
+            assert not problems, problems
+        work.pause()
+        work.check_exact()
+    finally:
+        work.close()
+        busy.close()
+    COUNTS["forks"] += forks
+    _assert_parent_intact(policies)
+
+
+def test_fork_from_other_threads(policies):
+    """Forks made by threads other than the main one follow the policies
+    too (the copy hand-shake is per forking thread)."""
+    results = []
+
+    def forker():
+        for _ in range(5):
+            results.append(run_child(_check_policies, policies, timeout=30))
+
+    threads = [threading.Thread(target=forker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 10 and not any(results), results
+    COUNTS["forks"] += 10
+    _assert_parent_intact(policies)
+
+
+def _child_then_grandchild(policies):
+    """The child writes, then forks: policies apply again in the grandchild."""
+    for name in ("share", "copy", "wipe"):
+        view = policies.regions[name].view()
+        view[:] = bytes([0x77]) * len(view)
+        view.release()
+    return run_child(_check_policies, policies, 0x77, timeout=30)
+
+
+def test_grandchildren_get_the_policies_again(policies):
+    """copy copies again, wipe wipes again, private stays absent, share
+    shows the child's data, in the grandchild of a child that wrote."""
+    problems = run_child(_child_then_grandchild, policies, timeout=60)
+    assert not problems, problems
+    _assert_parent_intact(policies)
+
+
+@sized
+def test_children_that_exit_at_once(policies, pmd, request, size):
+    """Children that leave the moment fork returns never hang the parent
+    (the copy hand-shake sees EOF) and leave its data whole and huge."""
+    forks = scale(30, 200, request)
+    for _ in range(forks):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    COUNTS["forks"] += forks
+    _assert_parent_intact(policies)
+    for region in policies.regions.values():
+        cov = region.coverage()
+        assert cov.complete or region.collapse().coverage.complete
+
+
+def _mp_worker(_):
+    # A worker runs several tasks: check, but leave the data as inherited.
+    return _check_policies(_MP_POLICIES, write=False)
+
+
+_MP_POLICIES = None
+
+
+def test_multiprocessing_fork_start_method(policies):
+    """multiprocessing with the fork start method: workers (forked by the
+    pool, also from its helper threads) see each policy's promise."""
+    global _MP_POLICIES
+    _MP_POLICIES = policies
+    ctx = multiprocessing.get_context("fork")
+    try:
+        with ctx.Pool(2, maxtasksperchild=2) as pool:
+            results = pool.map(_mp_worker, range(8), chunksize=1)
+    finally:
+        _MP_POLICIES = None
+    assert not any(results), results
+    _assert_parent_intact(policies)

@@ -1,0 +1,408 @@
+"""Prometheus metrics: a collector for this process, a textfile for any process.
+
+:func:`register` adds a ``prometheus_client`` collector that reads
+:func:`thpguard.stats` at every scrape: guarded bytes, huge bytes, the
+coverage ratio, splits, repairs, repair failures by errno, and a histogram
+of repair latency (seconds from the scan that saw a block split to its
+repair, fed by the guard's events). It needs the ``prometheus`` extra
+(``pip install 'thpguard[prometheus]'``).
+
+:func:`textfile` formats per-VMA coverage of any processes in the
+node_exporter textfile-collector format (what ``thpguard status
+--prometheus`` prints); it needs nothing but the standard library.
+
+The metrics of :func:`register` are per process: in a pre-forking server
+each worker has its own. To see every process of a host at once, let
+node_exporter read :func:`textfile` output instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import tempfile
+import threading
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from thpguard.errors import InvalidArgumentError, InvalidTypeError
+# thpguard.guard names the function guard(); import from the module itself.
+from thpguard.guard import REPAIRED, Event
+from thpguard.guard import guard as _installed_guard
+from thpguard.guard import install as _install
+from thpguard.guard import stats as _stats
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "ThpguardCollector",
+    "on_event",
+    "register",
+    "textfile",
+    "write_textfile",
+]
+
+#: Upper bounds (seconds) of the repair latency histogram. The guard
+#: rescans every 0.05 s by default, so most repairs land in the first few.
+LATENCY_BUCKETS: Tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+PREFIX = "thpguard"
+
+
+# -- repair latency, fed by guard events ---------------------------------------
+
+
+class _Latencies:
+    """A cumulative histogram of repair latencies for this process only."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def _mine(self) -> None:
+        # A forked child starts from zero, like thpguard.stats().
+        if self.pid != os.getpid():
+            self.lock = threading.Lock()
+            self.pid = os.getpid()
+            self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._mine()
+        with self.lock:
+            self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.total += seconds
+
+    def snapshot(self) -> Tuple[List[Tuple[str, int]], float]:
+        self._mine()
+        with self.lock:
+            buckets, running = [], 0
+            for bound, n in zip(LATENCY_BUCKETS + (math.inf,), self.counts):
+                running += n
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
+            return buckets, self.total
+
+
+_latencies = _Latencies()
+
+
+def on_event(event: Event) -> None:
+    """Feed one guard event into the latency histogram.
+
+    :func:`register`, and every scrape, chain this onto the installed
+    guard's ``on_event`` callback. Repairs made before that are counted
+    but not in the histogram; to include them, pass it yourself
+    (``thpguard.install(on_event=...)``, or call it from your own callback).
+    """
+    if event.kind == REPAIRED:
+        for seconds in event.latencies:
+            _latencies.observe(seconds)
+
+
+def _chain_onto_guard() -> bool:
+    """Make the installed guard (if any) call :func:`on_event`; True if chained."""
+    current = _installed_guard()
+    if current is None:
+        return False
+    previous = current.on_event
+    if previous is on_event or getattr(previous, "_thpguard_metrics", False):
+        return True
+
+    def chained(event) -> None:
+        on_event(event)
+        previous(event)
+
+    chained._thpguard_metrics = True  # type: ignore[attr-defined]
+    _install(on_event=on_event if previous is None else chained)
+    return True
+
+
+# -- the collector -----------------------------------------------------------
+
+
+class ThpguardCollector:
+    """A ``prometheus_client`` collector of :func:`thpguard.stats`.
+
+    Every metric is a gauge or a counter of this process (sizes in bytes,
+    times in seconds); failures carry an ``errno`` label (``ENOMEM``...).
+    """
+
+    def __init__(self, prefix: str = PREFIX) -> None:
+        self.prefix = prefix
+
+    def describe(self):
+        # Without describe() the registry would call collect() (and scan
+        # every region) at registration time just to learn the names.
+        return list(self._families(None))
+
+    def collect(self):
+        # A guard installed after register() gets the latency hook at the
+        # first scrape that sees it.
+        _chain_onto_guard()
+        return list(self._families(_stats()))
+
+    def _families(self, stats: Optional[Mapping[str, Any]]):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        p = self.prefix
+        s = stats or {}
+
+        def gauge(name, doc, value):
+            family = GaugeMetricFamily(f"{p}_{name}", doc)
+            if stats is not None:
+                family.add_metric([], float(value or 0))
+            return family
+
+        def counter(name, doc, value):
+            family = CounterMetricFamily(f"{p}_{name}", doc)
+            if stats is not None:
+                family.add_metric([], float(value or 0))
+            return family
+
+        guarded, huge = s.get("guarded_bytes", 0), s.get("huge_bytes", 0)
+        yield gauge("regions", "Open thpguard regions in this process.", s.get("regions"))
+        yield gauge("guarded_bytes", "Bytes of open thpguard regions.", guarded)
+        yield gauge("huge_bytes", "Bytes of those regions mapped with PMD-size huge pages now.",
+                    huge)
+        yield gauge("split_bytes", "Bytes of those regions that hold data but are not "
+                    "PMD-mapped now (split).", s.get("split_bytes"))
+        yield gauge("coverage_ratio", "huge_bytes / guarded_bytes (1 when there is nothing "
+                    "to guard).", huge / guarded if guarded else 1.0)
+        yield gauge("guard_running", "1 while the guard thread runs in this process.",
+                    1 if s.get("guard_running") else 0)
+        yield counter("splits_detected", "PMD-size blocks the guard saw newly split.",
+                      s.get("splits_detected"))
+        yield counter("repairs", "PMD-size blocks re-collapsed into huge pages.",
+                      s.get("repairs"))
+        yield counter("repaired_bytes", "Bytes re-collapsed into huge pages.",
+                      s.get("bytes_repaired"))
+        yield counter("repair_seconds", "Seconds spent in MADV_COLLAPSE.",
+                      s.get("repair_seconds"))
+        yield counter("forks", "fork() calls made by this process.", s.get("forks_seen"))
+        failures = CounterMetricFamily(
+            f"{p}_repair_failures", "Block repairs that failed, by errno.", labels=["errno"]
+        )
+        for name, count in sorted((s.get("repair_failures") or {}).items()):
+            failures.add_metric([str(name)], float(count))
+        yield failures
+        latency = HistogramMetricFamily(
+            f"{p}_repair_latency_seconds",
+            "Seconds from the scan that saw a block split to its repair.",
+        )
+        if stats is not None:
+            buckets, total = _latencies.snapshot()
+            latency.add_metric([], buckets, total)
+        yield latency
+
+
+_registered: Dict[int, ThpguardCollector] = {}
+_register_lock = threading.Lock()
+
+
+def register(registry=None) -> ThpguardCollector:
+    """Add the thpguard collector to ``registry`` (default: the global REGISTRY).
+
+    Idempotent per registry. Also chains :func:`on_event` onto the guard
+    installed now, if any, so repair latencies reach the histogram.
+    Raises :class:`ImportError` without ``prometheus_client`` (install
+    the ``prometheus`` extra).
+    """
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ImportError(
+            "thpguard.metrics.register needs prometheus_client: "
+            "pip install 'thpguard[prometheus]'"
+        ) from None
+    if registry is None:
+        registry = prometheus_client.REGISTRY
+    _chain_onto_guard()
+    with _register_lock:
+        collector = _registered.get(id(registry))
+        if collector is None:
+            collector = ThpguardCollector()
+            registry.register(collector)
+            _registered[id(registry)] = collector
+        return collector
+
+
+# -- node_exporter textfile ------------------------------------------------------
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _field(vma: Any, *names: str) -> Any:
+    for name in names:
+        value = vma.get(name) if isinstance(vma, Mapping) else getattr(vma, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _bytes(vma: Any, value: Any, what: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(f"per-VMA {what} must be a number of bytes, got {value!r} in {vma!r}")
+    if value < 0:
+        raise InvalidArgumentError(f"per-VMA {what} must be >= 0 bytes, got {value} in {vma!r}")
+    return int(value)
+
+
+def _vma_numbers(vma: Any, pmd: Optional[int]) -> Tuple[int, int, int, Optional[int]]:
+    """(start, size, huge, split or None) of one VMA record, in bytes."""
+    start = _field(vma, "start")
+    size = _field(vma, "total_bytes", "size")
+    if size is None and start is not None and _field(vma, "end") is not None:
+        size = _field(vma, "end") - start
+    huge = _field(vma, "huge_bytes", "pmd_mapped_bytes")
+    if start is None or size is None or huge is None:
+        raise InvalidArgumentError(
+            "each VMA needs start, total_bytes (or size, or end) and huge_bytes "
+            f"(or pmd_mapped_bytes); got {vma!r}"
+        )
+    split = _field(vma, "split_bytes")
+    if split is None:
+        blocks = _field(vma, "split_blocks")
+        if blocks is not None and pmd:
+            split = (blocks if isinstance(blocks, int) else len(blocks)) * pmd
+    return (int(start), _bytes(vma, size, "size"), _bytes(vma, huge, "huge bytes"),
+            _bytes(vma, split, "split bytes"))
+
+
+def _counts(vma: Any, huge: int) -> bool:
+    # `thpguard status` lists every VMA of a process; only those advised
+    # MADV_HUGEPAGE or holding huge pages say anything about THP.
+    advised = _field(vma, "advised")
+    return advised is None or bool(advised) or huge > 0
+
+
+def _as_processes(processes: Any):
+    """(pid, name, pmd, vmas) for each process, from either accepted form."""
+    if isinstance(processes, Mapping):
+        for pid in sorted(processes):
+            yield pid, None, None, processes[pid]
+        return
+    if isinstance(processes, (str, bytes)) or not hasattr(processes, "__iter__"):
+        raise InvalidTypeError(
+            "processes must map a pid to its VMAs, or be process records with pid and vmas; "
+            f"got {type(processes).__name__}"
+        )
+    for record in processes:
+        pid, vmas = _field(record, "pid"), _field(record, "vmas")
+        if pid is None or vmas is None:
+            raise InvalidTypeError(
+                f"a process record needs pid and vmas (like thpguard status --json); got {record!r}"
+            )
+        yield pid, _field(record, "name"), _field(record, "pmd_size"), vmas
+
+
+def textfile(
+    processes: Any,
+    *,
+    names: Optional[Mapping[int, str]] = None,
+    per_vma: bool = True,
+    pmd_size: Optional[int] = None,
+    prefix: str = PREFIX,
+) -> str:
+    """node_exporter textfile-collector text for the coverage of processes.
+
+    ``processes`` is either a mapping of pid to that process's VMAs, or an
+    iterable of process records with ``pid``, ``vmas`` and optionally
+    ``name`` and ``pmd_size`` (objects or dicts, like each process of
+    ``thpguard status --json``). A VMA is a :class:`~thpguard.Coverage`,
+    or an object or mapping with ``start`` and ``total_bytes`` (or
+    ``size``, or ``end``) and ``huge_bytes`` (or ``pmd_mapped_bytes``),
+    and optionally ``split_bytes`` (or ``split_blocks``, a count or a list
+    of block addresses, times ``pmd_size``). VMAs with ``advised`` false
+    and no huge pages are left out. ``names`` maps a pid to its command
+    name (``comm`` label). Per-VMA series carry a ``start`` label (hex
+    address); ``per_vma=False`` keeps only the per-process totals, for
+    hosts with many processes. Write the text with :func:`write_textfile`
+    so node_exporter never reads half a file.
+    """
+    names = dict(names or {})
+    series: Dict[str, List[str]] = {}
+    docs = {
+        "process_bytes": "Bytes of the process's huge-page VMAs (advised or holding huge pages).",
+        "process_huge_bytes": "Bytes of them mapped with PMD-size huge pages.",
+        "process_split_bytes": "Bytes of them holding data but split (not PMD-mapped).",
+        "process_coverage_ratio": "process_huge_bytes / process_bytes (1 when there are none).",
+        "vma_bytes": "Bytes of one VMA.",
+        "vma_huge_bytes": "Bytes of one VMA mapped with PMD-size huge pages.",
+        "vma_split_bytes": "Bytes of one VMA holding data but split.",
+    }
+
+    def add(name: str, labels: Dict[str, str], value: float) -> None:
+        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        number = str(value) if isinstance(value, int) else repr(float(value))
+        series.setdefault(name, []).append(f"{prefix}_{name}{{{text}}} {number}")
+
+    for pid, name, pmd, vmas in _as_processes(processes):
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise InvalidArgumentError(f"pid must be a positive int, got {pid!r}")
+        labels = {"pid": str(pid)}
+        name = names.get(pid, name)
+        if name is not None:
+            labels["comm"] = str(name)
+        total = huge = split = 0
+        split_known = True
+        for vma in vmas:
+            start, vma_size, vma_huge, vma_split = _vma_numbers(vma, pmd or pmd_size)
+            if not _counts(vma, vma_huge):
+                continue
+            total += vma_size
+            huge += vma_huge
+            if vma_split is None:
+                split_known = False
+            else:
+                split += vma_split
+            if per_vma:
+                vma_labels = dict(labels, start=f"{start:#x}")
+                add("vma_bytes", vma_labels, vma_size)
+                add("vma_huge_bytes", vma_labels, vma_huge)
+                if vma_split is not None:
+                    add("vma_split_bytes", vma_labels, vma_split)
+        add("process_bytes", labels, total)
+        add("process_huge_bytes", labels, huge)
+        if split_known:
+            add("process_split_bytes", labels, split)
+        add("process_coverage_ratio", labels, huge / total if total else 1.0)
+
+    lines: List[str] = []
+    for name, doc in docs.items():
+        if name in series:
+            lines.append(f"# HELP {prefix}_{name} {doc}")
+            lines.append(f"# TYPE {prefix}_{name} gauge")
+            lines.extend(series[name])
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def write_textfile(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then rename).
+
+    node_exporter's textfile collector reads ``*.prom`` files in its
+    directory; a rename never exposes a half-written file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".thpguard-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
