@@ -624,3 +624,23 @@ def test_smaps_fallback_keeps_guard_cpu_low(require_thp):
         return share
 
     assert run_in_child(child) < 0.25
+
+
+def test_smaps_fallback_counts_only_the_split_block(require_thp, pmd):
+    """Without PAGEMAP_SCAN (injected ENOTTY) a repair counts the blocks smaps shows repaired, not every block tried."""
+
+    def child():
+        _native.fault_inject("scan", errno.ENOTTY, 1)  # as on Linux < 6.7
+        region = thpguard.alloc(4 * pmd)
+        assert region.coverage().source == "smaps"
+        with sharer():
+            delta = Delta()
+            region.view()[pmd] = 1
+            buffer = thpguard.hot(region)
+            with buffer:
+                complete = region.coverage().complete
+        region.close()
+        return (complete, buffer.report.entry_repaired_bytes, delta.repairs, delta.splits_detected,
+                delta.bytes_repaired)
+
+    assert run_in_child(child) == (True, pmd, 1, 1, pmd)
