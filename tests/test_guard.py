@@ -644,3 +644,27 @@ def test_smaps_fallback_counts_only_the_split_block(require_thp, pmd):
                 delta.bytes_repaired)
 
     assert run_in_child(child) == (True, pmd, 1, 1, pmd)
+
+
+def test_smaps_fallback_budget_resumes_where_it_stopped(require_thp, pmd):
+    """Without PAGEMAP_SCAN a budget-limited repair pass goes on from where the last one stopped."""
+
+    def child():
+        _native.fault_inject("scan", errno.ENOTTY, 1)  # as on Linux < 6.7
+        region = thpguard.alloc(8 * pmd)
+        events = []
+        guard = thpguard.install(interval=0.05, on_event=events.append, max_repair_bytes=2 * pmd)
+        try:
+            with sharer():
+                view = region.view()
+                for b in range(8):
+                    view[b * pmd] = 1
+                view.release()
+                ok = repaired_within(guard, region, 12)
+        finally:
+            guard.stop()
+        region.close()
+        return ok, [e.blocks for e in events if e.kind == "repaired"]
+
+    ok, repaired = run_in_child(child)
+    assert ok and sum(repaired) == 8 and max(repaired) <= 2, repaired

@@ -223,6 +223,7 @@ class _RegionState:
         # smaps fallback (no per-block detail): split blocks seen last time.
         self.smaps_split = 0
         self.smaps_seen: List[float] = []  # when each of them was first seen
+        self.smaps_cursor = 0  # offset where the next budget-limited pass starts
 
 
 _states: "weakref.WeakKeyDictionary[Region, _RegionState]" = weakref.WeakKeyDictionary()
@@ -386,8 +387,11 @@ def _repair(
         ranges = list(cov.split_ranges)
     elif not cov.complete:
         # smaps fallback (no PAGEMAP_SCAN, Linux < 6.7): no per-block detail,
-        # try every block; untouched ones answer EINVAL and are skipped.
-        ranges = [(region.address, region.address + region.size)]
+        # try every block; untouched ones answer EINVAL and are skipped. A
+        # pass cut short by the budget resumes where the last one stopped.
+        at = region.address + (st.smaps_cursor % region.size if region.size else 0)
+        ranges = [(at, region.address + region.size), (region.address, at)]
+        ranges = [(lo, hi) for lo, hi in ranges if lo < hi]
     else:
         ranges = []
     calls: List[Tuple[int, int]] = []
@@ -415,6 +419,8 @@ def _repair(
             spent = time.perf_counter() - t0
         submitted += length
         calls_made += 1
+        if smaps:
+            st.smaps_cursor = (start + length - region.address) % region.size
         done.seconds += spent
         finished = time.monotonic()
         for i, err in enumerate(errs):
