@@ -228,6 +228,7 @@ def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline, n_forks)
     """100 forks with a busy guard: Threads: 1 in the last before-fork hook, no deadlock, no leaked thread."""
     region = region_factory(8 * pmd)
     others = status_threads() - 1  # threads an earlier test left running, if any
+    py_others = threading.active_count() - 1  # of those, the ones Python started
     guard = thpguard.install(interval=0.001)
     # Without PAGEMAP_SCAN the guard stretches its interval to keep its CPU
     # low (smaps reads walk page tables), so a tick takes far longer: the
@@ -251,7 +252,7 @@ def test_hundred_forks_no_thread_at_fork(region_factory, pmd, deadline, n_forks)
                     os._exit(0 if ok else 1)
                 assert os.waitpid(pid, 0)[1] == 0
         assert guard.running
-        assert status_threads() == 2 + others and threading.active_count() == 2 + others
+        assert status_threads() == 2 + others and threading.active_count() == 2 + py_others
     finally:
         _fork.unsubscribe("test-thread-probe")
         guard.stop()
@@ -646,7 +647,7 @@ def test_smaps_fallback_keeps_guard_cpu_low(require_thp):
     assert run_in_child(child) < 0.25
 
 
-def test_smaps_fallback_counts_only_the_split_block(require_thp, pmd):
+def test_smaps_fallback_counts_only_the_split_block(split_and_repair, pmd):
     """Without PAGEMAP_SCAN (injected ENOTTY) a repair counts the blocks smaps shows repaired, not every block tried."""
 
     def child():
@@ -666,7 +667,7 @@ def test_smaps_fallback_counts_only_the_split_block(require_thp, pmd):
     assert run_in_child(child) == (True, pmd, 1, 1, pmd)
 
 
-def test_smaps_fallback_budget_resumes_where_it_stopped(require_thp, pmd):
+def test_smaps_fallback_budget_resumes_where_it_stopped(split_and_repair, pmd):
     """Without PAGEMAP_SCAN a budget-limited repair pass goes on from where the last one stopped."""
 
     def child():
