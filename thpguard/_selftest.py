@@ -77,6 +77,16 @@ def _child_share(region, view, expected: bytearray, c: _Child) -> None:
     c.timed("split_write_ms", write)
     cov = c.timed("detect_ms", region.coverage)
     c.facts["split_blocks"] = cov.split_blocks
+    if region.direct_cow and kernel.thp_cow_mode() in ("madvise", "always"):
+        # Direct COW: the kernel copies the whole huge page on the write,
+        # nothing splits and nothing needs repair.
+        c.facts["direct_cow"] = True
+        c.expect(cov.complete, "the write after fork split a block although direct COW is on")
+        c.expect(c.timed("verify_ms", lambda: view.tobytes() == expected), "data differs after the write")
+        huge = _smaps_huge(region.address)
+        c.facts["smaps_anon_huge_bytes"] = huge
+        c.expect(huge == region.size, f"smaps AnonHugePages {huge} != region size {region.size}")
+        return
     c.expect(not cov.complete, "the write after fork did not split the block (kernel copied 2 MiB?)")
     result = c.timed("repair_ms", region.collapse)
     c.facts["collapsed_bytes"] = result.collapsed_bytes
