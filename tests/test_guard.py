@@ -192,7 +192,7 @@ def test_children_and_parent_repair_their_own_splits(split_and_repair, region_fa
         with os.fdopen(report_r, "rb") as f:
             result = pickle.load(f)
         assert result["within_3_ticks"], result
-        assert result["complete"] and result["split"] == (), result
+        assert result["complete"] and result["split"] == (() if has_pagemap_scan() else None), result
         assert result["smaps"] == region.size, result
         assert result["data_ok"], result
         assert result["guard_pid_ok"] and result["threads"] == 2, result
@@ -369,13 +369,16 @@ def test_persistent_eagain_backs_off(split_and_repair, region_factory, running_g
     region = region_factory(2 * pmd)
     events = []
     thpguard.install(on_event=events.append, eagain_ticks=2, backoff_initial=0.05)
+    # Without PAGEMAP_SCAN a pass tries every block (no per-block detail),
+    # so failing two passes takes a fault per block and pass.
+    per_pass = 1 if has_pagemap_scan() else region.size // pmd
     with sharer():
         s = Delta()
-        _native.fault_inject("collapse", errno.EAGAIN, 2)
+        _native.fault_inject("collapse", errno.EAGAIN, 2 * per_pass)
         region.view()[0] = 1
         assert repaired_within(running_guard, region, 20)
     assert [e.kind for e in events] == ["split", "failed", "failed", "backoff", "repaired"]
-    assert s.repair_failures == {"EAGAIN": 2}
+    assert s.repair_failures == {"EAGAIN": 2 * per_pass}
 
 
 def test_nohugepage_region_stops_being_repaired_and_says_why(split_and_repair, region_factory, running_guard, pmd, caplog):
