@@ -37,6 +37,49 @@ def pmd():
     return kernel.pmd_size()
 
 
+# -- what the running kernel offers (the kernel matrix runs these tests on
+# -- 5.10, 6.1 and 6.12 guests; the development host has everything)
+
+
+def has_pagemap_scan() -> bool:
+    """True when coverage() comes from PAGEMAP_SCAN (Linux 6.7+), with split_ranges."""
+    return kernel.capabilities().pagemap_scan.available
+
+
+def has_collapse() -> bool:
+    """True when MADV_COLLAPSE can repair split blocks (Linux 6.1+)."""
+    return kernel.capabilities().collapse.available
+
+
+def direct_cow_active() -> bool:
+    """True when the kernel copies a shared huge page on write instead of splitting it
+    (the thp_cow patch, thp_cow=madvise or always): share regions do not split."""
+    caps = kernel.capabilities()
+    return caps.direct_cow.available and caps.thp_cow in ("madvise", "always")
+
+
+@pytest.fixture
+def require_collapse(require_thp):
+    """Skip where the kernel cannot repair splits (no MADV_COLLAPSE, Linux < 6.1)."""
+    feature = kernel.capabilities().collapse
+    if not feature.available:
+        pytest.skip(f"needs MADV_COLLAPSE to repair splits: {feature.reason}")
+
+
+@pytest.fixture
+def expect_splits(require_thp):
+    """Skip where a write to a huge page shared after fork does not split it
+    (direct COW: the kernel copies the whole huge page instead)."""
+    if direct_cow_active():
+        pytest.skip("the kernel copies shared huge pages on write (direct COW, thp_cow="
+                    f"{kernel.capabilities().thp_cow}): a shared region does not split")
+
+
+@pytest.fixture
+def split_and_repair(require_collapse, expect_splits):
+    """For tests that split a shared block on write and expect it repaired."""
+
+
 def smaps_vma(pid, start):
     """The smaps entry (kernel.Vma) of ``pid`` that starts at ``start``, or None."""
     for vma in kernel.read_smaps(pid):

@@ -9,7 +9,7 @@ import pytest
 
 import thpguard
 from thpguard import _native, pagemap
-from conftest import checksum, run_in_child, smaps_huge_bytes, smaps_vma
+from conftest import checksum, has_collapse, has_pagemap_scan, run_in_child, smaps_huge_bytes, smaps_vma
 
 MiB = 1 << 20
 
@@ -19,9 +19,12 @@ def test_fresh_region_is_fully_pmd_mapped(region_factory, pmd):
     """A populated region is PMD-mapped end to end, by PAGEMAP_SCAN and smaps."""
     region = region_factory(16 * MiB)
     cov = region.coverage()
-    assert cov.source == pagemap.SOURCE_PAGEMAP_SCAN
+    if has_pagemap_scan():
+        assert cov.source == pagemap.SOURCE_PAGEMAP_SCAN and cov.split_ranges == ()
+    else:  # Linux < 6.7: totals from smaps, no per-range detail
+        assert cov.source == pagemap.SOURCE_SMAPS and cov.split_ranges is None
     assert cov.total_bytes == region.size == 16 * MiB
-    assert cov.huge_bytes == region.size and cov.complete and cov.split_ranges == ()
+    assert cov.huge_bytes == region.size and cov.complete
     assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size
     assert region.address % pmd == 0 and region.degraded is None
 
@@ -50,7 +53,7 @@ def test_unpopulated_region_has_no_memory(region_factory):
 
 
 @pytest.mark.kernel
-def test_issue_scenario_split_in_child_and_repair(region_factory, pmd):
+def test_issue_scenario_split_in_child_and_repair(region_factory, split_and_repair, pmd):
     """The README scenario: a child's write splits one block; collapse() repairs it."""
     region = region_factory(256 * MiB)
     arr = numpy.frombuffer(region.view(), dtype="float32")
@@ -68,18 +71,24 @@ def test_issue_scenario_split_in_child_and_repair(region_factory, pmd):
         return (split.huge_bytes, split.split_ranges, smaps_split, result.collapsed_bytes,
                 after.complete, smaps_after, expected == checksum(region.view()))
 
-    huge, ranges, smaps_split, collapsed, complete, smaps_after, same = run_in_child(child)
+    try:
+        result = run_in_child(child)
+    finally:
+        del arr  # a live array would keep the region from closing at teardown
+    huge, ranges, smaps_split, collapsed, complete, smaps_after, same = result
     assert huge == region.size - pmd == smaps_split
-    assert ranges == ((region.address, region.address + pmd),)
+    if has_pagemap_scan():
+        assert ranges == ((region.address, region.address + pmd),)
+    else:
+        assert ranges is None
     assert collapsed == pmd and complete and smaps_after == region.size and same
     # The parent never wrote: its copy is intact and still PMD-mapped.
     assert region.coverage().complete
     assert checksum(region.view()) == before
-    del arr
 
 
 @pytest.mark.kernel
-def test_parent_write_after_fork_splits_only_parent(region_factory, pmd):
+def test_parent_write_after_fork_splits_only_parent(region_factory, split_and_repair, pmd):
     """Splits are per process: the writer splits, the other side stays whole."""
     region = region_factory(8 * MiB)
     view = region.view()
@@ -92,13 +101,30 @@ def test_parent_write_after_fork_splits_only_parent(region_factory, pmd):
         os._exit(0 if ok else 1)
     os.close(read_end)
     view[3 * pmd] = 1
+    view.release()
     cov = region.coverage()
     os.write(write_end, b"x")
     os.close(write_end)
     _, status = os.waitpid(pid, 0)
-    assert cov.split_ranges == ((region.address + 3 * pmd, region.address + 4 * pmd),)
+    if has_pagemap_scan():
+        assert cov.split_ranges == ((region.address + 3 * pmd, region.address + 4 * pmd),)
+    else:  # smaps fallback: the same split, in bytes
+        assert cov.split_ranges is None and cov.huge_bytes == region.size - pmd
+    assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size - pmd
     assert os.waitstatus_to_exitcode(status) == 0
     assert region.collapse().ok
+
+
+@pytest.mark.kernel
+def test_collapse_without_madv_collapse_is_unsupported(region_factory, pmd):
+    """Without MADV_COLLAPSE (Linux < 6.1) collapse() raises UnsupportedError naming it, and changes nothing."""
+    if has_collapse():
+        pytest.skip("this kernel has MADV_COLLAPSE: collapse() works here")
+    region = region_factory(2 * pmd)
+    with pytest.raises(thpguard.UnsupportedError, match="MADV_COLLAPSE") as info:
+        region.collapse()
+    assert info.value.feature == "MADV_COLLAPSE"
+    assert not region.closed and region.coverage().complete
 
 
 def test_collapse_on_whole_region_is_a_no_op(region_factory):

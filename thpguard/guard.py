@@ -220,6 +220,10 @@ class _RegionState:
         self.backoff_delay = 0.0
         self.eagain_ticks = 0
         self.disabled: Optional[str] = None
+        # smaps fallback (no per-block detail): split blocks seen last time.
+        self.smaps_split = 0
+        self.smaps_seen: List[float] = []  # when each of them was first seen
+        self.smaps_cursor = 0  # offset where the next budget-limited pass starts
 
 
 _states: "weakref.WeakKeyDictionary[Region, _RegionState]" = weakref.WeakKeyDictionary()
@@ -236,6 +240,17 @@ def _state(region: Region) -> _RegionState:
 
 def _blocks(ranges, pmd: int) -> List[int]:
     return [b for lo, hi in ranges for b in range(lo, hi, pmd)]
+
+
+def _smaps_split_blocks(cov: Coverage) -> int:
+    """Split blocks in a coverage from smaps (no per-block detail).
+
+    A block split after fork stays present, mapped by small pages; a block
+    never touched is not present. So present bytes that are not huge
+    count the split blocks (rounded up: a block may be partly present).
+    """
+    pmd = cov.pmd_size
+    return max(0, -(-(cov.present_bytes - cov.huge_bytes) // pmd))
 
 
 def _collapse_blocker(region: Region) -> str:
@@ -313,6 +328,16 @@ def _scan(region: Region, st: _RegionState, now: float) -> Optional[Coverage]:
         with _counters.lock:
             _counters.scan_seconds += time.perf_counter() - started
     if cov.split_ranges is None:
+        split = _smaps_split_blocks(cov)
+        new_count = split - st.smaps_split
+        st.smaps_split = split
+        del st.smaps_seen[split:]  # repaired elsewhere, or the other side exited
+        if new_count > 0:
+            st.smaps_seen.extend([now] * new_count)
+            with _counters.lock:
+                _counters.splits_detected += new_count
+            _emit(Event(SPLIT, os.getpid(), time.time(), region.address, new_count,
+                        new_count * region.pmd_size), region)
         return cov
     current = set(_blocks(cov.split_ranges, region.pmd_size))
     new = current.difference(st.first_seen)
@@ -362,8 +387,11 @@ def _repair(
         ranges = list(cov.split_ranges)
     elif not cov.complete:
         # smaps fallback (no PAGEMAP_SCAN, Linux < 6.7): no per-block detail,
-        # try every block; untouched ones answer EINVAL and are skipped.
-        ranges = [(region.address, region.address + region.size)]
+        # try every block; untouched ones answer EINVAL and are skipped. A
+        # pass cut short by the budget resumes where the last one stopped.
+        at = region.address + (st.smaps_cursor % region.size if region.size else 0)
+        ranges = [(at, region.address + region.size), (region.address, at)]
+        ranges = [(lo, hi) for lo, hi in ranges if lo < hi]
     else:
         ranges = []
     calls: List[Tuple[int, int]] = []
@@ -375,6 +403,8 @@ def _repair(
             calls.append((at, length))
             left -= length
             at += length
+    smaps = cov.split_ranges is None
+    smaps_ok = smaps_einval = 0
     submitted = calls_made = 0
     latencies: List[float] = []
     fatal: Optional[int] = None
@@ -389,17 +419,21 @@ def _repair(
             spent = time.perf_counter() - t0
         submitted += length
         calls_made += 1
+        if smaps:
+            st.smaps_cursor = (start + length - region.address) % region.size
         done.seconds += spent
         finished = time.monotonic()
         for i, err in enumerate(errs):
             block = start + i * pmd
-            if err == 0:
+            if err == 0 and smaps:
+                smaps_ok += 1  # maybe a block that was huge already: counted below
+            elif err == 0:
                 done.blocks += 1
                 seen = st.first_seen.pop(block, None)
                 if seen is not None:
                     latencies.append(finished - seen)
-            elif err == _errno.EINVAL and cov.split_ranges is None:
-                continue  # smaps fallback: a block never touched
+            elif err == _errno.EINVAL and smaps:
+                smaps_einval += 1  # a block never touched, or THP not allowed here
             else:
                 name = _errname(err)
                 done.failures[name] = done.failures.get(name, 0) + 1
@@ -407,6 +441,26 @@ def _repair(
                     fatal = err
         if fatal is not None:
             break
+    if smaps and calls_made:
+        # MADV_COLLAPSE also answers 0 for a block that was huge already:
+        # count the repairs from smaps, before and after.
+        try:
+            after = pagemap.smaps_coverage(region.address, region.address + region.size, pmd)
+        except OSError:
+            after = None
+        if after is not None:
+            done.blocks = max(0, (after.huge_bytes - cov.huge_bytes) // pmd)
+            st.smaps_split = _smaps_split_blocks(after)
+            finished = time.monotonic()
+            for seen in st.smaps_seen[:done.blocks]:
+                latencies.append(finished - seen)
+            del st.smaps_seen[:done.blocks]
+            del st.smaps_seen[st.smaps_split:]
+            if smaps_ok == 0 and smaps_einval and st.smaps_split:
+                # Present blocks that are not huge refuse the collapse: not
+                # untouched blocks, THP is not allowed here.
+                done.failures["EINVAL"] = st.smaps_split
+                fatal = _errno.EINVAL
     if done.blocks:
         with _counters.lock:
             _counters.repairs += done.blocks

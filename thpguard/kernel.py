@@ -731,13 +731,18 @@ def _probe_process_madvise(n, addr, size) -> Feature:
         if exc.errno == _errno.ENOSYS:
             return Feature(False, "kernel lacks pidfd_open (older than 5.3)")
         return Feature(False, f"pidfd_open failed: {exc.strerror or exc}")
+    # An empty vector asks only whether the syscall exists: it advises
+    # nothing. MADV_COLD (5) is the one advice every kernel with the syscall
+    # accepts (5.10 takes only MADV_COLD and MADV_PAGEOUT, and rejects the
+    # others with EINVAL before looking at the vector).
     try:
-        if addr is not None:
-            n.process_madvise(pidfd, [(addr, size)], 3)  # MADV_WILLNEED: harmless
+        n.process_madvise(pidfd, [], 5)
     except OSError as exc:
         if exc.errno == _errno.ENOSYS:
             return Feature(False, "kernel lacks process_madvise (older than 5.10)")
-        return Feature(False, f"process_madvise failed: {exc.strerror or exc}")
+        if exc.errno != _errno.EINVAL:
+            return Feature(False, f"process_madvise failed: {exc.strerror or exc}")
+        # EINVAL: the kernel knows the syscall, not the advice.
     finally:
         os.close(pidfd)
     return Feature(True, "works (on another process: needs CAP_SYS_NICE and ptrace)")
