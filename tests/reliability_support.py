@@ -77,6 +77,27 @@ def check_stripe(stripe: np.ndarray, base: np.ndarray, lo: int, hi: int) -> str:
     )
 
 
+def split_here(region, pmd: int, blocks: int) -> None:
+    """Split the first ``blocks`` PMD blocks of ``region`` in this process.
+
+    A child shares the region while this process writes one byte per
+    block (the kernel splits the writer's PMD), then exits: the blocks stay
+    PTE-mapped here until collapsed.
+    """
+    sharer = os.fork()
+    if sharer == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        view = region.view()
+        for b in range(blocks):
+            view[b * pmd] = (view[b * pmd] + 1) & 0xFF
+        view.release()
+    finally:
+        os.kill(sharer, 9)
+        os.waitpid(sharer, 0)
+
+
 def run_child(fn, *args, timeout: float = 30.0, send=None):
     """Fork; in the child run ``fn(*args)`` (and ``fn(*args, received)`` when
     ``send`` is given: the parent computes ``send()`` after the fork and

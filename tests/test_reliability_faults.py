@@ -23,6 +23,7 @@ from reliability_support import (  # noqa: F401
     own_mappings,
     region_shaped_mappings,
     run_child,
+    split_here,
 )  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_faults")
@@ -31,24 +32,8 @@ RETRIES = 3
 
 
 def _split(region, pmd, blocks):
-    """Split the first ``blocks`` PMD blocks of ``region`` in this process.
-
-    A child shares the region while this process writes one byte per
-    block (the kernel splits the writer's PMD), then exits: the blocks stay
-    PTE-mapped here until collapsed.
-    """
-    sharer = os.fork()
-    if sharer == 0:
-        time.sleep(30)
-        os._exit(0)
-    try:
-        view = region.view()
-        for b in range(blocks):
-            view[b * pmd] = (view[b * pmd] + 1) & 0xFF
-        view.release()
-    finally:
-        os.kill(sharer, 9)
-        os.waitpid(sharer, 0)
+    """Split the first ``blocks`` blocks here and check the kernel did."""
+    split_here(region, pmd, blocks)
     cov = region.coverage()
     assert cov.split_blocks == blocks, cov
     return cov

@@ -23,6 +23,7 @@ from reliability_support import (
     inject,
     no_faults,  # noqa: F401
     run_child,
+    split_here,
     scale,
     sized,
 )
@@ -68,22 +69,6 @@ def guard():
         g.stop()
 
 
-def _split(region, pmd, blocks):
-    """Split ``blocks`` blocks here: a child shares while we write, then exits."""
-    sharer = os.fork()
-    if sharer == 0:
-        time.sleep(30)
-        os._exit(0)
-    try:
-        view = region.view()
-        for b in range(blocks):
-            view[b * pmd] ^= 0x01
-        view.release()
-    finally:
-        os.kill(sharer, 9)
-        os.waitpid(sharer, 0)
-
-
 def _wait(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,7 +86,7 @@ def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guar
     region = region_factory(4 * pmd)
     failures_before = thpguard.stats().repair_failures.get(errno.errorcode[err], 0)
     inject("collapse", err, 3)
-    _split(region, pmd, 4)
+    split_here(region, pmd, 4)
     before = checksum(region.view())
     assert _wait(lambda: region.coverage().complete), guard.recorder.kinds(region)
     backoffs = guard.recorder.of("backoff", region)
@@ -125,7 +110,7 @@ def test_guard_persistent_eagain_backs_off(region_factory, pmd):
     try:
         region = region_factory(2 * pmd)
         inject("collapse", errno.EAGAIN, 6)
-        _split(region, pmd, 1)
+        split_here(region, pmd, 1)
         assert _wait(lambda: region.coverage().complete)
         backoffs = recorder.of("backoff", region)
         assert backoffs and "EAGAIN" in backoffs[0].reason
@@ -138,7 +123,7 @@ def test_guard_disables_region_on_einval(region_factory, pmd, guard):
     region with a reason in stats() instead of retrying forever."""
     region = region_factory(2 * pmd)
     inject("collapse", errno.EINVAL, 1)
-    _split(region, pmd, 1)
+    split_here(region, pmd, 1)
     assert _wait(lambda: guard.recorder.of("disabled", region))
     assert hex(region.address) in thpguard.stats().regions_disabled
     assert guard.running
@@ -153,7 +138,7 @@ def test_guard_survives_scan_failures(region_factory, pmd, guard):
     assert guard.wait_ticks(8, timeout=10)
     _native.fault_clear()
     assert thpguard.stats().scan_failures > scan_failures
-    _split(region, pmd, 2)
+    split_here(region, pmd, 2)
     assert _wait(lambda: region.coverage().complete)
     assert guard.running
 
