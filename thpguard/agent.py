@@ -4,7 +4,10 @@
 PID, command name or cgroup), finds PMD-size blocks of private anonymous
 memory that hold data on small pages (split after a fork, or never huge),
 and collapses them from outside with ``process_madvise(MADV_COLLAPSE)``
-(Linux 6.1+; needs CAP_SYS_NICE and ptrace access to the process).
+(Linux 6.1+). For processes of other users it needs CAP_SYS_NICE
+(``process_madvise`` on another process), CAP_SYS_PTRACE (ptrace read
+access to read their memory map and to act on them) and CAP_DAC_READ_SEARCH
+(``/proc/PID/pagemap`` is mode 0400, owned by the process's user).
 
 What it never touches: VMAs advised ``MADV_NOHUGEPAGE``, processes that
 disabled THP with ``prctl(PR_SET_THP_DISABLE)``, processes with less
@@ -253,7 +256,8 @@ class Agent:
         except PermissionError as exc:
             self._once(t, "permission", pid=info.pid, command=info.command, errno=_ERRNAME(exc.errno, "?"),
                        reason="cannot read its smaps or pagemap: the agent needs ptrace read access "
-                              "(CAP_SYS_PTRACE, or the same user and a dumpable process)")
+                              "(CAP_SYS_PTRACE, or the same user and a dumpable process) and, for "
+                              "another user's pagemap (mode 0400), CAP_DAC_READ_SEARCH; it is left alone")
             return None
         except OSError as exc:
             self._once(t, "scan_error", pid=info.pid, command=info.command,
@@ -421,10 +425,13 @@ class Agent:
                 t.backoff_until = 0.0
 
     def run(self, duration: Optional[float] = None,
-            reload: Optional[Callable[[], AgentConfig]] = None) -> dict:
+            reload: Optional[Callable[[], AgentConfig]] = None,
+            start_fields: Optional[dict] = None) -> dict:
         """Pass after pass every ``interval`` seconds until SIGTERM/SIGINT
         (or *duration* seconds); SIGHUP calls *reload* for a new config.
-        Returns :meth:`summary`, also logged as the ``stop`` event."""
+        The ``start`` event (with *start_fields*) is logged once the signal
+        handlers are in place. Returns :meth:`summary`, also logged as the
+        ``stop`` event."""
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         main = threading.current_thread() is threading.main_thread()
         old = {}
@@ -434,6 +441,7 @@ class Agent:
                                  (signal.SIGHUP, self._on_hup)):
                 old[sig] = signal.signal(sig, handler)
         end = None if duration is None else time.monotonic() + duration
+        self.log("start", **(start_fields or {}))
         try:
             while not self._stop:
                 if self._reload:

@@ -555,8 +555,8 @@ def _add_agent(sub) -> None:
                     "blocks of private anonymous memory that sit on small pages, with "
                     "process_madvise(MADV_COLLAPSE). Never touches MADV_NOHUGEPAGE VMAs, "
                     "prctl THP-disabled processes, small memory, or (unless --repair-shared) blocks "
-                    "still shared with another process. Needs CAP_SYS_NICE and CAP_SYS_PTRACE (or "
-                    "root). SIGHUP rereads --config, SIGTERM stops with a summary. Flags override "
+                    "still shared with another process. Needs CAP_SYS_NICE, CAP_SYS_PTRACE and "
+                    "CAP_DAC_READ_SEARCH (or root). SIGHUP rereads --config, SIGTERM stops with a summary. Flags override "
                     "the config file.")
     p.add_argument("--config", metavar="PATH", help="TOML config file (JSON if it ends in .json)")
     p.add_argument("--check", action="store_true",
@@ -625,7 +625,7 @@ def _agent_preflight(caps) -> None:
     if _checks.has_capability(_checks.CAP_SYS_NICE) is False:
         raise UsageError("the agent needs CAP_SYS_NICE for process_madvise(MADV_COLLAPSE) on other "
                          "processes, and this process lacks it: run it as root, or with the capability "
-                         "(systemd: AmbientCapabilities=CAP_SYS_NICE CAP_SYS_PTRACE)")
+                         "(systemd: AmbientCapabilities=CAP_SYS_NICE CAP_SYS_PTRACE CAP_DAC_READ_SEARCH)")
 
 
 def _write_state(agent, path: str) -> None:
@@ -671,19 +671,26 @@ def _cmd_agent(args) -> int:
         except OSError as exc:
             raise UsageError(f"cannot serve metrics on {cfg.metrics_address}:{cfg.metrics_port}: "
                              f"{exc.strerror or exc}") from None
-    log("start", pid=os.getpid(), kernel=caps.kernel_release, pmd_size=agent.pmd,
-        cap_sys_ptrace=_checks.has_capability(_checks.CAP_SYS_PTRACE),
-        metrics=f"{server.address}:{server.port}" if server else "off",
-        config=agent_mod._config_fields(cfg))
+    missing = [name for name, bit in (("CAP_SYS_PTRACE", _checks.CAP_SYS_PTRACE),
+                                      ("CAP_DAC_READ_SEARCH", _checks.CAP_DAC_READ_SEARCH))
+               if _checks.has_capability(bit) is False]
+    if missing:
+        log("capabilities", "warning", missing=",".join(missing),
+            reason="only processes of the agent's own user that are dumpable can be read; others "
+                   "are logged once each and left alone")
+    start = {"pid": os.getpid(), "kernel": caps.kernel_release, "pmd_size": agent.pmd,
+             "metrics": f"{server.address}:{server.port}" if server else "off",
+             "config": agent_mod._config_fields(cfg)}
     try:
         if args.once:
+            log("start", **start)
             agent.run_pass()
             for t in list(agent.tracked.values()):
                 t.close()
             log("stop", **agent.summary())
         else:
             reload = (lambda: _agent_config(args)) if args.config else None
-            agent.run(duration=args.duration, reload=reload)
+            agent.run(duration=args.duration, reload=reload, start_fields=start)
     finally:
         if server is not None:
             server.close()
