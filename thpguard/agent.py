@@ -46,6 +46,7 @@ __all__ = ["Agent", "AgentLog", "RemoteCollapse"]
 _ERRNAME = errno.errorcode.get
 _PASS_REPAIR_LIMIT = 30.0  # seconds of repair per pass before looking again
 _BACKOFF = {errno.ENOMEM: 5.0, errno.EBUSY: 30.0}
+_EINVAL_REFUSE = 3  # EINVAL answers on one VMA before it is skipped
 
 
 class RemoteCollapse:
@@ -91,6 +92,7 @@ class _Tracked:
         self.target = RemoteCollapse(pidfd)
         self.logged: set = set()
         self.refused: set = set()
+        self.einval: Dict[Tuple[int, int], Tuple[int, int]] = {}  # VMA -> (EINVAL passes, last pass)
         self.backoff_until = 0.0
         self.window_start = 0.0
         self.busy = 0.0
@@ -357,11 +359,20 @@ class Agent:
                        reason="process_madvise(MADV_COLLAPSE) refused: the agent needs CAP_SYS_NICE "
                               "and ptrace access (CAP_SYS_PTRACE) to this process; it is left alone")
         elif err == errno.EINVAL:
+            # EINVAL also comes from a VMA the allocator remapped between the
+            # scan and the call: refuse a VMA only when it says so in passes
+            # after each other, not on one answer.
             vma = t.last_scan.candidate_vmas.get(block) if t.last_scan else None
-            if vma:
+            if vma is None:
+                return
+            count, seen_in = t.einval.get(vma, (0, -1))
+            if seen_in != self.passes:
+                count, seen_in = count + 1, self.passes
+            t.einval[vma] = (count, seen_in)
+            if count >= _EINVAL_REFUSE:
                 t.refused.add(vma)
-            self._once(t, f"refused:{vma}", "info", pid=info.pid, command=info.command, errno=name,
-                       vma=f"{vma[0]:#x}-{vma[1]:#x}" if vma else "?", reason=self._why_einval(t))
+                self._once(t, f"refused:{vma}", "info", pid=info.pid, command=info.command, errno=name,
+                           vma=f"{vma[0]:#x}-{vma[1]:#x}", reason=self._why_einval(t))
         elif err in _BACKOFF:
             t.backoff_until = time.monotonic() + _BACKOFF[err]
             self._once(t, f"backoff:{name}", "info", pid=info.pid, command=info.command, errno=name,
