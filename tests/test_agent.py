@@ -112,13 +112,22 @@ def once(*pids: int, extra=()) -> list:
 # -- what it repairs and what it leaves alone ---------------------------------
 
 
-def test_collapses_memory_never_advised(require_agent, victims, pmd):
-    """Small-page memory of a process that never advised MADV_HUGEPAGE ends PMD-mapped."""
+def test_collapses_memory_never_advised(require_agent, victims, pmd, tmp_path):
+    """Small-page memory of a process that never advised MADV_HUGEPAGE ends PMD-mapped;
+    ``thpguard status`` shows what the agent did from its state file."""
     v = victims(64)
     assert v.huge_bytes() == 0
-    stop = once(v.pid)[-1]
+    state = str(tmp_path / "agent.json")
+    stop = once(v.pid, extra=("--state-file", state))[-1]
     assert stop["event"] == "stop" and stop["repaired_bytes"] >= v.whole_blocks(pmd)
     assert v.huge_bytes() == v.whole_blocks(pmd)
+    r = subprocess.run([sys.executable, "-m", "thpguard", "status", str(v.pid), "--agent-state", state],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"agent: repaired {v.whole_blocks(pmd) >> 20}M" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, "-m", "thpguard", "status", str(v.pid), "--agent-state", state, "--json"],
+                       capture_output=True, text=True, timeout=60)
+    row = json.loads(r.stdout)["processes"][0]["agent"]
+    assert row["repaired_bytes"] >= v.whole_blocks(pmd) and row["pid"] == v.pid
 
 
 def test_never_touches_nohugepage(require_agent, victims):

@@ -134,6 +134,7 @@ class Agent:
         self.throttled_seconds = 0.0
         self.on_pass: List[Callable[["Agent"], None]] = []
         self.lock = threading.Lock()  # held while the pass changes what readers see
+        self._logged: set = set()
         self._stop = False
         self._reload = False
         self._wake_r = self._wake_w = -1
@@ -181,11 +182,12 @@ class Agent:
     # -- one pass -------------------------------------------------------
 
     def _once(self, t: Optional[_Tracked], what: str, level: str = "warning", **fields) -> None:
-        """Log *what* once per process (per PID and start time)."""
-        if t is not None:
-            if what in t.logged:
-                return
-            t.logged.add(what)
+        """Log *what* once per process (per PID and start time), or once
+        for the agent when *t* is None."""
+        logged = t.logged if t is not None else self._logged
+        if what in logged:
+            return
+        logged.add(what)
         self.log(what, level, **fields)
 
     def _track(self, info: _agentscan.ProcessInfo) -> Optional[_Tracked]:

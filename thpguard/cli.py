@@ -251,7 +251,46 @@ def _add_status(sub) -> None:
                    help="print node_exporter textfile-collector metrics instead of the table")
     p.add_argument("--prometheus-file", metavar="PATH",
                    help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
+    p.add_argument("--agent-state", metavar="PATH", default=AGENT_STATE,
+                   help="add what the node agent did per process, from its state file "
+                        f"(default {AGENT_STATE}, when it exists)")
     p.set_defaults(func=_cmd_status)
+
+
+AGENT_STATE = "/run/thpguard/agent.json"
+
+
+def _agent_state(path: Optional[str]) -> dict:
+    """The node agent's per-process rows by PID, or {} (no agent, unreadable)."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        rows = {row["pid"]: row for row in state.get("processes", [])}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        _err(f"ignoring the agent state file {path}: {exc}")
+        return {}
+    from . import _agentscan  # noqa: PLC0415
+
+    out = {}
+    for pid, row in rows.items():
+        try:  # a row about an earlier process with this PID is not about this one
+            if _agentscan.start_time(pid, kernel.Roots.from_env()) == row.get("start_time"):
+                out[pid] = row
+        except (_agentscan.ProcessGone, OSError, ValueError):
+            pass
+    return out
+
+
+def _agent_line(row: dict) -> str:
+    failures = ", ".join(f"{k} {v}" for k, v in sorted(row.get("failures", {}).items())) or "none"
+    shared = row.get("shared_blocks")
+    return (f"  agent: repaired {fmt_bytes(row.get('repaired_bytes', 0))}, "
+            f"{'?' if shared is None else shared} shared block(s) left for the sharer, "
+            f"refused: {failures}")
 
 
 def _scan_or_error(pid: int, errors: list):
@@ -273,11 +312,13 @@ def _interesting(pc) -> bool:
     return any(v.advised or v.pmd_mapped_bytes for v in pc.vmas)
 
 
-def _print_process(pc, only_eligible: bool) -> None:
+def _print_process(pc, only_eligible: bool, agent_row: Optional[dict] = None) -> None:
     t = pc.totals(only_eligible)
     split = "?" if t["split_blocks"] is None else t["split_blocks"]
     print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['pmd_mapped_bytes'])} PMD-mapped, "
           f"{split} split block(s), {t['vmas']} VMAs [{pc.source}]")
+    if agent_row is not None:
+        print(_agent_line(agent_row))
     print(f"  {'range':<26} {'size':>7} {'elig':>4} {'adv':>3} {'pmd-mapped':>10} {'split':>5}  path")
     for v in pc.vmas:
         if only_eligible and not v.thp_eligible:
@@ -297,10 +338,11 @@ def _cmd_status(args) -> int:
     if not explicit:
         roots = kernel.Roots.from_env()
         pids = sorted(int(n) for n in os.listdir(roots.proc) if n.isdigit())
+    agent_rows = _agent_state(args.agent_state)
     found = []
     for pid in pids:
         pc = _scan_or_error(pid, errors if explicit else [])
-        if pc is not None and (explicit or _interesting(pc)):
+        if pc is not None and (explicit or _interesting(pc) or pc.pid in agent_rows):
             found.append(pc)
     if args.prometheus or args.prometheus_file:
         from . import metrics  # noqa: PLC0415 - only these flags need it
@@ -315,6 +357,7 @@ def _cmd_status(args) -> int:
             "command": "status",
             "errors": errors,
             "processes": [{
+                "agent": agent_rows.get(pc.pid),
                 "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size, "source": pc.source,
                 "totals": pc.totals(args.only_eligible),
                 "vmas": [v.as_dict() for v in pc.vmas if v.thp_eligible or not args.only_eligible],
@@ -322,7 +365,7 @@ def _cmd_status(args) -> int:
         })
     else:
         for pc in found:
-            _print_process(pc, args.only_eligible)
+            _print_process(pc, args.only_eligible, agent_rows.get(pc.pid))
         if not found and not errors:
             print("no process with huge-page VMAs found")
     for e in errors:
