@@ -335,3 +335,34 @@ def test_sighup_reloads_and_sigterm_summarises(require_agent, victims, tmp_path,
     assert "kept the old configuration" in reloads[-1]["reason"]
     stop = evs[-1]
     assert stop["event"] == "stop" and stop["repaired_bytes"] >= v.whole_blocks(pmd)
+
+
+def test_byte_budget_bounds_what_is_collapsed(require_agent, victims, pmd):
+    """With --rate, the bytes collapsed never exceed the rate times the elapsed time plus
+    the one-second burst (a bound, not a timing)."""
+    v = victims(64)
+    r = agent_cli("--pid", str(v.pid), "--min-process-bytes", "0", "--rate", "8M", "--interval", "0.2",
+                  "--duration", "1.5")
+    assert r.returncode == 0, r.stderr
+    stop = events(r.stderr)[-1]
+    assert 0 < stop["repaired_bytes"] <= (8 << 20) * (stop["elapsed_seconds"] + 1) + pmd
+    assert stop["throttled_seconds"] > 0
+    assert v.huge_bytes() == stop["repaired_bytes"]
+
+
+def test_metrics_per_pid_only_when_asked(require_agent, victims):
+    """The collector labels series by cgroup and command; a pid label only with per_pid."""
+    pytest.importorskip("prometheus_client")
+    from thpguard._agentmetrics import AgentCollector
+
+    for per_pid in (False, True):
+        v = victims(16)
+        agent = Agent(AgentConfig(min_process_bytes=0, metrics_per_pid=per_pid,
+                                  select=Selection(pids=[v.pid])), AgentLog("json", open(os.devnull, "w")))
+        agent.run_pass()
+        fams = {f.name: f for f in AgentCollector(agent).collect()}
+        labels = fams["thpguard_agent_repaired_bytes"].samples[0].labels
+        assert ("pid" in labels) is per_pid and labels["command"] == "python"
+        assert fams["thpguard_agent_anon_bytes"].samples[0].value > 0  # gauges: as of the last scan
+        for t in list(agent.tracked.values()):
+            t.close()

@@ -133,7 +133,9 @@ class Agent:
         self.cpu_started = time.process_time()
         self.throttled_seconds = 0.0
         self.on_pass: List[Callable[["Agent"], None]] = []
-        self.lock = threading.Lock()  # held while the pass changes what readers see
+        # Held while the pass changes what the metrics thread reads (re-entrant:
+        # _forget runs both inside and outside held sections).
+        self.lock = threading.RLock()
         self._logged: set = set()
         self._stop = False
         self._reload = False
@@ -212,17 +214,19 @@ class Agent:
             os.close(pidfd)
             return None
         t = _Tracked(info, pidfd)
-        self.tracked[info.pid] = t
+        with self.lock:
+            self.tracked[info.pid] = t
         self.log("process", pid=info.pid, command=info.command, cgroup=info.cgroup or "-")
         return t
 
     def _forget(self, t: _Tracked) -> None:
         """Drop *t* (exited, PID reused, or no longer selected)."""
-        if not _alive(t):
-            self.exited += 1
-        t.close()
-        if self.tracked.get(t.info.pid) is t:
-            del self.tracked[t.info.pid]
+        with self.lock:
+            if not _alive(t):
+                self.exited += 1
+            t.close()
+            if self.tracked.get(t.info.pid) is t:
+                del self.tracked[t.info.pid]
 
     def _select(self) -> Tuple[List[_Tracked], set]:
         """(processes to scan this pass, keys of every process still wanted)."""
@@ -267,7 +271,8 @@ class Agent:
             self._once(t, "scan_error", pid=info.pid, command=info.command,
                        errno=_ERRNAME(exc.errno or 0, "?"), reason=exc.strerror or str(exc))
             return None
-        t.last_scan = ps
+        with self.lock:
+            t.last_scan = ps
         if ps.shared_blocks and not self.config.repair_shared:
             t.counts.shared_skipped += ps.shared_blocks
             self.totals.shared_skipped += ps.shared_blocks
