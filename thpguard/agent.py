@@ -324,7 +324,8 @@ class Agent:
                 if stalled:
                     waits.append(stalled)
                     continue
-                wait = max(self.bytes_budget.delay(self.pmd), self.cpu_budget.delay())
+                # CPU first: the byte bucket takes its tokens when it says 0.
+                wait = self.cpu_budget.delay() or self.bytes_budget.delay(self.pmd)
                 if wait:
                     self.throttled_seconds += wait
                     if not self._sleep(wait):
