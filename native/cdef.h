@@ -1,5 +1,7 @@
-/* The declarations cffi exposes to Python. Compiled against thpguard.h
- * by build_cffi.py, so any drift between the two fails the build. */
+/* The declarations cffi exposes to Python: thpguard.h and the test hook of
+ * thpguard_testing.h. build_cffi.py compiles every prototype here again
+ * after including the headers and pins the struct layouts with static
+ * assertions, so any drift between the two fails the build. */
 #define TG_MADV_DONTFORK ...
 #define TG_MADV_DOFORK ...
 #define TG_MADV_HUGEPAGE ...

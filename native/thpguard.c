@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "thpguard.h"
+#include "thpguard_testing.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -220,14 +221,16 @@ int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
         size_t n;
         uint64_t walk_end;
         if (tg_pagemap_scan(pagemap_fd, at, end,
-                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_HUGE,
+                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_HUGE | TG_PAGE_IS_PFNZERO,
                             vec, 64, &n, &walk_end) != 0)
             return -1;
         for (size_t i = 0; i < n; i++) {
             uint64_t bytes = vec[i].end - vec[i].start;
-            if (vec[i].categories & TG_PAGE_IS_PRESENT)
+            uint64_t cats = vec[i].categories;
+            if (cats & TG_PAGE_IS_PRESENT)
                 *present += bytes;
-            if (vec[i].categories & TG_PAGE_IS_HUGE)
+            if ((cats & TG_PAGE_IS_HUGE) && (cats & TG_PAGE_IS_PRESENT)
+                && !(cats & TG_PAGE_IS_PFNZERO))
                 *huge += bytes;
         }
         if (walk_end <= at)

@@ -270,24 +270,24 @@ def _scan_or_error(pid: int, errors: list):
 
 
 def _interesting(pc) -> bool:
-    return any(v.advised or v.pmd_mapped_bytes for v in pc.vmas)
+    return any(v.advised or v.huge_bytes for v in pc.vmas)
 
 
 def _print_process(pc, only_eligible: bool) -> None:
     t = pc.totals(only_eligible)
     split = "?" if t["split_blocks"] is None else t["split_blocks"]
-    print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['pmd_mapped_bytes'])} PMD-mapped, "
+    print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['huge_bytes'])} PMD-mapped, "
           f"{split} split block(s), {t['vmas']} VMAs [{pc.source}]")
     print(f"  {'range':<26} {'size':>7} {'elig':>4} {'adv':>3} {'pmd-mapped':>10} {'split':>5}  path")
     for v in pc.vmas:
         if only_eligible and not v.thp_eligible:
             continue
         elig = {True: "yes", False: "no", None: "?"}[v.thp_eligible]
-        vsplit = "?" if v.split_blocks is None else len(v.split_blocks)
+        vsplit = "?" if v.split_blocks is None else v.split_blocks
         print(f"  {v.start:012x}-{v.end:012x}  {fmt_bytes(v.size):>7} {elig:>4} {'hg' if v.advised else '':>3} "
-              f"{fmt_bytes(v.pmd_mapped_bytes):>10} {vsplit:>5}  {v.path}")
+              f"{fmt_bytes(v.huge_bytes):>10} {vsplit:>5}  {v.path}")
     print(f"  {'total':<26} {fmt_bytes(t['size']):>7} {'':>4} {'':>3} "
-          f"{fmt_bytes(t['pmd_mapped_bytes']):>10} {split:>5}")
+          f"{fmt_bytes(t['huge_bytes']):>10} {split:>5}")
 
 
 def _cmd_status(args) -> int:
@@ -346,7 +346,7 @@ def _add_watch(sub) -> None:
 
 
 def _split_set(pc) -> set:
-    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_blocks or ())}
+    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_block_addresses or ())}
 
 
 def _cmd_watch(args) -> int:
@@ -379,11 +379,11 @@ def _cmd_watch(args) -> int:
                             "totals": t, "split": [hex(b) for b in new],
                             "repaired": [hex(b) for b in repaired]})
             else:
-                ratio = t["pmd_mapped_bytes"] / t["eligible_bytes"] if t["eligible_bytes"] else 0.0
+                ratio = t["huge_bytes"] / t["eligible_bytes"] if t["eligible_bytes"] else 0.0
                 split = "?" if t["split_blocks"] is None else t["split_blocks"]
                 events = "".join([f"  +{len(new)} split ({', '.join(hex(b) for b in new[:3])})" if new else "",
                                   f"  {len(repaired)} repaired" if repaired else ""])
-                print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['pmd_mapped_bytes'])} of "
+                print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['huge_bytes'])} of "
                       f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}",
                       flush=True)
             if args.count and samples >= args.count:
@@ -442,35 +442,57 @@ def _guard_preflight(pid: int) -> int:
         raise UsageError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from None
 
 
-def _guard_pass(pid, pidfd, args, budget) -> dict:
-    from . import _native, _procmap  # noqa: PLC0415
+def _guard_pass(pid, pidfd, args, budget, states) -> dict:
+    """One scan-and-repair pass through the repair engine (``process_madvise``)."""
+    from . import _procmap  # noqa: PLC0415
+    from .blocks import SOURCE_PAGEMAP_SCAN, Coverage  # noqa: PLC0415
+    from .repair import RemoteTarget, RepairEngine, RepairState, TargetGone  # noqa: PLC0415
 
     pc = _procmap.scan_process(pid)
     if pc.source != _procmap.SOURCE_PAGEMAP_SCAN:
         raise UsageError("guard needs PAGEMAP_SCAN (Linux 6.7) to find split blocks")
-    targets = [(b, v) for v in pc.vmas
-               if (v.advised or (args.all_eligible and v.thp_eligible))
-               for b in (v.split_blocks or ())]
-    repaired, failed = [], {}
+    engine = RepairEngine(RemoteTarget(pid, pidfd))
     pmd = pc.pmd_size
-    for block, _vma in targets:
-        budget.wait(pmd)
-        started = time.perf_counter()
-        try:
-            _native.process_madvise(pidfd, [(block, pmd)], _native.MADV_COLLAPSE)
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                raise UsageError(f"process_madvise(MADV_COLLAPSE) on PID {pid} was refused (EPERM): "
-                                 "guard needs CAP_SYS_NICE and ptrace access to it") from None
-            if exc.errno == errno.ESRCH:
-                raise _procmap.ProcessGone(pid) from None
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            failed[name] = failed.get(name, 0) + 1
+    vmas = [v for v in pc.vmas if v.advised or (args.all_eligible and v.thp_eligible)]
+    repaired, failed, refused = [], {}, []
+    found = 0
+    now = time.monotonic()
+    for v in vmas:
+        if v.blocks is None:
             continue
-        repaired.append({"address": block, "bytes": pmd,
-                         "ms": round((time.perf_counter() - started) * 1000, 3)})
-    return {"split_found": len(targets), "repaired": repaired, "failed": failed,
-            "vmas": sum(1 for v in pc.vmas if v.advised or (args.all_eligible and v.thp_eligible))}
+        found += len(v.blocks.split) + len(v.blocks.partial)
+        st = states.setdefault((v.start, v.end), RepairState())
+        if now < st.backoff_until:
+            continue
+        cov = Coverage(v.start, v.size, v.huge_bytes, v.present_bytes or 0, (), pmd,
+                       SOURCE_PAGEMAP_SCAN, (), v.blocks)
+        for call in engine.plan(st, cov, v.start, v.size, v.size, pmd, now):
+            budget.wait(call[1])
+            try:
+                ((start, _, errs, spent),) = engine.run([call], pmd, 0)
+            except PermissionError as exc:
+                raise UsageError(f"PID {pid}: {exc.strerror}") from None
+            except TargetGone:
+                raise _procmap.ProcessGone(pid) from None
+            err = errs[0]
+            if err == 0:
+                st.blocked.pop(start, None)
+                repaired.append({"address": start, "bytes": pmd, "ms": round(spent * 1000, 3)})
+                continue
+            name = errno.errorcode.get(err, str(err))
+            failed[name] = failed.get(name, 0) + 1
+            if err == errno.EINVAL:
+                whole, reason = engine.diagnose(start, pmd, v.start, v.size)
+                st.blocked[start] = (now + 10.0, reason)
+                refused.append({"address": start, "reason": reason})
+            elif err in (errno.ENOMEM, errno.EBUSY):
+                # The kernel is short of memory (or the memcg is full):
+                # this VMA waits, doubling up to a minute.
+                st.backoff_delay = min(60.0, max(args.interval, st.backoff_delay * 2))
+                st.backoff_until = time.monotonic() + st.backoff_delay
+                break
+    return {"split_found": found, "repaired": repaired, "failed": failed, "refused": refused,
+            "vmas": len(vmas)}
 
 
 class _RateLimit:
@@ -500,11 +522,12 @@ def _cmd_guard(args) -> int:
         raise UsageError(f"--rate must be more than 0 bytes per second, got {args.rate}")
     pidfd = _guard_preflight(args.pid)
     budget = _RateLimit(args.rate)
+    states: dict = {}
     total = 0
     try:
         while True:
             try:
-                result = _guard_pass(args.pid, pidfd, args, budget)
+                result = _guard_pass(args.pid, pidfd, args, budget, states)
             except _procmap.ProcessGone:
                 if not args.json:
                     print(f"PID {args.pid} exited; {total} block(s) repaired")
@@ -516,9 +539,13 @@ def _cmd_guard(args) -> int:
                 for r in result["repaired"]:
                     print(f"{time.strftime('%H:%M:%S')}  repaired {r['address']:#x} "
                           f"({fmt_bytes(r['bytes'])}) in {r['ms']:.2f} ms", flush=True)
+                for r in result["refused"]:
+                    print(f"{time.strftime('%H:%M:%S')}  {r['address']:#x} not repaired: "
+                          f"{r['reason']}", flush=True)
                 for name, n in result["failed"].items():
-                    print(f"{time.strftime('%H:%M:%S')}  {n} block(s) not repaired: {name} "
-                          "(retried next pass)", flush=True)
+                    if name != "EINVAL":
+                        print(f"{time.strftime('%H:%M:%S')}  {n} block(s) not repaired: {name} "
+                              "(retried later)", flush=True)
             if args.once:
                 if not args.json and not result["split_found"]:
                     print(f"PID {args.pid}: no split blocks in {result['vmas']} guarded VMA(s)")

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "thpguard.h"
+#include "thpguard_testing.h"
 
 #define SKIP 77
 
