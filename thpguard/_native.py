@@ -138,6 +138,14 @@ def pagemap_scan(fd: int, start: int, end: int) -> List[Tuple[int, int, int]]:
     return runs
 
 
+def huge_bytes(fd: int, start: int, end: int) -> Tuple[int, int]:
+    """``tg_huge_bytes``: (huge, present) bytes of ``[start, end)`` by the C core."""
+    huge = ffi.new("uint64_t *")
+    present = ffi.new("uint64_t *")
+    _check(lib.tg_huge_bytes(fd, start, end, huge, present), "tg_huge_bytes", start, end - start)
+    return huge[0], present[0]
+
+
 def collapse(addr: int, length: int, chunk: int, max_retries: int) -> List[int]:
     """MADV_COLLAPSE in ``chunk``-byte pieces; errno per chunk (0 = collapsed)."""
     if chunk <= 0:
