@@ -31,7 +31,8 @@ if _native_missing is None:
     from .events import Event
     # ``thpguard.guard`` and ``thpguard.hot`` are the functions below; the
     # modules stay importable as ``from thpguard.guard import ...``.
-    from .guard import Guard, _install_from_environment, guard, install
+    from .guard import Guard, guard, install
+    from .launch import _install_from_environment
     from .hot import HotBuffer, HotReport, hot
     from .stats import Stats, stats
 

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _native
@@ -178,6 +179,21 @@ def after_fork_returns(callback: Callable[[], None]) -> None:
         callback()
 
     sys.setprofile(profile)
+
+
+def wait_task_gone(tid: Optional[int]) -> None:
+    """Wait until the kernel has removed a joined thread.
+
+    ``Thread.join`` returns when the thread's Python code is done, a few
+    microseconds before the kernel task exits; forking in that window
+    forks a process that still has two threads.
+    """
+    if tid is None:
+        return
+    path = f"/proc/self/task/{tid}"
+    deadline = time.monotonic() + 1.0
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.00005)
 
 
 def generation() -> int:

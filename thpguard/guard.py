@@ -33,18 +33,17 @@ import math
 import os
 import threading
 import time
-import weakref
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, Optional
 
 from . import _fork, events, kernel, pagemap
 from . import region as _region
-from .blocks import Coverage
+from .backends import FALLBACK_PMD
 from .events import FORK, Event
 from .errors import InvalidArgumentError, InvalidTypeError
-from .region import Region
-from .repair import LocalTarget, RepairEngine, RepairPolicy, RepairState
+from ._guardstate import _gs, _hot_regions, _watchers, scan, state_of, states, unwatch, watch
+from .repair import LocalTarget, RepairEngine, RepairPolicy
 
-__all__ = ["Guard", "guard", "install", "watch", "unwatch", "state_of"]
+__all__ = ["Guard", "guard", "install", "watch", "unwatch", "state_of", "states", "scan"]
 
 log = logging.getLogger("thpguard")
 
@@ -68,99 +67,6 @@ _MAX_INTERVAL = 3600.0
 _JOIN_TIMEOUT = 5.0
 
 
-# -- per-process state -------------------------------------------------------------
-
-
-class _GuardState:
-    """The guard's per-process state: the installed guard (a child keeps it
-    and restarts it), each region's repair state and watchers (fresh)."""
-
-    def __init__(self, current: "Optional[Guard]" = None, watches=None) -> None:
-        self.install_lock = threading.RLock()
-        self.current = current
-        self.lock = threading.Lock()
-        self.states: "weakref.WeakKeyDictionary[Region, RepairState]" = weakref.WeakKeyDictionary()
-        self.watches: "weakref.WeakKeyDictionary[Region, list]" = weakref.WeakKeyDictionary(
-            watches or {})
-
-    def for_child(self) -> "_GuardState":
-        # hot() blocks keep watching in the child (with fresh locks); the
-        # repair state starts over: the child's splits are its own.
-        for watchers in list(self.watches.values()):
-            for watcher in watchers:
-                watcher.for_child()
-        return _GuardState(self.current, dict(self.watches))
-
-
-def _gs() -> _GuardState:
-    return _fork.state.get("guard", _GuardState, _GuardState.for_child)
-
-
-def state_of(region: Region) -> RepairState:
-    """The repair state of ``region`` in this process."""
-    gs = _gs()
-    with gs.lock:
-        st = gs.states.get(region)
-        if st is None:
-            st = gs.states[region] = RepairState()
-        return st
-
-
-def states() -> list:
-    gs = _gs()
-    with gs.lock:
-        return list(gs.states.items())
-
-
-def watch(region: Region, watcher) -> None:
-    """Have ``watcher.observe(now, not_huge_bytes)`` called on each scan of
-    ``region`` and its repairs made first (a :func:`hot` block)."""
-    gs = _gs()
-    with gs.lock:
-        gs.watches.setdefault(region, []).append(watcher)
-    current = gs.current
-    if current is not None and current.running:
-        current._wake.set()  # the faster hot interval applies at once
-
-
-def unwatch(region: Region, watcher) -> None:
-    gs = _gs()
-    with gs.lock:
-        watchers = gs.watches.get(region, [])
-        if watcher in watchers:
-            watchers.remove(watcher)
-
-
-def _watchers(region: Region) -> list:
-    gs = _gs()
-    with gs.lock:
-        return list(gs.watches.get(region, ()))
-
-
-def _hot_regions() -> set:
-    gs = _gs()
-    with gs.lock:
-        return {r for r, w in gs.watches.items() if w}
-
-
-def scan(region: Region, st: RepairState, engine: RepairEngine,
-         now: float) -> Optional[Coverage]:
-    """Coverage of ``region`` now, with new splits recorded. None if it
-    cannot be read (counted and logged)."""
-    c = events.counters()
-    started = time.perf_counter()
-    try:
-        cov = region.backend.coverage(region)
-    except OSError as exc:
-        c.add(scan_failures=1)
-        log.warning("region %#x: coverage scan failed: %s", region.address, exc)
-        return None
-    finally:
-        c.add(scan_seconds=time.perf_counter() - started)
-    engine.observe(st, cov, region.address, now)
-    return cov
-
-
 def _check_seconds(name: str, value: object, low: float = _MIN_INTERVAL,
                    high: float = _MAX_INTERVAL) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -176,22 +82,6 @@ def _check_bytes(name: str, value: object, low: int) -> int:
     if value < low:
         raise InvalidArgumentError(f"{name} must be at least {low} bytes, got {value}")
     return value
-
-
-def _wait_task_gone(tid: Optional[int]) -> None:
-    """Wait until the kernel has removed a joined thread.
-
-    ``Thread.join`` returns when the thread's Python code is done, a few
-    microseconds before the kernel task exits; forking in that window
-    forks a process that still has two threads.
-    """
-    if tid is None:
-        return
-    path = f"/proc/self/task/{tid}"
-    deadline = time.monotonic() + 1.0
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.00005)
-
 
 
 class Guard:
@@ -210,7 +100,7 @@ class Guard:
 
     def __init__(self) -> None:
         # Regions fall back to 2 MiB blocks where the PMD size is unknown.
-        pmd = kernel.pmd_size() or _region._FALLBACK_PMD
+        pmd = kernel.pmd_size() or FALLBACK_PMD
         self._engine = RepairEngine(LocalTarget())
         self.interval = DEFAULT_INTERVAL
         self.hot_interval = DEFAULT_HOT_INTERVAL
@@ -340,7 +230,7 @@ class Guard:
             if thread.is_alive():
                 log.error("the guard thread did not stop within %.0f s", _JOIN_TIMEOUT)
                 return
-            _wait_task_gone(thread.native_id)
+            _fork.wait_task_gone(thread.native_id)
         self._thread = self._stop_event = None
 
     # -- fork ------------------------------------------------------------------
@@ -542,35 +432,9 @@ _fork.subscribe(
 
 def _stop_at_exit() -> None:
     current = _gs().current
+    if current is not None:
+        with current._lock:
+            current._halt()
 
 
-# -- environment --------------------------------------------------------------------------
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
-
-
-def _install_from_environment() -> Optional[Guard]:
-    """Install the guard when ``THPGUARD_GUARD`` asks for it; never raises."""
-    raw = os.environ.get(ENV_GUARD, "").strip().lower()
-    if raw in _FALSE:
-        return None
-    if raw not in _TRUE:
-        log.error("%s=%r not understood: expected 1 or 0 (or true/false, yes/no, on/off); "
-                  "the guard stays off", ENV_GUARD, os.environ.get(ENV_GUARD))
-        return None
-    interval = DEFAULT_INTERVAL
-    raw_interval = os.environ.get(ENV_GUARD_INTERVAL, "").strip()
-    if raw_interval:
-        try:
-            interval = _check_seconds(ENV_GUARD_INTERVAL, float(raw_interval))
-        except ValueError as exc:
-            problem = str(exc) if isinstance(exc, InvalidArgumentError) else (
-                f"{ENV_GUARD_INTERVAL} must be a number of seconds, got {raw_interval!r}")
-            log.error("%s; using the default, %s s", problem, DEFAULT_INTERVAL)
-            interval = DEFAULT_INTERVAL
-    try:
-        return install(interval)
-    except Exception:  # the importing service must keep running
-        log.exception("could not install the guard from %s", ENV_GUARD)
-        return None
+atexit.register(_stop_at_exit)

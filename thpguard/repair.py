@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
-from . import _native, kernel
+from . import _native, kernel, pagemap
 from .blocks import Coverage
 from .events import BACKOFF, DISABLED, FAILED, REPAIRED, SPLIT, Event, counters, emit, errname
 
@@ -394,8 +394,6 @@ class RepairEngine:
     def _smaps_account(self, st, cov, address, size, done, latencies, ok, einval) -> List[int]:
         # MADV_COLLAPSE also answers 0 for a block that was huge already:
         # count the repairs from smaps, before and after.
-        from . import pagemap  # noqa: PLC0415 - the reader sits beside this module
-
         pmd = cov.pmd_size
         try:
             after = pagemap.smaps_coverage(address, address + size, pmd)
