@@ -9,6 +9,7 @@
 #include "thpguard_testing.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -137,6 +138,18 @@ int tg_map_aligned(size_t size, size_t align, void **out)
         munmap((char *)base + size, tail);
     *out = (void *)base;
     return 0;
+}
+
+size_t tg_pmd_size(void)
+{
+    unsigned long size = 2UL << 20;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "re");
+    if (f) {
+        if (fscanf(f, "%lu", &size) != 1 || size == 0 || (size & (size - 1)))
+            size = 2UL << 20;
+        fclose(f);
+    }
+    return size;
 }
 
 int tg_unmap(void *addr, size_t size)

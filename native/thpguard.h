@@ -56,6 +56,11 @@ int tg_map_aligned(size_t size, size_t align, void **out);
 
 int tg_unmap(void *addr, size_t size);
 
+/* The PMD huge page size in bytes, from
+ * /sys/kernel/mm/transparent_hugepage/hpage_pmd_size; 2 MiB (x86-64) where
+ * the file is missing or unreadable (kernels before 4.16, no THP). */
+size_t tg_pmd_size(void);
+
 int tg_madvise(void *addr, size_t len, int advice);
 
 /* 1 in *known if the kernel knows `advice` (madvise with length 0 returns
