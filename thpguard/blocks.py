@@ -60,9 +60,9 @@ class BlockMap:
     """Per-block detail of a range: the blocks that are not ``huge`` or empty.
 
     ``split`` and ``zero`` are block start addresses; ``partial`` maps a
-    block start to its number of empty base pages. ``data_blocks`` is every
-    whole block holding any data (huge, split or partial). Only blocks that
-    lie wholly inside the range are classified.
+    block start to its number of empty base pages; ``huge_runs`` are the
+    ``(start, end)`` runs mapped by huge pages. Only blocks that lie wholly
+    inside the range are classified.
     """
 
     start: int
@@ -71,7 +71,20 @@ class BlockMap:
     split: Tuple[int, ...]
     partial: Dict[int, int]
     zero: Tuple[int, ...]
-    data_blocks: frozenset
+    huge_runs: Tuple[Tuple[int, int], ...]
+
+    @property
+    def data_blocks(self) -> frozenset:
+        """Every whole block holding data (huge, split or partial); made on
+        first use, so a scan of a fully huge range stays one step per run."""
+        cached = self.__dict__.get("_data_blocks")
+        if cached is None:
+            blocks = set(self.split) | set(self.partial)
+            for lo, hi in self.huge_runs:
+                blocks.update(range(lo - (lo - self.start) % self.pmd_size, hi, self.pmd_size))
+            cached = frozenset(blocks)
+            object.__setattr__(self, "_data_blocks", cached)
+        return cached
 
     def blocks(self) -> range:
         """Start addresses of every whole block in the range."""
@@ -113,7 +126,7 @@ def classify(runs: Iterable[Run], start: int, end: int, pmd: int,
     first = -(-start // pmd) * pmd
     data: Dict[int, int] = {}
     zero: set = set()
-    huge_blocks: set = set()
+    huge_runs: List[Tuple[int, int]] = []
     for lo, hi, cats in runs:
         lo, hi = max(lo, start), min(hi, end)
         if lo >= hi:
@@ -123,7 +136,10 @@ def classify(runs: Iterable[Run], start: int, end: int, pmd: int,
         is_zero = cats & PAGE_IS_PFNZERO
         if cats & PAGE_IS_HUGE and cats & PAGE_IS_PRESENT and not is_zero:
             huge += hi - lo
-            huge_blocks.update(range(max(first, lo - (lo - first) % pmd), hi, pmd))
+            if huge_runs and huge_runs[-1][1] == lo:
+                huge_runs[-1] = (huge_runs[-1][0], hi)
+            else:
+                huge_runs.append((lo, hi))
             continue
         has_data = cats & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) and not is_zero
         if not has_data and not is_zero:
@@ -138,13 +154,12 @@ def classify(runs: Iterable[Run], start: int, end: int, pmd: int,
                 else:
                     zero.add(block)
             at = upto
-    split = tuple(sorted(b for b, n in data.items() if n >= pmd and b not in huge_blocks))
-    partial = {b: (pmd - n) // page for b, n in sorted(data.items())
-               if n < pmd and b not in huge_blocks}
+    # A PMD maps a whole block: data runs never share a block with a huge run.
+    split = tuple(sorted(b for b, n in data.items() if n >= pmd))
+    partial = {b: (pmd - n) // page for b, n in sorted(data.items()) if n < pmd}
     return huge, present, BlockMap(
         start=start, end=end, pmd_size=pmd, split=split, partial=partial,
-        zero=tuple(sorted(zero - set(data) - huge_blocks)),
-        data_blocks=frozenset(huge_blocks | set(data)),
+        zero=tuple(sorted(zero - set(data))), huge_runs=tuple(huge_runs),
     )
 
 

@@ -32,7 +32,11 @@ class Stats(dict):
     block split to its repair; ``repair_failures`` a dict of errno name to
     count of failed block repairs; ``backoffs``; ``regions_backing_off``;
     ``regions_disabled`` a dict of region address (hex) to the reason it is
-    no longer repaired; ``forks_seen`` forks made by this process;
+    no longer repaired (a cause that covers the whole region, looked at
+    again every 10 s); ``blocks_disabled`` a dict of block address (hex) to
+    the reason that block answered EINVAL (such as a mapping split by
+    ``mprotect`` or ``mlock``): it is tried again after 10 s and the rest of
+    its region is still repaired; ``forks_seen`` forks made by this process;
     ``callback_errors`` exceptions raised by the ``on_event`` callback.
     """
 
