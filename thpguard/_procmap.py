@@ -146,7 +146,7 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
     try:
         for v in vmas:
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
-                              v.anon_huge_bytes or 0, v.rss, None)
+                              v.huge_bytes or 0, v.rss, None)
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:
                     runs = _native.pagemap_scan(fd, v.start, v.end)

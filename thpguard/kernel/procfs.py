@@ -38,9 +38,14 @@ class Vma:
         return self.fields.get("Rss")
 
     @property
-    def anon_huge_bytes(self) -> Optional[int]:
+    def huge_bytes(self) -> Optional[int]:
         """PMD-mapped anonymous THP bytes (``AnonHugePages``)."""
         return self.fields.get("AnonHugePages")
+
+    @property
+    def anon_huge_bytes(self) -> Optional[int]:
+        """Deprecated name of :attr:`huge_bytes` (after the smaps field)."""
+        return self.huge_bytes
 
     @property
     def advised_huge(self) -> bool:
