@@ -91,6 +91,26 @@ int tg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end,
 int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
                   uint64_t *huge, uint64_t *present);
 
+/* How many whole PMD-size blocks of a range are of each kind, by the block
+ * model of thpguard (docs/architecture.rst, thpguard/blocks.py): huge
+ * (PMD-mapped, present, holding data), zero (the huge zero page or zero
+ * pages only: no data), split (every base page holds data, present or
+ * swapped, but not PMD-mapped), partial (some base pages hold data), absent
+ * (no data). Bytes count as in tg_huge_bytes. */
+struct tg_block_counts {
+    uint64_t huge_bytes;
+    uint64_t present_bytes;
+    uint64_t huge;
+    uint64_t zero;
+    uint64_t split;
+    uint64_t partial;
+    uint64_t absent;
+};
+
+/* Classify the whole `pmd`-size blocks of [start, end) into *out. */
+int tg_block_counts(int pagemap_fd, uint64_t start, uint64_t end, uint64_t pmd,
+                    struct tg_block_counts *out);
+
 /* ---- repair ----------------------------------------------------------- */
 
 /* MADV_COLLAPSE (6.1) over [addr, addr+len) in chunks of `chunk` bytes (a

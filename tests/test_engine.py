@@ -349,3 +349,33 @@ def test_api_without_native_module_raises_unsupported():
             "try:\n    thpguard.alloc(1)\nexcept thpguard.UnsupportedError as e:\n    print('unsupported')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["False", "unsupported"], done.stdout + done.stderr
+
+
+def test_c_library_classifies_blocks_like_python(require_scan, pmd):
+    """tg_block_counts (the C library) and the Python block model give every
+    kind the same count on memory that holds each kind; smaps agrees on the
+    huge bytes."""
+    addr = _native.map_aligned(5 * pmd, pmd)
+    try:
+        for at in range(addr + pmd, addr + 2 * pmd, 4096):
+            ctypes.c_char.from_address(at).value = b"x"  # before MADV_HUGEPAGE: small pages
+        _native.madvise(addr, 5 * pmd, _native.MADV_HUGEPAGE)
+        ctypes.c_char.from_address(addr).value = b"x"  # block 0: a THP
+        ctypes.c_char.from_address(addr + 2 * pmd).value = b"x"  # block 2: a THP ...
+        _native.madvise(addr + 2 * pmd + 4096, 4096, MADV_DONTNEED)  # ... one page short
+        _native.madvise(addr + 3 * pmd, pmd, _native.MADV_POPULATE_READ)  # block 3: zero page
+        cov = pagemap.coverage(addr, addr + 5 * pmd, pmd)
+        kinds = [cov.blocks.kind(addr + i * pmd) for i in range(5)]
+        assert kinds == [blocks.HUGE, blocks.SPLIT, blocks.PARTIAL, blocks.ZERO, blocks.ABSENT]
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            c = _native.block_counts(fd, addr, addr + 5 * pmd, pmd)
+        finally:
+            os.close(fd)
+        assert {k: c[k] for k in ("huge", "split", "partial", "zero", "absent")} == \
+            {k: kinds.count(k) for k in ("huge", "split", "partial", "zero", "absent")}
+        truth = smaps_huge_bytes(os.getpid(), addr, addr + 5 * pmd)
+        assert c["huge_bytes"] == cov.huge_bytes == truth == pmd
+        assert c["present_bytes"] == cov.present_bytes
+    finally:
+        _native.unmap(addr, 5 * pmd)

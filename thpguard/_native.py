@@ -146,6 +146,15 @@ def huge_bytes(fd: int, start: int, end: int) -> Tuple[int, int]:
     return huge[0], present[0]
 
 
+def block_counts(fd: int, start: int, end: int, pmd: int) -> Dict[str, int]:
+    """``tg_block_counts``: the C core's count of each block kind, and bytes."""
+    out = ffi.new("struct tg_block_counts *")
+    _check(lib.tg_block_counts(fd, start, end, pmd, out), "tg_block_counts",
+           start, end - start)
+    return {name: getattr(out, name) for name in
+            ("huge_bytes", "present_bytes", "huge", "zero", "split", "partial", "absent")}
+
+
 def collapse(addr: int, length: int, chunk: int, max_retries: int) -> List[int]:
     """MADV_COLLAPSE in ``chunk``-byte pieces; errno per chunk (0 = collapsed)."""
     if chunk <= 0:
