@@ -194,7 +194,7 @@ def test_processes_exiting_and_pid_reuse(require_agent, victims, pmd):
     a.close()
     result = agent.run_pass()
     assert a.pid not in agent.tracked and agent.exited >= 1
-    assert agent.tracked[b.pid] is not old and old.target.pidfd == -1
+    assert agent.tracked[b.pid] is not old and old.pidfd == -1
     assert result["processes"] == 1
     assert b.huge_bytes() == b.whole_blocks(pmd)
     for t in list(agent.tracked.values()):

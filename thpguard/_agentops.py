@@ -1,11 +1,13 @@
-"""The node agent's operations side: structured log lines and budgets."""
+"""The node agent's operations side: structured log lines, budgets, counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
 import time
+from typing import Dict
 
 class AgentLog:
     """Structured log lines: ``text`` (``time level event key=value ...``)
@@ -79,3 +81,20 @@ class CpuBudget:
         if wait <= 0 and now - self.wall0 > self.WINDOW:
             self._reset(now)  # idle time is not saved up for later bursts
         return max(0.0, wait)
+
+
+@dataclasses.dataclass
+class Counts:
+    """Repairs, shared blocks seen and refusals (errno name -> calls)."""
+
+    repaired_blocks: int = 0
+    repaired_bytes: int = 0
+    shared_skipped: int = 0
+    failures: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, other: "Counts") -> None:
+        self.repaired_blocks += other.repaired_blocks
+        self.repaired_bytes += other.repaired_bytes
+        self.shared_skipped += other.shared_skipped
+        for k, v in other.failures.items():
+            self.failures[k] = self.failures.get(k, 0) + v

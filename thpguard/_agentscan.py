@@ -19,7 +19,8 @@ import fnmatch
 import os
 from typing import List, Optional
 
-from . import _procmap, kernel
+from . import _native, kernel
+from .blocks import classify
 from ._agentconfig import AgentConfig, Selection
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -198,7 +199,12 @@ def scan(pid: int, expect_start: int, cfg: AgentConfig, pmd: int, roots: kernel.
                 continue
             out.anon_bytes += vma.rss or 0
             try:
-                huge, _present, small = _procmap._block_scan(fd, vma, pmd)
+                # The engine's block model: "split" blocks hold data in every
+                # page and are not PMD-mapped; "partial" ones (holes) are left
+                # alone here, since filling them would grow the process.
+                huge, _present, blocks = classify(_native.pagemap_scan(fd, vma.start, vma.end),
+                                                  vma.start, vma.end, pmd)
+                small = blocks.split
             except OSError as exc:
                 if exc.errno == errno.ESRCH:
                     raise ProcessGone(pid) from None

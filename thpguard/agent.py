@@ -18,6 +18,11 @@ pages with another process (a fork child): collapsing those costs a new
 2 MiB page while the sharer lives, and the block becomes exclusive, so
 repairable for free, when the sharer exits or writes.
 
+Repairs go through the library's repair engine (:mod:`thpguard.repair`:
+a ``RemoteTarget`` on a pidfd, EAGAIN/ENOMEM/EBUSY back-off and EINVAL
+diagnosis per VMA) and the block model (:mod:`thpguard.blocks`); the agent
+chooses what to repair and when.
+
 Budgets: at most ``rate`` bytes collapsed per second for the whole agent,
 at most ``cpu`` of one CPU (scan and collapse, which the kernel runs in the
 agent's own thread), one block per call (the kernel holds the target's
@@ -28,7 +33,6 @@ second spent collapsing in one process.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
 import os
 import select
@@ -39,64 +43,30 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from . import _agentscan, kernel
 from ._agentconfig import AgentConfig
-from ._agentops import AgentLog, CpuBudget, TokenBucket
+from ._agentops import AgentLog, Counts, CpuBudget, TokenBucket
+from .blocks import SOURCE_PAGEMAP_SCAN, BlockMap, Coverage
+from .repair import RemoteTarget, RepairEngine, RepairPolicy, RepairState, TargetGone
 
-__all__ = ["Agent", "AgentLog", "RemoteCollapse"]
+__all__ = ["Agent", "AgentLog"]
 
 _ERRNAME = errno.errorcode.get
 _PASS_REPAIR_LIMIT = 30.0  # seconds of repair per pass before looking again
-_BACKOFF = {errno.ENOMEM: 5.0, errno.EBUSY: 30.0}
-_EINVAL_REFUSE = 3  # EINVAL answers on one VMA before it is skipped
-
-
-class RemoteCollapse:
-    """The repair target for another process: collapse one range with
-    ``process_madvise(pidfd, MADV_COLLAPSE)``. Returns 0 or the errno, so
-    the caller decides what a failure means; never raises for a kernel
-    answer. The pidfd pins the process, so a reused PID is never hit."""
-
-    def __init__(self, pidfd: int) -> None:
-        self.pidfd = pidfd
-
-    def collapse(self, start: int, length: int) -> int:
-        from . import _native  # noqa: PLC0415
-
-        try:
-            _native.process_madvise(self.pidfd, [(start, length)], _native.MADV_COLLAPSE)
-        except OSError as exc:
-            return exc.errno or errno.EIO
-        return 0
-
-
-@dataclasses.dataclass
-class _Counts:
-    repaired_blocks: int = 0
-    repaired_bytes: int = 0
-    shared_skipped: int = 0
-    failures: Dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def add(self, other: "_Counts") -> None:
-        self.repaired_blocks += other.repaired_blocks
-        self.repaired_bytes += other.repaired_bytes
-        self.shared_skipped += other.shared_skipped
-        for k, v in other.failures.items():
-            self.failures[k] = self.failures.get(k, 0) + v
 
 
 class _Tracked:
-    """A process the agent knows: identity (PID and start time), pidfd,
-    what it logged once, and what the kernel refused."""
+    """A process the agent knows: identity (PID and start time), pidfd, the
+    repair engine on it with one state per VMA, and what it logged once."""
 
     def __init__(self, info: _agentscan.ProcessInfo, pidfd: int) -> None:
         self.info = info
-        self.target = RemoteCollapse(pidfd)
+        self.pidfd = pidfd
+        self.engine = RepairEngine(RemoteTarget(info.pid, pidfd))
+        self.states: Dict[Tuple[int, int], RepairState] = {}  # VMA -> engine state
         self.logged: set = set()
-        self.refused: set = set()
-        self.einval: Dict[Tuple[int, int], Tuple[int, int]] = {}  # VMA -> (EINVAL passes, last pass)
-        self.backoff_until = 0.0
+        self.backoff_until = 0.0  # EPERM: until a reload
         self.window_start = 0.0
         self.busy = 0.0
-        self.counts = _Counts()
+        self.counts = Counts()
         self.last_scan: Optional[_agentscan.ProcessScan] = None
 
     @property
@@ -104,18 +74,17 @@ class _Tracked:
         return self.info.pid, self.info.start_time
 
     def close(self) -> None:
-        if self.target.pidfd >= 0:
-            os.close(self.target.pidfd)
-            self.target.pidfd = -1
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class Agent:
     """The node agent. :meth:`run` loops until stopped; :meth:`run_pass`
     does one scan-and-repair pass (tests and ``--once`` use it).
 
-    *target_factory* builds the repair target from a pidfd (the default is
-    :class:`RemoteCollapse`); *on_pass* is called after each pass with the
-    agent (the metrics endpoint and the state file hook in there).
+    Hooks in *on_pass* are called after each pass with the agent (the
+    state file hooks in there).
     """
 
     def __init__(self, config: AgentConfig, log: Optional[AgentLog] = None,
@@ -125,8 +94,8 @@ class Agent:
         self.roots = roots or kernel.Roots.from_env()
         self.pmd = kernel.pmd_size(self.roots) or 2 << 20
         self.tracked: Dict[int, _Tracked] = {}
-        self.totals = _Counts()
-        self.by_group: Dict[Tuple[str, ...], _Counts] = {}  # (cgroup, command[, pid]) -> counts
+        self.totals = Counts()
+        self.by_group: Dict[Tuple[str, ...], Counts] = {}  # (cgroup, command[, pid]) -> counts
         self.passes = 0
         self.exited = 0
         self.started = time.monotonic()
@@ -145,6 +114,8 @@ class Agent:
     def _apply_budgets(self) -> None:
         self.bytes_budget = TokenBucket(self.config.rate)
         self.cpu_budget = CpuBudget(self.config.cpu)
+        # One block per collapse call; no retry inside a call (the next pass retries).
+        self.policy = RepairPolicy(chunk=self.pmd, max_retries=0)
 
     # -- signals and sleeping -------------------------------------------
 
@@ -256,8 +227,7 @@ class Agent:
     def _scan(self, t: _Tracked) -> Optional[_agentscan.ProcessScan]:
         info = t.info
         try:
-            ps = _agentscan.scan(info.pid, info.start_time, self.config, self.pmd, self.roots,
-                                 frozenset(t.refused))
+            ps = _agentscan.scan(info.pid, info.start_time, self.config, self.pmd, self.roots)
         except _agentscan.ProcessGone:
             self._forget(t)
             return None
@@ -311,14 +281,26 @@ class Agent:
             return 0.0
         return t.window_start + 1.0 - now
 
+    def _paused(self, t: _Tracked, block: int, now: float) -> bool:
+        """Whether the engine's state for the block's VMA says not now."""
+        vma = t.last_scan.candidate_vmas.get(block) if t.last_scan else None
+        st = t.states.get(vma)
+        if st is None:
+            return False
+        return (now < st.backoff_until or (st.disabled is not None and now < st.disabled_until)
+                or now < st.blocked.get(block, (0.0, ""))[0])
+
     def _repair(self, queues: List[Tuple[_Tracked, Deque[int]]]) -> None:
         deadline = time.monotonic() + _PASS_REPAIR_LIMIT
         while queues and time.monotonic() < deadline:
             waits = []
             for t, q in list(queues):
                 now = time.monotonic()
-                if not q or t.target.pidfd < 0 or t.backoff_until > now:
+                if not q or t.pidfd < 0 or t.backoff_until > now:
                     queues.remove((t, q))
+                    continue
+                if self._paused(t, q[0], now):
+                    q.popleft()  # the engine holds this VMA or block back: no budget spent
                     continue
                 stalled = self._stalled(t, now)
                 if stalled:
@@ -339,64 +321,50 @@ class Agent:
                 return
 
     def _collapse(self, t: _Tracked, block: int) -> None:
+        """Repair one block through the engine (accounting, back-off and
+        EINVAL decisions are the engine's, per VMA)."""
+        vma = t.last_scan.candidate_vmas[block] if t.last_scan else None
+        if vma is None:
+            return
+        pmd = self.pmd
+        st = t.states.setdefault(vma, RepairState())
+        blocks = BlockMap(block, block + pmd, pmd, (block,), {}, (), frozenset((block,)))
+        cov = Coverage(block, pmd, 0, pmd, ((block, block + pmd),), pmd, SOURCE_PAGEMAP_SCAN, (), blocks)
         started = time.perf_counter()
-        err = t.target.collapse(block, self.pmd)
-        t.busy += time.perf_counter() - started
-        c = _Counts()
-        if err == 0:
-            c.repaired_blocks, c.repaired_bytes = 1, self.pmd
-        elif err == errno.ESRCH:
+        try:
+            out = t.engine.repair(st, cov, vma[0], vma[1] - vma[0], pmd, self.policy)
+        except TargetGone:
             self._forget(t)
             return
-        else:
-            c.failures[_ERRNAME(err, str(err))] = 1
-            self._failed(t, block, err)
+        except PermissionError:
+            t.backoff_until = float("inf")
+            self._once(t, "permission", pid=t.info.pid, command=t.info.command, errno="EPERM",
+                       reason="process_madvise(MADV_COLLAPSE) refused: the agent needs CAP_SYS_NICE "
+                              "and ptrace access (CAP_SYS_PTRACE) to this process; it is left alone")
+            return
+        finally:
+            t.busy += time.perf_counter() - started
+        c = Counts(repaired_blocks=out.blocks, repaired_bytes=out.blocks * pmd, failures=dict(out.failures))
         key = (t.info.cgroup, t.info.command)
         if self.config.metrics_per_pid:
             key += (str(t.info.pid),)
         with self.lock:
             t.counts.add(c)
             self.totals.add(c)
-            self.by_group.setdefault(key, _Counts()).add(c)
-
-    def _failed(self, t: _Tracked, block: int, err: int) -> None:
-        info, name = t.info, _ERRNAME(err, str(err))
-        if err == errno.EPERM:
-            t.backoff_until = float("inf")
-            self._once(t, "permission", pid=info.pid, command=info.command, errno=name,
-                       reason="process_madvise(MADV_COLLAPSE) refused: the agent needs CAP_SYS_NICE "
-                              "and ptrace access (CAP_SYS_PTRACE) to this process; it is left alone")
-        elif err == errno.EINVAL:
-            # EINVAL also comes from a VMA the allocator remapped between the
-            # scan and the call: refuse a VMA only when it says so in passes
-            # after each other, not on one answer.
-            vma = t.last_scan.candidate_vmas.get(block) if t.last_scan else None
-            if vma is None:
-                return
-            count, seen_in = t.einval.get(vma, (0, -1))
-            if seen_in != self.passes:
-                count, seen_in = count + 1, self.passes
-            t.einval[vma] = (count, seen_in)
-            if count >= _EINVAL_REFUSE:
-                t.refused.add(vma)
-                self._once(t, f"refused:{vma}", "info", pid=info.pid, command=info.command, errno=name,
-                           vma=f"{vma[0]:#x}-{vma[1]:#x}", reason=self._why_einval(t))
-        elif err in _BACKOFF:
-            t.backoff_until = time.monotonic() + _BACKOFF[err]
+            self.by_group.setdefault(key, Counts()).add(c)
+        info = t.info
+        if st.disabled:
+            self._once(t, f"refused:{vma}", "info", pid=info.pid, command=info.command,
+                       vma=f"{vma[0]:#x}-{vma[1]:#x}", reason=st.disabled)
+        elif block in st.blocked:
+            self._once(t, f"refused:{vma}", "info", pid=info.pid, command=info.command,
+                       block=f"{block:#x}", reason=st.blocked[block][1])
+        if out.failures and st.backoff_until > time.monotonic():
+            name = ",".join(sorted(out.failures))
             self._once(t, f"backoff:{name}", "info", pid=info.pid, command=info.command, errno=name,
-                       seconds=_BACKOFF[err],
-                       reason="no free huge page or memory cgroup at its limit" if err == errno.ENOMEM
-                       else "memory cgroup charge failed")
-
-    def _why_einval(self, t: _Tracked) -> str:
-        try:
-            st = kernel.read_status(t.info.pid, self.roots)
-        except OSError:
-            return "the process is exiting"
-        if st.thp_enabled is False:
-            return "the process disabled THP with prctl since the scan; left alone"
-        return ("the kernel refused the range (MADV_NOHUGEPAGE since the scan, prctl "
-                "PR_THP_DISABLE_EXCEPT_ADVISED, or the VMA changed); this VMA is skipped from now on")
+                       seconds=round(st.backoff_delay, 3),
+                       reason="no free huge page (ENOMEM), memory cgroup charge (EBUSY) or pages "
+                              "busy for many passes (EAGAIN); the engine backs off this VMA")
 
     # -- running --------------------------------------------------------
 
@@ -509,9 +477,9 @@ class Agent:
 
 def _alive(t: _Tracked) -> bool:
     """Whether the process behind the pidfd still runs (pidfd polls readable at exit)."""
-    if t.target.pidfd < 0:
+    if t.pidfd < 0:
         return False
-    ready, _, _ = select.select([t.target.pidfd], [], [], 0)
+    ready, _, _ = select.select([t.pidfd], [], [], 0)
     return not ready
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import select
 import signal
 import sys
 import time
@@ -251,46 +250,9 @@ def _add_status(sub) -> None:
                    help="print node_exporter textfile-collector metrics instead of the table")
     p.add_argument("--prometheus-file", metavar="PATH",
                    help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
-    p.add_argument("--agent-state", metavar="PATH", default=AGENT_STATE,
-                   help="add what the node agent did per process, from its state file "
-                        f"(default {AGENT_STATE}, when it exists)")
+    p.add_argument("--agent-state", metavar="PATH", default="/run/thpguard/agent.json", help="add the "
+                   "node agent's per-process rows from its state file (default: %(default)s, if it exists)")
     p.set_defaults(func=_cmd_status)
-
-
-AGENT_STATE = "/run/thpguard/agent.json"
-
-
-def _agent_state(path: Optional[str]) -> dict:
-    """The node agent's per-process rows by PID, or {} (no agent, unreadable)."""
-    if not path:
-        return {}
-    try:
-        with open(path) as f:
-            state = json.load(f)
-        rows = {row["pid"]: row for row in state.get("processes", [])}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        _err(f"ignoring the agent state file {path}: {exc}")
-        return {}
-    from . import _agentscan  # noqa: PLC0415
-
-    out = {}
-    for pid, row in rows.items():
-        try:  # a row about an earlier process with this PID is not about this one
-            if _agentscan.start_time(pid, kernel.Roots.from_env()) == row.get("start_time"):
-                out[pid] = row
-        except (_agentscan.ProcessGone, OSError, ValueError):
-            pass
-    return out
-
-
-def _agent_line(row: dict) -> str:
-    failures = ", ".join(f"{k} {v}" for k, v in sorted(row.get("failures", {}).items())) or "none"
-    shared = row.get("shared_blocks")
-    return (f"  agent: repaired {fmt_bytes(row.get('repaired_bytes', 0))}, "
-            f"{'?' if shared is None else shared} shared block(s) left for the sharer, "
-            f"refused: {failures}")
 
 
 def _scan_or_error(pid: int, errors: list):
@@ -309,26 +271,26 @@ def _scan_or_error(pid: int, errors: list):
 
 
 def _interesting(pc) -> bool:
-    return any(v.advised or v.pmd_mapped_bytes for v in pc.vmas)
+    return any(v.advised or v.huge_bytes for v in pc.vmas)
 
 
-def _print_process(pc, only_eligible: bool, agent_row: Optional[dict] = None) -> None:
+def _print_process(pc, only_eligible: bool, agent_row: Optional[str] = None) -> None:
     t = pc.totals(only_eligible)
     split = "?" if t["split_blocks"] is None else t["split_blocks"]
-    print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['pmd_mapped_bytes'])} PMD-mapped, "
+    print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['huge_bytes'])} PMD-mapped, "
           f"{split} split block(s), {t['vmas']} VMAs [{pc.source}]")
     if agent_row is not None:
-        print(_agent_line(agent_row))
+        print(agent_row)
     print(f"  {'range':<26} {'size':>7} {'elig':>4} {'adv':>3} {'pmd-mapped':>10} {'split':>5}  path")
     for v in pc.vmas:
         if only_eligible and not v.thp_eligible:
             continue
         elig = {True: "yes", False: "no", None: "?"}[v.thp_eligible]
-        vsplit = "?" if v.split_blocks is None else len(v.split_blocks)
+        vsplit = "?" if v.split_blocks is None else v.split_blocks
         print(f"  {v.start:012x}-{v.end:012x}  {fmt_bytes(v.size):>7} {elig:>4} {'hg' if v.advised else '':>3} "
-              f"{fmt_bytes(v.pmd_mapped_bytes):>10} {vsplit:>5}  {v.path}")
+              f"{fmt_bytes(v.huge_bytes):>10} {vsplit:>5}  {v.path}")
     print(f"  {'total':<26} {fmt_bytes(t['size']):>7} {'':>4} {'':>3} "
-          f"{fmt_bytes(t['pmd_mapped_bytes']):>10} {split:>5}")
+          f"{fmt_bytes(t['huge_bytes']):>10} {split:>5}")
 
 
 def _cmd_status(args) -> int:
@@ -338,7 +300,9 @@ def _cmd_status(args) -> int:
     if not explicit:
         roots = kernel.Roots.from_env()
         pids = sorted(int(n) for n in os.listdir(roots.proc) if n.isdigit())
-    agent_rows = _agent_state(args.agent_state)
+    from ._cliagent import agent_line, agent_state  # noqa: PLC0415
+
+    agent_rows = agent_state(args.agent_state)
     found = []
     for pid in pids:
         pc = _scan_or_error(pid, errors if explicit else [])
@@ -365,7 +329,8 @@ def _cmd_status(args) -> int:
         })
     else:
         for pc in found:
-            _print_process(pc, args.only_eligible, agent_rows.get(pc.pid))
+            row = agent_rows.get(pc.pid)
+            _print_process(pc, args.only_eligible, None if row is None else agent_line(row))
         if not found and not errors:
             print("no process with huge-page VMAs found")
     for e in errors:
@@ -389,7 +354,7 @@ def _add_watch(sub) -> None:
 
 
 def _split_set(pc) -> set:
-    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_blocks or ())}
+    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_block_addresses or ())}
 
 
 def _cmd_watch(args) -> int:
@@ -422,11 +387,11 @@ def _cmd_watch(args) -> int:
                             "totals": t, "split": [hex(b) for b in new],
                             "repaired": [hex(b) for b in repaired]})
             else:
-                ratio = t["pmd_mapped_bytes"] / t["eligible_bytes"] if t["eligible_bytes"] else 0.0
+                ratio = t["huge_bytes"] / t["eligible_bytes"] if t["eligible_bytes"] else 0.0
                 split = "?" if t["split_blocks"] is None else t["split_blocks"]
                 events = "".join([f"  +{len(new)} split ({', '.join(hex(b) for b in new[:3])})" if new else "",
                                   f"  {len(repaired)} repaired" if repaired else ""])
-                print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['pmd_mapped_bytes'])} of "
+                print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['huge_bytes'])} of "
                       f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}",
                       flush=True)
             if args.count and samples >= args.count:
@@ -456,288 +421,10 @@ def _add_guard(sub) -> None:
     p.set_defaults(func=_cmd_guard)
 
 
-def _guard_preflight(pid: int) -> int:
-    """Check privileges before touching anything; return a pidfd."""
-    from . import _native  # noqa: PLC0415
-
-    roots = kernel.Roots.from_env()
-    if not os.path.exists(os.path.join(roots.proc, str(pid))):
-        raise UsageError(f"no process with PID {pid}")
-    nice = _checks.has_capability(_checks.CAP_SYS_NICE)
-    if nice is False:
-        raise UsageError(
-            f"guard needs CAP_SYS_NICE to call process_madvise(MADV_COLLAPSE) on PID {pid}, and this "
-            "process lacks it: run it as root, or with the capability "
-            "(systemd: AmbientCapabilities=CAP_SYS_NICE)")
-    try:
-        os.close(os.open(os.path.join(roots.proc, str(pid), "pagemap"), os.O_RDONLY))
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise UsageError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
-                             f"CAP_SYS_PTRACE): opening /proc/{pid}/pagemap failed with "
-                             f"{errno.errorcode[exc.errno]}") from None
-        raise UsageError(f"PID {pid}: {exc.strerror}") from None
-    try:
-        return _native.pidfd_open(pid)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            raise UsageError(f"no process with PID {pid}") from None
-        raise UsageError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from None
-
-
-def _guard_pass(pid, pidfd, args, budget) -> dict:
-    from . import _native, _procmap  # noqa: PLC0415
-
-    pc = _procmap.scan_process(pid)
-    if pc.source != _procmap.SOURCE_PAGEMAP_SCAN:
-        raise UsageError("guard needs PAGEMAP_SCAN (Linux 6.7) to find split blocks")
-    targets = [(b, v) for v in pc.vmas
-               if (v.advised or (args.all_eligible and v.thp_eligible))
-               for b in (v.split_blocks or ())]
-    repaired, failed = [], {}
-    pmd = pc.pmd_size
-    for block, _vma in targets:
-        budget.wait(pmd)
-        started = time.perf_counter()
-        try:
-            _native.process_madvise(pidfd, [(block, pmd)], _native.MADV_COLLAPSE)
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                raise UsageError(f"process_madvise(MADV_COLLAPSE) on PID {pid} was refused (EPERM): "
-                                 "guard needs CAP_SYS_NICE and ptrace access to it") from None
-            if exc.errno == errno.ESRCH:
-                raise _procmap.ProcessGone(pid) from None
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            failed[name] = failed.get(name, 0) + 1
-            continue
-        repaired.append({"address": block, "bytes": pmd,
-                         "ms": round((time.perf_counter() - started) * 1000, 3)})
-    return {"split_found": len(targets), "repaired": repaired, "failed": failed,
-            "vmas": sum(1 for v in pc.vmas if v.advised or (args.all_eligible and v.thp_eligible))}
-
-
-class _RateLimit:
-    """Token bucket: at most *rate* bytes per second, bursts of one second."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = max(1, rate)
-        self.tokens = float(self.rate)
-        self.last = time.monotonic()
-
-    def wait(self, amount: int) -> None:
-        while True:
-            now = time.monotonic()
-            self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= amount or amount > self.rate and self.tokens >= self.rate:
-                self.tokens -= amount
-                return
-            time.sleep((amount - self.tokens) / self.rate)
-
-
 def _cmd_guard(args) -> int:
-    from . import _procmap  # noqa: PLC0415
+    from ._cliguard import cmd_guard  # noqa: PLC0415
 
-    if args.rate <= 0:
-        # 0 became 1 byte/s in _RateLimit: one block, then weeks of waiting.
-        raise UsageError(f"--rate must be more than 0 bytes per second, got {args.rate}")
-    pidfd = _guard_preflight(args.pid)
-    budget = _RateLimit(args.rate)
-    total = 0
-    try:
-        while True:
-            try:
-                result = _guard_pass(args.pid, pidfd, args, budget)
-            except _procmap.ProcessGone:
-                if not args.json:
-                    print(f"PID {args.pid} exited; {total} block(s) repaired")
-                return EXIT_OK
-            total += len(result["repaired"])
-            if args.json:
-                _emit_json(dict(result, command="guard", pid=args.pid, time=time.time()))
-            else:
-                for r in result["repaired"]:
-                    print(f"{time.strftime('%H:%M:%S')}  repaired {r['address']:#x} "
-                          f"({fmt_bytes(r['bytes'])}) in {r['ms']:.2f} ms", flush=True)
-                for name, n in result["failed"].items():
-                    print(f"{time.strftime('%H:%M:%S')}  {n} block(s) not repaired: {name} "
-                          "(retried next pass)", flush=True)
-            if args.once:
-                if not args.json and not result["split_found"]:
-                    print(f"PID {args.pid}: no split blocks in {result['vmas']} guarded VMA(s)")
-                return EXIT_FAILED if result["failed"] else EXIT_OK
-            # Sleep until the next pass, or wake at once when the process exits.
-            ready, _, _ = select.select([pidfd], [], [], args.interval)
-            if ready:
-                if not args.json:
-                    print(f"PID {args.pid} exited; {total} block(s) repaired")
-                return EXIT_OK
-    except KeyboardInterrupt:
-        return EXIT_OK
-    finally:
-        os.close(pidfd)
-
-
-# -- agent --------------------------------------------------------------
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction above 0 and at most 1, got {text!r}")
-    return value
-
-
-def _add_agent(sub) -> None:
-    p = sub.add_parser(
-        "agent", help="node agent: keep huge pages in any process (process_madvise), within budgets",
-        description="Scan the selected processes of this host (default: all) and collapse PMD-size "
-                    "blocks of private anonymous memory that sit on small pages, with "
-                    "process_madvise(MADV_COLLAPSE). Never touches MADV_NOHUGEPAGE VMAs, "
-                    "prctl THP-disabled processes, small memory, or (unless --repair-shared) blocks "
-                    "still shared with another process. Needs CAP_SYS_NICE, CAP_SYS_PTRACE and "
-                    "CAP_DAC_READ_SEARCH (or root). SIGHUP rereads --config, SIGTERM stops with a summary. Flags override "
-                    "the config file.")
-    p.add_argument("--config", metavar="PATH", help="TOML config file (JSON if it ends in .json)")
-    p.add_argument("--check", action="store_true",
-                   help="validate the configuration, print it as JSON and exit (0 valid, 2 invalid)")
-    p.add_argument("--pid", type=_pid, action="append", default=[], metavar="PID",
-                   help="only this process (repeatable)")
-    p.add_argument("--command", action="append", default=[], metavar="PATTERN",
-                   help="only processes whose command name (comm) matches this glob (repeatable)")
-    p.add_argument("--cgroup", action="append", default=[], metavar="PATH",
-                   help="only processes in this cgroup or below, e.g. /system.slice/redis.service")
-    p.add_argument("--exclude-command", action="append", default=[], metavar="PATTERN",
-                   help="never processes whose command name matches this glob (repeatable)")
-    p.add_argument("--interval", type=_positive_float, metavar="S", help="seconds between passes (2)")
-    p.add_argument("--rate", type=_size, metavar="BYTES", help="bytes collapsed per second, whole agent (256M)")
-    p.add_argument("--cpu", type=_fraction, metavar="FRACTION", help="share of one CPU the agent may use (0.25)")
-    p.add_argument("--stall-share", type=_fraction, metavar="FRACTION",
-                   help="share of each second spent collapsing in any one process (0.2)")
-    p.add_argument("--min-process-bytes", type=_size, metavar="BYTES",
-                   help="skip processes with less anonymous memory (64M)")
-    p.add_argument("--min-vma-bytes", type=_size, metavar="BYTES", help="skip smaller VMAs (4M)")
-    p.add_argument("--repair-shared", action="store_true", default=None,
-                   help="also collapse blocks still shared with another process (costs memory)")
-    p.add_argument("--advised-only", action="store_true", default=None,
-                   help="only MADV_HUGEPAGE VMAs (VmFlags hg), as khugepaged in madvise mode")
-    p.add_argument("--metrics", metavar="[ADDR:]PORT",
-                   help="serve Prometheus metrics on this port (needs prometheus_client)")
-    p.add_argument("--metrics-per-pid", action="store_true", default=None,
-                   help="add a pid label to the metrics (series churn as processes come and go)")
-    p.add_argument("--log-format", choices=("text", "json"), help="log lines on stderr (text)")
-    p.add_argument("--state-file", metavar="PATH", help="write per-process detail here after each pass")
-    run = p.add_mutually_exclusive_group()
-    run.add_argument("--once", action="store_true", help="one pass, then exit")
-    run.add_argument("--duration", type=_positive_float, metavar="S", help="stop after S seconds")
-    p.set_defaults(func=_cmd_agent)
-
-
-def _agent_config(args):
-    from . import _agentconfig as ac  # noqa: PLC0415
-
-    cfg = ac.load(args.config) if args.config else ac.AgentConfig()
-    for flag, field in (("interval", "interval"), ("rate", "rate"), ("cpu", "cpu"),
-                        ("stall_share", "stall_share"), ("min_process_bytes", "min_process_bytes"),
-                        ("min_vma_bytes", "min_vma_bytes"), ("repair_shared", "repair_shared"),
-                        ("advised_only", "advised_only"), ("log_format", "log_format"),
-                        ("state_file", "state_file"), ("metrics_per_pid", "metrics_per_pid")):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(cfg, field, value)
-    if cfg.rate <= 0:
-        raise ac.ConfigError(f"--rate must be more than 0 bytes per second, got {cfg.rate}")
-    if args.metrics:
-        cfg.metrics_address, cfg.metrics_port = ac.split_address(args.metrics)
-    sel = cfg.select
-    sel.pids = args.pid or sel.pids
-    sel.commands = args.command or sel.commands
-    sel.cgroups = ["/" + c.strip("/") for c in args.cgroup] or sel.cgroups
-    sel.exclude_commands = sel.exclude_commands + args.exclude_command
-    return cfg
-
-
-def _agent_preflight(caps) -> None:
-    for name in ("pagemap_scan", "process_madvise", "collapse"):
-        feature = caps.features[name]
-        if not feature.available:
-            raise UsageError(f"the agent needs {name}: {feature.reason}")
-    if _checks.has_capability(_checks.CAP_SYS_NICE) is False:
-        raise UsageError("the agent needs CAP_SYS_NICE for process_madvise(MADV_COLLAPSE) on other "
-                         "processes, and this process lacks it: run it as root, or with the capability "
-                         "(systemd: AmbientCapabilities=CAP_SYS_NICE CAP_SYS_PTRACE CAP_DAC_READ_SEARCH)")
-
-
-def _write_state(agent, path: str) -> None:
-    from . import metrics  # noqa: PLC0415 - its atomic writer
-
-    state = {"pid": os.getpid(), "processes": agent.processes(), "schema_version": SCHEMA_VERSION,
-             "summary": agent.summary(), "time": time.time()}
-    try:
-        metrics.write_textfile(path, json.dumps(state, sort_keys=True) + "\n")
-    except (OSError, ThpguardError) as exc:
-        agent._once(None, "state_file", "warning", path=path, reason=str(exc))
-
-
-def _cmd_agent(args) -> int:
-    from . import _agentconfig, agent as agent_mod  # noqa: PLC0415
-
-    try:
-        cfg = _agent_config(args)
-    except _agentconfig.ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    if args.check:
-        _emit_json({"command": "agent", "config": cfg.as_dict(), "valid": True})
-        return EXIT_OK
-    roots = kernel.Roots.from_env()
-    unsupported = _unsupported_reason(roots)
-    if unsupported:
-        raise UsageError(unsupported)
-    caps = kernel.capabilities(roots=roots)
-    _agent_preflight(caps)
-    log = agent_mod.AgentLog(cfg.log_format)
-    agent = agent_mod.Agent(cfg, log, roots)
-    if cfg.state_file:
-        agent.on_pass.append(lambda a: _write_state(a, a.config.state_file) if a.config.state_file else None)
-    server = None
-    if cfg.metrics_port is not None:
-        from . import _agentmetrics  # noqa: PLC0415
-        from .errors import UnsupportedError  # noqa: PLC0415
-
-        try:
-            server = _agentmetrics.MetricsServer(agent, cfg.metrics_address, cfg.metrics_port)
-        except UnsupportedError as exc:
-            raise UsageError(str(exc)) from None
-        except OSError as exc:
-            raise UsageError(f"cannot serve metrics on {cfg.metrics_address}:{cfg.metrics_port}: "
-                             f"{exc.strerror or exc}") from None
-    missing = [name for name, bit in (("CAP_SYS_PTRACE", _checks.CAP_SYS_PTRACE),
-                                      ("CAP_DAC_READ_SEARCH", _checks.CAP_DAC_READ_SEARCH))
-               if _checks.has_capability(bit) is False]
-    if missing:
-        log("capabilities", "warning", missing=",".join(missing),
-            reason="only processes of the agent's own user that are dumpable can be read; others "
-                   "are logged once each and left alone")
-    start = {"pid": os.getpid(), "kernel": caps.kernel_release, "pmd_size": agent.pmd,
-             "metrics": f"{server.address}:{server.port}" if server else "off",
-             "config": agent_mod._config_fields(cfg)}
-    try:
-        if args.once:
-            log("start", **start)
-            agent.run_pass()
-            for t in list(agent.tracked.values()):
-                t.close()
-            log("stop", **agent.summary())
-        else:
-            reload = (lambda: _agent_config(args)) if args.config else None
-            agent.run(duration=args.duration, reload=reload, start_fields=start)
-    finally:
-        if server is not None:
-            server.close()
-    return EXIT_OK
+    return cmd_guard(args)
 
 
 # -- entry point --------------------------------------------------------
@@ -755,7 +442,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_watch(sub)
     _add_guard(sub)
     _add_run(sub)
-    _add_agent(sub)
+    from ._cliagent import add_agent  # noqa: PLC0415 - the node agent's flags and command
+    add_agent(sub)
     return p
 
 
