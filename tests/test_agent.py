@@ -316,7 +316,7 @@ def test_sighup_reloads_and_sigterm_summarises(require_agent, victims, tmp_path,
         assert v.huge_bytes() == v.whole_blocks(pmd)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         line = next(ln for ln in text.splitlines() if ln.startswith("thpguard_agent_repaired_bytes_total{"))
-        assert 'command="python' in line and 'cgroup="' in line and "pid=" not in line
+        assert 'comm="python' in line and 'cgroup="' in line and "pid=" not in line
         assert float(line.rsplit(" ", 1)[1]) >= v.whole_blocks(pmd)
         assert not re.search(r'pid="', text)
         conf.write_text("interval = [\n")
@@ -362,7 +362,7 @@ def test_metrics_per_pid_only_when_asked(require_agent, victims):
         agent.run_pass()
         fams = {f.name: f for f in AgentCollector(agent).collect()}
         labels = fams["thpguard_agent_repaired_bytes"].samples[0].labels
-        assert ("pid" in labels) is per_pid and labels["command"] == "python"
+        assert ("pid" in labels) is per_pid and labels["comm"] == "python"
         assert fams["thpguard_agent_anon_bytes"].samples[0].value > 0  # gauges: as of the last scan
         for t in list(agent.tracked.values()):
             t.close()

@@ -1,6 +1,7 @@
 """The node agent's Prometheus endpoint (needs the ``prometheus`` extra).
 
-Series are aggregated per cgroup and command by default, so they do not
+Series are aggregated per cgroup and command name (labels ``cgroup`` and
+``comm``, as in ``thpguard status --prometheus``) by default, so they do not
 churn as processes come and go; ``per_pid`` adds a ``pid`` label for
 debugging. Addresses are never labels.
 """
@@ -45,7 +46,7 @@ class AgentCollector:
         _, core = _prometheus()
         agent = self.agent
         per_pid = agent.config.metrics_per_pid
-        labels = ["cgroup", "command"] + (["pid"] if per_pid else [])
+        labels = ["cgroup", "comm"] + (["pid"] if per_pid else [])
         gauges = {
             "processes": "selected processes the agent scans",
             "anon_bytes": "resident bytes of the anonymous memory the agent may repair",
