@@ -366,3 +366,15 @@ def test_metrics_per_pid_only_when_asked(require_agent, victims):
         assert fams["thpguard_agent_anon_bytes"].samples[0].value > 0  # gauges: as of the last scan
         for t in list(agent.tracked.values()):
             t.close()
+
+
+def test_cpu_budget_bounds_the_agents_cpu_time(require_agent, victims):
+    """With --cpu, the agent's own CPU time (scans and the kernel's copies in collapse)
+    stays within the share of its wall time, plus one operation (a bound, not a timing)."""
+    v = victims(256)
+    r = agent_cli("--pid", str(v.pid), "--min-process-bytes", "0", "--cpu", "0.05", "--rate", "4G",
+                  "--stall-share", "1", "--interval", "0.2", "--duration", "3")
+    assert r.returncode == 0, r.stderr
+    stop = events(r.stderr)[-1]
+    assert stop["repaired_blocks"] > 0
+    assert stop["cpu_seconds"] <= 0.05 * stop["elapsed_seconds"] + 0.1, stop
