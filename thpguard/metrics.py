@@ -139,8 +139,8 @@ class ThpguardCollector:
         yield gauge("guarded_bytes", "Bytes of open thpguard regions.", guarded)
         yield gauge("huge_bytes", "Bytes of those regions mapped with PMD-size huge pages now.",
                     huge)
-        yield gauge("split_bytes", "Bytes of those regions that hold data but are not "
-                    "PMD-mapped now (split).", s.get("split_bytes"))
+        yield gauge("split_bytes", "Bytes of those regions in split blocks now (every page "
+                    "holds data, not PMD-mapped).", s.get("split_bytes"))
         yield gauge("coverage_ratio", "huge_bytes / guarded_bytes (1 when there is nothing "
                     "to guard).", huge / guarded if guarded else 1.0)
         yield gauge("guard_running", "1 while the guard thread runs in this process.",
@@ -303,11 +303,11 @@ def textfile(
     docs = {
         "process_bytes": "Bytes of the process's huge-page VMAs (advised or holding huge pages).",
         "process_huge_bytes": "Bytes of them mapped with PMD-size huge pages.",
-        "process_split_bytes": "Bytes of them holding data but split (not PMD-mapped).",
+        "process_split_bytes": "Bytes of them in split blocks (every page holds data, not PMD-mapped).",
         "process_coverage_ratio": "process_huge_bytes / process_bytes (1 when there are none).",
         "vma_bytes": "Bytes of one VMA.",
         "vma_huge_bytes": "Bytes of one VMA mapped with PMD-size huge pages.",
-        "vma_split_bytes": "Bytes of one VMA holding data but split.",
+        "vma_split_bytes": "Bytes of one VMA in split blocks.",
     }
 
     def add(name: str, labels: Dict[str, str], value: float) -> None:
