@@ -52,6 +52,7 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
 int tg_copy_remap(void *addr, size_t len, size_t align);
 int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);
+int tg_map_marker(void *addr, size_t len, int fd);
 int tg_atfork_install(void);
 uint64_t tg_fork_generation(void);
 int tg_fork_claim(void);

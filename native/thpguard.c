@@ -509,6 +509,12 @@ int tg_placeholder_remove(void *addr)
     return rc;
 }
 
+int tg_map_marker(void *addr, size_t len, int fd)
+{
+    void *p = mmap(addr, len, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0);
+    return p == MAP_FAILED ? -1 : 0;
+}
+
 static _Atomic uint64_t fork_generation;
 
 static void atfork_prepare(void)

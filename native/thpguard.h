@@ -132,6 +132,12 @@ int tg_copy_remap(void *addr, size_t len, size_t align);
  * its default action. Faults elsewhere go to the handler that was there
  * before. The last tg_placeholder_remove() puts that handler back. */
 #define TG_PLACEHOLDER_NAME_MAX 64
+
+/* Map `len` bytes of `fd` (a memfd) at `addr`, PROT_NONE, replacing what the
+ * caller mapped there (MAP_FIXED: only on a range the caller owns). Used to
+ * put a named, inaccessible marker page in front of a region, so that other
+ * tools can find the region and its name in /proc/PID/maps on any kernel. */
+int tg_map_marker(void *addr, size_t len, int fd);
 int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);
 

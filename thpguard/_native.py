@@ -179,6 +179,20 @@ def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:
     _check(lib.tg_placeholder_add(_ptr(addr), length, label), "placeholder_add", addr, length)
 
 
+#: memfd name prefix of the marker page in front of each region: maps show
+#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA.
+MARKER_PREFIX = "thpguard-region:"
+
+
+def map_marker(addr: int, length: int, name: Optional[str]) -> None:
+    """Put a PROT_NONE page of a memfd named after the region at ``addr``."""
+    fd = os.memfd_create(MARKER_PREFIX + (name or ""), os.MFD_CLOEXEC)
+    try:
+        _check(lib.tg_map_marker(_ptr(addr), length, fd), "mmap marker", addr, length)
+    finally:
+        os.close(fd)
+
+
 def placeholder_remove(addr: int) -> None:
     if lib.tg_placeholder_remove(_ptr(addr)) != 0 and ffi.errno != _errno.ENOENT:
         _check(-1, "placeholder_remove", addr, 0)

@@ -309,6 +309,8 @@ def _add_status(sub) -> None:
                    help="print node_exporter textfile-collector metrics instead of the table")
     p.add_argument("--prometheus-file", metavar="PATH",
                    help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
+    p.add_argument("--prometheus-per-pid", action="store_true",
+                   help="label the metrics with pid and VMA address too (new series at every restart)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -386,7 +388,7 @@ def _cmd_status(args) -> int:
     if args.prometheus or args.prometheus_file:
         from . import metrics  # noqa: PLC0415 - only these flags need it
 
-        text = metrics.textfile(found)
+        text = metrics.textfile(found, per_pid=args.prometheus_per_pid)
         if args.prometheus_file:
             metrics.write_textfile(args.prometheus_file, text)
         else:
@@ -396,7 +398,8 @@ def _cmd_status(args) -> int:
             "command": "status",
             "errors": errors,
             "processes": [{
-                "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size, "source": pc.source,
+                "cgroup": pc.cgroup, "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size,
+                "source": pc.source,
                 "totals": pc.totals(args.only_eligible),
                 "vmas": [v.as_dict() for v in _shown_vmas(pc, args)],
             } for pc in found],

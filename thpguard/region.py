@@ -228,6 +228,12 @@ class Region:
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
         try:
+            # The slack page just below the region becomes a named marker,
+            # so `thpguard status` of this process can tell the region apart.
+            _native.map_marker(addr - _PAGE, _PAGE, self.name)
+        except OSError as exc:
+            log.debug("no marker page for region %#x: %s", addr, exc)
+        try:
             _native.madvise(addr, size, _native.MADV_HUGEPAGE)
         except OSError as exc:
             # EINVAL: a kernel built without CONFIG_TRANSPARENT_HUGEPAGE.
