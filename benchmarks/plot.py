@@ -85,10 +85,13 @@ def plot(document: dict, path: str) -> None:
                 spread = _round_ratios(tlb, p["size"], key)
                 low.append(value - min(spread) if spread else 0.0)
                 high.append(max(spread) - value if spread else 0.0)
-            bars = right.bar([i + offset for i in x], values, width, label=name,
+            right.bar([i + offset for i in x], values, width, label=name,
                              yerr=[low, high], capsize=4, error_kw={"linewidth": 1})
-            right.bar_label(bars, fmt="%.2f", fontsize=8, padding=2,
-                            labels=[f"{v:.2f}" for v in values])
+            # In the bar's right half, beside the whisker that runs up its middle.
+            for i, value in zip(x, values):
+                right.annotate(f"{value:.2f}", xy=(i + offset, value), xytext=(5, -4),
+                               textcoords="offset points", ha="left", va="top", fontsize=9,
+                               color="white", fontweight="bold")
             tops += [v + h for v, h in zip(values, high)]
         right.axhline(1.0, color="gray", linewidth=0.8, linestyle="--",
                       label="1.0: pristine huge pages (never split)")
