@@ -223,3 +223,16 @@ def test_textfile_default_labels_are_stable(require_thp, capsys):
     by_pid = {s.labels.get("pid") for family in text_string_to_metric_families(detailed)
               for s in family.samples}
     assert by_pid == {str(p.pid), str(child)} and f'start="{addr:#x}"' in detailed
+
+
+def test_collector_labels_regions_by_name(region_factory, pmd):
+    """Named regions get their own region_bytes / region_huge_bytes series in the collector."""
+    def child():
+        registry = prometheus_client.CollectorRegistry()
+        thpguard.metrics.register(registry)
+        with thpguard.alloc(2 * pmd, name="embeddings"), thpguard.alloc(pmd, name="embeddings"):
+            return scrape(registry)
+
+    samples = run_in_child(child)
+    assert samples[("thpguard_region_bytes", (("region", "embeddings"),))] == 3 * pmd
+    assert samples[("thpguard_region_huge_bytes", (("region", "embeddings"),))] == 3 * pmd

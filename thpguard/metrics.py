@@ -201,6 +201,34 @@ class ThpguardCollector:
             buckets, total = _latencies.snapshot()
             latency.add_metric([], buckets, total)
         yield latency
+        yield from _region_families(p, stats is not None)
+
+
+def _region_families(p: str, scrape: bool):
+    """Bytes and PMD-mapped bytes per region name (``alloc(name=...)``; "" unnamed)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from thpguard.region import regions
+
+    sizes = GaugeMetricFamily(f"{p}_region_bytes", "Bytes of open thpguard regions with this "
+                              "name (\"\" for unnamed ones).", labels=["region"])
+    huge = GaugeMetricFamily(f"{p}_region_huge_bytes", "Bytes of them mapped with PMD-size "
+                             "huge pages now.", labels=["region"])
+    if scrape:
+        by_name: Dict[str, List[int]] = {}
+        for region in regions():
+            try:
+                cov = region.coverage()
+            except Exception:  # noqa: BLE001 - closed meanwhile, or unreadable: left out
+                continue
+            entry = by_name.setdefault(getattr(region, "name", None) or "", [0, 0])
+            entry[0] += cov.total_bytes
+            entry[1] += cov.huge_bytes
+        for name, (total, pmd_mapped) in sorted(by_name.items()):
+            sizes.add_metric([name], float(total))
+            huge.add_metric([name], float(pmd_mapped))
+    yield sizes
+    yield huge
 
 
 _registered: Dict[int, ThpguardCollector] = {}
