@@ -15,7 +15,9 @@ child of ``fork()`` gets:
 ``wipe``
     a zero-filled range that keeps ``MADV_HUGEPAGE`` (``MADV_WIPEONFORK``).
 ``private``
-    nothing: the range is not mapped in the child (``MADV_DONTFORK``).
+    nothing: the range is not mapped in the child (``MADV_DONTFORK``). A
+    view made before fork and touched in the child is a SIGSEGV, which the
+    native core explains on stderr (region, policy, what to use) first.
 """
 
 from __future__ import annotations
