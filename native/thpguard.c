@@ -357,6 +357,7 @@ static size_t n_placeholders;
 
 static struct sigaction segv_previous;
 static int segv_installed;
+static void segv_explain(int sig, siginfo_t *info, void *uctx);
 
 struct msgbuf {
     char text[640];
@@ -386,11 +387,11 @@ static void msg_num(struct msgbuf *m, uintptr_t v, unsigned base)
 static void segv_chain(int sig, siginfo_t *info, void *uctx)
 {
     struct sigaction *prev = &segv_previous;
-    if (prev->sa_flags & SA_SIGINFO) {
+    if ((prev->sa_flags & SA_SIGINFO) && prev->sa_sigaction != segv_explain) {
         prev->sa_sigaction(sig, info, uctx);
-    } else if (prev->sa_handler == SIG_IGN) {
-        return;
-    } else if (prev->sa_handler != SIG_DFL) {
+    } else if (prev->sa_handler == SIG_IGN && info->si_code <= 0) {
+        return; /* a sent SIGSEGV, ignored; a fault cannot be ignored (it would recur) */
+    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL) {
         prev->sa_handler(sig);
     } else {
         /* Default action: put it back; a fault re-executes the instruction
@@ -448,10 +449,27 @@ static void segv_explain(int sig, siginfo_t *info, void *uctx)
     segv_chain(sig, info, uctx);
 }
 
+/* What SIGSEGV does now: 1 our handler, 0 the default or ignored, -1 another handler. */
+static int segv_current(void)
+{
+    struct sigaction now;
+    if (sigaction(SIGSEGV, NULL, &now) != 0)
+        return -1;
+    if (now.sa_flags & SA_SIGINFO)
+        return now.sa_sigaction == segv_explain ? 1 : -1;
+    return (now.sa_handler == SIG_DFL || now.sa_handler == SIG_IGN) ? 0 : -1;
+}
+
 /* Called with placeholder_lock held. */
 static void segv_update(void)
 {
-    if (n_placeholders && !segv_installed) {
+    int current = segv_current();
+    /* Installed again when the disposition was reset behind our back (a
+     * crash handler that restored the default); never over a handler that
+     * took our place, since it may chain to us. */
+    if (n_placeholders && (!segv_installed || current == 0)) {
+        if (current == 1)
+            return;
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_sigaction = segv_explain;
@@ -460,13 +478,10 @@ static void segv_update(void)
         if (sigaction(SIGSEGV, &sa, &segv_previous) == 0)
             segv_installed = 1;
     } else if (!n_placeholders && segv_installed) {
-        struct sigaction now;
         /* Someone installed a handler after ours: leave the chain alone. */
-        if (sigaction(SIGSEGV, NULL, &now) == 0 && (now.sa_flags & SA_SIGINFO)
-            && now.sa_sigaction == segv_explain) {
+        if (current == 1)
             sigaction(SIGSEGV, &segv_previous, NULL);
-            segv_installed = 0;
-        }
+        segv_installed = 0;
     }
 }
 

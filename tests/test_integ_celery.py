@@ -50,7 +50,10 @@ def celery_worker(require_thp, tmp_path):
             yield proc, celery_app
         finally:
             sys.path.remove(EXAMPLES)
-            sys.modules.pop("celery_app", None)
+            module = sys.modules.pop("celery_app", None)
+            if module is not None:  # the client's own copy of the hot buffer
+                module.view.release()
+                module.hot.close()
             _stop(proc)
             if os.environ.get("CELERY_QUEUE_DIR") == env["CELERY_QUEUE_DIR"]:
                 del os.environ["CELERY_QUEUE_DIR"]

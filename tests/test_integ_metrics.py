@@ -185,12 +185,14 @@ import os, sys, thpguard
 r = thpguard.alloc(4 << 20, fork="share", name="weights")
 v = r.view()
 v[:] = b"\x5a" * len(v)
+ready_r, ready_w = os.pipe()
 pid = os.fork()
 if pid == 0:   # a second process of the same name; it splits its own second block
     v[r.pmd_size + 5] = 1
-    print("child", flush=True)
+    os.write(ready_w, b"x")
     sys.stdin.read()
     os._exit(0)
+os.read(ready_r, 1)
 print(r.address, r.pmd_size, pid, flush=True)
 sys.stdin.read()
 os.waitpid(pid, 0)
@@ -202,8 +204,7 @@ def test_textfile_default_labels_are_stable(require_thp, capsys):
     p = subprocess.Popen([sys.executable, "-c", STABLE_TARGET], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
-        lines = [p.stdout.readline().split(), p.stdout.readline().split()]
-        addr, pmd, child = map(int, next(line for line in lines if line[0] != "child"))
+        addr, pmd, child = map(int, p.stdout.readline().split())
         assert cli.main(["status", "--prometheus", str(p.pid), str(child)]) == 0
         text = capsys.readouterr().out
         assert cli.main(["status", "--prometheus", "--prometheus-per-pid", str(p.pid), str(child)]) == 0

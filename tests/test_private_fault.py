@@ -78,3 +78,24 @@ def test_handler_removed_with_the_last_placeholder():
         print(os.WTERMSIG(status))
     """)
     assert done.stdout.split() == [str(int(signal.SIGSEGV))] and "thpguard" not in done.stderr
+
+
+def test_handler_comes_back_after_a_reset():
+    """A crash handler that reset SIGSEGV to the default does not leave later regions unexplained."""
+    done = _run("""
+        import faulthandler, os, thpguard
+        faulthandler.enable()
+        first = thpguard.alloc(2 << 20, fork="private")
+        faulthandler.disable()          # puts back what it saved: the default action
+        first.close()
+        r = thpguard.alloc(2 << 20, fork="private", name="later")
+        v = r.view()
+        pid = os.fork()
+        if pid == 0:
+            v[0] = 1
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(os.WTERMSIG(status))
+    """)
+    assert done.stdout.split() == [str(int(signal.SIGSEGV))]
+    assert "touched the thpguard region 'later'" in done.stderr
