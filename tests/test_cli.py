@@ -572,3 +572,28 @@ def test_status_lists_what_matters_and_aligns(require_thp, capsys):
     # Every column starts at the same offset, [vsyscall] included.
     size_columns = {line.index(line.split()[1]) + len(line.split()[1]) for line in rows_all}
     assert len(size_columns) == 1, out_all
+
+
+def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
+    """SIGINT to watch prints how many samples it took and exits 130."""
+    with split_target() as (pid, addr, size, pmd):
+        w = subprocess.Popen([sys.executable, "-m", "thpguard", "watch", str(pid), "--interval", "0.05"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = w.stdout.readline()
+        w.send_signal(2)
+        out, err = w.communicate(timeout=60)
+    assert "PMD-mapped" in first, err
+    assert w.returncode == 130 and f"sample(s) of PID {pid}" in out, (out, err)
+
+
+def test_verify_ctrl_c_exits_130(require_thp):
+    """SIGINT during verify's self-test exits 130 with a one-line message, no traceback."""
+    v = subprocess.Popen([sys.executable, "-m", "thpguard", "verify", "--size", "256M"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    v.send_signal(2)
+    out, err = v.communicate(timeout=120)
+    if v.returncode == 0:
+        pytest.skip("verify finished before the signal")
+    assert v.returncode == 130, (out, err)
+    assert "interrupted during verify" in err and "Traceback" not in err

@@ -704,7 +704,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "timestamp_seconds": time.time()})
         return exc.exit_code
     except KeyboardInterrupt:
-        _err("interrupted")
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # past verify's progress line and the echoed ^C
+        _err(f"interrupted during {args.command}")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # stdout closed early (| head): not an error of ours.
