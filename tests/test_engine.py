@@ -329,10 +329,13 @@ _NO_NATIVE = "import sys; sys.modules['thpguard._cffi'] = None; from thpguard im
 
 @pytest.mark.parametrize("argv", [["verify"], ["verify", "--json"]])
 def test_verify_without_native_module_is_unsupported(argv):
-    """Without the native extension, verify says UNSUPPORTED with the reason and exits 2."""
+    """Without the native extension, verify says UNSUPPORTED with the reason and
+    exits with the unsupported-host status (cli.EXIT_UNSUPPORTED)."""
+    from thpguard import cli
+
     done = subprocess.run([sys.executable, "-c", _NO_NATIVE.format(argv=argv)],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.returncode == cli.EXIT_UNSUPPORTED, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     if "--json" in argv:
         doc = json.loads(done.stdout)
