@@ -256,11 +256,11 @@ def test_unprivileged_with_three_capabilities(require_agent, victims, pmd):
 
 
 def test_refuses_to_start_without_cap_sys_nice(require_agent):
-    """Without CAP_SYS_NICE the agent says what it needs and exits 2."""
+    """Without CAP_SYS_NICE the agent says what it needs and exits 3 (no permission)."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     r = subprocess.run(_setpriv("sys_ptrace") + [sys.executable, "-m", "thpguard", "agent", "--once"],
                        capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 2 and "CAP_SYS_NICE" in r.stderr
+    assert r.returncode == 3 and "CAP_SYS_NICE" in r.stderr
 
 
 # -- operations: config, signals, logs, metrics -------------------------------

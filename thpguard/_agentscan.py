@@ -19,7 +19,7 @@ import fnmatch
 import os
 from typing import List, Optional
 
-from . import _native, kernel
+from . import _native, _procmap, kernel
 from .blocks import classify
 from ._agentconfig import AgentConfig, Selection
 
@@ -76,28 +76,6 @@ def start_time(pid: int, roots: kernel.Roots) -> int:
     return int(fields[19])
 
 
-def cgroup_path(pid: int, roots: kernel.Roots) -> str:
-    """The cgroup v2 path of *pid* (``0::/...``), else its v1 memory or
-    systemd hierarchy path; ``""`` when unreadable."""
-    try:
-        with open(os.path.join(roots.proc, str(pid), "cgroup"), "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    v1 = named = ""
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            return parts[2]
-        if "memory" in parts[1].split(","):
-            v1 = parts[2]
-        elif parts[1] == "name=systemd":
-            named = parts[2]
-    return v1 or named
-
-
 def process_info(pid: int, roots: kernel.Roots) -> Optional[ProcessInfo]:
     """Selection facts about *pid*, or None if it is gone."""
     try:
@@ -105,7 +83,8 @@ def process_info(pid: int, roots: kernel.Roots) -> Optional[ProcessInfo]:
         st = kernel.read_status(pid, roots)
     except (ProcessGone, OSError):
         return None
-    return ProcessInfo(pid, started, st.name or "?", cgroup_path(pid, roots), st.thp_enabled, st.rss_anon)
+    return ProcessInfo(pid, started, st.name or "?", _procmap.cgroup_of(pid, roots) or "", st.thp_enabled,
+                       st.rss_anon)
 
 
 def _under(path: str, prefix: str) -> bool:

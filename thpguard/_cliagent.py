@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from typing import Optional
 
 from . import _checks, kernel
 from ._checks import fmt_bytes
-from .cli import (EXIT_OK, UsageError, _emit_json, _err, _pid, _positive_float, _size,
-                  _unsupported_reason, SCHEMA_VERSION)
+from ._cliverify import _unsupported_reason
+from .cli import (EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_OK, SCHEMA_VERSION, AccessError,
+                  UnsupportedHostError, UsageError, _emit_json, _err, _HelpFormatter, _pid,
+                  _positive_float, _size)
 from .errors import ThpguardError
 
 
@@ -28,24 +31,25 @@ def _fraction(text: str) -> float:
 
 def add_agent(sub) -> None:
     p = sub.add_parser(
-        "agent", help="node agent: keep huge pages in any process (process_madvise), within budgets",
+        "agent", epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter,
+        help="node agent: keep huge pages in any process (process_madvise), within budgets",
         description="Scan the selected processes of this host (default: all) and collapse PMD-size "
                     "blocks of private anonymous memory that sit on small pages, with "
                     "process_madvise(MADV_COLLAPSE). Never touches MADV_NOHUGEPAGE VMAs, "
                     "prctl THP-disabled processes, small memory, or (unless --repair-shared) blocks "
                     "still shared with another process. Needs CAP_SYS_NICE, CAP_SYS_PTRACE and "
-                    "CAP_DAC_READ_SEARCH (or root). SIGHUP rereads --config, SIGTERM stops with a summary. Flags override "
-                    "the config file.")
+                    "CAP_DAC_READ_SEARCH (or root). SIGHUP rereads --config, SIGTERM stops with a "
+                    "summary. Flags override the config file.")
     p.add_argument("--config", metavar="PATH", help="TOML config file (JSON if it ends in .json)")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration, print it as JSON and exit (0 valid, 2 invalid)")
-    p.add_argument("--pid", type=_pid, action="append", default=[], metavar="PID",
+    p.add_argument("--pid", type=_pid, action="append", metavar="PID",
                    help="only this process (repeatable)")
-    p.add_argument("--command", action="append", default=[], metavar="PATTERN",
+    p.add_argument("--command", action="append", metavar="PATTERN",
                    help="only processes whose command name (comm) matches this glob (repeatable)")
-    p.add_argument("--cgroup", action="append", default=[], metavar="PATH",
+    p.add_argument("--cgroup", action="append", metavar="PATH",
                    help="only processes in this cgroup or below, e.g. /system.slice/redis.service")
-    p.add_argument("--exclude-command", action="append", default=[], metavar="PATTERN",
+    p.add_argument("--exclude-command", action="append", metavar="PATTERN",
                    help="never processes whose command name matches this glob (repeatable)")
     p.add_argument("--interval", type=_positive_float, metavar="S", help="seconds between passes (2)")
     p.add_argument("--rate", type=_size, metavar="BYTES", help="bytes collapsed per second, whole agent (256M)")
@@ -90,8 +94,8 @@ def _agent_config(args):
     sel = cfg.select
     sel.pids = args.pid or sel.pids
     sel.commands = args.command or sel.commands
-    sel.cgroups = ["/" + c.strip("/") for c in args.cgroup] or sel.cgroups
-    sel.exclude_commands = sel.exclude_commands + args.exclude_command
+    sel.cgroups = ["/" + c.strip("/") for c in args.cgroup or ()] or sel.cgroups
+    sel.exclude_commands = sel.exclude_commands + (args.exclude_command or [])
     return cfg
 
 
@@ -99,9 +103,9 @@ def _agent_preflight(caps) -> None:
     for name in ("pagemap_scan", "process_madvise", "collapse"):
         feature = caps.features[name]
         if not feature.available:
-            raise UsageError(f"the agent needs {name}: {feature.reason}")
+            raise UnsupportedHostError(f"the agent needs {name}: {feature.reason}")
     if _checks.has_capability(_checks.CAP_SYS_NICE) is False:
-        raise UsageError("the agent needs CAP_SYS_NICE for process_madvise(MADV_COLLAPSE) on other "
+        raise AccessError("the agent needs CAP_SYS_NICE for process_madvise(MADV_COLLAPSE) on other "
                          "processes, and this process lacks it: run it as root, or with the capability "
                          "(systemd: AmbientCapabilities=CAP_SYS_NICE CAP_SYS_PTRACE CAP_DAC_READ_SEARCH)")
 
@@ -130,7 +134,7 @@ def cmd_agent(args) -> int:
     roots = kernel.Roots.from_env()
     unsupported = _unsupported_reason(roots)
     if unsupported:
-        raise UsageError(unsupported)
+        raise UnsupportedHostError(unsupported)
     caps = kernel.capabilities(roots=roots)
     _agent_preflight(caps)
     log = agent_mod.AgentLog(cfg.log_format)
@@ -145,7 +149,7 @@ def cmd_agent(args) -> int:
         try:
             server = _agentmetrics.MetricsServer(agent, cfg.metrics_address, cfg.metrics_port)
         except UnsupportedError as exc:
-            raise UsageError(str(exc)) from None
+            raise UnsupportedHostError(str(exc)) from None
         except OSError as exc:
             raise UsageError(f"cannot serve metrics on {cfg.metrics_address}:{cfg.metrics_port}: "
                              f"{exc.strerror or exc}") from None
@@ -172,7 +176,8 @@ def cmd_agent(args) -> int:
     finally:
         if server is not None:
             server.close()
-    return EXIT_OK
+    # SIGTERM is the service manager's clean stop; Ctrl-C reads as interrupted.
+    return EXIT_INTERRUPTED if agent.stop_signal == signal.SIGINT else EXIT_OK
 
 
 # -- thpguard status --------------------------------------------------

@@ -106,6 +106,7 @@ class Agent:
         # _forget runs both inside and outside held sections).
         self.lock = threading.RLock()
         self._logged: set = set()
+        self.stop_signal: Optional[int] = None  # what ended run(): SIGTERM or SIGINT
         self._stop = False
         self._reload = False
         self._wake_r = self._wake_w = -1
@@ -458,6 +459,7 @@ class Agent:
 
     def _on_stop(self, signum, frame) -> None:
         self._stop = True
+        self.stop_signal = signum
 
     def _on_hup(self, signum, frame) -> None:
         self._reload = True

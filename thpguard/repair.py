@@ -273,17 +273,18 @@ class RepairEngine:
                     break
                 t0 = time.perf_counter()
                 errs = self.target.collapse(start, length, length, max_retries)
+                err = errs[0] if errs else 0
+                per_block = [err] * (length // pmd)
+                if err and length > pmd:
+                    # One errno for several blocks: ask each block on its own
+                    # (still under the lock), so a refusal (EINVAL) is pinned
+                    # to the blocks that refuse.
+                    per_block = [self.target.collapse(b, pmd, pmd, max_retries)[0]
+                                 for b in range(start, start + length, pmd)]
                 spent = time.perf_counter() - t0
             finally:
                 if lock is not None:
                     lock.release()
-            err = errs[0] if errs else 0
-            per_block = [err] * (length // pmd)
-            if err and length > pmd:
-                # One errno for several blocks: ask each block on its own, so
-                # a refusal (EINVAL) is pinned to the blocks that refuse.
-                per_block = [self.target.collapse(b, pmd, pmd, max_retries)[0]
-                             for b in range(start, start + length, pmd)]
             done.append((start, length, per_block, spent))
             if any(stop_on(e) for e in per_block):
                 break
