@@ -100,10 +100,17 @@ def _agent_config(args):
 
 
 def _agent_preflight(caps) -> None:
-    for name in ("pagemap_scan", "process_madvise", "collapse"):
+    from . import _native  # noqa: PLC0415
+
+    for name in ("pagemap_scan", "process_madvise"):
         feature = caps.features[name]
         if not feature.available:
             raise UnsupportedHostError(f"the agent needs {name}: {feature.reason}")
+    # The collapse probe runs in this process: ENOMEM (no free huge page just
+    # now) or our own prctl says nothing about collapsing in other processes.
+    # Only a kernel without MADV_COLLAPSE (before 6.1) is unsupported.
+    if not caps.collapse.available and not _native.advice_known(_native.MADV_COLLAPSE):
+        raise UnsupportedHostError(f"the agent needs MADV_COLLAPSE: {caps.collapse.reason}")
     if _checks.has_capability(_checks.CAP_SYS_NICE) is False:
         raise AccessError("the agent needs CAP_SYS_NICE for process_madvise(MADV_COLLAPSE) on other "
                          "processes, and this process lacks it: run it as root, or with the capability "
