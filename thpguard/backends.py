@@ -1,9 +1,9 @@
 """Backends and copy mechanisms: the parts of a region that differ per mechanism.
 
-A :class:`ThpBackend` owns how a region is mapped, measured and repaired
+A ``ThpBackend`` owns how a region is mapped, measured and repaired
 (a hugetlb backend gives the same methods). A :class:`CopyMechanism` says
 how a ``fork="copy"`` region gets its own pages in a child; mechanisms are
-tried in order (:func:`copy_mechanisms`) and new ones (userfaultfd lazy
+tried in order (``copy_mechanisms()``) and new ones (userfaultfd lazy
 copy) plug in with :func:`register_copy_mechanism`.
 """
 
@@ -38,11 +38,11 @@ def _direct_cow_mode() -> Optional[str]:
 class CopyMechanism:
     """How a ``copy`` region gets its own pages in a child.
 
-    ``name`` shows as :attr:`Region.copy_mode`. :meth:`applies` is asked
+    ``name`` shows as :attr:`thpguard.Region.copy_mode`. ``applies`` is asked
     before each fork (in the parent); the first registered mechanism that
-    applies handles the region: :meth:`parent_waits` says whether the
+    applies handles the region: ``parent_waits`` says whether the
     parent must wait for the child's copy (the hand-shake pipe), and
-    :meth:`in_child` runs in the child. New mechanisms (userfaultfd lazy
+    ``in_child`` runs in the child. New mechanisms (userfaultfd lazy
     copy) plug in with :func:`register_copy_mechanism`.
     """
 
