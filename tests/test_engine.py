@@ -408,3 +408,12 @@ def test_alloc_and_fork_ask_the_registry_not_the_kernel(require_thp, pmd):
         assert asked and len(asked) == len(set(asked))
     finally:
         kernel.registry.reset()
+
+
+def test_region_says_what_maps_it(region_factory, pmd):
+    """A region names its backend and page size; an unknown backend is refused."""
+    region = region_factory(pmd)
+    assert (region.backend, region.page_size) == ("thp", pmd)
+    assert region_factory(pmd, fork="copy").copy_mode in ("eager", "kernel")
+    with pytest.raises(thpguard.InvalidArgumentError, match="unknown backend"):
+        thpguard.alloc(pmd, backend="nope")

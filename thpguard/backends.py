@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .region import Region
 
 __all__ = ["ThpBackend", "CopyMechanism", "KernelCopy", "copy_mechanisms",
-           "register_copy_mechanism", "mechanism_for"]
+           "register_copy_mechanism", "mechanism_for", "BACKENDS", "register_backend"]
 
 _PAGE = mmap.PAGESIZE
 FALLBACK_PMD = 2 << 20
@@ -99,6 +99,8 @@ def mechanism_for(region: "Region") -> CopyMechanism:
 class ThpBackend:
     """Anonymous transparent huge pages (``MADV_HUGEPAGE``): best effort, repaired.
 
+    ``name`` is what :attr:`thpguard.Region.backend` shows.
+
     A backend owns how a region is mapped, measured and repaired; the region
     layer keeps policies, views and lifetime. Other backends (hugetlb) give
     the same methods.
@@ -142,3 +144,14 @@ class ThpBackend:
 
     def engine(self) -> RepairEngine:
         return RepairEngine(LocalTarget())
+
+
+#: Backend name -> factory of backend objects; :func:`thpguard.alloc`'s
+#: ``backend`` argument picks one.
+BACKENDS = {"thp": ThpBackend}
+
+
+def register_backend(name: str, factory) -> None:
+    """Make ``alloc(backend=name)`` use objects made by ``factory()`` (a class
+    with ThpBackend's methods: ``page_size``, ``map``, ``coverage``, ``engine``)."""
+    BACKENDS[name] = factory
