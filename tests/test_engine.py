@@ -381,3 +381,39 @@ def test_c_library_classifies_blocks_like_python(require_scan, pmd):
         assert c["present_bytes"] == cov.present_bytes
     finally:
         _native.unmap(addr, 5 * pmd)
+
+
+def test_alloc_and_fork_ask_the_registry_not_the_kernel(require_thp, pmd):
+    """The capability registry answers alloc() and fork() from its cache: each
+    madvise advice is probed once, however many regions and forks follow."""
+    asked = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(_native, name)
+
+        def advice_known(self, advice):
+            asked.append(advice)
+            return _native.advice_known(advice)
+
+    kernel.registry.set_native(Counting())
+    try:
+        for _ in range(3):
+            region = thpguard.alloc(pmd, fork="copy")
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            region.close()
+        assert asked and len(asked) == len(set(asked))
+    finally:
+        kernel.registry.reset()
+
+
+def test_region_says_what_maps_it(region_factory, pmd):
+    """A region names its backend and page size; an unknown backend is refused."""
+    region = region_factory(pmd)
+    assert (region.backend, region.page_size) == ("thp", pmd)
+    assert region_factory(pmd, fork="copy").copy_mode in ("eager", "kernel")
+    with pytest.raises(thpguard.InvalidArgumentError, match="unknown backend"):
+        thpguard.alloc(pmd, backend="nope")

@@ -1,9 +1,9 @@
 """Backends and copy mechanisms: the parts of a region that differ per mechanism.
 
-A :class:`ThpBackend` owns how a region is mapped, measured and repaired
+A ``ThpBackend`` owns how a region is mapped, measured and repaired
 (a hugetlb backend gives the same methods). A :class:`CopyMechanism` says
 how a ``fork="copy"`` region gets its own pages in a child; mechanisms are
-tried in order (:func:`copy_mechanisms`) and new ones (userfaultfd lazy
+tried in order (``copy_mechanisms()``) and new ones (userfaultfd lazy
 copy) plug in with :func:`register_copy_mechanism`.
 """
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .region import Region
 
 __all__ = ["ThpBackend", "CopyMechanism", "KernelCopy", "copy_mechanisms",
-           "register_copy_mechanism", "mechanism_for"]
+           "register_copy_mechanism", "mechanism_for", "BACKENDS", "register_backend"]
 
 _PAGE = mmap.PAGESIZE
 FALLBACK_PMD = 2 << 20
@@ -38,11 +38,11 @@ def _direct_cow_mode() -> Optional[str]:
 class CopyMechanism:
     """How a ``copy`` region gets its own pages in a child.
 
-    ``name`` shows as :attr:`Region.copy_mode`. :meth:`applies` is asked
+    ``name`` shows as :attr:`thpguard.Region.copy_mode`. ``applies`` is asked
     before each fork (in the parent); the first registered mechanism that
-    applies handles the region: :meth:`parent_waits` says whether the
+    applies handles the region: ``parent_waits`` says whether the
     parent must wait for the child's copy (the hand-shake pipe), and
-    :meth:`in_child` runs in the child. New mechanisms (userfaultfd lazy
+    ``in_child`` runs in the child. New mechanisms (userfaultfd lazy
     copy) plug in with :func:`register_copy_mechanism`.
     """
 
@@ -99,6 +99,8 @@ def mechanism_for(region: "Region") -> CopyMechanism:
 class ThpBackend:
     """Anonymous transparent huge pages (``MADV_HUGEPAGE``): best effort, repaired.
 
+    ``name`` is what :attr:`thpguard.Region.backend` shows.
+
     A backend owns how a region is mapped, measured and repaired; the region
     layer keeps policies, views and lifetime. Other backends (hugetlb) give
     the same methods.
@@ -142,3 +144,14 @@ class ThpBackend:
 
     def engine(self) -> RepairEngine:
         return RepairEngine(LocalTarget())
+
+
+#: Backend name -> factory of backend objects; :func:`thpguard.alloc`'s
+#: ``backend`` argument picks one.
+BACKENDS = {"thp": ThpBackend}
+
+
+def register_backend(name: str, factory) -> None:
+    """Make ``alloc(backend=name)`` use objects made by ``factory()`` (a class
+    with ThpBackend's methods: ``page_size``, ``map``, ``coverage``, ``engine``)."""
+    BACKENDS[name] = factory

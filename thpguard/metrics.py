@@ -83,7 +83,7 @@ def on_event(event: Event) -> None:
     """Feed one guard event into the latency histogram.
 
     :func:`register` subscribes it to the event stream
-    (:func:`thpguard.events.subscribe`), once, whether or not a guard is
+    (``thpguard.events.subscribe``), once, whether or not a guard is
     installed yet. Repairs made before that are counted but not in the
     histogram.
     """

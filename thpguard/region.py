@@ -42,6 +42,7 @@ from .errors import (
     UnsupportedError,
 )
 from .backends import (
+    BACKENDS,
     CopyMechanism,
     ThpBackend,
     _direct_cow_mode,
@@ -170,9 +171,10 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None) -> None:
-        self.backend = ThpBackend()
-        self.pmd_size = self.backend.page_size()
+                 name: Optional[str] = None, backend: str = "thp") -> None:
+        # The backend object owns mapping, coverage and repair (backends.py).
+        self._backend = BACKENDS[backend]()
+        self.pmd_size = self._backend.page_size()
         self.size = -(-size // self.pmd_size) * self.pmd_size
         self.fork = fork
         #: The name given to :func:`alloc`, or None; shown by ``thpguard status`` and in metrics.
@@ -188,7 +190,7 @@ class Region:
             if not ok:
                 raise HugePagesUnavailableError(reason)
 
-        self._map, self.address = self.backend.map(self.size, self.pmd_size)
+        self._map, self.address = self._backend.map(self.size, self.pmd_size)
         try:
             self._offset = self.address - _native.buffer_address(self._map)
             self._setup(populate, strict)
@@ -285,7 +287,7 @@ class Region:
         """Ask the kernel how much of the region is PMD-mapped right now."""
         self._require_open("measure coverage")
         _fork.check()
-        return self.backend.coverage(self)
+        return self._backend.coverage(self)
 
     def collapse(
         self,
@@ -324,7 +326,7 @@ class Region:
         chunk = max(self.pmd_size, min(self.size, chunk - chunk % self.pmd_size))
         started = time.perf_counter()
         before = self.coverage()
-        engine = self.backend.engine()
+        engine = self._backend.engine()
         if before.blocks is None:
             # No per-block detail (smaps): try every block on its own, so a
             # never-touched block (EINVAL) fails alone.
@@ -420,6 +422,16 @@ class Region:
     # -- fork --------------------------------------------------------------
 
     @property
+    def backend(self) -> str:
+        """The backend that maps this region (``"thp"``)."""
+        return self._backend.name
+
+    @property
+    def page_size(self) -> int:
+        """The huge page size this region is aligned to and backed by, in bytes."""
+        return self.pmd_size
+
+    @property
     def copy_mode(self) -> Optional[str]:
         """For ``fork="copy"``: the mechanism a fork now uses (``"kernel"``,
         ``"eager"``, or one registered later); None for other policies."""
@@ -433,6 +445,7 @@ def alloc(
     populate: bool = True,
     strict: bool = False,
     name: Optional[str] = None,
+    backend: str = "thp",
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -445,7 +458,9 @@ def alloc(
     ``Region.degraded`` and :meth:`Region.coverage` say so. ``name``
     (letters, digits and ``._-``, at most 48 characters) labels the region
     in ``thpguard status``, in metrics and in the message a child gets if it
-    touches a ``private`` region.
+    touches a ``private`` region. ``backend`` names what maps the region:
+    ``"thp"`` (anonymous transparent huge pages) in this version; other
+    backends register in :mod:`thpguard.backends`.
     """
     size = _check_size(size)
     name = _check_name(name)
@@ -453,4 +468,7 @@ def alloc(
     for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
-    return Region(size, fork, populate, strict, name)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise InvalidArgumentError(
+            f"unknown backend {backend!r}; this build has {', '.join(sorted(BACKENDS))}")
+    return Region(size, fork, populate, strict, name, backend)

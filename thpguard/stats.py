@@ -61,7 +61,7 @@ def stats() -> Stats:
     guarded = huge = split = 0
     for region in regions:
         try:
-            cov = region.backend.coverage(region)
+            cov = region._backend.coverage(region)
         except (OSError, RegionClosedError):
             continue
         guarded += cov.total_bytes

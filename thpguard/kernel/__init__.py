@@ -18,7 +18,7 @@ One module per concern:
 ``cgroup``
     the memory cgroup of a process, v1 or v2.
 ``features``
-    the capability registry (:data:`registry`, :func:`capabilities`):
+    the capability registry (``registry``, :func:`capabilities`):
     functional probes through the private native module, once, cached.
 """
 
