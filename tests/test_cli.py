@@ -490,6 +490,13 @@ def test_help_shows_defaults_and_exit_codes(capsys):
     assert "(default: 1.0)" in out and "130 interrupted" in " ".join(out.split())
 
 
+def test_run_help_shows_defaults_and_exit_codes(capsys):
+    """run --help names its defaults and its own exit codes (127: program not found)."""
+    assert cli.main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: share)" in out and "0.05" in out and "127 COMMAND not found" in out
+
+
 @pytest.mark.parametrize("command", ["watch", "guard"])
 def test_watch_guard_json_errors(capsys, command):
     """watch/guard --json report an error as a JSON line with the exit code, not only as text."""
