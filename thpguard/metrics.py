@@ -5,7 +5,7 @@
 coverage ratio, splits, repairs, repair failures by errno, and a histogram
 of repair latency (seconds from the scan that saw a block split to its
 repair, fed by the guard's events). It needs the ``prometheus`` extra
-(``pip install prometheus_client (the prometheus extra)``).
+(``prometheus_client``).
 
 :func:`textfile` formats the coverage of any processes in the
 node_exporter textfile-collector format (what ``thpguard status
