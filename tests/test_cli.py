@@ -604,3 +604,34 @@ def test_verify_ctrl_c_exits_130(require_thp):
         pytest.skip("verify finished before the signal")
     assert v.returncode == 130, (out, err)
     assert "interrupted during verify" in err and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def _zombie():
+    """A child that has exited but was not reaped: /proc/PID exists, with no user memory."""
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{child.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the child did not become a zombie")
+        yield child.pid
+    finally:
+        child.wait()
+
+
+def test_process_without_user_memory(capsys):
+    """A zombie (like a kernel thread) has no memory map: status and watch show
+    0 VMAs, guard says there is nothing to guard (exit 3), none a traceback."""
+    with _zombie() as pid:
+        code, out, _ = run(capsys, "status", str(pid), "--json")
+        doc = json.loads(out)
+        assert code == 0 and doc["errors"] == [] and doc["processes"][0]["totals"]["vmas"] == 0
+        code, out, _ = run(capsys, "watch", str(pid), "--count", "1", "--json")
+        assert code == 0 and json.loads(out.splitlines()[0])["totals"]["vmas"] == 0
+        code, _, err = run(capsys, "guard", str(pid), "--once")
+        assert code == 3 and "no user memory" in err
