@@ -10,7 +10,7 @@ interleaved, after warm-up, as the median of several repetitions (see
 ``_harness``). This package is not part of the installed ``thpguard``.
 """
 
-from . import alloc, coverage, forklat, overhead, repair, service, snapshot, stall, tlb
+from . import alloc, coverage, forklat, overhead, pool, repair, service, snapshot, stall, tlb
 
 #: Every benchmark, in the order they run: module with NAME, TITLE, run().
-BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall, service, snapshot)
+BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall, service, snapshot, pool)

@@ -6,8 +6,9 @@ variant named by ``THPGUARD_BENCH_VARIANT`` (see ``_tables``). Each request
 to ``/`` does ``THPGUARD_BENCH_LOOKUPS`` dependent random lookups in the
 table (in C, so the TLB cost is not hidden by Python's), and one request in
 ``THPGUARD_BENCH_WRITE_EVERY`` adds 1.0 to one random entry (4 bytes), as a
-service updates a counter or a cache entry. ``/info`` reports this
-worker's pid and where the table is.
+service updates a counter or a cache entry. ``/age`` does only that write
+(the benchmark ages its workers with it). ``/info`` reports this worker's
+pid, where the table is and thpguard's counters.
 """
 
 import dataclasses
@@ -59,6 +60,11 @@ def application(environ, start_response):
         if WRITE_EVERY and _served % WRITE_EVERY == 0:
             values[random.getrandbits(BITS)] += 1.0
         body = b"%d\n" % end
+    elif path == "/age":
+        # Only the write: stands in for the hours of traffic a long-running
+        # worker has served, whose writes have reached most of the table.
+        values[random.getrandbits(BITS)] += 1.0
+        body = b"aged\n"
     elif path == "/info":
         body = json.dumps({
             "pid": os.getpid(), "address": table.address, "size": table.size,

@@ -32,7 +32,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import _tables
-from ._harness import GiB, MiB, Result, Settings, fmt_bytes, interleave, median, mem_available, now, paired, percentile
+from ._harness import GiB, Result, Settings, fmt_bytes, interleave, median, mem_available, now, paired, percentile
 
 NAME = "service"
 TITLE = "a pre-forking web service (gunicorn --preload, 2 workers): requests/s and latency"
@@ -70,18 +70,19 @@ def parse_wrk(output: str) -> dict:
     raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
 
 
-def _run_wrk(port: int, seconds: float, script: str) -> dict:
+def _run_wrk(port: int, seconds: float, script: str, path: str = "/") -> dict:
     argv = [wrk_path(), "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-            "-s", script, f"http://127.0.0.1:{port}/"]
+            "-s", script, f"http://127.0.0.1:{port}{path}"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
     return parse_wrk(done.stdout)
 
 
-def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_requests: int = 200_000) -> dict:
+def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_requests: int = 200_000,
+                path: str = "/") -> dict:
     """The in-repo load generator: ``connections`` threads, each sending
-    ``GET /`` one after another to 127.0.0.1:``port`` until ``seconds``
+    ``GET path`` one after another to 127.0.0.1:``port`` until ``seconds``
     have passed or ``max_requests`` were sent in all. Returns what
     :func:`parse_wrk` returns."""
     lat: List[float] = []
@@ -101,7 +102,7 @@ def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_r
                     sent[0] += 1
                 t0 = now()
                 try:
-                    conn.request("GET", "/")
+                    conn.request("GET", path)
                     reply = conn.getresponse()
                     reply.read()
                     if reply.status != 200:
@@ -212,15 +213,21 @@ def _memory(server: Server, info: dict) -> dict:
     }
 
 
-def one_run(variant: str, size: int, lookups: int, write_every: int, warmup_s: float, measure_s: float,
-            script: Optional[str]) -> dict:
-    """Start a server for ``variant``, load it, measure, stop it; one sample."""
-    load = (lambda port, s: _run_wrk(port, s, script)) if script else client_load
+def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: float, warmup_s: float,
+            measure_s: float, script: Optional[str]) -> dict:
+    """Start a server for ``variant``, age its workers (write-only requests
+    for ``age_s``), warm it up, measure, stop it; one sample."""
+    if script:
+        def load(port: int, seconds: float, path: str = "/") -> dict:
+            return _run_wrk(port, seconds, script, path)
+    else:
+        load = client_load
     t0 = now()
     server = Server(variant, size, lookups, write_every)
     try:
         info = server.wait_ready(timeout=180)
         started_s = now() - t0
+        aged = load(server.port, age_s, path="/age") if age_s > 0 else None
         warm = load(server.port, warmup_s)
         before = _memory(server, info)
         timed = load(server.port, measure_s)
@@ -230,7 +237,7 @@ def one_run(variant: str, size: int, lookups: int, write_every: int, warmup_s: f
         server.stop()
     return {
         "variant": variant, "mechanism": info["mechanism"], "start_s": started_s,
-        "warmup": warm, "rps": timed["rps"], "p50_us": timed["p50_us"], "p99_us": timed["p99_us"],
+        "aging": aged, "warmup": warm, "rps": timed["rps"], "p50_us": timed["p50_us"], "p99_us": timed["p99_us"],
         "load": timed, "before": before, "after": after,
     }
 
@@ -243,7 +250,7 @@ def run(settings: Settings) -> Result:
     size = settings.pick(1 * GiB, 4 * GiB)
     lookups = 10_000
     write_every = 4
-    warmup_s, measure_s = settings.pick((2.0, 2.0), (8.0, 10.0))
+    age_s, warmup_s, measure_s = settings.pick((1.0, 1.0, 2.0), (4.0, 4.0, 10.0))
     reps = settings.pick(3, 5)
     wrk = wrk_path()
     res = Result(NAME, TITLE, params={
@@ -252,7 +259,8 @@ def run(settings: Settings) -> Result:
         "request": f"{lookups} dependent random lookups; 1 in {write_every} writes 4 bytes",
         "load": (f"wrk -t1 -c{CONNECTIONS}" if wrk else
                  f"in-repo client, {CONNECTIONS} connections (wrk not found: benchmarks/install-tools.sh)"),
-        "per run": f"fresh server, {warmup_s:.0f} s warm-up load, {measure_s:.0f} s timed",
+        "per run": (f"fresh server, {age_s:.0f} s of write-only requests (aging), {warmup_s:.0f} s warm-up load, "
+                    f"{measure_s:.0f} s timed"),
         "rounds": reps,
     })
     if settings.max_bytes is not None and size > settings.max_bytes:
@@ -281,7 +289,7 @@ def run(settings: Settings) -> Result:
             with open(script, "w") as f:
                 f.write(_WRK_SCRIPT)
         samples = interleave(
-            {v: (lambda v=v: one_run(v, size, lookups, write_every, warmup_s, measure_s, script)) for v in runnable},
+            {v: (lambda v=v: one_run(v, size, lookups, write_every, age_s, warmup_s, measure_s, script)) for v in runnable},
             reps, warmup=0,
         )
     finally:
@@ -306,18 +314,13 @@ def _summarise(res: Result, samples: Dict[str, List[dict]], runnable: List[str],
             continue
         if v not in rps:
             continue
+        if v == "4k":
+            res.add(f"{label}: the baseline", None, "",
+                    f"{median(rps[v]):.0f} req/s, p50 {_fmt_us(median(p50[v]))}, p99 {_fmt_us(median(p99[v]))}, "
+                    f"PSS {fmt_bytes(median(pss[v]))}")
         per_round = [r / b for r, b in zip(rps[v], rps["4k"])]
-        res.add(f"{label}: requests/s", paired(rps[v], rps["4k"]), f"req/s {v}/4k",
-                f"{median(rps[v]):.0f} /s", f"{median(rps['4k']):.0f} /s")
-        if "thp" in rps and v not in ("4k", "thp"):
-            res.add(f"{label}: requests/s vs plain THP", paired(rps[v], rps["thp"]), f"req/s {v}/thp",
-                    f"{median(rps[v]):.0f} /s", f"{median(rps['thp']):.0f} /s")
-        res.add(f"{label}: p50", paired(p50[v], p50["4k"]), f"latency {v}/4k",
-                _fmt_us(median(p50[v])), _fmt_us(median(p50["4k"])))
-        res.add(f"{label}: p99", paired(p99[v], p99["4k"]), f"latency {v}/4k",
-                _fmt_us(median(p99[v])), _fmt_us(median(p99["4k"])))
-        res.add(f"{label}: PSS, master + workers", paired(pss[v], pss["4k"]), f"memory {v}/4k",
-                fmt_bytes(median(pss[v])), fmt_bytes(median(pss["4k"])))
+        if v != "4k":
+            _variant_rows(res, v, label, rps, p50, p99, pss)
         huge_before = median([s["before"]["min_worker_huge"] for s in samples[v]])
         huge_after = median([s["after"]["min_worker_huge"] for s in samples[v]])
         series.append({
@@ -335,3 +338,17 @@ def _summarise(res: Result, samples: Dict[str, List[dict]], runnable: List[str],
     errors = sum(s["load"]["errors"] for v in runnable for s in samples[v])
     if errors:
         res.notes.append(f"{errors} request errors in the timed loads")
+
+
+def _variant_rows(res: Result, v: str, label: str, rps, p50, p99, pss) -> None:
+    res.add(f"{label}: requests/s", paired(rps[v], rps["4k"]), f"req/s {v}/4k",
+            f"{median(rps[v]):.0f} /s", f"{median(rps['4k']):.0f} /s")
+    if "thp" in rps and v != "thp":
+        res.add(f"{label}: requests/s vs plain THP", paired(rps[v], rps["thp"]), f"req/s {v}/thp",
+                f"{median(rps[v]):.0f} /s", f"{median(rps['thp']):.0f} /s")
+    res.add(f"{label}: p50", paired(p50[v], p50["4k"]), f"latency {v}/4k",
+            _fmt_us(median(p50[v])), _fmt_us(median(p50["4k"])))
+    res.add(f"{label}: p99", paired(p99[v], p99["4k"]), f"latency {v}/4k",
+            _fmt_us(median(p99[v])), _fmt_us(median(p99["4k"])))
+    res.add(f"{label}: PSS, master + workers", paired(pss[v], pss["4k"]), f"memory {v}/4k",
+            fmt_bytes(median(pss[v])), fmt_bytes(median(pss["4k"])))

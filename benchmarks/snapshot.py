@@ -24,11 +24,10 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from typing import Dict, List, Optional
 
 from . import _cbench, _tables
-from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired, percentile
+from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired, percentile
 
 NAME = "snapshot"
 TITLE = "an in-memory store that forks to write a snapshot while it keeps serving"
@@ -263,7 +262,12 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
             continue
         if v not in figures:
             continue
-        for key, what, unit in (("during_ops_per_s", "throughput during snapshot", "ops"),
+        if v == "4k":
+            res.add(f"{label}: the baseline", None, "",
+                    f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/s during, "
+                    f"{median(col(v, 'after_ops_per_s')) / 1e6:.2f} M after, p99 {median(col(v, 'during_p99_us')):.0f} us "
+                    f"during, fork {median(col(v, 'fork_ms')):.1f} ms, extra {fmt_bytes(max(0, median(col(v, 'extra_bytes'))))}")
+        for key, what, unit in () if v == "4k" else (("during_ops_per_s", "throughput during snapshot", "ops"),
                                 ("after_ops_per_s", "throughput after snapshot", "ops"),
                                 ("during_p99_us", "p99 batch latency during", "us"),
                                 ("fork_ms", "fork() pause", "ms"),
@@ -285,14 +289,15 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
         backs = col(v, "back_to_huge_s")
         reached = [b for b in backs if b is not None]
         if v == "4k":
-            back_text = "n/a (4 KiB pages)"
+            back_text = None
         elif not any(col(v, "split_seen")):
             back_text = "never below 100 % (no split seen)"
         elif len(reached) == len(backs):
             back_text = f"{median(reached):.1f} s after the child exited"
         else:
             back_text = f"not within {after_s:.0f} s in {len(backs) - len(reached)} of {len(backs)} runs"
-        res.add(f"{label}: back to 100 % PMD-mapped", None, "", back_text)
+        if back_text:
+            res.add(f"{label}: back to 100 % PMD-mapped", None, "", back_text)
         series.append({
             "variant": v, "label": label, "available": True, "mechanism": figures[v] and
             res.samples["runs"][v][0]["mechanism"],
