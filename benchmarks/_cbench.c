@@ -199,3 +199,10 @@ size_t tgb_kv_serve(uint64_t *slots, unsigned bits, uint64_t *state, uint64_t ba
     *state = rnd;
     return done;
 }
+
+/* t[i] = i for the service's and the pool's tables: one sequential pass. */
+void tgb_fill_index_f32(float *table, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        table[i] = (float)i;
+}

@@ -28,12 +28,10 @@ WRITE_EVERY = int(os.environ.get("THPGUARD_BENCH_WRITE_EVERY", "4"))
 
 table = _tables.allocate(VARIANT, TABLE_BYTES)
 values = numpy.frombuffer(table.view, dtype=numpy.float32)
-_CHUNK = 1 << 24
-for _start in range(0, values.size, _CHUNK):
-    values[_start:_start + _CHUNK] = numpy.arange(_start, min(_start + _CHUNK, values.size), dtype=numpy.float32)
 BITS = values.size.bit_length() - 1  # the table is a power of two entries
 _ffi, _lib = _cbench.load()
 _pointer = _ffi.cast("float *", values.ctypes.data)
+_lib.tgb_fill_index_f32(_pointer, values.size)
 _served = 0
 
 

@@ -178,11 +178,23 @@ def _snapshot_panel(ax, snap) -> None:
     ax.title.set_fontsize(8)
 
 
+def _pool_panel(ax, pool) -> None:
+    _ratio_bars(
+        ax, pool["series"]["variants"],
+        (("lookups_ratio", "lookups/s"), ("pss_ratio", "memory (PSS)")),
+        "read-only multiprocessing pool: ratio to 4 KiB pages (bars: median; whiskers: min-max)",
+        "ratio to 4 KiB pages, same round",
+        extra_label=lambda v: f"huge {100 * v['worker_huge_after']:.0f} %",
+    )
+    ax.title.set_fontsize(8)
+
+
 PANELS = (
     ("coverage", _coverage_panel),
     ("tlb", _tlb_panel),
     ("service", _service_panel),
     ("snapshot", _snapshot_panel),
+    ("pool", _pool_panel),
 )
 
 

@@ -40,6 +40,8 @@ TITLE = "a pre-forking web service (gunicorn --preload, 2 workers): requests/s a
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 2
 CONNECTIONS = 2
+#: Variants whose splits something repairs while the service runs.
+REPAIRED = ("share+guard",)
 _LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 
 _WRK_SCRIPT = r"""
@@ -213,10 +215,23 @@ def _memory(server: Server, info: dict) -> dict:
     }
 
 
+def _settle(server: Server, info: dict, timeout: float) -> dict:
+    """Wait, without load, until every worker's table is PMD-mapped again
+    (the guard has repaired what aging split) or ``timeout`` s passed."""
+    t0 = now()
+    while True:
+        found = _memory(server, info)
+        if found["min_worker_huge"] >= 1.0 or now() - t0 >= timeout:
+            break
+        time.sleep(0.25)
+    return {"seconds": now() - t0, "min_worker_huge": found["min_worker_huge"], "repaired": found["min_worker_huge"] >= 1.0}
+
+
 def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: float, warmup_s: float,
-            measure_s: float, script: Optional[str]) -> dict:
+            measure_s: float, script: Optional[str], settle_s: float = 30.0) -> dict:
     """Start a server for ``variant``, age its workers (write-only requests
-    for ``age_s``), warm it up, measure, stop it; one sample."""
+    for ``age_s``), let the guard repair what that split (variants with a
+    guard, at most ``settle_s``), warm it up, measure, stop it; one sample."""
     if script:
         def load(port: int, seconds: float, path: str = "/") -> dict:
             return _run_wrk(port, seconds, script, path)
@@ -228,6 +243,7 @@ def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: floa
         info = server.wait_ready(timeout=180)
         started_s = now() - t0
         aged = load(server.port, age_s, path="/age") if age_s > 0 else None
+        settle = _settle(server, info, settle_s) if variant in REPAIRED else None
         warm = load(server.port, warmup_s)
         before = _memory(server, info)
         timed = load(server.port, measure_s)
@@ -237,7 +253,7 @@ def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: floa
         server.stop()
     return {
         "variant": variant, "mechanism": info["mechanism"], "start_s": started_s,
-        "aging": aged, "warmup": warm, "rps": timed["rps"], "p50_us": timed["p50_us"], "p99_us": timed["p99_us"],
+        "aging": aged, "settle": settle, "warmup": warm, "rps": timed["rps"], "p50_us": timed["p50_us"], "p99_us": timed["p99_us"],
         "load": timed, "before": before, "after": after,
     }
 
@@ -251,6 +267,7 @@ def run(settings: Settings) -> Result:
     lookups = 10_000
     write_every = 4
     age_s, warmup_s, measure_s = settings.pick((1.0, 1.0, 2.0), (4.0, 4.0, 10.0))
+    settle_s = settings.pick(30.0, 90.0)
     reps = settings.pick(3, 5)
     wrk = wrk_path()
     res = Result(NAME, TITLE, params={
@@ -259,8 +276,8 @@ def run(settings: Settings) -> Result:
         "request": f"{lookups} dependent random lookups; 1 in {write_every} writes 4 bytes",
         "load": (f"wrk -t1 -c{CONNECTIONS}" if wrk else
                  f"in-repo client, {CONNECTIONS} connections (wrk not found: benchmarks/install-tools.sh)"),
-        "per run": (f"fresh server, {age_s:.0f} s of write-only requests (aging), {warmup_s:.0f} s warm-up load, "
-                    f"{measure_s:.0f} s timed"),
+        "per run": (f"fresh server, {age_s:.0f} s of write-only requests (aging), the guard's repair of that "
+                    f"(at most {settle_s:.0f} s, no load), {warmup_s:.0f} s warm-up load, {measure_s:.0f} s timed"),
         "rounds": reps,
     })
     if settings.max_bytes is not None and size > settings.max_bytes:
@@ -289,7 +306,7 @@ def run(settings: Settings) -> Result:
             with open(script, "w") as f:
                 f.write(_WRK_SCRIPT)
         samples = interleave(
-            {v: (lambda v=v: one_run(v, size, lookups, write_every, age_s, warmup_s, measure_s, script)) for v in runnable},
+            {v: (lambda v=v: one_run(v, size, lookups, write_every, age_s, warmup_s, measure_s, script, settle_s)) for v in runnable},
             reps, warmup=0,
         )
     finally:
@@ -331,6 +348,13 @@ def _summarise(res: Result, samples: Dict[str, List[dict]], runnable: List[str],
             "rps": rps[v], "p50_us": p50[v], "p99_us": p99[v],
             "worker_huge_before": huge_before, "worker_huge_after": huge_after,
         })
+        settles = [s["settle"] for s in samples[v] if s.get("settle")]
+        if settles:
+            res.notes.append(
+                f"{label}: after aging, the guard had every worker's table PMD-mapped again in "
+                f"{median([s['seconds'] for s in settles]):.1f} s (median; repaired in "
+                f"{sum(s['repaired'] for s in settles)} of {len(settles)} runs)")
+            series[-1]["settle_s"] = [s["seconds"] for s in settles]
         res.notes.append(
             f"{label} [{samples[v][0]['mechanism']}]: workers' table PMD-mapped {huge_before:.0%} at the start of "
             f"the timed load, {huge_after:.0%} at its end (least of the {WORKERS} workers, median over rounds)")

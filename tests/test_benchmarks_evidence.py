@@ -194,3 +194,15 @@ def test_entry_point_knows_service_and_snapshot(capsys):
     assert entry.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "service" in out and "snapshot" in out
+
+
+def test_pool_run_reports_every_worker(require_thp):
+    """One pool run (in a child) reads with every worker and reads smaps for each."""
+    from benchmarks import pool
+    from benchmarks._harness import in_child
+
+    found = in_child(pool._one, "thp", 8 * MiB, 0.05)
+    assert len(found["workers"]) == pool.WORKERS
+    assert len({w["pid"] for w in found["workers"]}) == pool.WORKERS
+    assert found["min_worker_huge"] == 1.0  # nobody wrote: nothing split
+    assert found["pss_bytes"] > 0 and found["lookups_per_s"] > 0
