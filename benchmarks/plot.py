@@ -32,7 +32,7 @@ def plot(document: dict, path: str) -> None:
         panels = [(name, draw) for name, draw in PANELS[:2]]  # say what was not run
     cols = 2 if len(panels) > 1 else 1
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 5.4 * rows), squeeze=False)
     host = document["host"]
     fig.suptitle(
         f"thpguard {document['thpguard']}, Linux {host['kernel']}, {host['cpu']} x{host['cpus']}, "
@@ -145,7 +145,8 @@ def _ratio_bars(ax, variants, metrics, title, ylabel, extra_label=None) -> None:
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    # Below the variant names, so it never hides a bar or its label.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=3, frameon=False)
     ax.set_ylim(bottom=0)
 
 
@@ -169,7 +170,7 @@ def _snapshot_panel(ax, snap) -> None:
 
     _ratio_bars(
         ax, snap["series"]["variants"],
-        (("during_ops_per_s_ratio", "ops/s during snapshot"), ("after_ops_per_s_ratio", "ops/s after"),
+        (("during_ops_per_s_ratio", "ops per CPU-s during snapshot"), ("after_ops_per_s_ratio", "ops per CPU-s after"),
          ("during_p99_us_ratio", "p99 during"), ("extra_bytes_ratio", "extra memory (PSS)")),
         "store forking a snapshot child: ratio to 4 KiB pages (bars: median; whiskers: min-max)",
         "ratio to 4 KiB pages, same round",
@@ -181,7 +182,7 @@ def _snapshot_panel(ax, snap) -> None:
 def _pool_panel(ax, pool) -> None:
     _ratio_bars(
         ax, pool["series"]["variants"],
-        (("lookups_ratio", "lookups/s"), ("pss_ratio", "memory (PSS)")),
+        (("lookups_ratio", "lookups per CPU-s"), ("pss_ratio", "memory (PSS)")),
         "read-only multiprocessing pool: ratio to 4 KiB pages (bars: median; whiskers: min-max)",
         "ratio to 4 KiB pages, same round",
         extra_label=lambda v: f"huge {100 * v['worker_huge_after']:.0f} %",

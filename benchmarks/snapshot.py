@@ -12,8 +12,9 @@ Per phase (``before`` the fork, ``during`` the snapshot, ``after`` the
 child exited) the store records the latency of every batch of operations;
 a thread samples every 0.1 s what smaps says of the table (PMD-mapped
 bytes) and the PSS of the store and of the child. Reported per variant,
-as ratios against 4 KiB pages in the same round: throughput and p99 batch
-latency during and after the snapshot, the pause in ``fork()``, the extra
+as ratios against 4 KiB pages in the same round: throughput (operations
+per CPU second of the serving thread, and per wall-clock second) and p99
+batch latency during and after the snapshot, the pause in ``fork()``, the extra
 memory (PSS of store and child at the peak minus the store's before the
 fork); and the time until the store's table was 100 % PMD-mapped again.
 """
@@ -24,6 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Dict, List, Optional
 
 from . import _cbench, _tables
@@ -36,6 +38,8 @@ SLOT_BYTES = 16
 BATCH = 1000  # operations per timed batch
 UPDATE_PERMILLE = 100
 _SAMPLE_S = 0.1
+#: Variants whose splits something repairs while the store runs.
+REPAIRED = ("share+guard",)
 _CHUNK = 8 << 20
 
 
@@ -75,7 +79,8 @@ class _Monitor(threading.Thread):
         self.join()
 
 
-def _store(variant: str, size: int, before_s: float, after_s: float, directory: str) -> dict:
+def _store(variant: str, size: int, before_s: float, after_s: float, directory: str,
+           max_after_s: float = 30.0) -> dict:
     """One run, in a fresh process: build, serve, fork the snapshot, serve."""
     ffi, lib = _cbench.load()
     built = now()
@@ -101,8 +106,10 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
     monitor = _Monitor(table)
     monitor.start()
     path = os.path.join(directory, f"snapshot-{os.getpid()}.bin")
+    cpu = {"start": time.thread_time()}
     try:
         serve(before_s)
+        cpu["fork"] = time.thread_time()
         fork_start = lib.tgb_now_ns()
         pid = os.fork()
         if pid == 0:
@@ -120,9 +127,17 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
             if done:
                 break
         child_exit = lib.tgb_now_ns()
+        cpu["exit"] = time.thread_time()
         monitor.child = 0
         serve(after_s)
+        if variant in REPAIRED:
+            # Serve on while the guard repairs, so "back to 100 %" is
+            # measured rather than cut off (bounded).
+            deadline = now() + max_after_s - after_s
+            while now() < deadline and not (monitor.samples and monitor.samples[-1][1] >= table.size):
+                serve(0.1)
         end = lib.tgb_now_ns()
+        cpu["end"] = time.thread_time()
     finally:
         monitor.stop()
         if os.path.exists(path):
@@ -135,7 +150,7 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
         "variant": variant, "mechanism": table.mechanism, "build_s": built,
         "snapshot_status": status, "snapshot_bytes": written,
         "fork_start_ns": fork_start, "fork_end_ns": fork_end, "child_exit_ns": child_exit, "end_ns": end,
-        "batch_ops": BATCH, "batches": batches,
+        "batch_ops": BATCH, "batches": batches, "thread_cpu_s": cpu,
         # monitor times are perf_counter seconds; keep them relative to the fork
         "monitor": [(t, h, p, c) for t, h, p, c in monitor.samples],
         "clock_offset_s": now() - lib.tgb_now_ns() / 1e9,
@@ -154,10 +169,19 @@ def summarise_run(run: dict) -> dict:
         phases[phase].append(lat)
     bounds = {"before": (first, fork0), "during": (fork0, exit_ns), "after": (exit_ns, end_ns)}
     out: Dict[str, float] = {}
+    cpu = run.get("thread_cpu_s") or {}
+    cpu_bounds = {"before": ("start", "fork"), "during": ("fork", "exit"), "after": ("exit", "end")}
     for phase, lats in phases.items():
         lo, hi = bounds[phase]
         wall = (hi - lo) / 1e9
-        out[f"{phase}_ops_per_s"] = len(lats) * run["batch_ops"] / wall if wall > 0 else float("nan")
+        ops = len(lats) * run["batch_ops"]
+        out[f"{phase}_wall_ops_per_s"] = ops / wall if wall > 0 else float("nan")
+        a, b = cpu_bounds[phase]
+        spent = cpu[b] - cpu[a] if a in cpu and b in cpu else 0.0
+        # Per CPU second of the serving thread (fork() included): on a
+        # shared host, what the pages cost rather than what the scheduler
+        # gave; wall-clock rates are kept beside them.
+        out[f"{phase}_ops_per_s"] = ops / spent if spent > 0 else out[f"{phase}_wall_ops_per_s"]
         out[f"{phase}_p99_us"] = percentile(lats, 99) / 1e3
     out["fork_ms"] = (fork1 - fork0) / 1e6
     out["snapshot_s"] = (exit_ns - fork0) / 1e9
@@ -208,11 +232,13 @@ def _snapshot_dir(size: int) -> Optional[str]:
 def run(settings: Settings) -> Result:
     size = settings.pick(1 * GiB, 4 * GiB)
     before_s, after_s = settings.pick((1.0, 2.0), (3.0, 8.0))
+    max_after_s = settings.pick(20.0, 60.0)
     reps = settings.pick(3, 5)
     res = Result(NAME, TITLE, params={
         "table": f"{fmt_bytes(size)} open addressing, {SLOT_BYTES}-byte slots, half full",
         "mix": f"{100 - UPDATE_PERMILLE // 10} % reads, {UPDATE_PERMILLE // 10} % updates, batches of {BATCH}",
-        "per run": f"fresh store, {before_s:.0f} s serving, fork + snapshot to a file, {after_s:.0f} s after",
+        "per run": (f"fresh store, {before_s:.0f} s serving, fork + snapshot to a file, {after_s:.0f} s after "
+                    f"(with the guard: until repaired, at most {max_after_s:.0f} s)"),
         "rounds": reps,
     })
     if settings.max_bytes is not None and size > settings.max_bytes:
@@ -235,7 +261,7 @@ def run(settings: Settings) -> Result:
     res.params["snapshot to"] = f"a file in {os.path.dirname(directory)}"
     try:
         raw = interleave(
-            {v: (lambda v=v: in_child(_store, v, size, before_s, after_s, directory)) for v in runnable},
+            {v: (lambda v=v: in_child(_store, v, size, before_s, after_s, directory, max_after_s)) for v in runnable},
             reps, warmup=0,
         )
     finally:
@@ -244,12 +270,12 @@ def run(settings: Settings) -> Result:
     res.samples["runs"] = raw
     res.samples["figures"] = figures
     res.samples["unavailable"] = missing
-    _rows(res, figures, runnable, missing, after_s)
+    _rows(res, figures, runnable, missing, after_s, max_after_s)
     return res
 
 
 def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], missing: Dict[str, str],
-          after_s: float) -> None:
+          after_s: float, max_after_s: float) -> None:
     def col(v: str, key: str) -> List[float]:
         return [f[key] for f in figures[v]]
 
@@ -264,17 +290,19 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
             continue
         if v == "4k":
             res.add(f"{label}: the baseline", None, "",
-                    f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/s during, "
+                    f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/CPU-s during, "
                     f"{median(col(v, 'after_ops_per_s')) / 1e6:.2f} M after, p99 {median(col(v, 'during_p99_us')):.0f} us "
                     f"during, fork {median(col(v, 'fork_ms')):.1f} ms, extra {fmt_bytes(max(0, median(col(v, 'extra_bytes'))))}")
         for key, what, unit in () if v == "4k" else (("during_ops_per_s", "throughput during snapshot", "ops"),
                                 ("after_ops_per_s", "throughput after snapshot", "ops"),
+                                ("during_wall_ops_per_s", "wall-clock throughput during", "ops"),
                                 ("during_p99_us", "p99 batch latency during", "us"),
                                 ("fork_ms", "fork() pause", "ms"),
                                 ("extra_bytes", "extra memory (PSS)", "bytes")):
             value, base = median(col(v, key)), median(col("4k", key))
             if unit == "ops":
-                text, btext = f"{value / 1e6:.2f} M ops/s", f"{base / 1e6:.2f} M ops/s"
+                unit_text = "M ops/s" if "wall" in key else "M ops/CPU-s"
+                text, btext = f"{value / 1e6:.2f} {unit_text}", f"{base / 1e6:.2f} {unit_text}"
             elif unit == "us":
                 text, btext = f"{value:.0f} us", f"{base:.0f} us"
             elif unit == "ms":
@@ -284,8 +312,8 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
             res.add(f"{label}: {what}", paired(col(v, key), col("4k", key)), f"{v}/4k", text, btext)
         res.add(f"{label}: during vs before the snapshot",
                 paired(col(v, "during_ops_per_s"), col(v, "before_ops_per_s")), "throughput during/before",
-                f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/s",
-                f"{median(col(v, 'before_ops_per_s')) / 1e6:.2f} M ops/s")
+                f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/CPU-s",
+                f"{median(col(v, 'before_ops_per_s')) / 1e6:.2f} M ops/CPU-s")
         backs = col(v, "back_to_huge_s")
         reached = [b for b in backs if b is not None]
         if v == "4k":
@@ -295,7 +323,10 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
         elif len(reached) == len(backs):
             back_text = f"{median(reached):.1f} s after the child exited"
         else:
-            back_text = f"not within {after_s:.0f} s in {len(backs) - len(reached)} of {len(backs)} runs"
+            watched = max_after_s if v in REPAIRED else after_s
+            back_text = f"not within {watched:.0f} s in {len(backs) - len(reached)} of {len(backs)} runs"
+            if reached:
+                back_text += f"; {median(reached):.1f} s in the others"
         if back_text:
             res.add(f"{label}: back to 100 % PMD-mapped", None, "", back_text)
         series.append({

@@ -122,6 +122,7 @@ def _fake_run(huge_track):
     return {
         "fork_start_ns": 2 * ns, "fork_end_ns": 2 * ns + 5_000_000, "child_exit_ns": 4 * ns, "end_ns": 6 * ns,
         "batch_ops": 1000, "batches": batches, "clock_offset_s": 0.0, "table_bytes": 100,
+        "thread_cpu_s": {"start": 0.0, "fork": 1.0, "exit": 1.5, "end": 3.5},
         "monitor": [(t / 10, huge_track(t / 10), 1000 + (200 if 2 <= t / 10 < 4 else 0),
                      500 if 2 <= t / 10 < 4 else 0) for t in range(0, 60)],
     }
@@ -132,8 +133,10 @@ def test_snapshot_phases_memory_and_time_back_to_huge():
     at the peak minus the store before; time back is from the child's exit."""
     fig = snapshot.summarise_run(_fake_run(lambda t: 100 if t < 2 or t >= 4.5 else 40))
     assert fig["fork_ms"] == 5.0 and fig["snapshot_s"] == 2.0
-    assert fig["before_ops_per_s"] == pytest.approx(20 * 1000 / 2.0)
-    assert fig["during_ops_per_s"] == pytest.approx(20 * 1000 / 2.0)
+    assert fig["before_wall_ops_per_s"] == pytest.approx(20 * 1000 / 2.0)
+    assert fig["during_wall_ops_per_s"] == pytest.approx(20 * 1000 / 2.0)
+    assert fig["before_ops_per_s"] == pytest.approx(20 * 1000 / 1.0)  # per CPU second
+    assert fig["during_ops_per_s"] == pytest.approx(20 * 1000 / 0.5)
     assert fig["extra_bytes"] == 700
     assert fig["huge_before"] == 1.0 and fig["huge_at_exit"] == 0.4
     assert fig["back_to_huge_s"] == pytest.approx(0.5) and fig["split_seen"]
