@@ -153,7 +153,8 @@ def _ratio_bars(ax, variants, metrics, title, ylabel, extra_label=None) -> None:
 def _service_panel(ax, service) -> None:
     _ratio_bars(
         ax, service["series"]["variants"],
-        (("rps_ratio", "requests/s"), ("p99_ratio", "p99 latency"), ("pss_ratio", "memory (PSS)")),
+        (("rps_ratio", "requests/s"), ("per_cpu_ratio", "requests per worker CPU-s"), ("p99_ratio", "p99 latency"),
+         ("pss_ratio", "memory (PSS)")),
         "gunicorn --preload, 2 workers: ratio to 4 KiB pages (bars: median; whiskers: min-max of rounds)",
         "ratio to 4 KiB pages, same round",
         extra_label=lambda v: f"huge {100 * v['worker_huge_after']:.0f} %",

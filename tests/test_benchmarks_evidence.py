@@ -84,6 +84,7 @@ def test_variant_tables_are_what_smaps_says(require_thp):
     assert _tables.huge_bytes(pid, small.address, small.address + size) == 0
     assert _tables.huge_bytes(pid, huge.address, huge.address + size) == size
     assert _tables.pss(pid) >= 2 * size
+    assert _tables.cpu_seconds(pid) > 0 and _tables.cpu_seconds(2 ** 31 - 7) == 0.0
     assert _tables.smaps_range(2 ** 31 - 7, 0, 1) == {}  # no such process
 
 
@@ -150,7 +151,7 @@ def test_unavailable_variants_keep_their_row():
     """A variant the host lacks is a row that says why, not a missing row."""
     from benchmarks._harness import Result
 
-    runs = {v: [{"rps": 100.0 * (i + 1), "p50_us": 1000.0, "p99_us": 2000.0, "mechanism": v,
+    runs = {v: [{"rps": 100.0 * (i + 1), "per_cpu_s": 50.0, "p50_us": 1000.0, "p99_us": 2000.0, "mechanism": v,
                  "load": {"errors": 0},
                  "before": {"min_worker_huge": 1.0}, "after": {"min_worker_huge": 0.5, "pss_bytes": 10}}
                 for i in range(2)] for v in ("4k", "thp")}
@@ -181,7 +182,7 @@ def test_plot_draws_service_and_snapshot_panels(tmp_path):
         "host": {"kernel": "6.18", "cpu": "cpu", "cpus": 2, "loadavg": "1.0 1.0 1.0 1/1 1"},
         "results": [
             {"name": "service", "skipped": None,
-             "series": {"variants": variants(("rps_ratio", "p99_ratio", "pss_ratio"))}},
+             "series": {"variants": variants(("rps_ratio", "per_cpu_ratio", "p99_ratio", "pss_ratio"))}},
             {"name": "snapshot", "skipped": None,
              "series": {"variants": variants(("during_ops_per_s_ratio", "after_ops_per_s_ratio",
                                               "during_p99_us_ratio", "extra_bytes_ratio"))}},
