@@ -124,17 +124,20 @@ size_t tgb_fault_loop(volatile int *stop, uint64_t *start_ns, uint64_t *lat_ns,
 
 /* `count` dependent lookups in a float32 table of 2^bits entries: each
  * index is derived from the value just read, so the loads cannot overlap
- * and each one pays its full TLB and cache miss. Returns the last index. */
+ * and each one pays its full TLB and cache miss. A generator mixed in at
+ * each step keeps the walk from falling into a short cycle (an index that
+ * depended on the previous index alone would soon repeat a few thousand
+ * entries that stay in the cache). Returns the last index. */
 uint64_t tgb_lookup_f32(const float *table, unsigned bits, uint64_t start, uint64_t count)
 {
-    uint64_t mask = (1ULL << bits) - 1, i = start & mask;
+    uint64_t mask = (1ULL << bits) - 1, i = start & mask, rnd = start | 1;
     if (bits == 0 || bits >= 64)
         return 0;
     while (count--) {
         float v = table[i];
         uint32_t b;
         memcpy(&b, &v, sizeof(b));
-        i = ((i + b + 1) * TGB_GOLDEN) >> (64 - bits);
+        i = ((next_rand(&rnd) ^ b) * TGB_GOLDEN) >> (64 - bits);
     }
     return i;
 }

@@ -121,7 +121,7 @@ def _ratio_bars(ax, variants, metrics, title, ylabel, extra_label=None) -> None:
     for k, (key, name) in enumerate(metrics):
         xs, mids, lows, highs = [], [], [], []
         for i, v in enumerate(shown):
-            if not v.get("available"):
+            if not v.get("available") or key not in v:
                 continue
             mid, low, high = spread(v[key])
             xs.append(i + (k - (len(metrics) - 1) / 2) * width)
