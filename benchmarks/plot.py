@@ -165,15 +165,18 @@ def _service_panel(ax, service) -> None:
 def _snapshot_panel(ax, snap) -> None:
     def back(v):
         times = [t for t in v["back_to_huge_s"] if t is not None]
+        extra = sorted(v.get("extra_bytes") or [0])[len(v.get("extra_bytes") or [0]) // 2]
+        text = f"extra {extra / (1 << 20):.0f} MiB\n"
         if len(times) < len(v["back_to_huge_s"]):
-            return "not huge again"
-        return f"huge again {sorted(times)[len(times) // 2]:.1f} s"
+            return text + "not huge again"
+        return text + f"huge again {sorted(times)[len(times) // 2]:.1f} s"
 
     _ratio_bars(
         ax, snap["series"]["variants"],
         (("during_ops_per_s_ratio", "ops per CPU-s during snapshot"), ("after_ops_per_s_ratio", "ops per CPU-s after"),
-         ("during_p99_us_ratio", "p99 during"), ("extra_bytes_ratio", "extra memory (PSS)")),
-        "store forking a snapshot child: ratio to 4 KiB pages (bars: median; whiskers: min-max)",
+         ("during_p99_us_ratio", "p99 batch latency during")),
+        "store forking a snapshot child: ratio to 4 KiB pages (bars: median; whiskers: min-max);\n"
+        "below each variant: extra memory (PSS) during the snapshot, time back to 100 % PMD-mapped",
         "ratio to 4 KiB pages, same round",
         extra_label=back,
     )
