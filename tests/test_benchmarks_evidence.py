@@ -210,3 +210,24 @@ def test_pool_run_reports_every_worker(require_thp):
     assert len({w["pid"] for w in found["workers"]}) == pool.WORKERS
     assert found["min_worker_huge"] == 1.0  # nobody wrote: nothing split
     assert found["pss_bytes"] > 0 and found["lookups_per_s"] > 0
+
+
+def test_lazy_copy_and_hugetlb_rows_are_asked_of_thpguard(monkeypatch):
+    """Availability comes from thpguard's API: a missing keyword means this
+    version lacks the mechanism, a refusal gives the host's reason."""
+    import thpguard
+
+    def old_alloc(size, *, fork=None, populate=True, strict=False):
+        raise AssertionError("not called: the keyword is missing")
+
+    monkeypatch.setattr(thpguard, "alloc", old_alloc)
+    assert "not available in this thpguard version" in _tables.unavailable("copy lazy", 4 * MiB)
+    assert "not available in this thpguard version" in _tables.unavailable("hugetlb", 4 * MiB)
+
+    def new_alloc(size, *, fork=None, populate=True, strict=False, copy_mode="auto", backend="thp"):
+        raise thpguard.UnsupportedError("mechanism", f"no {copy_mode if fork == 'copy' else backend} here: the reason")
+
+    monkeypatch.setattr(thpguard, "alloc", new_alloc)
+    lazy = _tables.unavailable("copy lazy", 4 * MiB)
+    assert lazy.startswith("not available on this host") and "no lazy here: the reason" in lazy
+    assert "no hugetlb here" in _tables.unavailable("hugetlb", 4 * MiB)
