@@ -193,11 +193,20 @@ def test_plot_draws_service_and_snapshot_panels(tmp_path):
     assert out.stat().st_size > 10_000
 
 
-def test_entry_point_knows_service_and_snapshot(capsys):
-    """--list names the two end-to-end benchmarks."""
+def test_entry_point_runs_end_to_end_benchmarks_only_when_named(capsys):
+    """--list names service, snapshot and pool as --only ones; a plain run leaves them out."""
+    from benchmarks import BENCHMARKS, DEFAULT
+
     assert entry.main(["--list"]) == 0
     out = capsys.readouterr().out
-    assert "service" in out and "snapshot" in out
+    for name in ("service", "snapshot", "pool"):
+        assert f"{name} " in out
+    assert out.count("(only with --only)") == 3
+    assert {b.NAME for b in BENCHMARKS} - {b.NAME for b in DEFAULT} == {"service", "snapshot", "pool"}
+    _, selected = entry._parse([])
+    assert [b.NAME for b in selected] == [b.NAME for b in DEFAULT]
+    _, selected = entry._parse(["--only", "service,snapshot,pool"])
+    assert [b.NAME for b in selected] == ["service", "snapshot", "pool"]
 
 
 def test_pool_run_reports_every_worker(require_thp):
