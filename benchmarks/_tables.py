@@ -102,8 +102,9 @@ def unavailable(variant: str, size: int) -> Optional[str]:
     """None if ``variant`` can run with a ``size``-byte table here, else why not.
 
     Asks this thpguard: an ``alloc()`` keyword it does not take means the
-    mechanism is not in this version; one it takes but refuses (an
-    exception) gives the host's reason.
+    mechanism is not in this version; a value it takes but refuses (an
+    exception) gives thpguard's reason (a backend this build lacks, an
+    empty hugetlb pool, userfaultfd not permitted).
     """
     if variant in ("4k", "thp"):
         return None
@@ -122,12 +123,12 @@ def unavailable(variant: str, size: int) -> Optional[str]:
     try:
         region = thpguard.alloc(probe, **alloc_kwargs(variant))
     except Exception as exc:
-        return f"not available on this host: {type(exc).__name__}: {exc}"
+        return f"not available here: {type(exc).__name__}: {exc}"
     try:
         if variant == "copy lazy" and getattr(region, "copy_mode", "lazy") == "eager":
-            return "not available on this host: copy_mode='lazy' gave the eager copy"
+            return "not available here: copy_mode='lazy' gave the eager copy"
         if variant == "hugetlb" and getattr(region, "backend", "hugetlb") != "hugetlb":
-            return f"not available on this host: got backend {region.backend!r}"
+            return f"not available here: got backend {region.backend!r}"
     finally:
         region.close()
     return None

@@ -238,5 +238,5 @@ def test_lazy_copy_and_hugetlb_rows_are_asked_of_thpguard(monkeypatch):
 
     monkeypatch.setattr(thpguard, "alloc", new_alloc)
     lazy = _tables.unavailable("copy lazy", 4 * MiB)
-    assert lazy.startswith("not available on this host") and "no lazy here: the reason" in lazy
+    assert lazy.startswith("not available here") and "no lazy here: the reason" in lazy
     assert "no hugetlb here" in _tables.unavailable("hugetlb", 4 * MiB)
