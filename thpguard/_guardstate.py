@@ -99,7 +99,7 @@ def scan(region, st: RepairState, engine: RepairEngine, now: float) -> Optional[
     c = events.counters()
     started = time.perf_counter()
     try:
-        cov = region.backend.coverage(region)
+        cov = region._backend.coverage(region)
     except OSError as exc:
         c.add(scan_failures=1)
         log.warning("region %#x: coverage scan failed: %s", region.address, exc)

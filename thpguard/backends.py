@@ -9,19 +9,20 @@ copy) plug in with :func:`register_copy_mechanism`.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from . import _native, kernel, pagemap
 from .blocks import Coverage
-from .errors import InvalidArgumentError, kernel_error
+from .errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError, kernel_error
 from .repair import LocalTarget, RepairEngine
 
 if TYPE_CHECKING:
     from .region import Region
 
-__all__ = ["ThpBackend", "CopyMechanism", "KernelCopy", "copy_mechanisms",
+__all__ = ["ThpBackend", "HugetlbBackend", "HugetlbCopy", "pool_shortfall", "CopyMechanism", "KernelCopy", "copy_mechanisms",
            "register_copy_mechanism", "mechanism_for"]
 
 _PAGE = mmap.PAGESIZE
@@ -66,7 +67,7 @@ class KernelCopy(CopyMechanism):
     name = "kernel"
 
     def applies(self, region: "Region") -> bool:
-        return region.direct_cow and _direct_cow_mode() in ("always", "madvise")
+        return region.backend == "thp" and region.direct_cow and _direct_cow_mode() in ("always", "madvise")
 
     def parent_waits(self, region: "Region") -> bool:
         return False
@@ -105,6 +106,7 @@ class ThpBackend:
     """
 
     name = "thp"
+    repairable = True
 
     def page_size(self) -> int:
         # Without a known PMD size (no THP in this kernel) the region still
@@ -142,3 +144,195 @@ class ThpBackend:
 
     def engine(self) -> RepairEngine:
         return RepairEngine(LocalTarget())
+
+
+# -- hugetlb --------------------------------------------------------------------
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def _fmt(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
+
+
+class HugetlbBackend:
+    """hugetlb pages (``MAP_HUGETLB``): guaranteed at map time, never split.
+
+    The mapping is made with a reservation (never ``MAP_NORESERVE``): the
+    kernel promises every page at ``mmap`` time or refuses with ENOMEM, so no
+    fault later finds the pool empty. There is nothing to repair:
+    :meth:`repairable` is False and the guard skips these regions.
+    """
+
+    name = "hugetlb"
+    repairable = False
+
+    def __init__(self, page_size: Optional[int] = None) -> None:
+        sizes = kernel.hugetlb_sizes()
+        if page_size is None:
+            default = kernel.pmd_size() or FALLBACK_PMD
+            page_size = default if default in sizes else (sizes[0] if sizes else default)
+        if isinstance(page_size, bool) or not isinstance(page_size, int):
+            raise InvalidArgumentError(
+                f"page_size must be an int number of bytes, got {type(page_size).__name__}")
+        if page_size not in sizes:
+            have = ", ".join(f"{s} ({_fmt(s)})" for s in sizes) or "none"
+            raise UnsupportedError(
+                "hugetlb", f"no hugetlb pool of {page_size} bytes on this kernel; sizes offered: {have}")
+        if page_size == kernel.GIGANTIC and not kernel.capabilities().hugetlb_gigantic.available:
+            raise UnsupportedError(
+                "hugetlb 1 GiB", f"1 GiB hugetlb pages are not possible here: "
+                f"{kernel.capabilities().hugetlb_gigantic.reason}")
+        self._page_size = page_size
+
+    def page_size(self) -> int:
+        return self._page_size
+
+    def flags(self) -> int:
+        """The extra mmap flags: ``MAP_HUGETLB | log2(page size) << MAP_HUGE_SHIFT``."""
+        return _native.MAP_HUGETLB | (_log2(self._page_size) << _native.MAP_HUGE_SHIFT)
+
+    def sysfs_setting(self) -> str:
+        """The file that sizes this pool."""
+        return f"/sys/kernel/mm/hugepages/hugepages-{self._page_size // 1024}kB/nr_hugepages"
+
+    def shortfall(self, size: int) -> Optional[str]:
+        """Why the pool (or the hugetlb cgroup) cannot hold ``size`` more
+        bytes now, with the command that would fix it; None when it can."""
+        return pool_shortfall(self._page_size, size // self._page_size)
+
+    def map(self, size: int, pmd: int) -> Tuple[mmap.mmap, int]:
+        """(mapping object, address) of ``size`` bytes (a multiple of the
+        page size), reserved in the pool now."""
+        err = _native.fault_take("map")
+        if err:
+            raise kernel_error(err, "mmap", (0, size))
+        try:
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | self.flags(),
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM:
+                why = self.shortfall(size) or (
+                    f"the {_fmt(self._page_size)} hugetlb pool could not reserve "
+                    f"{size // self._page_size} pages (another process took them)")
+                raise HugePagesUnavailableError(why) from None
+            raise kernel_error(exc.errno, "mmap", (0, size)) from None
+        return mapping, _native.buffer_address(mapping)
+
+    def coverage(self, region: "Region") -> Coverage:
+        # hugetlb pages are PAGE_IS_HUGE in PAGEMAP_SCAN: blocks of the PMD
+        # size, like THP, so the block model and its consumers are shared.
+        return pagemap.coverage(region.address, region.address + region.size, region.pmd_size)
+
+    def setup(self, region: "Region", populate: bool) -> None:
+        """Fork policy and population of a freshly mapped region."""
+        # MADV_WIPEONFORK is EINVAL on hugetlb: a `wipe` region is kept out
+        # of the child like a `private` one, and the fork layer maps a fresh
+        # zeroed mapping over the placeholder there (_regions.py).
+        if region.fork in ("wipe", "private"):
+            region._keep_out_of_child()
+        if populate:
+            # Never SIGBUS: every page was reserved at mmap time.
+            _native.populate_write(region.address, region.size, _PAGE)
+
+    def populated_pages(self, region: "Region") -> int:
+        """Pages of this region that are faulted in (what a fork may copy)."""
+        cov = self.coverage(region)
+        return -(-cov.present_bytes // self._page_size)
+
+    def engine(self) -> RepairEngine:
+        return RepairEngine(LocalTarget())
+
+
+def pool_shortfall(page_size: int, pages: int) -> Optional[str]:
+    """Why ``pages`` more pages of ``page_size`` cannot be had now (pool or
+    hugetlb cgroup), with the command that would fix it; None if they can."""
+    pool = kernel.hugetlb_pool(page_size)
+    if pool is None:
+        return f"this kernel has no {_fmt(page_size)} hugetlb pool"
+    if pool.available < pages:
+        return (f"the {_fmt(page_size)} hugetlb pool has {pool.available} pages available "
+                f"(free {pool.free}, reserved {pool.reserved}, total {pool.total}, surplus "
+                f"{pool.surplus} of overcommit {pool.overcommit}) and {pages} are needed; "
+                f"to fix: {pool.grow_command(pages)}")
+    cg = kernel.hugetlb_cgroup(page_size)
+    if cg is not None and cg.available_bytes is not None and cg.available_bytes < pages * page_size:
+        return (f"the hugetlb cgroup {cg.directory} allows {cg.available_bytes} more bytes of "
+                f"{_fmt(page_size)} pages and {pages * page_size} are needed; raise its limit")
+    return None
+
+
+def choose_hugetlb(size: int, backend: str, strict: bool,
+                   page_size: Optional[int]) -> Tuple[Optional[HugetlbBackend], Optional[str]]:
+    """For :func:`~thpguard.alloc`: (the hugetlb backend, None) when the pool
+    can hold ``size`` bytes now, else (None, why). Raises where ``backend``
+    is ``"hugetlb"`` and ``strict``: :class:`UnsupportedError` without the
+    page size, :class:`HugePagesUnavailableError` (with the command that
+    grows the pool) when the pool or cgroup cannot hold the region."""
+    try:
+        hb = HugetlbBackend(page_size)
+    except UnsupportedError as exc:
+        if backend == "hugetlb" and strict:
+            raise
+        return None, str(exc)
+    rounded = -(-size // hb.page_size()) * hb.page_size()
+    why = hb.shortfall(rounded)
+    if why is None:
+        return hb, None
+    if backend == "hugetlb" and strict:
+        raise HugePagesUnavailableError(why, hb.sysfs_setting())
+    return None, why
+
+
+def become_thp(region: "Region", why: str) -> None:
+    """In a child whose copy of a hugetlb region is on THP pages now."""
+    import logging  # noqa: PLC0415 - only on this rare path
+    import os  # noqa: PLC0415
+
+    region._backend = ThpBackend()
+    region.page_size = region.pmd_size
+    region.degraded = why
+    try:
+        _native.madvise(region.address, region.size, _native.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    logging.getLogger("thpguard").warning("region %#x in pid %d: %s", region.address,
+                                          os.getpid(), why)
+
+
+class HugetlbCopy(CopyMechanism):
+    """A ``copy`` hugetlb region (or a ``share`` one downgraded at fork):
+    the child copies it into pages of its own while the parent waits.
+
+    Into fresh hugetlb pages where the pool has them (``pool=True``), else
+    into THP pages: the child's copy of the region is then a THP region.
+    Either way no page stays shared, so nobody needs a copy-on-write page
+    from the pool later.
+    """
+
+    name = "hugetlb-eager"
+
+    def __init__(self, pool: bool = True) -> None:
+        self.pool = pool
+
+    def applies(self, region: "Region") -> bool:
+        return region.backend == "hugetlb"
+
+    def in_child(self, region: "Region") -> None:
+        with region._lock:
+            backend = region._backend
+            if self.pool:
+                try:
+                    _native.copy_remap_flags(region.address, region.size, backend.flags())
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.ENOMEM:
+                        raise
+            _native.copy_remap(region.address, region.size, region.pmd_size)
+            become_thp(region,
+                       "the hugetlb pool had no pages for this child's copy; the child's copy is THP")
+
+
+_copy_mechanisms.insert(0, HugetlbCopy())

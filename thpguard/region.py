@@ -1,19 +1,17 @@
 """Huge-page regions that survive fork: :func:`alloc` and :class:`Region`.
 
-A region is private anonymous memory, aligned to the PMD size, advised
-``MADV_HUGEPAGE`` and kept in a VMA of its own. Its fork policy says what a
-child of ``fork()`` gets:
+A region is private anonymous memory in a VMA of its own, on THP
+(``MADV_HUGEPAGE``, PMD-aligned) or hugetlb pages (the backend). Its fork
+policy says what a child of ``fork()`` gets:
 
 ``share``
-    the same data, copy-on-write; a write splits the writer's 2 MiB block,
-    which :meth:`Region.collapse` (or the guard) repairs.
+    the same data, copy-on-write; on THP a write splits the writer's 2 MiB
+    block, which :meth:`Region.collapse` (or the guard) repairs.
 ``copy``
-    the same data in the child's own huge pages at once: the child copies
-    the region into fresh huge pages and moves them over the old range, and
-    the parent waits for that copy, so nobody splits afterwards. Where the
-    kernel has the direct-COW flag, the kernel copies on write instead.
+    the same data in the child's own huge pages at once (the child copies,
+    the parent waits), or, with the direct-COW flag, copied on write.
 ``wipe``
-    a zero-filled range that keeps ``MADV_HUGEPAGE`` (``MADV_WIPEONFORK``).
+    a zero-filled range (``MADV_WIPEONFORK``; emulated on hugetlb).
 ``private``
     nothing: the range is not mapped in the child (``MADV_DONTFORK``).
 """
@@ -41,6 +39,7 @@ from .errors import (
 )
 from .backends import (
     CopyMechanism,
+    choose_hugetlb,
     ThpBackend,
     _direct_cow_mode,
     copy_mechanisms,
@@ -50,7 +49,7 @@ from .backends import (
 from ._regions import _live, regions
 from .repair import RepairState
 
-__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
+__all__ = ["POLICIES", "BACKENDS", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
            "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
 
 log = logging.getLogger("thpguard")
@@ -151,26 +150,39 @@ class Region:
     allocation, else a sentence saying why it is not.
     """
 
-    def __init__(self, size: int, fork: str, populate: bool, strict: bool) -> None:
-        self.backend = ThpBackend()
-        self.pmd_size = self.backend.page_size()
-        self.size = -(-size // self.pmd_size) * self.pmd_size
+    def __init__(self, size: int, fork: str, populate: bool, strict: bool,
+                 backend: Optional[object] = None) -> None:
+        self._backend = backend if backend is not None else ThpBackend()
+        # Blocks of the PMD size for the block model (coverage, hot(), the
+        # guard), whatever the backend's page size.
+        self.pmd_size = ThpBackend().page_size()
+        self.page_size = self._backend.page_size()
+        self.size = -(-size // self.page_size) * self.page_size
         self.fork = fork
         self.degraded: Optional[str] = None
+        #: Why the backend is what it is (``auto`` and fallbacks), else None.
+        self.backend_reason: Optional[str] = None
+        #: For a hugetlb ``share`` region: why the last fork copied it into
+        #: the child instead of sharing it (the pool could not cover the
+        #: copies a shared write would need), else None.
+        self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
         self._closed = False
         self._unmapped_here = False
         self._lock = threading.Lock()
 
-        if strict:
+        if strict and self.backend == "thp":
             ok, reason = kernel.can_get_huge_pages()
             if not ok:
                 raise HugePagesUnavailableError(reason)
 
-        self._map, self.address = self.backend.map(self.size, self.pmd_size)
+        self._map, self.address = self._backend.map(self.size, self.pmd_size)
         try:
             self._offset = self.address - _native.buffer_address(self._map)
-            self._setup(populate, strict)
+            if self.backend == "hugetlb":
+                self._backend.setup(self, populate)
+            else:
+                self._setup(populate, strict)
         except BaseException:
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
@@ -180,6 +192,25 @@ class Region:
         live = _live()
         with live.lock:
             live.regions.add(self)
+
+    @property
+    def backend(self) -> str:
+        """``"thp"`` or ``"hugetlb"``: what backs the region's pages."""
+        return self._backend.name
+
+    @property
+    def repairable(self) -> bool:
+        """False where splits cannot happen (hugetlb): the guard skips it."""
+        return self._backend.repairable
+
+    def _keep_out_of_child(self) -> None:
+        # MADV_DONTFORK, and the fork layer maps a PROT_NONE placeholder at
+        # the same address in the child so nothing else is mapped there.
+        addr, size = self.address, self.size
+        _native.madvise(addr, size, _native.MADV_DONTFORK)
+        _native.placeholder_add(addr, size)
+        # A region dropped without close() takes its reservation along.
+        self._forget_placeholder = weakref.finalize(self, _native.placeholder_remove, addr)
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
@@ -193,12 +224,7 @@ class Region:
         if self.fork == "wipe":
             _native.madvise(addr, size, _native.MADV_WIPEONFORK)
         elif self.fork == "private":
-            _native.madvise(addr, size, _native.MADV_DONTFORK)
-            _native.placeholder_add(addr, size)
-            # A region dropped without close() takes its reservation along.
-            self._forget_placeholder = weakref.finalize(
-                self, _native.placeholder_remove, addr
-            )
+            self._keep_out_of_child()
         elif _direct_cow_mode() is not None:
             try:
                 _native.madvise(addr, size, _native.MADV_THP_COW)
@@ -258,7 +284,7 @@ class Region:
         """Ask the kernel how much of the region is PMD-mapped right now."""
         self._require_open("measure coverage")
         _fork.check()
-        return self.backend.coverage(self)
+        return self._backend.coverage(self)
 
     def collapse(
         self,
@@ -297,7 +323,7 @@ class Region:
         chunk = max(self.pmd_size, min(self.size, chunk - chunk % self.pmd_size))
         started = time.perf_counter()
         before = self.coverage()
-        engine = self.backend.engine()
+        engine = self._backend.engine()
         if before.blocks is None:
             # No per-block detail (smaps): try every block on its own, so a
             # never-touched block (EINVAL) fails alone.
@@ -370,8 +396,9 @@ class Region:
                         "memoryview.release()) and close again"
                     ) from None
             self._closed = True
-        if self.fork == "private":
-            self._forget_placeholder()
+        forget = getattr(self, "_forget_placeholder", None)
+        if forget is not None:
+            forget()
         live = _live()
         with live.lock:
             live.regions.discard(self)
@@ -386,7 +413,8 @@ class Region:
         state = "closed" if self.closed else "open"
         return (
             f"<thpguard.Region {state} address={self.address:#x} size={self.size} "
-            f"fork={self.fork!r}{' direct_cow' if self.direct_cow else ''}>"
+            f"fork={self.fork!r} backend={self.backend!r} page_size={self.page_size}"
+            f"{' direct_cow' if self.direct_cow else ''}>"
         )
 
     # -- fork --------------------------------------------------------------
@@ -398,26 +426,75 @@ class Region:
         return mechanism_for(self).name if self.fork == "copy" else None
 
 
+BACKENDS = ("thp", "hugetlb", "auto")
+
+
 def alloc(
     size: int,
     *,
     fork: Optional[str] = None,
     populate: bool = True,
-    strict: bool = False,
+    strict: Optional[bool] = None,
+    backend: str = "thp",
+    page_size: Optional[int] = None,
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
-    ``size`` is rounded up to the PMD size (2 MiB on x86-64). ``fork`` is the
-    fork policy: ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``; when
-    None, :func:`default_policy` (``THPGUARD_FORK_POLICY``, else ``share``).
-    ``populate`` faults every page in now, as huge pages. With ``strict``,
-    :class:`~thpguard.errors.HugePagesUnavailableError` is raised where huge
-    pages cannot be had; otherwise the region works on small pages and
-    ``Region.degraded`` and :meth:`Region.coverage` say so.
+    ``size`` is rounded up to the page size (the PMD size, 2 MiB on x86-64,
+    for THP; ``page_size`` for hugetlb). ``fork`` is the fork policy:
+    ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``; when None,
+    :func:`default_policy` (``THPGUARD_FORK_POLICY``, else ``share``).
+    ``populate`` faults every page in now.
+
+    ``backend`` says what backs the pages (:attr:`Region.backend`):
+
+    ``"thp"`` (default)
+        transparent huge pages, repaired. With ``strict``,
+        :class:`~thpguard.errors.HugePagesUnavailableError` where huge pages
+        cannot be had; else small pages, as ``Region.degraded`` says.
+    ``"hugetlb"``
+        pages of the hugetlb pool of ``page_size`` bytes (default the PMD
+        size; 1 GiB where the CPU has it), reserved at mapping time, never
+        split. Where the pool (or the hugetlb cgroup) cannot hold the
+        region, :class:`~thpguard.errors.HugePagesUnavailableError` names
+        the command that would fix it; with ``strict=False`` a THP region is
+        returned instead and the reason is logged and kept in
+        :attr:`Region.backend_reason`. ``strict`` defaults to True here.
+    ``"auto"``
+        hugetlb when the pool can hold the region now, else THP; logs which,
+        and :attr:`Region.backend_reason` says why.
     """
     size = _check_size(size)
     fork = default_policy() if fork is None else _check_policy(fork)
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(
+            f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if strict is None:
+        strict = backend == "hugetlb"
     for name, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
-    return Region(size, fork, populate, strict)
+    if backend == "thp":
+        if page_size is not None and page_size != ThpBackend().page_size():
+            raise InvalidArgumentError(
+                f"page_size={page_size!r}: a THP region uses the PMD size "
+                f"({ThpBackend().page_size()} bytes); pass backend='hugetlb' for other sizes")
+        return Region(size, fork, populate, strict)
+    hb, why = choose_hugetlb(size, backend, strict, page_size)
+    if hb is not None:
+        try:
+            region = Region(size, fork, populate, strict, backend=hb)
+        except HugePagesUnavailableError as exc:
+            if strict and backend == "hugetlb":  # pool drained since the check
+                raise
+            why = str(exc)
+        else:
+            if backend == "auto":
+                region.backend_reason = "auto: the hugetlb pool can hold the region"
+                log.info("alloc(backend='auto'): hugetlb, %s", region.backend_reason)
+            return region
+    region = Region(size, fork, populate, strict and backend == "auto")
+    region.backend_reason = f"{backend}: THP instead of hugetlb because {why}"
+    log.log(logging.WARNING if backend == "hugetlb" else logging.INFO,
+            "alloc(backend=%r): THP instead of hugetlb because %s", backend, why)
+    return region
