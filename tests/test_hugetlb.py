@@ -16,7 +16,7 @@ import pytest
 import thpguard
 from thpguard import kernel
 from thpguard.errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError
-from tests.conftest import checksum, hugetlb_vma, run_in_child, smaps_vma
+from conftest import checksum, hugetlb_vma, run_in_child, smaps_vma
 
 MB2 = 2 << 20
 KB = 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from thpguard import kernel
-from tests.fakekernel import FakeTree
+from fakekernel import FakeTree
 
 MB2, GB1 = 2 << 20, 1 << 30
 

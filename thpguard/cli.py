@@ -19,7 +19,7 @@ import sys
 import time
 from typing import List, Optional
 
-from . import _checks, kernel
+from . import _checks, _hugechecks, kernel
 from ._checks import FAIL, NA, OK, WARN, Check, HostContext, fmt_bytes
 from .errors import ThpguardError
 
@@ -92,7 +92,11 @@ def _add_verify(sub) -> None:
                    help="bytes per self-test region (default: 4 huge pages)")
     p.add_argument("--skip-selftest", action="store_true", help="host checks only, no live test")
     p.add_argument("--fix", action="store_true",
-                   help="as root, write the advised sysfs values (each change is printed)")
+                   help="as root, write the advised sysfs values, printing each (pools: only with --hugetlb-pool)")
+    p.add_argument("--hugetlb-pool", type=int, metavar="PAGES", default=None,
+                   help="check that the hugetlb pool holds PAGES free pages (with --fix: grow it)")
+    p.add_argument("--hugetlb-page-size", type=_size, metavar="SIZE", default=None,
+                   help="page size of --hugetlb-pool (default: the PMD size, 2M on x86-64)")
     p.set_defaults(func=_cmd_verify)
 
 
@@ -189,14 +193,21 @@ def _cmd_verify(args) -> int:
     caps = kernel.capabilities(refresh=True, roots=roots)
     ctx = HostContext(caps, roots, args.pid)
     size = args.size or 4 * (caps.pmd_size or 2 * 1024 * 1024)
-    checks = _checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
+    if _hugechecks.bad_args(caps, args.hugetlb_pool, args.hugetlb_page_size):
+        raise UsageError(_hugechecks.bad_args(caps, args.hugetlb_pool, args.hugetlb_page_size))
+
+    def all_checks():
+        return (_checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
+                + _hugechecks.hugetlb_checks(ctx, args.hugetlb_pool, args.hugetlb_page_size))
+
+    checks = all_checks()
     fixes: List[dict] = []
     if args.fix:
         fixes = _apply_fixes(checks, args.quiet or args.json)
         if fixes:
             caps = kernel.capabilities(refresh=True, roots=roots)
             ctx = HostContext(caps, roots, args.pid)
-            checks = _checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
+            checks = all_checks()
     if not unsupported and not args.skip_selftest:
         ok, why = kernel.can_get_huge_pages(caps)
         if ok:
