@@ -304,3 +304,38 @@ def test_one_gigabyte_page(hugepool):
         v[-1] = 7
         assert checksum(v[-16:]) == checksum(bytes(15) + b"\x07")
         v.release()
+
+
+@pytest.mark.parametrize("use_scan", [True, False])
+def test_status_counts_hugetlb_pages(hugepool, pmd2m, use_scan):
+    from thpguard import _procmap
+
+    hugepool(2)
+    with thpguard.alloc(2 * MB2, backend="hugetlb") as r:
+        pc = _procmap.scan_process(os.getpid(), use_scan=use_scan)
+        vma = next(v for v in pc.vmas if v.start == r.address)
+        assert vma.huge_bytes == r.size == hugetlb_vma("self", r.address)[1]
+
+
+def test_guard_leaves_hugetlb_regions_alone(hugepool, pmd2m):
+    hugepool(2)
+    with thpguard.alloc(2 * MB2, backend="hugetlb") as r:
+        before = meminfo()
+        repairs = thpguard.stats().repairs
+        g = thpguard.install(interval=0.05)
+        try:
+            assert g.wait_ticks(2, timeout=30)
+        finally:
+            g.stop()
+        assert thpguard.stats().repairs == repairs
+        assert meminfo()["HugePages_Free"] == before["HugePages_Free"]
+        assert hugetlb_vma("self", r.address)[1] == r.size
+
+
+def test_hot_populates_a_hugetlb_region(hugepool, pmd2m):
+    hugepool(2)
+    with thpguard.hot(2 * MB2, backend="hugetlb", populate=False) as r:
+        assert r.backend == "hugetlb"
+        assert hugetlb_vma("self", r.address)[1] == r.size  # populated on entry
+        _fill(r, 3)
+        assert _pages_ok(r, 3)
