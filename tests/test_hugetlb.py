@@ -339,3 +339,25 @@ def test_hot_populates_a_hugetlb_region(hugepool, pmd2m):
         assert hugetlb_vma("self", r.address)[1] == r.size  # populated on entry
         _fill(r, 3)
         assert _pages_ok(r, 3)
+
+
+def test_share_counts_the_pages_a_child_takes_for_copy_and_wipe(hugepool, pmd2m):
+    """A child maps its own pages for copy and wipe regions; with those the
+    pool would be dry for the shared pages' copies: the fork downgrades."""
+    pool = hugepool(5)
+    if pool.available != 5:
+        pytest.skip("someone else's free pages are in the pool")
+    with thpguard.alloc(MB2, backend="hugetlb", fork="share") as s, \
+            thpguard.alloc(MB2, backend="hugetlb", fork="copy") as c, \
+            thpguard.alloc(MB2, backend="hugetlb", fork="wipe") as w:
+        _fill(s, 1)
+        _fill(c, 2)
+        # free now: 2; the child takes 1 (copy) + 1 (wipe); a shared write needs 1 more
+        pid = os.fork()
+        if pid == 0:
+            _fill(s, 3)
+            os._exit(0 if _pages_ok(s, 3) and _pages_ok(c, 2) else 3)
+        status = _wait(pid)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert s.fork_downgraded is not None
+        assert w.fork_downgraded is None

@@ -89,15 +89,21 @@ def _share_downgrades() -> list:
     none dies of SIGBUS, and a parent that finds none takes the page away
     from its children (they die of SIGBUS on their next access). So before
     the fork the populated pages of the ``share`` regions (what the fork
-    may have to copy) are held against the pages the pool and the hugetlb
-    cgroup can still give; where they do not cover them, the child copies
+    may have to copy), plus the pages the child takes for its ``copy`` and
+    ``wipe`` hugetlb regions, are held against the pages the pool and the
+    hugetlb cgroup can still give; where they do not cover them, the child copies
     those regions into THP pages of its own while the parent waits (as
     ``copy`` does): then no page is shared and nobody needs a pool page.
     """
     by_size: dict = {}
+    child_pages: dict = {}  # pool pages the child takes for copy and wipe regions
     for r in regions():
-        if r.fork == "share" and r.backend == "hugetlb":
+        if r.backend != "hugetlb":
+            continue
+        if r.fork == "share":
             by_size.setdefault(r.page_size, []).append(r)
+        elif r.fork in ("copy", "wipe"):
+            child_pages[r.page_size] = child_pages.get(r.page_size, 0) + r.size // r.page_size
     out = []
     for page_size, group in by_size.items():
         populated = []
@@ -107,14 +113,17 @@ def _share_downgrades() -> list:
             except OSError as exc:  # unknown: assume every page may be copied
                 log.warning("region %#x: could not count its pages: %s", r.address, exc)
                 populated.append((r, r.size // page_size))
-        need = sum(n for _, n in populated)
-        why = pool_shortfall(page_size, need) if need else None
+        shared = sum(n for _, n in populated)
+        need = shared + child_pages.get(page_size, 0)
+        why = pool_shortfall(page_size, need) if shared else None
         for r, n in populated:
             r.fork_downgraded = None
             if why is None or not n:
                 continue
-            r.fork_downgraded = ("fork copied this share region into the child (THP) because "
-                                 f"a write after fork could need {need} pool pages: {why}")
+            r.fork_downgraded = (
+                f"fork copied this share region into the child (THP): writes to the {shared} "
+                f"shared pages and the child's copy and wipe regions could need {need} pool "
+                f"pages: {why}")
             log.error("hugetlb share region %#x: %s", r.address, r.fork_downgraded)
             events.counters().add(hugetlb_fork_downgrades=1)
             out.append((r, HugetlbCopy(pool=False)))

@@ -331,8 +331,9 @@ class HugetlbCopy(CopyMechanism):
                     if exc.errno != errno.ENOMEM:
                         raise
             _native.copy_remap(region.address, region.size, region.pmd_size)
-            become_thp(region,
-                       "the hugetlb pool had no pages for this child's copy; the child's copy is THP")
+            become_thp(region, "the hugetlb pool had no pages for this child's copy; the child's "
+                               "copy is THP" if self.pool else region.fork_downgraded or
+                               "this fork copied the share region into THP pages")
 
 
 _copy_mechanisms.insert(0, HugetlbCopy())
