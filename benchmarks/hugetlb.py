@@ -10,9 +10,11 @@ interleaved round by round:
     4 KiB pages.
 ``fork``
     per fork policy, a hugetlb region against a THP region of the same
-    size: the time ``fork()`` takes until the child runs (the parent waits
-    for a ``copy`` child's copy), and the child's first write to every
-    page after fork.
+    size (the only open regions): the time from ``fork()`` until the child
+    runs its first line, and the child's first write to every 2 MiB page
+    after fork (``share``: hugetlb copies each whole page, THP splits and
+    copies 4 KiB; ``wipe``: zero-filled pages from the pool against THP
+    faults).
 ``alloc``
     ``alloc(size)`` of a populated region: hugetlb 2 MiB against THP.
 
@@ -166,22 +168,23 @@ def _fork(settings: Settings, res: Result) -> None:
     size = settings.pick(64 * MiB, 256 * MiB)
     pmd = kernel.pmd_size() or 2 * MiB
     pages = size // pmd
-    # Every policy's region, plus what each child takes: its copy of the
-    # copy region, its wiped wipe region and the share region's copies.
-    want = pages * (len(POLICIES) + 3)
-    with _Pool(pmd, want) as ok:
-        if not ok:
-            raise Skipped(f"the hugetlb pool could not be grown by {want} pages")
-        regions = {}
-        try:
-            for policy in POLICIES:
+    # One policy at a time (a fork handles every open region: a copy region
+    # would be copied by every other policy's fork too): the region, plus
+    # what the child takes (its copy, its wiped range, the shared copies).
+    samples = {}
+    for policy in POLICIES:
+        with _Pool(pmd, 2 * pages) as ok:
+            if not ok:
+                raise Skipped(f"the hugetlb pool could not be grown by {2 * pages} pages")
+            regions = {}
+            try:
                 for backend in ("thp", "hugetlb"):
                     regions[(backend, policy)] = thpguard.alloc(size, fork=policy, backend=backend)
-            samples = interleave({k: (lambda r=r: _fork_once(r)) for k, r in regions.items()},
-                                 settings.pick(5, 15))
-        finally:
-            for r in regions.values():
-                r.close()
+                samples.update(interleave({k: (lambda r=r: _fork_once(r)) for k, r in regions.items()},
+                                          settings.pick(5, 15)))
+            finally:
+                for r in regions.values():
+                    r.close()
     res.samples["fork"] = {f"{b} {p}": v for (b, p), v in samples.items()}
     for policy in POLICIES:
         h, t = samples[("hugetlb", policy)], samples[("thp", policy)]

@@ -320,7 +320,6 @@ def test_status_counts_hugetlb_pages(hugepool, pmd2m, use_scan):
 def test_guard_leaves_hugetlb_regions_alone(hugepool, pmd2m):
     hugepool(2)
     with thpguard.alloc(2 * MB2, backend="hugetlb") as r:
-        before = meminfo()
         repairs = thpguard.stats().repairs
         g = thpguard.install(interval=0.05)
         try:
@@ -328,7 +327,6 @@ def test_guard_leaves_hugetlb_regions_alone(hugepool, pmd2m):
         finally:
             g.stop()
         assert thpguard.stats().repairs == repairs
-        assert meminfo()["HugePages_Free"] == before["HugePages_Free"]
         assert hugetlb_vma("self", r.address)[1] == r.size
 
 
