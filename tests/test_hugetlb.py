@@ -126,6 +126,12 @@ def test_numpy_and_hot_work(hugepool, pmd2m):
         a[:] = 3
         assert int(a.sum()) == 3 * (r.size // 8)
         del a
+    import thpguard.numpy as tnp
+
+    arr = tnp.zeros((MB2 // 8,), dtype="u8", backend="hugetlb")
+    region = tnp.region_of(arr)
+    assert region.backend == "hugetlb" and hugetlb_vma("self", region.address)[0] == MB2
+    del arr
 
 
 # -- fork policies -------------------------------------------------------------------------
