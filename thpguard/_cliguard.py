@@ -15,7 +15,15 @@ import time
 
 from . import _checks, kernel
 from ._checks import fmt_bytes
-from .cli import EXIT_FAILED, EXIT_OK, UsageError, _emit_json
+from .cli import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    AccessError,
+    UnsupportedHostError,
+    UsageError,
+    _emit_json,
+)
 
 
 def _guard_preflight(pid: int) -> int:
@@ -24,10 +32,10 @@ def _guard_preflight(pid: int) -> int:
 
     roots = kernel.Roots.from_env()
     if not os.path.exists(os.path.join(roots.proc, str(pid))):
-        raise UsageError(f"no process with PID {pid}")
+        raise AccessError(f"no process with PID {pid}")
     nice = _checks.has_capability(_checks.CAP_SYS_NICE)
     if nice is False:
-        raise UsageError(
+        raise AccessError(
             f"guard needs CAP_SYS_NICE to call process_madvise(MADV_COLLAPSE) on PID {pid}, and this "
             "process lacks it: run it as root, or with the capability "
             "(systemd: AmbientCapabilities=CAP_SYS_NICE)")
@@ -35,16 +43,18 @@ def _guard_preflight(pid: int) -> int:
         os.close(os.open(os.path.join(roots.proc, str(pid), "pagemap"), os.O_RDONLY))
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
-            raise UsageError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
+            raise AccessError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
                              f"CAP_SYS_PTRACE): opening /proc/{pid}/pagemap failed with "
                              f"{errno.errorcode[exc.errno]}") from None
-        raise UsageError(f"PID {pid}: {exc.strerror}") from None
+        raise AccessError(f"PID {pid}: {exc.strerror}") from None
     try:
         return _native.pidfd_open(pid)
     except OSError as exc:
         if exc.errno == errno.ESRCH:
-            raise UsageError(f"no process with PID {pid}") from None
-        raise UsageError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from None
+            raise AccessError(f"no process with PID {pid}") from None
+        if exc.errno == errno.ENOSYS:
+            raise UnsupportedHostError("guard needs pidfd_open (Linux 5.3)") from None
+        raise AccessError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from None
 
 
 def _guard_pass(pid, pidfd, args, budget, states) -> dict:
@@ -55,7 +65,7 @@ def _guard_pass(pid, pidfd, args, budget, states) -> dict:
 
     pc = _procmap.scan_process(pid)
     if pc.source != _procmap.SOURCE_PAGEMAP_SCAN:
-        raise UsageError("guard needs PAGEMAP_SCAN (Linux 6.7) to find split blocks")
+        raise UnsupportedHostError("guard needs PAGEMAP_SCAN (Linux 6.7) to find split blocks")
     engine = RepairEngine(RemoteTarget(pid, pidfd))
     pmd = pc.pmd_size
     vmas = [v for v in pc.vmas if v.advised or (args.all_eligible and v.thp_eligible)]
@@ -76,13 +86,13 @@ def _guard_pass(pid, pidfd, args, budget, states) -> dict:
             try:
                 ((start, _, errs, spent),) = engine.run([call], pmd, 0)
             except PermissionError as exc:
-                raise UsageError(f"PID {pid}: {exc.strerror}") from None
+                raise AccessError(f"PID {pid}: {exc.strerror}") from None
             except TargetGone:
                 raise _procmap.ProcessGone(pid) from None
             err = errs[0]
             if err == 0:
                 st.blocked.pop(start, None)
-                repaired.append({"address": start, "bytes": pmd, "ms": round(spent * 1000, 3)})
+                repaired.append({"address": start, "bytes": pmd, "seconds": round(spent, 6)})
                 continue
             name = errno.errorcode.get(err, str(err))
             failed[name] = failed.get(name, 0) + 1
@@ -127,23 +137,32 @@ def cmd_guard(args) -> int:
         raise UsageError(f"--rate must be more than 0 bytes per second, got {args.rate}")
     pidfd = _guard_preflight(args.pid)
     budget = _RateLimit(args.rate)
-    states: dict = {}
-    total = 0
+    states: dict = {}  # per VMA: the repair engine's back-off and EINVAL decisions
+    total = passes = 0
+
+    def summary(event: str, text: str, code: int) -> int:
+        if args.json:
+            _emit_json({"command": "guard", "event": event, "exit_code": code, "passes": passes,
+                        "pid": args.pid, "repaired_blocks": total, "timestamp_seconds": time.time()})
+        else:
+            print(f"{text}; {total} block(s) repaired in {passes} pass(es)", flush=True)
+        return code
+
     try:
         while True:
             try:
                 result = _guard_pass(args.pid, pidfd, args, budget, states)
             except _procmap.ProcessGone:
-                if not args.json:
-                    print(f"PID {args.pid} exited; {total} block(s) repaired")
-                return EXIT_OK
+                return summary("exit", f"PID {args.pid} exited", EXIT_OK)
             total += len(result["repaired"])
+            passes += 1
             if args.json:
-                _emit_json(dict(result, command="guard", pid=args.pid, time=time.time()))
+                _emit_json(dict(result, command="guard", event="pass", pid=args.pid,
+                                timestamp_seconds=time.time()))
             else:
                 for r in result["repaired"]:
                     print(f"{time.strftime('%H:%M:%S')}  repaired {r['address']:#x} "
-                          f"({fmt_bytes(r['bytes'])}) in {r['ms']:.2f} ms", flush=True)
+                          f"({fmt_bytes(r['bytes'])}) in {r['seconds'] * 1000:.2f} ms", flush=True)
                 for r in result["refused"]:
                     print(f"{time.strftime('%H:%M:%S')}  {r['address']:#x} not repaired: "
                           f"{r['reason']}", flush=True)
@@ -158,12 +177,8 @@ def cmd_guard(args) -> int:
             # Sleep until the next pass, or wake at once when the process exits.
             ready, _, _ = select.select([pidfd], [], [], args.interval)
             if ready:
-                if not args.json:
-                    print(f"PID {args.pid} exited; {total} block(s) repaired")
-                return EXIT_OK
+                return summary("exit", f"PID {args.pid} exited", EXIT_OK)
     except KeyboardInterrupt:
-        return EXIT_OK
+        return summary("interrupted", f"interrupted: guarded PID {args.pid}", EXIT_INTERRUPTED)
     finally:
         os.close(pidfd)
-
-

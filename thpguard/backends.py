@@ -1,9 +1,9 @@
 """Backends and copy mechanisms: the parts of a region that differ per mechanism.
 
-A :class:`ThpBackend` owns how a region is mapped, measured and repaired
+A ``ThpBackend`` owns how a region is mapped, measured and repaired
 (a hugetlb backend gives the same methods). A :class:`CopyMechanism` says
 how a ``fork="copy"`` region gets its own pages in a child; mechanisms are
-tried in order (:func:`copy_mechanisms`) and new ones (userfaultfd lazy
+tried in order (``copy_mechanisms()``) and new ones (userfaultfd lazy
 copy) plug in with :func:`register_copy_mechanism`.
 """
 
@@ -22,8 +22,9 @@ from .repair import LocalTarget, RepairEngine
 if TYPE_CHECKING:
     from .region import Region
 
-__all__ = ["ThpBackend", "HugetlbBackend", "HugetlbCopy", "pool_shortfall", "CopyMechanism", "KernelCopy", "copy_mechanisms",
-           "register_copy_mechanism", "mechanism_for"]
+__all__ = ["ThpBackend", "HugetlbBackend", "HugetlbCopy", "pool_shortfall", "CopyMechanism",
+           "KernelCopy", "copy_mechanisms", "register_copy_mechanism", "mechanism_for", "BACKENDS",
+           "register_backend"]
 
 _PAGE = mmap.PAGESIZE
 FALLBACK_PMD = 2 << 20
@@ -39,11 +40,11 @@ def _direct_cow_mode() -> Optional[str]:
 class CopyMechanism:
     """How a ``copy`` region gets its own pages in a child.
 
-    ``name`` shows as :attr:`Region.copy_mode`. :meth:`applies` is asked
+    ``name`` shows as :attr:`thpguard.Region.copy_mode`. ``applies`` is asked
     before each fork (in the parent); the first registered mechanism that
-    applies handles the region: :meth:`parent_waits` says whether the
+    applies handles the region: ``parent_waits`` says whether the
     parent must wait for the child's copy (the hand-shake pipe), and
-    :meth:`in_child` runs in the child. New mechanisms (userfaultfd lazy
+    ``in_child`` runs in the child. New mechanisms (userfaultfd lazy
     copy) plug in with :func:`register_copy_mechanism`.
     """
 
@@ -100,6 +101,8 @@ def mechanism_for(region: "Region") -> CopyMechanism:
 class ThpBackend:
     """Anonymous transparent huge pages (``MADV_HUGEPAGE``): best effort, repaired.
 
+    ``name`` is what :attr:`thpguard.Region.backend` shows.
+
     A backend owns how a region is mapped, measured and repaired; the region
     layer keeps policies, views and lifetime. Other backends (hugetlb) give
     the same methods.
@@ -144,6 +147,17 @@ class ThpBackend:
 
     def engine(self) -> RepairEngine:
         return RepairEngine(LocalTarget())
+
+
+#: Backend name -> factory of backend objects; :func:`thpguard.alloc`'s
+#: ``backend`` argument picks one.
+BACKENDS = {"thp": ThpBackend}
+
+
+def register_backend(name: str, factory) -> None:
+    """Make ``alloc(backend=name)`` use objects made by ``factory()`` (a class
+    with ThpBackend's methods: ``page_size``, ``map``, ``coverage``, ``engine``)."""
+    BACKENDS[name] = factory
 
 
 # -- hugetlb --------------------------------------------------------------------
@@ -232,7 +246,7 @@ class HugetlbBackend:
         # of the child like a `private` one, and the fork layer maps a fresh
         # zeroed mapping over the placeholder there (_regions.py).
         if region.fork in ("wipe", "private"):
-            region._keep_out_of_child()
+            keep_out_of_child(region)
         if populate:
             # Never SIGBUS: every page was reserved at mmap time.
             _native.populate_write(region.address, region.size, _PAGE)
@@ -286,13 +300,60 @@ def choose_hugetlb(size: int, backend: str, strict: bool,
     return None, why
 
 
+def keep_out_of_child(region: "Region") -> None:
+    """``MADV_DONTFORK``, and the fork layer maps a PROT_NONE placeholder at
+    the same address in each child so nothing else is mapped there."""
+    import weakref  # noqa: PLC0415
+
+    addr, size = region.address, region.size
+    _native.madvise(addr, size, _native.MADV_DONTFORK)
+    _native.placeholder_add(addr, size, region.name)
+    # A region dropped without close() takes its reservation along.
+    region._forget_placeholder = weakref.finalize(region, _native.placeholder_remove, addr)
+
+
+def check_page_size(backend: str, page_size: Optional[int]) -> None:
+    """``page_size`` is for hugetlb; a THP region has the PMD size."""
+    pmd = ThpBackend().page_size()
+    if backend == "thp" and page_size not in (None, pmd):
+        raise InvalidArgumentError(f"page_size={page_size!r}: a THP region uses the PMD size "
+                                   f"({pmd} bytes); pass backend='hugetlb' for other sizes")
+
+
+def make_hugetlb(make_region, size: int, backend: str, strict: bool, page_size: Optional[int]):
+    """:func:`~thpguard.alloc` for ``backend`` ``"hugetlb"`` or ``"auto"``:
+    ``make_region(strict, backend_object_or_name)`` makes the region; a THP
+    one, with the reason in ``backend_reason`` (logged), where the pool
+    cannot hold it and the call allows that."""
+    import logging  # noqa: PLC0415
+
+    log = logging.getLogger("thpguard")
+    hb, why = choose_hugetlb(size, backend, strict, page_size)
+    if hb is not None:
+        try:
+            region = make_region(strict, hb)
+        except HugePagesUnavailableError as exc:
+            if strict and backend == "hugetlb":  # pool drained since the check
+                raise
+            why = str(exc)
+        else:
+            if backend == "auto":
+                region.backend_reason = "auto: the hugetlb pool can hold the region"
+                log.info("alloc(backend='auto'): hugetlb, %s", region.backend_reason)
+            return region
+    region = make_region(strict and backend == "auto", "thp")
+    region.backend_reason = f"{backend}: THP instead of hugetlb because {why}"
+    log.log(logging.WARNING if backend == "hugetlb" else logging.INFO,
+            "alloc(backend=%r): THP instead of hugetlb because %s", backend, why)
+    return region
+
+
 def become_thp(region: "Region", why: str) -> None:
     """In a child whose copy of a hugetlb region is on THP pages now."""
     import logging  # noqa: PLC0415 - only on this rare path
     import os  # noqa: PLC0415
 
     region._backend = ThpBackend()
-    region.page_size = region.pmd_size
     region.degraded = why
     try:
         _native.madvise(region.address, region.size, _native.MADV_HUGEPAGE)
@@ -337,3 +398,5 @@ class HugetlbCopy(CopyMechanism):
 
 
 _copy_mechanisms.insert(0, HugetlbCopy())
+
+register_backend("hugetlb", HugetlbBackend)

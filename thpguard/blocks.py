@@ -1,6 +1,6 @@
 """The block model: what each PMD-size block of a range holds, and :class:`Coverage`.
 
-This is the one classifier every layer uses (:meth:`Region.coverage`,
+This is the one classifier every layer uses (:meth:`thpguard.Region.coverage`,
 ``thpguard status``/``watch``/``guard``, :func:`thpguard.hot`, the guard,
 the metrics). It turns the runs a ``PAGEMAP_SCAN`` returns into one kind per
 whole PMD-size block:

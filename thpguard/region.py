@@ -13,7 +13,9 @@ policy says what a child of ``fork()`` gets:
 ``wipe``
     a zero-filled range (``MADV_WIPEONFORK``; emulated on hugetlb).
 ``private``
-    nothing: the range is not mapped in the child (``MADV_DONTFORK``).
+    nothing: the range is not mapped in the child (``MADV_DONTFORK``). A
+    view made before fork and touched in the child is a SIGSEGV, which the
+    native core explains on stderr (region, policy, what to use) first.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import mmap
 import os
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -38,8 +39,11 @@ from .errors import (
     UnsupportedError,
 )
 from .backends import (
+    BACKENDS,
     CopyMechanism,
-    choose_hugetlb,
+    check_page_size,
+    keep_out_of_child,
+    make_hugetlb,
     ThpBackend,
     _direct_cow_mode,
     copy_mechanisms,
@@ -49,7 +53,7 @@ from .backends import (
 from ._regions import _live, regions
 from .repair import RepairState
 
-__all__ = ["POLICIES", "BACKENDS", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
+__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
            "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
 
 log = logging.getLogger("thpguard")
@@ -97,6 +101,22 @@ class CollapseResult:
 
 def _collapse_known() -> bool:
     return kernel.registry.knows(_native.MADV_COLLAPSE)
+
+
+_NAME_MAX = 48
+
+
+def _check_name(name: object) -> Optional[str]:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"name must be a str or None, got {type(name).__name__}")
+    # The name travels into /proc/PID/maps, Prometheus labels and a signal handler's message.
+    if not 0 < len(name) <= _NAME_MAX or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
+        raise InvalidArgumentError(
+            f"name must be 1 to {_NAME_MAX} ASCII letters, digits, '.', '_' or '-', got {name!r}"
+        )
+    return name
 
 
 def _check_size(size: object) -> int:
@@ -151,20 +171,19 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 backend: Optional[object] = None) -> None:
-        self._backend = backend if backend is not None else ThpBackend()
-        # Blocks of the PMD size for the block model (coverage, hot(), the
-        # guard), whatever the backend's page size.
+                 name: Optional[str] = None, backend: object = "thp") -> None:
+        # The backend (a registered name, or an object) owns mapping, coverage, repair.
+        self._backend = BACKENDS[backend]() if isinstance(backend, str) else backend
+        # The block model's block size, whatever the backend's page size.
         self.pmd_size = ThpBackend().page_size()
-        self.page_size = self._backend.page_size()
         self.size = -(-size // self.page_size) * self.page_size
         self.fork = fork
+        #: The name given to :func:`alloc`, or None; shown by ``thpguard status`` and in metrics.
+        self.name = name
         self.degraded: Optional[str] = None
-        #: Why the backend is what it is (``auto`` and fallbacks), else None.
+        #: Why ``auto`` or ``strict=False`` chose this backend, else None.
         self.backend_reason: Optional[str] = None
-        #: For a hugetlb ``share`` region: why the last fork copied it into
-        #: the child instead of sharing it (the pool could not cover the
-        #: copies a shared write would need), else None.
+        #: hugetlb ``share``: why the last fork copied it into the child, else None.
         self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
         self._closed = False
@@ -179,10 +198,8 @@ class Region:
         self._map, self.address = self._backend.map(self.size, self.pmd_size)
         try:
             self._offset = self.address - _native.buffer_address(self._map)
-            if self.backend == "hugetlb":
-                self._backend.setup(self, populate)
-            else:
-                self._setup(populate, strict)
+            setup = getattr(self._backend, "setup", None)
+            setup(self, populate) if setup else self._setup(populate, strict)
         except BaseException:
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
@@ -194,26 +211,18 @@ class Region:
             live.regions.add(self)
 
     @property
-    def backend(self) -> str:
-        """``"thp"`` or ``"hugetlb"``: what backs the region's pages."""
-        return self._backend.name
-
-    @property
     def repairable(self) -> bool:
         """False where splits cannot happen (hugetlb): the guard skips it."""
-        return self._backend.repairable
-
-    def _keep_out_of_child(self) -> None:
-        # MADV_DONTFORK, and the fork layer maps a PROT_NONE placeholder at
-        # the same address in the child so nothing else is mapped there.
-        addr, size = self.address, self.size
-        _native.madvise(addr, size, _native.MADV_DONTFORK)
-        _native.placeholder_add(addr, size)
-        # A region dropped without close() takes its reservation along.
-        self._forget_placeholder = weakref.finalize(self, _native.placeholder_remove, addr)
+        return getattr(self._backend, "repairable", True)
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
+        try:
+            # The slack page just below the region becomes a named marker,
+            # so `thpguard status` of this process can tell the region apart.
+            _native.map_marker(addr - _PAGE, _PAGE, self.name)
+        except OSError as exc:
+            log.debug("no marker page for region %#x: %s", addr, exc)
         try:
             _native.madvise(addr, size, _native.MADV_HUGEPAGE)
         except OSError as exc:
@@ -224,7 +233,7 @@ class Region:
         if self.fork == "wipe":
             _native.madvise(addr, size, _native.MADV_WIPEONFORK)
         elif self.fork == "private":
-            self._keep_out_of_child()
+            keep_out_of_child(self)
         elif _direct_cow_mode() is not None:
             try:
                 _native.madvise(addr, size, _native.MADV_THP_COW)
@@ -412,12 +421,24 @@ class Region:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return (
-            f"<thpguard.Region {state} address={self.address:#x} size={self.size} "
-            f"fork={self.fork!r} backend={self.backend!r} page_size={self.page_size}"
+            f"<thpguard.Region {state}{'' if self.name is None else ' ' + repr(self.name)} "
+            f"address={self.address:#x} size={self.size} fork={self.fork!r} "
+            f"backend={self.backend!r} page_size={self.page_size}"
             f"{' direct_cow' if self.direct_cow else ''}>"
         )
 
     # -- fork --------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """What backs the region's pages: ``"thp"`` or ``"hugetlb"``."""
+        return self._backend.name
+
+    @property
+    def page_size(self) -> int:
+        """The page size backing this region, in bytes: the PMD size for
+        THP, the pool's page size for hugetlb (2 MiB or 1 GiB)."""
+        return self._backend.page_size()
 
     @property
     def copy_mode(self) -> Optional[str]:
@@ -426,15 +447,13 @@ class Region:
         return mechanism_for(self).name if self.fork == "copy" else None
 
 
-BACKENDS = ("thp", "hugetlb", "auto")
-
-
 def alloc(
     size: int,
     *,
     fork: Optional[str] = None,
     populate: bool = True,
     strict: Optional[bool] = None,
+    name: Optional[str] = None,
     backend: str = "thp",
     page_size: Optional[int] = None,
 ) -> Region:
@@ -444,57 +463,34 @@ def alloc(
     for THP; ``page_size`` for hugetlb). ``fork`` is the fork policy:
     ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``; when None,
     :func:`default_policy` (``THPGUARD_FORK_POLICY``, else ``share``).
-    ``populate`` faults every page in now.
+    ``populate`` faults every page in now. ``name`` (letters, digits and
+    ``._-``, at most 48 characters) labels the region in ``thpguard
+    status``, in metrics and in the message a child gets if it touches a
+    ``private`` region.
 
-    ``backend`` says what backs the pages (:attr:`Region.backend`):
-
-    ``"thp"`` (default)
-        transparent huge pages, repaired. With ``strict``,
-        :class:`~thpguard.errors.HugePagesUnavailableError` where huge pages
-        cannot be had; else small pages, as ``Region.degraded`` says.
-    ``"hugetlb"``
-        pages of the hugetlb pool of ``page_size`` bytes (default the PMD
-        size; 1 GiB where the CPU has it), reserved at mapping time, never
-        split. Where the pool (or the hugetlb cgroup) cannot hold the
-        region, :class:`~thpguard.errors.HugePagesUnavailableError` names
-        the command that would fix it; with ``strict=False`` a THP region is
-        returned instead and the reason is logged and kept in
-        :attr:`Region.backend_reason`. ``strict`` defaults to True here.
-    ``"auto"``
-        hugetlb when the pool can hold the region now, else THP; logs which,
-        and :attr:`Region.backend_reason` says why.
+    ``backend`` (:attr:`Region.backend`): ``"thp"`` (default), transparent
+    huge pages, repaired; with ``strict``,
+    :class:`~thpguard.errors.HugePagesUnavailableError` where they cannot
+    be had, else small pages, as ``Region.degraded`` says. ``"hugetlb"``:
+    pages of the pool of ``page_size`` bytes (default the PMD size),
+    reserved at mapping time, never split; ``strict`` defaults to True and
+    raises with the command that grows the pool, ``strict=False`` falls
+    back to THP. ``"auto"``: hugetlb when the pool holds the region, else
+    THP. See :doc:`hugetlb`.
     """
     size = _check_size(size)
+    name = _check_name(name)
     fork = default_policy() if fork is None else _check_policy(fork)
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(
-            f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
+        raise InvalidArgumentError(f"unknown backend {backend!r}; this build has "
+                                   f"{', '.join(sorted((*BACKENDS, 'auto')))}")
     if strict is None:
         strict = backend == "hugetlb"
-    for name, value in (("populate", populate), ("strict", strict)):
+    for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
-            raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
-    if backend == "thp":
-        if page_size is not None and page_size != ThpBackend().page_size():
-            raise InvalidArgumentError(
-                f"page_size={page_size!r}: a THP region uses the PMD size "
-                f"({ThpBackend().page_size()} bytes); pass backend='hugetlb' for other sizes")
-        return Region(size, fork, populate, strict)
-    hb, why = choose_hugetlb(size, backend, strict, page_size)
-    if hb is not None:
-        try:
-            region = Region(size, fork, populate, strict, backend=hb)
-        except HugePagesUnavailableError as exc:
-            if strict and backend == "hugetlb":  # pool drained since the check
-                raise
-            why = str(exc)
-        else:
-            if backend == "auto":
-                region.backend_reason = "auto: the hugetlb pool can hold the region"
-                log.info("alloc(backend='auto'): hugetlb, %s", region.backend_reason)
-            return region
-    region = Region(size, fork, populate, strict and backend == "auto")
-    region.backend_reason = f"{backend}: THP instead of hugetlb because {why}"
-    log.log(logging.WARNING if backend == "hugetlb" else logging.INFO,
-            "alloc(backend=%r): THP instead of hugetlb because %s", backend, why)
-    return region
+            raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
+    if backend in ("hugetlb", "auto"):
+        return make_hugetlb(lambda strict_, backend_: Region(
+            size, fork, populate, strict_, name, backend_), size, backend, strict, page_size)
+    check_page_size(backend, page_size)
+    return Region(size, fork, populate, strict, name, backend)

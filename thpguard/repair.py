@@ -1,6 +1,6 @@
 """The repair engine: which blocks to collapse, how, and what came of it.
 
-One engine serves the guard thread, :meth:`Region.collapse`, :func:`hot`
+One engine serves the guard thread, :meth:`thpguard.Region.collapse`, :func:`thpguard.hot`
 and ``thpguard guard PID``. It plans from a :class:`~thpguard.Coverage`
 (the block model decides what is repairable), submits bounded chunks to a
 :class:`CollapseTarget` (this process: ``madvise``; another one:
@@ -9,7 +9,7 @@ diagnoses EINVAL: the decision is scoped to the block and to a time, and
 names the real cause (a mapping split by ``mprotect``/``mlock``,
 ``MADV_NOHUGEPAGE``, ``prctl(PR_SET_THP_DISABLE)``). It keeps the counters
 and emits the :class:`~thpguard.events.Event` stream; it holds no module
-state (each repaired range has its :class:`RepairState`).
+state (each repaired range has its ``RepairState``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ One module per concern:
     the hugetlb pools per size and NUMA node, overcommit, the hugetlb
     cgroup limit of a process, 1 GiB page support.
 ``features``
-    the capability registry (:data:`registry`, :func:`capabilities`):
+    the capability registry (``registry``, :func:`capabilities`):
     functional probes through the private native module, once, cached.
 """
 

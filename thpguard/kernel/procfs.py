@@ -53,7 +53,7 @@ class Vma:
 
     @property
     def anon_huge_bytes(self) -> Optional[int]:
-        """Deprecated name of :attr:`huge_bytes` (after the smaps field)."""
+        """Deprecated name of ``huge_bytes`` (after the smaps field)."""
         return self.huge_bytes
 
     @property
