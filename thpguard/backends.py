@@ -177,7 +177,7 @@ class HugetlbBackend:
     The mapping is made with a reservation (never ``MAP_NORESERVE``): the
     kernel promises every page at ``mmap`` time or refuses with ENOMEM, so no
     fault later finds the pool empty. There is nothing to repair:
-    :meth:`repairable` is False and the guard skips these regions.
+    ``repairable`` is False and the guard skips these regions.
     """
 
     name = "hugetlb"

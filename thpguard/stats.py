@@ -39,7 +39,7 @@ class Stats(dict):
     its region is still repaired; ``forks_seen`` forks made by this process;
     ``hugetlb_fork_downgrades`` hugetlb ``share`` regions a fork copied into
     the child because the pool could not cover the copies a shared write
-    would need (see :attr:`Region.fork_downgraded`);
+    would need (see ``Region.fork_downgraded``);
     ``callback_errors`` exceptions raised by the ``on_event`` callback.
     """
 
