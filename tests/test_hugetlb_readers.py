@@ -110,3 +110,20 @@ def test_meminfo_and_capabilities_on_this_host():
     # this host's cgroup setup has no hugetlb controller: absence reads as None
     cg = kernel.hugetlb_cgroup(sizes[0])
     assert cg is None or cg.page_size == sizes[0]
+
+
+def test_shortfall_names_the_pool_command_or_the_cgroup(tmp_path, monkeypatch):
+    """What alloc() and the fork check say when pages cannot be had."""
+    from thpguard.backends import pool_shortfall
+
+    tree = FakeTree(tmp_path)
+    _pool(tree, MB2, 10, 10, 0, 0, 0)
+    _cgroup_v2(tree, {"app/worker": (4 << 20, 0)})
+    monkeypatch.setenv("THPGUARD_SYSFS_ROOT", tree.sys)
+    monkeypatch.setenv("THPGUARD_PROC_ROOT", tree.proc)
+    assert pool_shortfall(MB2, 2) is None
+    msg = pool_shortfall(MB2, 3)
+    assert "hugetlb cgroup" in msg and "raise its limit" in msg
+    msg = pool_shortfall(MB2, 11)
+    assert "echo 11 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages" in msg
+    assert "no 1 GiB hugetlb pool" in pool_shortfall(GB1, 1)
