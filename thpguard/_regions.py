@@ -166,11 +166,13 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child(late: bool = False) -> None:
     fs = _fork_state()  # made for this child by the fork layer
+    exec_child = _fork.in_exec_child()  # exec replaces the process: no work for it
     for region in list(_live().regions):
         region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:
             region._unmapped_here = True
-        if region.fork == "wipe" and region.backend == "hugetlb" and not region._closed:
+        if region.fork == "wipe" and region.backend == "hugetlb" and not region._closed \
+                and not exec_child:
             try:
                 _wipe_in_child(region)
             except OSError as exc:
@@ -187,7 +189,7 @@ def _after_fork_in_child(late: bool = False) -> None:
             # sharing, so neither side splits from now on.
             targets = [(r, mechanism_for(r)) for r in _live().regions
                        if r.fork == "copy" and not r.closed]
-        if _fork.in_exec_child():
+        if exec_child:
             return
         for region, mechanism in targets:
             if region.closed:
