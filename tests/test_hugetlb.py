@@ -365,3 +365,14 @@ def test_share_counts_the_pages_a_child_takes_for_copy_and_wipe(hugepool, pmd2m)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert s.fork_downgraded is not None
         assert w.fork_downgraded is None
+
+
+def test_named_hugetlb_region_in_status(hugepool, pmd2m):
+    from thpguard import _procmap
+
+    hugepool(1)
+    with thpguard.alloc(MB2, backend="hugetlb", name="weights") as r:
+        pc = _procmap.scan_process(os.getpid())
+        vma = next(v for v in pc.vmas if v.start == r.address)
+        assert vma.region == "weights" and vma.huge_bytes == r.size
+        assert "'weights'" in repr(r)

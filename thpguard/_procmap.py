@@ -183,7 +183,8 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
     try:
         for v in vmas:
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
-                              (v.huge_bytes or 0) + (v.hugetlb_bytes or 0), v.rss, None, _marked_region(previous, v))
+                              (v.huge_bytes or 0) + (v.hugetlb_bytes or 0), v.rss, None,
+                              _marked_region(previous, v))
             previous = v
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:

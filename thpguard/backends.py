@@ -219,21 +219,33 @@ class HugetlbBackend:
 
     def map(self, size: int, pmd: int) -> Tuple[mmap.mmap, int]:
         """(mapping object, address) of ``size`` bytes (a multiple of the
-        page size), reserved in the pool now."""
+        page size), reserved in the pool now.
+
+        As for THP, Python's mmap object owns a span with slack either side
+        (so views keep it alive and the slack page below takes the region's
+        marker); the hugetlb mapping replaces the aligned middle of it.
+        """
         err = _native.fault_take("map")
         if err:
             raise kernel_error(err, "mmap", (0, size))
+        span = size + self._page_size + _PAGE
         try:
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | self.flags(),
+            mapping = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, OverflowError) as exc:
+            raise kernel_error(getattr(exc, "errno", None) or errno.ENOMEM, "mmap", (0, span)) from None
+        addr = -(-(_native.buffer_address(mapping) + _PAGE) // self._page_size) * self._page_size
+        try:
+            _native.map_flags(addr, size, self.flags())
         except OSError as exc:
+            mapping.close()
             if exc.errno == errno.ENOMEM:
                 why = self.shortfall(size) or (
                     f"the {_fmt(self._page_size)} hugetlb pool could not reserve "
                     f"{size // self._page_size} pages (another process took them)")
                 raise HugePagesUnavailableError(why) from None
-            raise kernel_error(exc.errno, "mmap", (0, size)) from None
-        return mapping, _native.buffer_address(mapping)
+            raise
+        return mapping, addr
 
     def coverage(self, region: "Region") -> Coverage:
         # hugetlb pages are PAGE_IS_HUGE in PAGEMAP_SCAN: blocks of the PMD
@@ -245,6 +257,10 @@ class HugetlbBackend:
         # MADV_WIPEONFORK is EINVAL on hugetlb: a `wipe` region is kept out
         # of the child like a `private` one, and the fork layer maps a fresh
         # zeroed mapping over the placeholder there (_regions.py).
+        try:
+            _native.map_marker(region.address - _PAGE, _PAGE, region.name)
+        except OSError:
+            pass  # only `thpguard status` loses the region's name
         if region.fork in ("wipe", "private"):
             keep_out_of_child(region)
         if populate:
