@@ -376,3 +376,29 @@ def test_named_hugetlb_region_in_status(hugepool, pmd2m):
         vma = next(v for v in pc.vmas if v.start == r.address)
         assert vma.region == "weights" and vma.huge_bytes == r.size
         assert "'weights'" in repr(r)
+
+
+def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    import thpguard.metrics
+    from test_integ_metrics import scrape
+
+    pool = hugepool(2)
+    if pool.available != 2:
+        pytest.skip("someone else's free pages are in the pool")
+
+    def child():
+        registry = prometheus_client.CollectorRegistry()
+        thpguard.metrics.register(registry)
+        with thpguard.alloc(2 * MB2, backend="hugetlb", name="table") as r:
+            _fill(r, 1)  # the pool is dry now: a fork must downgrade
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            return scrape(registry)
+
+    samples = run_in_child(child)
+    assert samples[("thpguard_region_bytes", (("region", "table"),))] == 2 * MB2
+    assert samples[("thpguard_region_huge_bytes", (("region", "table"),))] == 2 * MB2
+    assert samples[("thpguard_hugetlb_fork_downgrades_total", ())] == 1
