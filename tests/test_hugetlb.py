@@ -50,6 +50,7 @@ def _pages_ok(region, seed):
 
 
 def test_alloc_maps_hugetlb_pages(hugepool, pmd2m):
+    """A hugetlb region has pages of the pool's size (smaps, meminfo); collapse() is a no-op."""
     hugepool(3)
     before = meminfo()
     with thpguard.alloc(5 << 20, backend="hugetlb") as r:  # rounded up to 3 pages
@@ -70,6 +71,7 @@ def test_alloc_maps_hugetlb_pages(hugepool, pmd2m):
 
 
 def test_reservation_is_taken_at_mmap(hugepool, pmd2m):
+    """The pool reserves every page at mmap (HugePages_Rsvd), before any fault."""
     hugepool(2)
     before = meminfo()
     with thpguard.alloc(2 * MB2, backend="hugetlb", populate=False) as r:
@@ -81,6 +83,7 @@ def test_reservation_is_taken_at_mmap(hugepool, pmd2m):
 
 
 def test_pool_too_small_names_the_fix_and_leaks_nothing(pmd2m):
+    """A pool too small raises with the exact nr_hugepages command and leaves no reservation behind."""
     pool = kernel.hugetlb_pool(MB2)
     pages = pool.available + 1
     before = meminfo()
@@ -93,6 +96,7 @@ def test_pool_too_small_names_the_fix_and_leaks_nothing(pmd2m):
 
 
 def test_strict_false_and_auto_fall_back_to_thp(pmd2m, caplog):
+    """strict=False and auto give a THP region when the pool cannot hold it, and log why."""
     pages = kernel.hugetlb_pool(MB2).available + 1
     with caplog.at_level(logging.INFO, logger="thpguard"):
         with thpguard.alloc(pages * MB2, backend="hugetlb", strict=False) as r:
@@ -103,6 +107,7 @@ def test_strict_false_and_auto_fall_back_to_thp(pmd2m, caplog):
 
 
 def test_auto_uses_hugetlb_when_the_pool_holds_it(hugepool, pmd2m):
+    """auto takes hugetlb pages when the pool can hold the region."""
     hugepool(1)
     with thpguard.alloc(MB2, backend="auto") as r:
         assert r.backend == "hugetlb" and "hugetlb pool" in r.backend_reason
@@ -110,6 +115,7 @@ def test_auto_uses_hugetlb_when_the_pool_holds_it(hugepool, pmd2m):
 
 
 def test_bad_arguments():
+    """Unknown backends and page sizes are refused with what was expected."""
     with pytest.raises(InvalidArgumentError):
         thpguard.alloc(MB2, backend="hugepages")
     with pytest.raises(UnsupportedError, match="sizes offered"):
@@ -119,6 +125,7 @@ def test_bad_arguments():
 
 
 def test_numpy_and_hot_work(hugepool, pmd2m):
+    """numpy arrays work on hugetlb regions, also through thpguard.numpy."""
     np = pytest.importorskip("numpy")
     hugepool(2)
     with thpguard.alloc(2 * MB2, backend="hugetlb") as r:
@@ -144,6 +151,7 @@ def _child_view(r):
 
 
 def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
+    """copy: the child owns hugetlb pages of its own from fork on (its smaps, the pool's free count)."""
     hugepool(4)  # 2 for the parent, 2 for the child's copy
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="copy") as r:
         _fill(r, 100)
@@ -164,6 +172,7 @@ def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
 
 
 def test_copy_child_falls_back_to_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
+    """copy with a dry pool: the child's copy is on THP pages, with the same data."""
     pool = hugepool(2)
     if pool.available != 2:
         pytest.skip("someone else's free pages are in the pool")
@@ -186,6 +195,7 @@ def _wait(pid):
 
 
 def test_share_with_room_in_the_pool_is_shared(hugepool, pmd2m):
+    """share with room in the pool: shared, not downgraded, and a child's write copies whole pages."""
     hugepool(4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)
@@ -243,6 +253,7 @@ def test_share_fork_with_a_dry_pool_kills_nobody(hugepool, pmd2m, writer, caplog
 
 
 def test_wipe_child_gets_zeroed_hugetlb_pages_at_the_same_address(hugepool, pmd2m):
+    """wipe: the child sees zeroed hugetlb pages at the same address; the parent keeps its data."""
     hugepool(4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="wipe") as r:
         _fill(r, 9)
@@ -264,6 +275,7 @@ def test_wipe_child_gets_zeroed_hugetlb_pages_at_the_same_address(hugepool, pmd2
 
 
 def test_wipe_child_gets_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
+    """wipe with a dry pool: the child's zeroed range is THP."""
     pool = hugepool(2)
     if pool.available != 2:
         pytest.skip("someone else's free pages are in the pool")
@@ -282,6 +294,7 @@ def test_wipe_child_gets_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
 
 
 def test_private_is_not_mapped_in_the_child(hugepool, pmd2m):
+    """private: the child has only a PROT_NONE placeholder at the address."""
     hugepool(2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="private") as r:
         _fill(r, 4)
@@ -296,6 +309,7 @@ def test_private_is_not_mapped_in_the_child(hugepool, pmd2m):
 
 
 def test_one_gigabyte_page(hugepool):
+    """A 1 GiB region is one 1 GiB page (smaps KernelPageSize) where the kernel can find one."""
     if not kernel.capabilities().hugetlb_gigantic.available:
         pytest.skip(kernel.capabilities().hugetlb_gigantic.reason)
     if kernel.hugetlb_meminfo().get("HugePages_Total") is None:
@@ -314,6 +328,7 @@ def test_one_gigabyte_page(hugepool):
 
 @pytest.mark.parametrize("use_scan", [True, False])
 def test_status_counts_hugetlb_pages(hugepool, pmd2m, use_scan):
+    """thpguard status counts hugetlb pages as huge, from PAGEMAP_SCAN and from smaps."""
     from thpguard import _procmap
 
     hugepool(2)
@@ -324,6 +339,7 @@ def test_status_counts_hugetlb_pages(hugepool, pmd2m, use_scan):
 
 
 def test_guard_leaves_hugetlb_regions_alone(hugepool, pmd2m):
+    """The guard never tries to repair a hugetlb region."""
     hugepool(2)
     with thpguard.alloc(2 * MB2, backend="hugetlb") as r:
         repairs = thpguard.stats().repairs
@@ -337,6 +353,7 @@ def test_guard_leaves_hugetlb_regions_alone(hugepool, pmd2m):
 
 
 def test_hot_populates_a_hugetlb_region(hugepool, pmd2m):
+    """hot() on a hugetlb region populates it on entry."""
     hugepool(2)
     with thpguard.hot(2 * MB2, backend="hugetlb", populate=False) as r:
         assert r.backend == "hugetlb"
@@ -368,6 +385,7 @@ def test_share_counts_the_pages_a_child_takes_for_copy_and_wipe(hugepool, pmd2m)
 
 
 def test_named_hugetlb_region_in_status(hugepool, pmd2m):
+    """A named hugetlb region carries its marker page: status shows its name."""
     from thpguard import _procmap
 
     hugepool(1)
@@ -379,6 +397,7 @@ def test_named_hugetlb_region_in_status(hugepool, pmd2m):
 
 
 def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
+    """The collector reports a named hugetlb region's bytes and the fork downgrade counter."""
     prometheus_client = pytest.importorskip("prometheus_client")
     import thpguard.metrics
     from test_integ_metrics import scrape

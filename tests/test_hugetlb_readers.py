@@ -24,6 +24,7 @@ def _pool(tree, size, total, free, resv, surp, over, nodes=None):
 
 
 def test_pools_per_size_and_node(tmp_path):
+    """Pool counts per size and per node, the available pages and the grow command."""
     tree = FakeTree(tmp_path)
     _pool(tree, MB2, 10, 6, 2, 1, 3, {0: (6, 4, 1), 1: (4, 2, 0)})
     _pool(tree, GB1, 1, 1, 0, 0, 0)
@@ -41,6 +42,7 @@ def test_pools_per_size_and_node(tmp_path):
 
 
 def test_no_hugetlb_at_all(tmp_path):
+    """A kernel without hugetlb reads as no sizes, no pools, no cgroup limit."""
     tree = FakeTree(tmp_path)
     assert kernel.hugetlb_sizes(tree.roots) == []
     assert kernel.hugetlb_pools(tree.roots) == {}
@@ -49,6 +51,7 @@ def test_no_hugetlb_at_all(tmp_path):
 
 
 def test_gigantic_needs_pool_dir_and_cpu_flag(tmp_path):
+    """1 GiB support needs the pool directory and, where cpuinfo says, pdpe1gb."""
     tree = FakeTree(tmp_path)
     _pool(tree, GB1, 0, 0, 0, 0, 0)
     tree.write(os.path.join(tree.proc, "cpuinfo"), "processor\t: 0\nflags\t\t: fpu pse pdpe1gb lm\n")
@@ -69,6 +72,7 @@ def _cgroup_v2(tree, limits):
 
 
 def test_cgroup_v2_tightest_limit_of_the_ancestors(tmp_path):
+    """cgroup v2: the tightest hugetlb.<size>.max of the cgroup and its ancestors applies."""
     tree = FakeTree(tmp_path)
     _cgroup_v2(tree, {"app/worker": ("max", 0), "app": (8 << 20, 2 << 20)})
     cg = kernel.hugetlb_cgroup(MB2, roots=tree.roots)
@@ -77,6 +81,7 @@ def test_cgroup_v2_tightest_limit_of_the_ancestors(tmp_path):
 
 
 def test_cgroup_v2_unlimited(tmp_path):
+    """cgroup v2 'max' reads as no limit."""
     tree = FakeTree(tmp_path)
     _cgroup_v2(tree, {"app/worker": ("max", 0)})
     cg = kernel.hugetlb_cgroup(MB2, roots=tree.roots)
@@ -84,6 +89,7 @@ def test_cgroup_v2_unlimited(tmp_path):
 
 
 def test_cgroup_v1_hugetlb_controller(tmp_path):
+    """cgroup v1: the hugetlb controller's limit and usage per size."""
     tree = FakeTree(tmp_path)
     tree.write(os.path.join(tree.proc, "self/cgroup"), "7:hugetlb:/batch\n4:memory:/batch\n")
     tree.write(os.path.join(tree.proc, "self/mountinfo"),
@@ -97,6 +103,7 @@ def test_cgroup_v1_hugetlb_controller(tmp_path):
 
 
 def test_meminfo_and_capabilities_on_this_host():
+    """On this host the readers agree with capabilities() and a missing controller reads as None."""
     info = kernel.hugetlb_meminfo()
     sizes = kernel.hugetlb_sizes()
     if not sizes:

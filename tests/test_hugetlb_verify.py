@@ -39,6 +39,7 @@ def nr(t, size):
 
 
 def test_empty_pools_are_not_failures(fake, capsys):
+    """Empty pools are n/a with advice and no fix: the hugetlb backend is opt-in."""
     _pool(fake, MB2, 0, 0, 0, 0, 0, {0: (0, 0, 0)})
     _pool(fake, GB1, 0, 0, 0, 0, 0)
     code, checks, doc = verify(capsys)
@@ -53,6 +54,7 @@ def test_empty_pools_are_not_failures(fake, capsys):
 
 
 def test_pool_counts_per_node_in_the_detail(fake, capsys):
+    """The pool check shows the available pages and each node's share."""
     _pool(fake, MB2, 8, 5, 1, 0, 2, {0: (4, 3, 0), 1: (4, 2, 0)})
     _, checks, _ = verify(capsys)
     c = checks["hugetlb_pool_pmd"]
@@ -61,6 +63,7 @@ def test_pool_counts_per_node_in_the_detail(fake, capsys):
 
 
 def test_fix_never_grows_a_pool_unless_asked(fake, capsys, monkeypatch):
+    """verify --fix grows a pool only when --hugetlb-pool asks, by what is missing."""
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     _pool(fake, MB2, 1, 1, 0, 0, 0)
     verify(capsys, "--fix")
@@ -72,6 +75,7 @@ def test_fix_never_grows_a_pool_unless_asked(fake, capsys, monkeypatch):
 
 
 def test_wanted_pages_and_bad_page_size(fake, capsys):
+    """--hugetlb-pool sets what the pool must hold; an unknown page size is a usage error."""
     _pool(fake, MB2, 2, 2, 0, 0, 0)
     code, checks, _ = verify(capsys, "--hugetlb-pool", "2")
     assert checks["hugetlb_pool_pmd"]["status"] == "ok"
@@ -83,11 +87,13 @@ def test_wanted_pages_and_bad_page_size(fake, capsys):
 
 
 def test_no_hugetlb_kernel(fake, capsys):
+    """A kernel without hugetlb gets one n/a line."""
     _, checks, _ = verify(capsys)
     assert checks["hugetlb"]["status"] == "n/a" and "no hugetlb pools" in checks["hugetlb"]["detail"]
 
 
 def test_one_page_test_mapping_on_this_host(hugepool, capsys):
+    """The one-page test mapping works here and gives its page back."""
     if kernel.pmd_size() not in kernel.hugetlb_sizes():
         pytest.skip("no hugetlb pool of the PMD size")
     hugepool(1)

@@ -85,9 +85,10 @@ def _share_downgrades() -> list:
     """hugetlb ``share`` regions this fork must copy into the child instead.
 
     After fork, a write to a shared hugetlb page by either side copies the
-    whole page, and that copy needs a free pool page: a child that finds
-    none dies of SIGBUS, and a parent that finds none takes the page away
-    from its children (they die of SIGBUS on their next access). So before
+    whole page, and that copy needs a free pool page (Linux 6.18, measured):
+    a child that finds none dies of SIGBUS, and a parent that finds none
+    takes the page away from its children (they die of SIGBUS on their next
+    access). So before
     the fork the populated pages of the ``share`` regions (what the fork
     may have to copy), plus the pages the child takes for its ``copy`` and
     ``wipe`` hugetlb regions, are held against the pages the pool and the

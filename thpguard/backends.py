@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from . import _native, kernel, pagemap
 from .blocks import Coverage
-from .errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError, kernel_error
+from .errors import (HugePagesUnavailableError, InvalidArgumentError, InvalidTypeError,
+                     UnsupportedError, kernel_error)
 from .repair import LocalTarget, RepairEngine
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class HugetlbBackend:
             default = kernel.pmd_size() or FALLBACK_PMD
             page_size = default if default in sizes else (sizes[0] if sizes else default)
         if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise InvalidArgumentError(
+            raise InvalidTypeError(
                 f"page_size must be an int number of bytes, got {type(page_size).__name__}")
         if page_size not in sizes:
             have = ", ".join(f"{s} ({_fmt(s)})" for s in sizes) or "none"
@@ -248,19 +249,20 @@ class HugetlbBackend:
         return mapping, addr
 
     def coverage(self, region: "Region") -> Coverage:
-        # hugetlb pages are PAGE_IS_HUGE in PAGEMAP_SCAN: blocks of the PMD
+        # hugetlb pages are PAGE_IS_HUGE in PAGEMAP_SCAN (6.7+): blocks of the PMD
         # size, like THP, so the block model and its consumers are shared.
         return pagemap.coverage(region.address, region.address + region.size, region.pmd_size)
 
     def setup(self, region: "Region", populate: bool) -> None:
-        """Fork policy and population of a freshly mapped region."""
-        # MADV_WIPEONFORK is EINVAL on hugetlb: a `wipe` region is kept out
-        # of the child like a `private` one, and the fork layer maps a fresh
-        # zeroed mapping over the placeholder there (_regions.py).
+        """Marker page, fork policy and population of a freshly mapped region."""
         try:
             _native.map_marker(region.address - _PAGE, _PAGE, region.name)
         except OSError:
             pass  # only `thpguard status` loses the region's name
+        # MADV_WIPEONFORK is EINVAL on hugetlb (Linux 6.18, measured): a
+        # `wipe` region is kept out of the child like a `private` one, and
+        # the fork layer maps a fresh zeroed mapping over the placeholder
+        # there (_regions.py).
         if region.fork in ("wipe", "private"):
             keep_out_of_child(region)
         if populate:
