@@ -421,3 +421,24 @@ def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
     assert samples[("thpguard_region_bytes", (("region", "table"),))] == 2 * MB2
     assert samples[("thpguard_region_huge_bytes", (("region", "table"),))] == 2 * MB2
     assert samples[("thpguard_hugetlb_fork_downgrades_total", ())] == 1
+
+
+def test_hugepool_fixture_gives_the_pages_back_when_a_test_fails(tmp_path, pmd2m):
+    """The fixture that grows the pool shrinks it back to where it was, also after a failure."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_fails.py").write_text(
+        "from conftest import hugepool  # noqa: F401\n"
+        "from thpguard import kernel\n\n"
+        "def test_fails(hugepool):\n"
+        "    hugepool(3)\n"
+        "    assert kernel.hugetlb_pool(2 << 20).available >= 3\n"
+        "    assert False, 'deliberate'\n")
+    before = kernel.hugetlb_pool(MB2).total
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_fails.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "deliberate" in proc.stdout, proc.stdout + proc.stderr
+    assert kernel.hugetlb_pool(MB2).total == before
