@@ -442,3 +442,45 @@ def test_hugepool_fixture_gives_the_pages_back_when_a_test_fails(tmp_path, pmd2m
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "deliberate" in proc.stdout, proc.stdout + proc.stderr
     assert kernel.hugetlb_pool(MB2).total == before
+
+
+def test_share_counts_children_that_still_share(hugepool, pmd2m):
+    """A second child is downgraded while the first still shares: the pool
+    holds one child's copies, not two, and neither child dies writing."""
+    pool = hugepool(4)
+    if pool.available != 4:
+        pytest.skip("someone else's free pages are in the pool")
+    with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
+        _fill(r, 1)  # 2 pages used, 2 free: room for one child's copies
+        go_r, go_w = os.pipe()  # the first child writes when this has a byte
+        done_r, done_w = os.pipe()  # the second child lives until this closes
+        first = os.fork()
+        if first == 0:
+            for fd in (go_w, done_r, done_w):
+                os.close(fd)
+            os.read(go_r, 1)
+            _fill(r, 2)
+            os._exit(0 if _pages_ok(r, 2) else 3)
+        assert r.fork_downgraded is None
+        ready_r, ready_w = os.pipe()
+        second = os.fork()
+        if second == 0:
+            for fd in (go_r, go_w, done_w, ready_r):
+                os.close(fd)
+            _fill(r, 4)
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)  # alive, holding its pages, until the first wrote
+            os._exit(0 if _pages_ok(r, 4) else 3)
+        os.close(done_r)
+        downgraded = r.fork_downgraded  # checked once both children are gone
+        os.read(ready_r, 1)
+        os.write(go_w, b"x")
+        first_status = _wait(first)
+        os.close(done_w)
+        for status in (first_status, _wait(second)):
+            assert not os.WIFSIGNALED(status), signal.Signals(os.WTERMSIG(status)).name
+            assert os.WEXITSTATUS(status) == 0
+        for fd in (go_r, go_w, ready_r, ready_w):
+            os.close(fd)
+        assert downgraded and "1 earlier one(s)" in downgraded
+        assert _pages_ok(r, 1)

@@ -115,7 +115,9 @@ def _share_downgrades() -> list:
                 log.warning("region %#x: could not count its pages: %s", r.address, exc)
                 populated.append((r, r.size // page_size))
         shared = sum(n for _, n in populated)
-        need = shared + child_pages.get(page_size, 0)
+        # Each child still sharing these pages may copy each of them once more.
+        sharers = _children_sharing([r.address for r in group]) if shared else 0
+        need = shared * (1 + sharers) + child_pages.get(page_size, 0)
         why = pool_shortfall(page_size, need) if shared else None
         for r, n in populated:
             r.fork_downgraded = None
@@ -123,12 +125,39 @@ def _share_downgrades() -> list:
                 continue
             r.fork_downgraded = (
                 f"fork copied this share region into the child (THP): writes to the {shared} "
-                f"shared pages and the child's copy and wipe regions could need {need} pool "
-                f"pages: {why}")
+                f"shared pages (by this child and {sharers} earlier one(s) still sharing them) "
+                f"and the child's copy and wipe regions could need {need} pool pages: {why}")
             log.error("hugetlb share region %#x: %s", r.address, r.fork_downgraded)
             events.counters().add(hugetlb_fork_downgrades=1)
             out.append((r, HugetlbCopy(pool=False)))
     return out
+
+
+def _children_sharing(addresses) -> int:
+    """How many live children of this process (forked by any thread) still
+    map one of the hugetlb ranges starting at ``addresses`` (their maps);
+    0 where the kernel does not list children (CONFIG_PROC_CHILDREN)."""
+    pids: set = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(f.read().split())
+        except OSError:
+            continue
+    starts, count = set(addresses), 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any("anon_hugepage" in line and int(line.split("-", 1)[0], 16) in starts
+                       for line in f):
+                    count += 1
+        except (OSError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+    return count
 
 
 def _wipe_in_child(region) -> None:
