@@ -303,6 +303,9 @@ def _cmd_watch(args) -> int:
                 pc = _procmap.scan_process(args.pid)
             except _procmap.ProcessGone:
                 if samples == 0:
+                    if os.path.exists(f"/proc/{args.pid}"):
+                        raise AccessError(f"PID {args.pid} has no memory to watch (a kernel thread, "
+                                          "or a zombie)") from None
                     raise AccessError(f"no process with PID {args.pid}") from None
                 if args.json:
                     _emit_json({"command": "watch", "event": "exit", "pid": args.pid, "samples": samples,
