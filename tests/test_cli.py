@@ -626,3 +626,11 @@ def test_zombie_and_kernel_thread_exit_3(capsys, command):
             assert code == cli.EXIT_NO_ACCESS, (pid, out, err)
             assert "Traceback" not in err and str(pid) in err
 
+
+
+@pytest.mark.parametrize("argv", [["watch", "1", "--interval", "inf"], ["watch", "1", "--interval", "1e308"],
+                                  ["guard", "1", "--interval", "inf"], ["watch", "1", "--count", "-1"]])
+def test_unusable_intervals_and_counts_are_usage_errors(capsys, argv):
+    """An interval no clock can sleep (inf, 1e308) or a negative count is a usage error, not a traceback later."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err

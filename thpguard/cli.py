@@ -107,14 +107,24 @@ def _pid(text: str) -> int:
     return int(text)
 
 
+_MAX_SECONDS = 365 * 86400.0  # time.sleep() and select() overflow on inf or 1e308
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0 < value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds (at most {_MAX_SECONDS:.0f}), got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of samples (0 or more), got {text!r}")
+    return int(text)
 
 
 # -- verify -------------------------------------------------------------
@@ -283,7 +293,7 @@ def _add_watch(sub) -> None:
                        epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     p.add_argument("pid", type=_pid, metavar="PID")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between samples")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
+    p.add_argument("--count", type=_count, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, one per line")
     p.set_defaults(func=_cmd_watch)
 
