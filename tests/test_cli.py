@@ -634,3 +634,12 @@ def test_unusable_intervals_and_counts_are_usage_errors(capsys, argv):
     """An interval no clock can sleep (inf, 1e308) or a negative count is a usage error, not a traceback later."""
     assert cli.main(argv) == cli.EXIT_USAGE
     assert "Traceback" not in capsys.readouterr().err
+
+
+
+def test_prometheus_file_unwritable_is_a_message(capsys, tmp_path):
+    """--prometheus-file in a missing directory or onto a directory says so (exit 2), no traceback, no temp file."""
+    for path in (tmp_path / "missing" / "x.prom", tmp_path):
+        code, out, err = run(capsys, "status", str(os.getpid()), "--prometheus-file", str(path))
+        assert code == cli.EXIT_USAGE and "Traceback" not in err and str(path) in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []

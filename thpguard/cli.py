@@ -258,7 +258,11 @@ def _cmd_status(args) -> int:
 
         text = metrics.textfile(found, per_pid=args.prometheus_per_pid)
         if args.prometheus_file:
-            metrics.write_textfile(args.prometheus_file, text)
+            try:
+                metrics.write_textfile(args.prometheus_file, text)
+            except OSError as exc:
+                raise UsageError(f"cannot write metrics to {args.prometheus_file}: "
+                                 f"{exc.strerror or exc}") from None
         else:
             sys.stdout.write(text)
     elif args.json:
