@@ -489,7 +489,9 @@ static void segv_chain(int sig, siginfo_t *info, void *uctx)
         prev->sa_sigaction(sig, info, uctx);
     } else if (prev->sa_handler == SIG_IGN && info->si_code <= 0) {
         return; /* a sent SIGSEGV, ignored; a fault cannot be ignored (it would recur) */
-    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL) {
+    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL
+               && prev->sa_handler != SIG_IGN) {
+        /* SIG_IGN is (void (*)(int))1: a fault under it takes the default action below. */
         prev->sa_handler(sig);
     } else {
         /* Default action: put it back; a fault re-executes the instruction
