@@ -430,9 +430,13 @@ def _cmd_run(args) -> int:
     except ThpguardError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    except FileNotFoundError as exc:
-        _err(str(exc.strerror or exc))
-        return 127
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) not in what:
+            what = f"{exc.filename}: {what}"
+        _err(what)
+        # As shells do: 127 not found, 126 found but not runnable (no x bit, not a program).
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     return EXIT_OK  # not reached: run() execs or raises
 
 
