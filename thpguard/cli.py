@@ -457,6 +457,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "message": str(exc), "pid": getattr(args, "pid", None),
                         "timestamp_seconds": time.time()})
         return exc.exit_code
+    except ImportError:
+        from . import _native_missing  # noqa: PLC0415 - set when the extension failed to import
+
+        if _native_missing is None:
+            raise
+        _err(f"{args.command}: {_native_missing}")
+        return EXIT_UNSUPPORTED
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # past verify's progress line and the echoed ^C
