@@ -458,12 +458,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "timestamp_seconds": time.time()})
         return exc.exit_code
     except ImportError:
-        from . import _native_missing  # noqa: PLC0415 - set when the extension failed to import
-
-        if _native_missing is None:
-            raise
-        _err(f"{args.command}: {_native_missing}")
-        return EXIT_UNSUPPORTED
+        try:
+            from . import _native  # noqa: F401,PLC0415 - the usual cause
+        except ImportError as exc:
+            _err(f"{args.command}: the native module is not built ({exc}); reinstall thpguard")
+            return EXIT_UNSUPPORTED
+        raise
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # past verify's progress line and the echoed ^C
