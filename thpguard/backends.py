@@ -9,13 +9,14 @@ copy) plug in with :func:`register_copy_mechanism`.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from . import _native, kernel, pagemap
 from .blocks import Coverage
-from .errors import InvalidArgumentError, kernel_error
+from .errors import InvalidArgumentError, KernelCallError, kernel_error
 from .repair import LocalTarget, RepairEngine
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ class ThpBackend:
             mapping = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
+            hint = kernel.map_count_hint() if exc.errno == errno.ENOMEM else ""
+            if hint:
+                raise KernelCallError(exc.errno, "mmap", (0, span), hint) from None
             raise kernel_error(exc.errno, "mmap", (0, span)) from None
         base = _native.buffer_address(mapping)
         return mapping, -(-(base + _PAGE) // pmd) * pmd

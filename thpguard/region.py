@@ -38,6 +38,7 @@ from .errors import (
     HugePagesUnavailableError,
     InvalidArgumentError,
     InvalidTypeError,
+    KernelCallError,
     RegionClosedError,
     UnsupportedError,
 )
@@ -194,11 +195,16 @@ class Region:
         try:
             self._offset = self.address - _native.buffer_address(self._map)
             self._setup(populate, strict)
-        except BaseException:
+        except BaseException as exc:
+            full = isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.ENOMEM)
+            hint = kernel.map_count_hint() if full else ""
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
             if forget is not None:
                 forget()  # else every later child reserves this stale range
+            if hint:
+                raise KernelCallError(exc.errno, getattr(exc, "operation", "madvise"),
+                                      getattr(exc, "range", None), hint) from None
             raise
         live = _live()
         with live.lock:
