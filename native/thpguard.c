@@ -578,10 +578,13 @@ static void segv_update(void)
         if (sigaction(SIGSEGV, &sa, &segv_previous) == 0)
             segv_installed = 1;
     } else if (!n_placeholders && segv_installed) {
-        /* Someone installed a handler after ours: leave the chain alone. */
+        /* Someone installed a handler after ours: leave the chain alone, and
+         * stay installed, since it may chain to us; installing again over it
+         * would make it our previous handler and its previous us, a loop. */
         if (current == 1)
             sigaction(SIGSEGV, &segv_previous, NULL);
-        segv_installed = 0;
+        if (current != -1)
+            segv_installed = 0;
     }
 }
 

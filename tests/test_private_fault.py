@@ -120,3 +120,17 @@ def test_ignored_sigsegv_fault_dies_where_it_faulted():
     faults = [line for line in done.stderr.splitlines() if "si_addr=" in line]
     assert faults and "+++ killed by SIGSEGV" in done.stderr, done.stderr
     assert all("si_addr=0x10}" in line for line in faults), faults
+
+
+def test_real_fault_after_a_chaining_handler_and_a_new_region_dies_once():
+    """A handler installed over ours (faulthandler), then a new private region: a real fault dies, no endless loop."""
+    done = _run("""
+        import ctypes, faulthandler, thpguard
+        first = thpguard.alloc(2 << 20, fork="private")
+        faulthandler.enable()          # saves our handler as the one to chain to
+        first.close()
+        later = thpguard.alloc(2 << 20, fork="private")
+        ctypes.string_at(16)
+    """)
+    assert done.returncode == -signal.SIGSEGV, done.stderr[-2000:]
+    assert done.stderr.count("Fatal Python error: Segmentation fault") == 1
