@@ -485,3 +485,21 @@ def test_alloc_at_max_map_count_says_so():
     done = subprocess.run([sys.executable, "-c", MAP_COUNT_FULL], capture_output=True, text=True,
                           timeout=300)
     assert "vm.max_map_count" in done.stdout, done.stdout + done.stderr
+
+
+PRIVATE_FULL = r"""
+import os, thpguard
+regions = []
+try:
+    while True:
+        regions.append(thpguard.alloc(2 << 20, fork="private", populate=False))
+except thpguard.KernelCallError as exc:
+    print(len(regions), exc)
+"""
+
+
+def test_too_many_private_regions_says_the_limit():
+    """Past the native table of private regions, alloc() names the limit and what to do, not a bare ENOSPC."""
+    done = subprocess.run([sys.executable, "-c", PRIVATE_FULL], capture_output=True, text=True,
+                          timeout=300)
+    assert "at most 4096 open fork='private' regions" in done.stdout, done.stdout + done.stderr
