@@ -304,3 +304,36 @@ def test_ctrl_c_while_a_fork_waits_for_the_copy_keeps_the_guard(require_thp):
                           text=True, timeout=120)
     assert "interrupted the copy wait" in done.stdout, done.stderr
     assert "guard_running True" in done.stdout, (done.stdout, done.stderr)
+
+
+CLOSE_WHILE_FORKING = r"""
+import os, threading, time, thpguard
+stop = False
+def churn(policy):
+    while not stop:
+        thpguard.alloc(2 << 20, fork=policy, populate=False).close()
+threads = [threading.Thread(target=churn, args=(p,)) for p in ("copy", "private")]
+for t in threads:
+    t.start()
+deadline, forks, failed = time.monotonic() + 4, 0, []
+while time.monotonic() < deadline:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    forks += 1
+    if status:
+        failed.append(status)
+stop = True
+for t in threads:
+    t.join()
+print(forks, failed)
+"""
+
+
+def test_fork_while_other_threads_close_copy_regions():
+    """A copy region closed by another thread during fork is never copied in the child (it faulted there)."""
+    done = subprocess.run([sys.executable, "-c", CLOSE_WHILE_FORKING], capture_output=True, text=True,
+                          timeout=120)
+    forks, failed = done.stdout.split(" ", 1)
+    assert int(forks) > 0 and failed.strip() == "[]", done.stdout + done.stderr[-1500:]

@@ -390,6 +390,9 @@ class Region:
         with self._lock:
             if self._closed:
                 return
+            # Closed before the unmap: a child forked by another thread
+            # meanwhile must not copy (`copy`) a range being unmapped.
+            self._closed = True
             try:
                 self._map.close()
             except BufferError:
@@ -399,12 +402,12 @@ class Region:
                     # unmaps the reservation once they are gone.
                     pass
                 else:
+                    self._closed = False
                     raise BufferError(
                         "cannot close the region: memoryviews or arrays made from "
                         "region.view() still use it; release them (del, or "
                         "memoryview.release()) and close again"
                     ) from None
-            self._closed = True
         if self.fork == "private":
             self._forget_placeholder()
         live = _live()
