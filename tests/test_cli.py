@@ -504,7 +504,7 @@ def test_run_help_shows_defaults_and_exit_codes(capsys):
     """run --help names its defaults and its own exit codes (127: program not found)."""
     assert cli.main(["run", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default: share)" in out and "0.05" in out and "127 COMMAND not found" in out
+    assert "(default share)" in out and "(default 0.05)" in out and "127 COMMAND not found" in out
 
 
 @pytest.mark.parametrize("command", ["watch", "guard"])
@@ -618,30 +618,45 @@ def test_verify_ctrl_c_exits_130(require_thp):
 
 @contextlib.contextmanager
 def _zombie():
-    """A child that has exited but was not reaped: /proc/PID exists, with no user memory."""
-    child = subprocess.Popen(["true"])
+    """A child that exited and was not reaped yet (its PID exists, its memory does not)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with open(f"/proc/{child.pid}/stat") as f:
+        for _ in range(500):
+            with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                     break
             time.sleep(0.01)
-        else:
-            pytest.fail("the child did not become a zombie")
-        yield child.pid
+        yield pid
     finally:
-        child.wait()
+        os.waitpid(pid, 0)
 
 
-def test_process_without_user_memory(capsys):
-    """A zombie (like a kernel thread) has no memory map: status and watch show
-    0 VMAs, guard says there is nothing to guard (exit 3), none a traceback."""
-    with _zombie() as pid:
-        code, out, _ = run(capsys, "status", str(pid), "--json")
-        doc = json.loads(out)
-        assert code == 0 and doc["errors"] == [] and doc["processes"][0]["totals"]["vmas"] == 0
-        code, out, _ = run(capsys, "watch", str(pid), "--count", "1", "--json")
-        assert code == 0 and json.loads(out.splitlines()[0])["totals"]["vmas"] == 0
-        code, _, err = run(capsys, "guard", str(pid), "--once")
-        assert code == 3 and "no user memory" in err
+@pytest.mark.parametrize("command", ["status", "watch", "guard"])
+def test_zombie_and_kernel_thread_exit_3(capsys, command):
+    """A zombie or a kernel thread (PID 2) has no memory to show: exit 3 with a message, no traceback."""
+    extra = {"watch": ["--count", "1"], "guard": ["--once"]}.get(command, [])
+    with _zombie() as zpid:
+        for pid in (zpid, 2):
+            code, out, err = run(capsys, command, str(pid), *extra)
+            assert code == cli.EXIT_NO_ACCESS, (pid, out, err)
+            assert "Traceback" not in err and str(pid) in err
+
+
+
+@pytest.mark.parametrize("argv", [["watch", "1", "--interval", "inf"], ["watch", "1", "--interval", "1e308"],
+                                  ["guard", "1", "--interval", "inf"], ["watch", "1", "--count", "-1"]])
+def test_unusable_intervals_and_counts_are_usage_errors(capsys, argv):
+    """An interval no clock can sleep (inf, 1e308) or a negative count is a usage error, not a traceback later."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err
+
+
+
+def test_prometheus_file_unwritable_is_a_message(capsys, tmp_path):
+    """--prometheus-file in a missing directory or onto a directory says so (exit 2), no traceback, no temp file."""
+    for path in (tmp_path / "missing" / "x.prom", tmp_path):
+        code, out, err = run(capsys, "status", str(os.getpid()), "--prometheus-file", str(path))
+        assert code == cli.EXIT_USAGE and "Traceback" not in err and str(path) in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []

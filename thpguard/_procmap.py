@@ -169,16 +169,13 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
         raise ProcessGone(pid)
     fd = -1
     source = SOURCE_SMAPS
-    if use_scan and not vmas:
-        # No user memory (a kernel thread, or a zombie): its pagemap fails to
-        # open with ESRCH, and there is nothing to scan.
-        source = SOURCE_PAGEMAP_SCAN
-    elif use_scan:
+    if use_scan:
         try:
             fd = os.open(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid), "pagemap"),
                          os.O_RDONLY | os.O_CLOEXEC)
             source = SOURCE_PAGEMAP_SCAN
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
+            # ESRCH here: a zombie or a kernel thread, which has no memory map.
             raise ProcessGone(pid) from None
         except OSError as exc:
             raise _error(exc, pid, "the page map") from None
