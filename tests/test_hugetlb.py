@@ -484,3 +484,22 @@ def test_share_counts_children_that_still_share(hugepool, pmd2m):
             os.close(fd)
         assert downgraded and "1 earlier one(s)" in downgraded
         assert _pages_ok(r, 1)
+
+
+def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepool, pmd2m):
+    """A child touching share pages the parent never faulted needs pool pages too: no SIGBUS."""
+    pool = hugepool(2)
+    if pool.available != 2:
+        pytest.skip("someone else's free pages are in the pool")
+    with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share", populate=False) as r:
+        assert kernel.hugetlb_pool(MB2).available == 0  # both pages reserved, none faulted
+        pid = os.fork()
+        if pid == 0:
+            _fill(r, 3)
+            os._exit(0 if _pages_ok(r, 3) else 4)
+        status = _wait(pid)
+        assert not os.WIFSIGNALED(status), f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        assert os.WEXITSTATUS(status) == 0
+        assert r.fork_downgraded
+        _fill(r, 5)
+        assert _pages_ok(r, 5) and hugetlb_vma("self", r.address)[1] == r.size

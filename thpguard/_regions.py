@@ -85,12 +85,13 @@ def _share_downgrades() -> list:
     """hugetlb ``share`` regions this fork must copy into the child instead.
 
     After fork, a write to a shared hugetlb page by either side copies the
-    whole page, and that copy needs a free pool page (Linux 6.18, measured):
+    whole page, and that copy needs a free pool page, as does the child's
+    first touch of a page the parent never faulted (Linux 6.18, measured):
     a child that finds none dies of SIGBUS, and a parent that finds none
     takes the page away from its children (they die of SIGBUS on their next
     access). So before
-    the fork the populated pages of the ``share`` regions (what the fork
-    may have to copy), plus the pages the child takes for its ``copy`` and
+    the fork the pages of the ``share`` regions (what the fork may have to
+    copy or fault), plus the pages the child takes for its ``copy`` and
     ``wipe`` hugetlb regions, are held against the pages the pool and the
     hugetlb cgroup can still give; where they do not cover them, the child copies
     those regions into THP pages of its own while the parent waits (as
@@ -107,13 +108,10 @@ def _share_downgrades() -> list:
             child_pages[r.page_size] = child_pages.get(r.page_size, 0) + r.size // r.page_size
     out = []
     for page_size, group in by_size.items():
-        populated = []
-        for r in group:
-            try:
-                populated.append((r, r._backend.populated_pages(r)))
-            except OSError as exc:  # unknown: assume every page may be copied
-                log.warning("region %#x: could not count its pages: %s", r.address, exc)
-                populated.append((r, r.size // page_size))
+        # Every page counts, populated or not: the child has no reservation
+        # (the parent owns it), so its first touch of a page the parent never
+        # faulted takes a fresh pool page too, or dies of SIGBUS (measured).
+        populated = [(r, r.size // page_size) for r in group]
         shared = sum(n for _, n in populated)
         # Each child still sharing these pages may copy each of them once more.
         sharers = _children_sharing([r.address for r in group]) if shared else 0
@@ -128,6 +126,14 @@ def _share_downgrades() -> list:
                 f"shared pages (by this child and {sharers} earlier one(s) still sharing them) "
                 f"and the child's copy and wipe regions could need {need} pool pages: {why}")
             log.error("hugetlb share region %#x: %s", r.address, r.fork_downgraded)
+            try:
+                # The child's copy reads every page: fault the missing ones in
+                # here, from the parent's reservation (a read never copies a
+                # page an earlier child shares), or the child's read of them
+                # needs a pool page it cannot have.
+                _native.madvise(r.address, r.size, _native.MADV_POPULATE_READ)
+            except OSError as exc:
+                log.error("hugetlb share region %#x: could not fault it in: %s", r.address, exc)
             events.counters().add(hugetlb_fork_downgrades=1)
             out.append((r, HugetlbCopy(pool=False)))
     return out
