@@ -294,6 +294,14 @@ def test_config_schema_errors():
             from_mapping(bad)
 
 
+def test_config_rejects_nan_and_infinite_numbers():
+    """nan and inf (TOML allows both) are errors: a nan interval made the agent spin without pause."""
+    for bad in ({"interval": float("nan")}, {"interval": float("inf")}, {"cpu": float("nan")},
+                {"stall_share": float("nan")}):
+        with pytest.raises(ConfigError, match="finite"):
+            from_mapping(bad)
+
+
 def test_config_file_toml_and_json(tmp_path):
     """The same keys load from TOML and from JSON; --check prints the result."""
     toml = tmp_path / "agent.toml"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -85,6 +86,8 @@ def parse_size(value: Any, key: str) -> int:
 def _number(value: Any, key: str, low: float, high: Optional[float] = None, *, open_low: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     bad = value <= low if open_low else value < low
     if bad or (high is not None and value > high):
         rng = f"more than {low}" if open_low else f"at least {low}"
