@@ -98,10 +98,21 @@ _COLLAPSE_KNOWN: Optional[bool] = None
 
 
 def _direct_cow_mode() -> Optional[str]:
-    """The kernel's direct-COW mode, or None where it lacks the feature."""
+    """The kernel's direct-COW mode, or None where it lacks the feature (or
+    has a ``thp_cow`` that is not the interface thpguard knows)."""
     if not _native.advice_known(_native.MADV_THP_COW):
         return None
+    if not kernel.direct_cow_interface().available:
+        return None
     return kernel.thp_cow_mode()
+
+
+def _copy_targets(candidates, mode: Optional[str]):
+    """The `copy` regions a child must copy itself: all but those the
+    kernel copies on write (marked direct COW, and thp_cow not never)."""
+    return [r for r in candidates
+            if r.fork == "copy" and not r.closed
+            and not (r.direct_cow and mode in ("always", "madvise"))]
 
 
 def _check_size(size: object) -> int:
@@ -459,7 +470,7 @@ def _before_fork() -> None:
     targets = [r for r in regions() if r.fork == "copy"]
     if targets:
         mode = _direct_cow_mode()
-    targets = [r for r in targets if not (r.direct_cow and mode in ("always", "madvise"))]
+    targets = _copy_targets(targets, mode)
     if targets:
         _pending.pipe = os.pipe()
     _pending.targets = targets
@@ -502,7 +513,11 @@ def _after_fork_in_child(late: bool = False) -> None:
         if late:
             # The parent did not wait for us, but copying still ends our
             # sharing, so neither side splits from now on.
-            targets = [r for r in _live if r.fork == "copy" and not r.closed and not r.direct_cow]
+            # Under thp_cow=never a direct-COW region would split like any
+            # other, so it is copied here too (_copy_targets decides).
+            targets = [r for r in list(_live) if r.fork == "copy" and not r.closed]
+            if targets:
+                targets = _copy_targets(targets, _direct_cow_mode())
         if _fork.in_exec_child():
             return
         for region in targets:
