@@ -1,10 +1,13 @@
-/* The declarations cffi exposes to Python. Compiled against thpguard.h
- * by build_cffi.py, so any drift between the two fails the build. */
+/* The declarations cffi exposes to Python: thpguard.h and the test hook of
+ * thpguard_testing.h. build_cffi.py compiles every prototype here again
+ * after including the headers and pins the struct layouts with static
+ * assertions, so any drift between the two fails the build. */
 #define TG_MADV_DONTFORK ...
 #define TG_MADV_DOFORK ...
 #define TG_MADV_HUGEPAGE ...
 #define TG_MADV_NOHUGEPAGE ...
 #define TG_MADV_WIPEONFORK ...
+#define TG_PLACEHOLDER_NAME_MAX ...
 #define TG_MADV_KEEPONFORK ...
 #define TG_MADV_POPULATE_READ ...
 #define TG_MADV_POPULATE_WRITE ...
@@ -43,14 +46,28 @@ int tg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end,
                     size_t vec_len, size_t *n_out, uint64_t *walk_end);
 int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
                   uint64_t *huge, uint64_t *present);
+
+struct tg_block_counts {
+    uint64_t huge_bytes;
+    uint64_t present_bytes;
+    uint64_t huge;
+    uint64_t zero;
+    uint64_t split;
+    uint64_t partial;
+    uint64_t absent;
+};
+
+int tg_block_counts(int pagemap_fd, uint64_t start, uint64_t end, uint64_t pmd,
+                    struct tg_block_counts *out);
 int tg_collapse(void *addr, size_t len, size_t chunk, unsigned max_retries,
                 int *chunk_errno, size_t n_chunks);
 int tg_pidfd_open(pid_t pid, int *fd);
 int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
                        size_t n, int advice, size_t *advised);
 int tg_copy_remap(void *addr, size_t len, size_t align);
-int tg_placeholder_add(void *addr, size_t len);
+int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);
+int tg_map_marker(void *addr, size_t len, int fd);
 int tg_atfork_install(void);
 uint64_t tg_fork_generation(void);
 int tg_fork_claim(void);

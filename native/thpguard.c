@@ -6,10 +6,13 @@
  */
 #define _GNU_SOURCE
 #include "thpguard.h"
+#include "thpguard_testing.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -138,6 +141,18 @@ int tg_map_aligned(size_t size, size_t align, void **out)
     return 0;
 }
 
+size_t tg_pmd_size(void)
+{
+    unsigned long size = 2UL << 20;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "re");
+    if (f) {
+        if (fscanf(f, "%lu", &size) != 1 || size == 0 || (size & (size - 1)))
+            size = 2UL << 20;
+        fclose(f);
+    }
+    return size;
+}
+
 int tg_unmap(void *addr, size_t size)
 {
     return munmap(addr, size);
@@ -220,20 +235,104 @@ int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
         size_t n;
         uint64_t walk_end;
         if (tg_pagemap_scan(pagemap_fd, at, end,
-                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_HUGE,
+                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_HUGE | TG_PAGE_IS_PFNZERO,
                             vec, 64, &n, &walk_end) != 0)
             return -1;
         for (size_t i = 0; i < n; i++) {
             uint64_t bytes = vec[i].end - vec[i].start;
-            if (vec[i].categories & TG_PAGE_IS_PRESENT)
+            uint64_t cats = vec[i].categories;
+            if (cats & TG_PAGE_IS_PRESENT)
                 *present += bytes;
-            if (vec[i].categories & TG_PAGE_IS_HUGE)
+            if ((cats & TG_PAGE_IS_HUGE) && (cats & TG_PAGE_IS_PRESENT)
+                && !(cats & TG_PAGE_IS_PFNZERO))
                 *huge += bytes;
         }
         if (walk_end <= at)
             break;
         at = walk_end;
     }
+    return 0;
+}
+
+struct block_acc {
+    uint64_t at;     /* start of the block being accumulated, or UINT64_MAX */
+    uint64_t data;   /* bytes holding data in small pages */
+    int huge;        /* PMD-mapped with data */
+    int zero;        /* zero pages only so far */
+};
+
+static void block_close(struct block_acc *b, uint64_t pmd, struct tg_block_counts *out)
+{
+    if (b->at == UINT64_MAX)
+        return;
+    if (b->huge)
+        out->huge++;
+    else if (b->data >= pmd)
+        out->split++;
+    else if (b->data)
+        out->partial++;
+    else if (b->zero)
+        out->zero++;
+    b->at = UINT64_MAX;
+}
+
+int tg_block_counts(int pagemap_fd, uint64_t start, uint64_t end, uint64_t pmd,
+                    struct tg_block_counts *out)
+{
+    struct tg_page_region vec[64];
+    struct block_acc b = { UINT64_MAX, 0, 0, 0 };
+    if (pmd == 0 || (pmd & (pmd - 1)) || end < start) {
+        errno = EINVAL;
+        return -1;
+    }
+    memset(out, 0, sizeof(*out));
+    uint64_t first = (start + pmd - 1) & ~(pmd - 1);
+    uint64_t last = end & ~(pmd - 1);
+    uint64_t at = start;
+    while (at < end) {
+        size_t n;
+        uint64_t walk_end;
+        if (tg_pagemap_scan(pagemap_fd, at, end,
+                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_SWAPPED | TG_PAGE_IS_HUGE
+                            | TG_PAGE_IS_PFNZERO,
+                            vec, 64, &n, &walk_end) != 0)
+            return -1;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t cats = vec[i].categories;
+            int zero = (cats & TG_PAGE_IS_PFNZERO) != 0;
+            int huge = (cats & TG_PAGE_IS_HUGE) && (cats & TG_PAGE_IS_PRESENT) && !zero;
+            int data = (cats & (TG_PAGE_IS_PRESENT | TG_PAGE_IS_SWAPPED)) && !zero;
+            if (cats & TG_PAGE_IS_PRESENT)
+                out->present_bytes += vec[i].end - vec[i].start;
+            if (huge)
+                out->huge_bytes += vec[i].end - vec[i].start;
+            uint64_t lo = vec[i].start < first ? first : vec[i].start;
+            uint64_t hi = vec[i].end > last ? last : vec[i].end;
+            while (lo < hi) {
+                uint64_t block = lo & ~(pmd - 1);
+                uint64_t upto = block + pmd < hi ? block + pmd : hi;
+                if (block != b.at) {
+                    block_close(&b, pmd, out);
+                    b.at = block;
+                    b.data = 0;
+                    b.huge = b.zero = 0;
+                }
+                if (huge)
+                    b.huge = 1;
+                else if (data)
+                    b.data += upto - lo;
+                else if (zero)
+                    b.zero = 1;
+                lo = upto;
+            }
+        }
+        if (walk_end <= at)
+            break;
+        at = walk_end;
+    }
+    block_close(&b, pmd, out);
+    uint64_t blocks = last > first ? (last - first) / pmd : 0;
+    out->absent = blocks - out->huge - out->zero - out->split - out->partial;
     return 0;
 }
 
@@ -339,13 +438,152 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
 struct placeholder {
     void *addr;
     size_t len;
+    char name[TG_PLACEHOLDER_NAME_MAX];
 };
 
 static pthread_mutex_t placeholder_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct placeholder placeholders[TG_MAX_PLACEHOLDERS];
 static size_t n_placeholders;
 
-int tg_placeholder_add(void *addr, size_t len)
+/* -- the SIGSEGV explainer -------------------------------------------------
+ * A view made before fork() over a `private` region points, in the child,
+ * at the PROT_NONE placeholder: touching it is a SIGSEGV by design. While
+ * placeholders exist this handler names the region, the policy and what to
+ * use instead, then lets the default action (or the previous handler) run.
+ * Everything below runs in a signal handler: write(2), sigaction(2) and
+ * plain loads only, no locks and no stdio. */
+
+static struct sigaction segv_previous;
+static int segv_installed;
+static void segv_explain(int sig, siginfo_t *info, void *uctx);
+
+struct msgbuf {
+    char text[640];
+    size_t len;
+};
+
+static void msg_str(struct msgbuf *m, const char *s)
+{
+    while (*s && m->len < sizeof m->text)
+        m->text[m->len++] = *s++;
+}
+
+static void msg_num(struct msgbuf *m, uintptr_t v, unsigned base)
+{
+    char digits[32];
+    size_t n = 0;
+    if (base == 16)
+        msg_str(m, "0x");
+    do {
+        digits[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v && n < sizeof digits);
+    while (n && m->len < sizeof m->text)
+        m->text[m->len++] = digits[--n];
+}
+
+static void segv_chain(int sig, siginfo_t *info, void *uctx)
+{
+    struct sigaction *prev = &segv_previous;
+    if ((prev->sa_flags & SA_SIGINFO) && prev->sa_sigaction != segv_explain) {
+        prev->sa_sigaction(sig, info, uctx);
+    } else if (prev->sa_handler == SIG_IGN && info->si_code <= 0) {
+        return; /* a sent SIGSEGV, ignored; a fault cannot be ignored (it would recur) */
+    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL) {
+        prev->sa_handler(sig);
+    } else {
+        /* Default action: put it back; a fault re-executes the instruction
+         * and dies of it (with the right core), a sent signal is re-raised. */
+        signal(sig, SIG_DFL);
+        if (info->si_code <= 0)
+            raise(sig);
+    }
+}
+
+static void segv_explain(int sig, siginfo_t *info, void *uctx)
+{
+    int saved = errno;
+    uintptr_t at = (uintptr_t)info->si_addr;
+    size_t n = n_placeholders;
+    for (size_t i = 0; info->si_code > 0 && i < n && i < TG_MAX_PLACEHOLDERS; i++) {
+        uintptr_t start = (uintptr_t)placeholders[i].addr;
+        if (at < start || at - start >= placeholders[i].len)
+            continue;
+        struct msgbuf m = {.len = 0};
+        msg_str(&m, "thpguard: process ");
+        msg_num(&m, (uintptr_t)getpid(), 10);
+        msg_str(&m, " touched the thpguard region ");
+        if (placeholders[i].name[0]) {
+            msg_str(&m, "'");
+            msg_str(&m, placeholders[i].name);
+            msg_str(&m, "' ");
+        }
+        msg_str(&m, "at ");
+        msg_num(&m, start, 16);
+        msg_str(&m, "-");
+        msg_num(&m, start + placeholders[i].len, 16);
+        msg_str(&m, " (fault at ");
+        msg_num(&m, at, 16);
+        msg_str(&m, "). Its fork policy is 'private' (MADV_DONTFORK): a child of fork() "
+                    "gets only an inaccessible placeholder there, so a memoryview or array "
+                    "made before fork() cannot be used in the child. For data a child reads, "
+                    "allocate the region with fork='share' (or 'copy'); for a zeroed "
+                    "per-process buffer, fork='wipe'. The default action of SIGSEGV follows.\n");
+        const char *p = m.text;
+        size_t left = m.len;
+        while (left) {
+            ssize_t w = write(2, p, left);
+            if (w <= 0)
+                break;
+            p += w;
+            left -= (size_t)w;
+        }
+        /* Returning re-executes the access, which then takes the default action. */
+        signal(SIGSEGV, SIG_DFL);
+        errno = saved;
+        return;
+    }
+    errno = saved;
+    segv_chain(sig, info, uctx);
+}
+
+/* What SIGSEGV does now: 1 our handler, 0 the default or ignored, -1 another handler. */
+static int segv_current(void)
+{
+    struct sigaction now;
+    if (sigaction(SIGSEGV, NULL, &now) != 0)
+        return -1;
+    if (now.sa_flags & SA_SIGINFO)
+        return now.sa_sigaction == segv_explain ? 1 : -1;
+    return (now.sa_handler == SIG_DFL || now.sa_handler == SIG_IGN) ? 0 : -1;
+}
+
+/* Called with placeholder_lock held. */
+static void segv_update(void)
+{
+    int current = segv_current();
+    /* Installed again when the disposition was reset behind our back (a
+     * crash handler that restored the default); never over a handler that
+     * took our place, since it may chain to us. */
+    if (n_placeholders && (!segv_installed || current == 0)) {
+        if (current == 1)
+            return;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = segv_explain;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGSEGV, &sa, &segv_previous) == 0)
+            segv_installed = 1;
+    } else if (!n_placeholders && segv_installed) {
+        /* Someone installed a handler after ours: leave the chain alone. */
+        if (current == 1)
+            sigaction(SIGSEGV, &segv_previous, NULL);
+        segv_installed = 0;
+    }
+}
+
+int tg_placeholder_add(void *addr, size_t len, const char *name)
 {
     int rc = 0;
     pthread_mutex_lock(&placeholder_lock);
@@ -353,9 +591,14 @@ int tg_placeholder_add(void *addr, size_t len)
         errno = ENOSPC;
         rc = -1;
     } else {
-        placeholders[n_placeholders].addr = addr;
-        placeholders[n_placeholders].len = len;
+        struct placeholder *p = &placeholders[n_placeholders];
+        p->addr = addr;
+        p->len = len;
+        p->name[0] = '\0';
+        if (name)
+            strncat(p->name, name, sizeof p->name - 1);
         n_placeholders++;
+        segv_update();
     }
     pthread_mutex_unlock(&placeholder_lock);
     return rc;
@@ -372,10 +615,17 @@ int tg_placeholder_remove(void *addr)
             break;
         }
     }
+    segv_update();
     pthread_mutex_unlock(&placeholder_lock);
     if (rc)
         errno = ENOENT;
     return rc;
+}
+
+int tg_map_marker(void *addr, size_t len, int fd)
+{
+    void *p = mmap(addr, len, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0);
+    return p == MAP_FAILED ? -1 : 0;
 }
 
 static _Atomic uint64_t fork_generation;

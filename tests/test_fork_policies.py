@@ -202,20 +202,3 @@ def test_subprocess_does_not_trigger_copy(region_factory, tmp_path):
     assert int(seen.read_text()) == region.size  # still shared: nothing copied
     assert checksum(region.view()) == expected and region.coverage().complete
 
-
-@pytest.mark.parametrize("mode", [None, "never", "madvise", "always"])
-def test_copy_targets_by_direct_cow_mode(mode):
-    """Which `copy` regions a child copies itself, on either fork path: all of
-    them but those the kernel copies on write (direct COW, thp_cow not never).
-    The fake regions stand for the bookkeeping only; no memory is involved."""
-    from types import SimpleNamespace
-
-    from thpguard import region as region_mod
-
-    plain = SimpleNamespace(fork="copy", closed=False, direct_cow=False)
-    marked = SimpleNamespace(fork="copy", closed=False, direct_cow=True)
-    closed = SimpleNamespace(fork="copy", closed=True, direct_cow=False)
-    share = SimpleNamespace(fork="share", closed=False, direct_cow=True)
-    got = region_mod._copy_targets([plain, marked, closed, share], mode)
-    kernel_copies = mode in ("madvise", "always")
-    assert got == ([plain] if kernel_copies else [plain, marked])

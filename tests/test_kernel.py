@@ -9,7 +9,7 @@ import platform
 
 import pytest
 
-from thpguard import _checks, cli, kernel
+from thpguard import _checks, _cliverify, kernel
 from fakekernel import SMAPS_ANON, SMAPS_FILE, FakeNative, FakeTree
 
 MiB = 1024 * 1024
@@ -17,16 +17,14 @@ MiB = 1024 * 1024
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
-    kernel._warned.clear()
-    kernel._cache.clear()
-    kernel._identity_cache.clear()
+    kernel.reset_warnings()
+    kernel.registry.clear()
     yield
-    kernel._cache.clear()
-    kernel._identity_cache.clear()
+    kernel.registry.reset()
 
 
 def use_native(monkeypatch, native):
-    monkeypatch.setattr(kernel, "_load_native", lambda: (native, ""))
+    kernel.registry.set_native(native)
 
 
 # -- THP settings ----------------------------------------------------------
@@ -73,7 +71,7 @@ def test_pmd_size_missing_falls_back_on_x86_64_only(tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="thpguard.kernel"):
         assert kernel.pmd_size(t.roots) == 2 * MiB
     assert "assuming 2 MiB" in caplog.text
-    kernel._warned.clear()
+    kernel.reset_warnings()
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert kernel.pmd_size(t.roots) is None
 
@@ -286,8 +284,7 @@ def test_capabilities_direct_cow(tmp_path, monkeypatch):
     t.set_mode("thp_cow", "never")
     c = kernel.capabilities(refresh=True, roots=t.roots)
     assert not c.direct_cow.available and c.direct_cow.reason == "thp_cow is never"
-    ctx = _checks.HostContext(c, t.roots)
-    check = _checks.check_direct_cow(ctx)
+    check = _checks.check_direct_cow(_checks.HostContext(c, t.roots))
     assert check.status == _checks.WARN and check.fix == (os.path.join(t.thp, "thp_cow"), "madvise")
 
 
@@ -314,15 +311,16 @@ def test_capabilities_other_thp_cow_is_not_direct_cow(tmp_path, monkeypatch, wha
     # Even handed a fix for it, --fix refuses to write that file.
     path = os.path.join(t.thp, "thp_cow")
     planted = _checks.Check("direct_cow", "direct COW", _checks.WARN, "x", "y", (path, "madvise"))
-    entries = cli._apply_fixes([planted], True, t.roots)
+    entries = _cliverify._apply_fixes([planted], True, t.roots)
     assert entries and "not the direct-COW interface" in entries[0]["error"]
-    assert kernel._bracketed(open(path).read()) == "never"
+    with open(path) as f:
+        assert kernel._bracketed(f.read()) == "never"
 
 
 def test_capabilities_without_native(tmp_path, monkeypatch):
     """Without the native module every feature is unavailable, saying why."""
     t = FakeTree(tmp_path)
-    monkeypatch.setattr(kernel, "_load_native", lambda: (None, "native module not available (x)"))
+    kernel.registry.set_native(None, "native module not available (x)")
     c = kernel.capabilities(roots=t.roots)
     assert all(not f.available and "native" in f.reason for f in c.features.values())
 
@@ -419,7 +417,7 @@ def _probe_under_prctl(flags):
     from thpguard import _native
 
     _native.thp_disable_set(1, flags)
-    kernel._cache.clear()
+    kernel.registry.clear()
     c = kernel.capabilities(refresh=True, roots=kernel.Roots())
     st = kernel.read_status("self", kernel.Roots())
     return (c.thp_disable, st.thp_enabled, c.collapse.available, c.collapse.reason,

@@ -94,9 +94,14 @@ def split_region():
 
 def _split(region):
     # Dropping one 4 KiB page of a PMD-mapped block makes the kernel split
-    # it (a partial unmap): the block then needs a real collapse.
+    # it (a partial unmap): the block is then partial, one page short, and
+    # needs a real collapse (khugepaged's max_ptes_none allows it unless an
+    # operator set it to 0).
     _native.madvise(region.address + 4096, 4096, MADV_DONTNEED)
-    assert region.coverage().split_blocks == 1
+    cov = region.coverage()
+    assert cov.partial_blocks == 1 and cov.split_blocks == 0
+    if kernel.khugepaged_settings()["max_ptes_none"] == 0:
+        pytest.skip("khugepaged/max_ptes_none is 0: partial blocks are left alone")
 
 
 @FUZZ
@@ -436,8 +441,9 @@ def _no_tiny_rate(text):
 @given(command=st.sampled_from(["status", "watch", "guard", "verify"]),
        pid=cli_text, value=cli_text)
 def test_cli_arguments(capsys, command, pid, value):
-    """Every subcommand with any PID, size or interval text exits 0, 1 or 2
-    (usage errors through argparse), never with a traceback."""
+    """Every subcommand with any PID, size or interval text exits with a
+    documented code (0, 1, 2 usage, 3 no such process or permission, 4
+    unsupported host), never with a traceback."""
     from thpguard import cli
 
     argv = {
@@ -455,4 +461,4 @@ def test_cli_arguments(capsys, command, pid, value):
     except SystemExit as exc:
         code = exc.code
     capsys.readouterr()
-    assert code in (0, 1, 2), (argv, code)
+    assert code in (0, 1, 2, 3, 4), (argv, code)

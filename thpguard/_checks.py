@@ -20,6 +20,7 @@ STATUSES = (OK, WARN, FAIL, NA)
 MiB = 1024 * 1024
 CAP_SYS_NICE = 23
 CAP_SYS_PTRACE = 19
+CAP_DAC_READ_SEARCH = 2
 
 
 def fmt_bytes(n: Optional[int]) -> str:
@@ -37,7 +38,7 @@ def fmt_bytes(n: Optional[int]) -> str:
 class Check:
     """One finding. ``fix`` is ``(path, value)`` for a sysfs write that
     resolves it, or None when the remedy is not a sysfs value;
-    ``measurements`` holds the self-test's timings (milliseconds) and facts."""
+    ``measurements`` holds the self-test's timings (seconds) and facts."""
 
     name: str
     title: str

@@ -12,7 +12,7 @@ import contextlib
 import errno as _errno
 import os
 import re
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ._cffi import ffi, lib
 from .errors import InvalidArgumentError, kernel_error
@@ -138,6 +138,23 @@ def pagemap_scan(fd: int, start: int, end: int) -> List[Tuple[int, int, int]]:
     return runs
 
 
+def huge_bytes(fd: int, start: int, end: int) -> Tuple[int, int]:
+    """``tg_huge_bytes``: (huge, present) bytes of ``[start, end)`` by the C core."""
+    huge = ffi.new("uint64_t *")
+    present = ffi.new("uint64_t *")
+    _check(lib.tg_huge_bytes(fd, start, end, huge, present), "tg_huge_bytes", start, end - start)
+    return huge[0], present[0]
+
+
+def block_counts(fd: int, start: int, end: int, pmd: int) -> Dict[str, int]:
+    """``tg_block_counts``: the C core's count of each block kind, and bytes."""
+    out = ffi.new("struct tg_block_counts *")
+    _check(lib.tg_block_counts(fd, start, end, pmd, out), "tg_block_counts",
+           start, end - start)
+    return {name: getattr(out, name) for name in
+            ("huge_bytes", "present_bytes", "huge", "zero", "split", "partial", "absent")}
+
+
 def collapse(addr: int, length: int, chunk: int, max_retries: int) -> List[int]:
     """MADV_COLLAPSE in ``chunk``-byte pieces; errno per chunk (0 = collapsed)."""
     if chunk <= 0:
@@ -173,8 +190,24 @@ def copy_remap(addr: int, length: int, align: int) -> None:
     _check(lib.tg_copy_remap(_ptr(addr), length, align), "copy and mremap", addr, length)
 
 
-def placeholder_add(addr: int, length: int) -> None:
-    _check(lib.tg_placeholder_add(_ptr(addr), length), "placeholder_add", addr, length)
+def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:
+    """Reserve the range in every child; ``name`` is shown if a child touches it."""
+    label = (name or "").encode("utf-8", "replace")[: lib.TG_PLACEHOLDER_NAME_MAX - 1]
+    _check(lib.tg_placeholder_add(_ptr(addr), length, label), "placeholder_add", addr, length)
+
+
+#: memfd name prefix of the marker page in front of each region: maps show
+#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA.
+MARKER_PREFIX = "thpguard-region:"
+
+
+def map_marker(addr: int, length: int, name: Optional[str]) -> None:
+    """Put a PROT_NONE page of a memfd named after the region at ``addr``."""
+    fd = os.memfd_create(MARKER_PREFIX + (name or ""), os.MFD_CLOEXEC)
+    try:
+        _check(lib.tg_map_marker(_ptr(addr), length, fd), "mmap marker", addr, length)
+    finally:
+        os.close(fd)
 
 
 def placeholder_remove(addr: int) -> None:
