@@ -35,7 +35,9 @@ def _direct_cow_mode() -> Optional[str]:
         return None
     if not kernel.direct_cow_interface().available:
         return None
-    return kernel.capabilities().thp_cow
+    # Read now, not from the cached capabilities: thp_cow may have changed
+    # since (a child forked after `echo never` must copy for itself).
+    return kernel.thp_cow_mode()
 
 
 class CopyMechanism:
