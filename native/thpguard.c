@@ -435,6 +435,40 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
     return 0;
 }
 
+int tg_map_flags(void *addr, size_t len, int extra_flags, void **out)
+{
+    if (len == 0 || (extra_flags & MAP_NORESERVE)) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (fault_take(TG_FAULT_MAP))
+        return -1;
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | extra_flags | (addr ? MAP_FIXED : 0);
+    void *p = mmap(addr, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED)
+        return -1;
+    *out = p;
+    return 0;
+}
+
+int tg_copy_remap_flags(void *addr, size_t len, int extra_flags)
+{
+    void *fresh;
+    if (tg_map_flags(NULL, len, extra_flags, &fresh) != 0)
+        return -1;
+    memcpy(fresh, addr, len);
+    void *moved = MAP_FAILED;
+    if (!fault_take(TG_FAULT_MREMAP))
+        moved = mremap(fresh, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, addr);
+    if (moved == MAP_FAILED) {
+        int saved = errno;
+        munmap(fresh, len);
+        errno = saved;
+        return -1;
+    }
+    return 0;
+}
+
 struct placeholder {
     void *addr;
     size_t len;
@@ -489,7 +523,9 @@ static void segv_chain(int sig, siginfo_t *info, void *uctx)
         prev->sa_sigaction(sig, info, uctx);
     } else if (prev->sa_handler == SIG_IGN && info->si_code <= 0) {
         return; /* a sent SIGSEGV, ignored; a fault cannot be ignored (it would recur) */
-    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL) {
+    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL
+               && prev->sa_handler != SIG_IGN) {
+        /* SIG_IGN is (void (*)(int))1: a fault under it takes the default action below. */
         prev->sa_handler(sig);
     } else {
         /* Default action: put it back; a fault re-executes the instruction
@@ -576,10 +612,13 @@ static void segv_update(void)
         if (sigaction(SIGSEGV, &sa, &segv_previous) == 0)
             segv_installed = 1;
     } else if (!n_placeholders && segv_installed) {
-        /* Someone installed a handler after ours: leave the chain alone. */
+        /* Someone installed a handler after ours: leave the chain alone, and
+         * stay installed, since it may chain to us; installing again over it
+         * would make it our previous handler and its previous us, a loop. */
         if (current == 1)
             sigaction(SIGSEGV, &segv_previous, NULL);
-        segv_installed = 0;
+        if (current != -1)
+            segv_installed = 0;
     }
 }
 

@@ -147,6 +147,16 @@ def test_no_thp_is_unsupported(fake, capsys):
     assert by_name(doc)["thp_enabled"]["status"] == "fail"
 
 
+def test_missing_native_module_advises_a_build(fake, capsys):
+    """Without the native module, the feature checks advise a rebuild, not a newer kernel."""
+    fake()
+    kernel.registry.set_native(None, "native module not available (x)")
+    _, doc, _ = verify_json(capsys, "--skip-selftest")
+    checks = by_name(doc)
+    for name in ("collapse", "pagemap_scan", "populate_write", "process_madvise"):
+        assert "reinstall thpguard" in checks[name]["advice"] and "Linux" not in checks[name]["advice"]
+
+
 def test_prctl_disabled_fails(fake, capsys):
     """A THP-disabled process (prctl returns 1) fails; except-advised (3) passes."""
     fake(native=FakeNative(thp_disable=1, collapse_errno=errno.EINVAL))
@@ -490,6 +500,13 @@ def test_help_shows_defaults_and_exit_codes(capsys):
     assert "(default: 1.0)" in out and "130 interrupted" in " ".join(out.split())
 
 
+def test_run_help_shows_defaults_and_exit_codes(capsys):
+    """run --help names its defaults and its own exit codes (127: program not found)."""
+    assert cli.main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default share)" in out and "(default 0.05)" in out and "127 COMMAND not found" in out
+
+
 @pytest.mark.parametrize("command", ["watch", "guard"])
 def test_watch_guard_json_errors(capsys, command):
     """watch/guard --json report an error as a JSON line with the exit code, not only as text."""
@@ -597,3 +614,49 @@ def test_verify_ctrl_c_exits_130(require_thp):
         pytest.skip("verify finished before the signal")
     assert v.returncode == 130, (out, err)
     assert "interrupted during verify" in err and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def _zombie():
+    """A child that exited and was not reaped yet (its PID exists, its memory does not)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(500):
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        yield pid
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("command", ["status", "watch", "guard"])
+def test_zombie_and_kernel_thread_exit_3(capsys, command):
+    """A zombie or a kernel thread (PID 2) has no memory to show: exit 3 with a message, no traceback."""
+    extra = {"watch": ["--count", "1"], "guard": ["--once"]}.get(command, [])
+    with _zombie() as zpid:
+        for pid in (zpid, 2):
+            code, out, err = run(capsys, command, str(pid), *extra)
+            assert code == cli.EXIT_NO_ACCESS, (pid, out, err)
+            assert "Traceback" not in err and str(pid) in err
+
+
+
+@pytest.mark.parametrize("argv", [["watch", "1", "--interval", "inf"], ["watch", "1", "--interval", "1e308"],
+                                  ["guard", "1", "--interval", "inf"], ["watch", "1", "--count", "-1"]])
+def test_unusable_intervals_and_counts_are_usage_errors(capsys, argv):
+    """An interval no clock can sleep (inf, 1e308) or a negative count is a usage error, not a traceback later."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err
+
+
+
+def test_prometheus_file_unwritable_is_a_message(capsys, tmp_path):
+    """--prometheus-file in a missing directory or onto a directory says so (exit 2), no traceback, no temp file."""
+    for path in (tmp_path / "missing" / "x.prom", tmp_path):
+        code, out, err = run(capsys, "status", str(os.getpid()), "--prometheus-file", str(path))
+        assert code == cli.EXIT_USAGE and "Traceback" not in err and str(path) in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []

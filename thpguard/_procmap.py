@@ -3,7 +3,8 @@
 
 PAGEMAP_SCAN on ``/proc/PID/pagemap`` (Linux 6.7), classified by the one
 block model (:mod:`thpguard.blocks`), gives each PMD-size block's kind;
-without it, smaps ``AnonHugePages`` gives the PMD-mapped bytes per VMA and
+without it, smaps ``AnonHugePages`` (plus ``Private_Hugetlb`` and
+``Shared_Hugetlb`` for hugetlb mappings) gives the huge bytes per VMA and
 split blocks are unknown. Reading another
 process needs ptrace read access (same user and dumpable, or root).
 """
@@ -173,7 +174,8 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
             fd = os.open(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid), "pagemap"),
                          os.O_RDONLY | os.O_CLOEXEC)
             source = SOURCE_PAGEMAP_SCAN
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
+            # ESRCH here: a zombie or a kernel thread, which has no memory map.
             raise ProcessGone(pid) from None
         except OSError as exc:
             raise _error(exc, pid, "the page map") from None
@@ -182,7 +184,8 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
     try:
         for v in vmas:
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
-                              v.huge_bytes or 0, v.rss, None, _marked_region(previous, v))
+                              (v.huge_bytes or 0) + (v.hugetlb_bytes or 0), v.rss, None,
+                              _marked_region(previous, v))
             previous = v
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:

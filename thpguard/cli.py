@@ -5,14 +5,15 @@ object (``watch``, ``guard``: one object per line) with sorted keys and a
 ``schema_version``; every duration in it is in seconds, named ``*_seconds``.
 Exit codes (each a distinct cause a script can test):
 
-== ==========================================================================
-0  fine
-1  a check failed, or a repair did not take
-2  usage error (bad arguments)
-3  no such process, or no permission (privilege, ptrace access, not root)
-4  unsupported host (not Linux, no THP, native module missing, no PAGEMAP_SCAN)
+=== =========================================================================
+0   fine
+1   a check failed, or a repair did not take
+2   usage error (bad arguments)
+3   no such process, or no permission (privilege, ptrace access, not root)
+4   unsupported host (not Linux, no THP, native module missing, no PAGEMAP_SCAN)
+126 ``run``: the program cannot be executed; 127 ``run``: it was not found
 130 interrupted (Ctrl-C), after printing what was done
-== ==========================================================================
+=== =========================================================================
 """
 
 from __future__ import annotations
@@ -107,14 +108,24 @@ def _pid(text: str) -> int:
     return int(text)
 
 
+_MAX_SECONDS = 365 * 86400.0  # time.sleep() and select() overflow on inf or 1e308
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0 < value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds (at most {_MAX_SECONDS:.0f}), got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of samples (0 or more), got {text!r}")
+    return int(text)
 
 
 # -- verify -------------------------------------------------------------
@@ -135,7 +146,11 @@ def _add_verify(sub) -> None:
                    help="bytes per self-test region (default: 4 huge pages)")
     p.add_argument("--skip-selftest", action="store_true", help="host checks only, no live test")
     p.add_argument("--fix", action="store_true",
-                   help="as root, write the advised sysfs values (each change is printed)")
+                   help="as root, write the advised sysfs values, printing each (pools: only with --hugetlb-pool)")
+    p.add_argument("--hugetlb-pool", type=int, metavar="PAGES", default=None,
+                   help="check that the hugetlb pool holds PAGES free pages (with --fix: grow it)")
+    p.add_argument("--hugetlb-page-size", type=_size, metavar="SIZE", default=None,
+                   help="page size of --hugetlb-pool (default: the PMD size, 2M on x86-64)")
     p.set_defaults(func=_cmd_verify)
 
 
@@ -255,7 +270,11 @@ def _cmd_status(args) -> int:
 
         text = metrics.textfile(found, per_pid=args.prometheus_per_pid)
         if args.prometheus_file:
-            metrics.write_textfile(args.prometheus_file, text)
+            try:
+                metrics.write_textfile(args.prometheus_file, text)
+            except OSError as exc:
+                raise UsageError(f"cannot write metrics to {args.prometheus_file}: "
+                                 f"{exc.strerror or exc}") from None
         else:
             sys.stdout.write(text)
     elif args.json:
@@ -291,7 +310,7 @@ def _add_watch(sub) -> None:
                        epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     p.add_argument("pid", type=_pid, metavar="PID")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between samples")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
+    p.add_argument("--count", type=_count, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, one per line")
     p.set_defaults(func=_cmd_watch)
 
@@ -311,6 +330,9 @@ def _cmd_watch(args) -> int:
                 pc = _procmap.scan_process(args.pid)
             except _procmap.ProcessGone:
                 if samples == 0:
+                    if os.path.exists(f"/proc/{args.pid}"):
+                        raise AccessError(f"PID {args.pid} has no memory to watch (a kernel thread, "
+                                          "or a zombie)") from None
                     raise AccessError(f"no process with PID {args.pid}") from None
                 if args.json:
                     _emit_json({"command": "watch", "event": "exit", "pid": args.pid, "samples": samples,
@@ -406,10 +428,12 @@ def _add_run(sub) -> None:
                        description="Execute COMMAND with THPGUARD_GUARD=1 (and the other settings) in "
                                    "its environment, checked first. Only programs that import "
                                    "thpguard are affected.",
+                       epilog="exit status: COMMAND's own once it runs (it replaces thpguard, same PID); "
+                              "2 a bad setting; 126 COMMAND not executable; 127 COMMAND not found on PATH.",
                        formatter_class=_HelpFormatter)
     p.add_argument("--no-guard", action="store_true", help="set THPGUARD_GUARD=0 instead of 1")
-    p.add_argument("--interval", type=float, metavar="S", help="guard interval in seconds")
-    p.add_argument("--fork-policy", metavar="POLICY", help="default fork policy for alloc()")
+    p.add_argument("--interval", type=float, metavar="S", help="guard interval in seconds (default 0.05)")
+    p.add_argument("--fork-policy", metavar="POLICY", help="default fork policy for alloc() (default share)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=_cmd_run)
 
@@ -423,9 +447,13 @@ def _cmd_run(args) -> int:
     except ThpguardError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    except FileNotFoundError as exc:
-        _err(str(exc.strerror or exc))
-        return 127
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) not in what:
+            what = f"{exc.filename}: {what}"
+        _err(what)
+        # As shells do: 127 not found, 126 found but not runnable (no x bit, not a program).
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     return EXIT_OK  # not reached: run() execs or raises
 
 
@@ -446,6 +474,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "message": str(exc), "pid": getattr(args, "pid", None),
                         "timestamp_seconds": time.time()})
         return exc.exit_code
+    except ImportError:
+        try:
+            from . import _native  # noqa: F401,PLC0415 - the usual cause
+        except ImportError as exc:
+            _err(f"{args.command}: the native module is not built ({exc}); reinstall thpguard")
+            return EXIT_UNSUPPORTED
+        raise
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # past verify's progress line and the echoed ^C

@@ -5,7 +5,7 @@
 coverage ratio, splits, repairs, repair failures by errno, and a histogram
 of repair latency (seconds from the scan that saw a block split to its
 repair, fed by the guard's events). It needs the ``prometheus`` extra
-(``pip install 'thpguard[prometheus]'``).
+(``prometheus_client``).
 
 :func:`textfile` formats the coverage of any processes in the
 node_exporter textfile-collector format (what ``thpguard status
@@ -155,6 +155,10 @@ class ThpguardCollector:
         yield counter("repair_seconds", "Seconds spent in MADV_COLLAPSE.",
                       s.get("repair_seconds"))
         yield counter("forks", "fork() calls made by this process.", s.get("forks_seen"))
+        yield counter("hugetlb_fork_downgrades",
+                      "hugetlb share regions a fork copied into the child because the pool "
+                      "could not cover the copies a shared write would need.",
+                      s.get("hugetlb_fork_downgrades"))
         failures = CounterMetricFamily(
             f"{p}_repair_failures", "Block repairs that failed, by errno.", labels=["errno"]
         )
@@ -216,7 +220,7 @@ def register(registry=None) -> ThpguardCollector:
     except ImportError:
         raise ImportError(
             "thpguard.metrics.register needs prometheus_client: "
-            "pip install 'thpguard[prometheus]'"
+            "pip install prometheus_client (the prometheus extra)"
         ) from None
     if registry is None:
         registry = prometheus_client.REGISTRY
