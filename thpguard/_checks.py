@@ -188,6 +188,10 @@ def check_direct_cow(ctx: HostContext) -> Check:
     if c.direct_cow.available:
         return Check("direct_cow", title, OK, c.direct_cow.reason)
     if c.thp_cow == "never":
+        ident = kernel.direct_cow_interface(ctx.roots)
+        if not ident.available:
+            # Another kernel's thp_cow: not ours to switch.
+            return Check("direct_cow", title, NA, c.direct_cow.reason + "; re-collapse instead")
         path = ctx.thp_path("thp_cow")
         return Check("direct_cow", title, WARN, "thp_cow=never: writes after fork split huge pages",
                      f"echo madvise > {path}", (path, "madvise"))

@@ -33,10 +33,15 @@ FALLBACK_PMD = 2 << 20
 
 
 def _direct_cow_mode() -> Optional[str]:
-    """The kernel's direct-COW mode, or None where it lacks the feature."""
+    """The kernel's direct-COW mode, or None where it lacks the feature (or
+    has a ``thp_cow`` that is not the interface thpguard knows)."""
     if not kernel.registry.knows(_native.MADV_THP_COW):
         return None
-    return kernel.capabilities().thp_cow
+    if not kernel.direct_cow_interface().available:
+        return None
+    # Read now, not from the cached capabilities: thp_cow may have changed
+    # since (a child forked after `echo never` must copy for itself).
+    return kernel.thp_cow_mode()
 
 
 class CopyMechanism:
