@@ -193,6 +193,33 @@ def test_plot_draws_service_and_snapshot_panels(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypatch):
+    """``--only pool`` draws one panel: the long host title still fits its width."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from benchmarks import plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    pool = [{"variant": "4k", "label": _tables.LABELS["4k"], "available": True,
+             "lookups_ratio": [1.0], "pss_ratio": [1.0], "worker_huge_after": 0.0},
+            {"variant": "hugetlb", "label": _tables.LABELS["hugetlb"], "available": False, "reason": "no"}]
+    doc = {
+        "thpguard": "0.1.0.dev267+g37587b6ee", "date": "2026-12-01T10:00:00", "quick": True,
+        "loadavg_end": "15.84 14.08 13.99",
+        "host": {"kernel": "6.18.44-fc-v669", "cpu": "Intel(R) Xeon(R) Processor", "cpus": 2,
+                 "loadavg": "12.66 13.35 13.77 20/193 6981"},
+        "results": [{"name": "pool", "skipped": None, "series": {"variants": pool}}],
+    }
+    plot.plot(doc, str(tmp_path / "pool.png"))
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for text in fig.texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
+
+
 def test_entry_point_runs_end_to_end_benchmarks_only_when_named(capsys):
     """--list names agent, service, snapshot, pool and hugetlb as --only ones; a plain run leaves them out."""
     from benchmarks import BENCHMARKS, DEFAULT
