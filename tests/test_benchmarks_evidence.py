@@ -220,6 +220,15 @@ def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypat
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
 
 
+def test_header_defers_to_a_benchmarks_own_rounds(capsys, monkeypatch):
+    """service, snapshot and pool run rounds=N without a warm-up round: the run's
+    header must not claim its default repetitions and warm-up for them."""
+    monkeypatch.setattr(entry, "DEFAULT", [])
+    assert entry.main([]) == 0
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ratios:")]
+    assert header and "rounds=N" in header[0]
+
+
 def test_entry_point_runs_end_to_end_benchmarks_only_when_named(capsys):
     """--list names agent, service, snapshot, pool and hugetlb as --only ones; a plain run leaves them out."""
     from benchmarks import BENCHMARKS, DEFAULT
