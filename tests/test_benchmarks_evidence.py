@@ -220,6 +220,18 @@ def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypat
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
 
 
+def test_service_without_gunicorn_is_skipped_with_the_install_command(monkeypatch):
+    """Installed with only the bench extra of an older checkout, gunicorn is missing:
+    the service benchmark says so instead of failing with a dead server's log."""
+    from benchmarks._harness import Settings, Skipped
+
+    real = service.importlib.util.find_spec
+    monkeypatch.setattr(service.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gunicorn" else real(name, *a))
+    with pytest.raises(Skipped, match=r"gunicorn is not installed.*\[bench\]"):
+        service.run(Settings.make(True))
+
+
 def test_header_defers_to_a_benchmarks_own_rounds(capsys, monkeypatch):
     """service, snapshot and pool run rounds=N without a warm-up round: the run's
     header must not claim its default repetitions and warm-up for them."""
