@@ -24,7 +24,7 @@ ffibuilder.set_source(
     "thpguard._cffi",
     '#include "thpguard.h"',
     # Relative to the project root, where setup.py runs.
-    sources=["native/thpguard.c"],
+    sources=["native/thpguard.c", "native/uffd.c"],
     include_dirs=["native"],
     extra_compile_args=extra_compile_args,
     libraries=["pthread"],
