@@ -573,6 +573,7 @@ class Capabilities:
     populate_write: Feature
     process_madvise: Feature
     direct_cow: Feature
+    copy_userfault: Feature
 
     @property
     def thp_disabled_completely(self) -> bool:
@@ -588,6 +589,7 @@ class Capabilities:
     def features(self) -> Dict[str, Feature]:
         return {
             "collapse": self.collapse,
+            "copy_userfault": self.copy_userfault,
             "direct_cow": self.direct_cow,
             "pagemap_scan": self.pagemap_scan,
             "populate_write": self.populate_write,
@@ -660,6 +662,8 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
     else:
         feats["direct_cow"] = Feature(True, f"thp_cow={thp_cow}, MADV_THP_COW known")
 
+    feats["copy_userfault"] = probe_copy_userfault(n)
+
     collapse_known = known(n.MADV_COLLAPSE)
     addr = None
     size = pmd or 0
@@ -680,6 +684,37 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
             except OSError:
                 pass
     return feats
+
+
+def probe_copy_userfault(n) -> Feature:
+    """Whether `copy` regions can copy blocks lazily with userfaultfd here."""
+    probe = getattr(n, "copy_probe", None)
+    if probe is None:
+        return Feature(False, "the native layer has no userfaultfd block copy")
+    try:
+        p = probe()
+    except OSError as exc:
+        return Feature(False, f"userfaultfd probe failed: {os.strerror(exc.errno) if exc.errno else exc}")
+    err = _errno.errorcode.get(p["errno"], str(p["errno"]))
+    if p["stage"] == "ok":
+        how = "userfaultfd(2)" if p["source"] == "syscall" else "/dev/userfaultfd"
+        put = ("UFFDIO_MOVE" if p["move"]
+               else "mremap (no UFFDIO_MOVE before Linux 6.8: one VMA per copied block)")
+        return Feature(True, f"write-protect faults, kernel-mode faults included ({how}); blocks put in place with {put}")
+    if p["stage"] == "open":
+        if p["errno"] == _errno.ENOSYS:
+            return Feature(False, "no userfaultfd: kernel built without CONFIG_USERFAULTFD, "
+                                  "or a seccomp filter blocks it (ENOSYS)")
+        why = ("userfaultfd that handles kernel-mode faults needs CAP_SYS_PTRACE, "
+               "vm.unprivileged_userfaultfd=1 or read-write access to /dev/userfaultfd "
+               f"({err})")
+        if p["user_mode_only"]:
+            why += ("; only a user-mode-only userfaultfd is allowed, which would make read() "
+                    "into a region fail with EFAULT, so it is not used")
+        return Feature(False, why)
+    if p["stage"] == "api":
+        return Feature(False, f"kernel refuses userfaultfd write-protect (Linux 5.7+; UFFDIO_API: {err})")
+    return Feature(False, f"write-protecting a huge-page block with userfaultfd failed ({err})")
 
 
 def _probe_collapse(n, addr, size, collapse_known, thp_disable) -> Feature:
@@ -786,7 +821,8 @@ def _probe(r: Roots) -> Capabilities:
         status_thp = None
     if native is None:
         feats = {k: Feature(False, why) for k in
-                 ("collapse", "pagemap_scan", "populate_write", "process_madvise", "direct_cow")}
+                 ("collapse", "pagemap_scan", "populate_write", "process_madvise", "direct_cow",
+                  "copy_userfault")}
     else:
         with native.faults_suspended():  # not the faults a test injected
             feats = _probe_features(native, pmd, thp_disable, cow, r)

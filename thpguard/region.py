@@ -8,10 +8,12 @@ child of ``fork()`` gets:
     the same data, copy-on-write; a write splits the writer's 2 MiB block,
     which :meth:`Region.collapse` (or the guard) repairs.
 ``copy``
-    the same data in the child's own huge pages at once: the child copies
-    the region into fresh huge pages and moves them over the old range, and
-    the parent waits for that copy, so nobody splits afterwards. Where the
-    kernel has the direct-COW flag, the kernel copies on write instead.
+    the same data; each process gets its own huge pages for what it writes,
+    so nobody splits. :attr:`Region.copy_mode` says how: ``"kernel"`` (the
+    kernel's direct-COW flag copies 2 MiB on write), ``"userfault"`` (a
+    native userfaultfd handler in each process copies a 2 MiB block on its
+    first write after fork) or ``"eager"`` (the child copies the whole
+    region at fork and the parent waits for that copy).
 ``wipe``
     a zero-filled range that keeps ``MADV_HUGEPAGE`` (``MADV_WIPEONFORK``).
 ``private``
@@ -47,6 +49,9 @@ __all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions"]
 log = logging.getLogger("thpguard")
 
 POLICIES = ("share", "copy", "wipe", "private")
+
+#: How a ``copy`` region may copy (the ``copy_mode`` argument of :func:`alloc`).
+COPY_MODES = ("auto", "lazy", "eager")
 
 #: Environment variable naming the fork policy :func:`alloc` uses when none
 #: is given (default ``share``); a bad value is logged and ignored.
@@ -155,7 +160,8 @@ class Region:
     allocation, else a sentence saying why it is not.
     """
 
-    def __init__(self, size: int, fork: str, populate: bool, strict: bool) -> None:
+    def __init__(self, size: int, fork: str, populate: bool, strict: bool,
+                 copy_mode: str = "auto") -> None:
         # Without a known PMD size (no THP in this kernel) the region still
         # works, on small pages, aligned as on x86-64.
         self.pmd_size = kernel.pmd_size() or _FALLBACK_PMD
@@ -163,6 +169,12 @@ class Region:
         self.fork = fork
         self.degraded: Optional[str] = None
         self.direct_cow = False
+        #: For ``copy`` regions, the mechanism in use: "kernel", "userfault"
+        #: or "eager"; None for other policies.
+        self.copy_mode: Optional[str] = None
+        #: Why a ``copy`` region with ``copy_mode="auto"`` copies eagerly.
+        self.copy_fallback_reason: Optional[str] = None
+        self._requested_copy_mode = copy_mode
         self._closed = False
         self._unmapped_here = False
         self._lock = threading.Lock()
@@ -202,6 +214,9 @@ class Region:
             forget = getattr(self, "_forget_placeholder", None)
             if forget is not None:
                 forget()  # else every later child reserves this stale range
+            forget = getattr(self, "_forget_copy", None)
+            if forget is not None:
+                forget()
             raise
         with _live_lock:
             _live.add(self)
@@ -230,8 +245,13 @@ class Region:
                 self.direct_cow = True
             except OSError as exc:
                 log.warning("MADV_THP_COW failed on %#x: %s", addr, exc)
-        if not populate:
-            return
+        if populate:
+            self._populate_checked(strict)
+        if self.fork == "copy":
+            self._setup_copy()
+
+    def _populate_checked(self, strict: bool) -> None:
+        addr, size = self.address, self.size
         _native.populate_write(addr, size, _PAGE)
         cov = pagemap.coverage(addr, addr + size, self.pmd_size)
         if not cov.complete and _collapse_known():
@@ -247,6 +267,39 @@ class Region:
             if strict:
                 raise HugePagesUnavailableError(self.degraded)
             log.warning("region %#x degraded to small pages: %s", addr, self.degraded)
+
+    def _setup_copy(self) -> None:
+        """Pick the copy mechanism (after populating: the handler need not
+        fill the blocks one fault at a time)."""
+        requested = self._requested_copy_mode
+        if self.direct_cow and _direct_cow_mode() in ("always", "madvise"):
+            self.copy_mode = "kernel"
+            return
+        if requested == "eager":
+            self.copy_mode = "eager"
+            return
+        feature = kernel.capabilities().copy_userfault
+        reason = feature.reason
+        if feature.available:
+            try:
+                _native.copy_register(self.address, self.size, self.pmd_size)
+            except OSError as exc:
+                reason = f"registering the region with userfaultfd failed: {exc}"
+            else:
+                self.copy_mode = "userfault"
+                # A region dropped without close() leaves the handler too,
+                # before the mapping goes.
+                self._forget_copy = weakref.finalize(self, _native.copy_unregister, self.address)
+                return
+        if requested == "lazy":
+            raise UnsupportedError(
+                "copy_mode='lazy'",
+                f"no lazy copy mechanism here: {reason}; use copy_mode='auto' or 'eager' "
+                "(the child copies the whole region at fork)",
+            )
+        self.copy_mode = "eager"
+        self.copy_fallback_reason = reason
+        log.info("copy region %#x copies eagerly at fork: %s", self.address, reason)
 
     # -- state -------------------------------------------------------------
 
@@ -371,9 +424,16 @@ class Region:
         with self._lock:
             if self._closed:
                 return
+            forget_copy = getattr(self, "_forget_copy", None)
+            if forget_copy is not None and forget_copy.alive:
+                # Waits for a block copy in progress and wakes the threads
+                # waiting on this region, before the range is unmapped.
+                forget_copy()
             try:
                 self._map.close()
             except BufferError:
+                if forget_copy is not None and not self._unmapped_here:
+                    self._rearm_copy()
                 if self._unmapped_here:
                     # A child of a `private` region: views inherited from
                     # the parent are unusable here anyway; the mmap object
@@ -391,6 +451,15 @@ class Region:
         with _live_lock:
             _live.discard(self)
 
+    def _rearm_copy(self) -> None:
+        try:
+            _native.copy_register(self.address, self.size, self.pmd_size)
+        except OSError as exc:
+            log.error("copy region %#x: writes after fork now split (the kernel's COW): %s",
+                      self.address, exc)
+            return
+        self._forget_copy = weakref.finalize(self, _native.copy_unregister, self.address)
+
     def __enter__(self) -> "Region":
         return self
 
@@ -401,7 +470,8 @@ class Region:
         state = "closed" if self.closed else "open"
         return (
             f"<thpguard.Region {state} address={self.address:#x} size={self.size} "
-            f"fork={self.fork!r}{' direct_cow' if self.direct_cow else ''}>"
+            f"fork={self.fork!r}{' direct_cow' if self.direct_cow else ''}"
+            f"{f' copy_mode={self.copy_mode!r}' if self.copy_mode else ''}>"
         )
 
     # -- fork --------------------------------------------------------------
@@ -417,6 +487,7 @@ def alloc(
     fork: Optional[str] = None,
     populate: bool = True,
     strict: bool = False,
+    copy_mode: str = "auto",
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -427,13 +498,35 @@ def alloc(
     :class:`~thpguard.errors.HugePagesUnavailableError` is raised where huge
     pages cannot be had; otherwise the region works on small pages and
     ``Region.degraded`` and :meth:`Region.coverage` say so.
+
+    ``copy_mode`` chooses how a ``copy`` region copies: ``"auto"`` takes the
+    kernel's direct-COW flag where present, else userfaultfd block copy
+    where this process may handle kernel-mode faults, else the eager copy
+    at fork (the reason is logged and kept in
+    ``Region.copy_fallback_reason``); ``"lazy"`` raises
+    :class:`~thpguard.errors.UnsupportedError` with the reason where
+    neither lazy mechanism works; ``"eager"`` always copies the whole
+    region in the child at fork. :attr:`Region.copy_mode` says which
+    mechanism the region uses (see :doc:`copy`).
     """
     size = _check_size(size)
     fork = default_policy() if fork is None else _check_policy(fork)
     for name, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
-    return Region(size, fork, populate, strict)
+    if not isinstance(copy_mode, str):
+        raise InvalidTypeError(
+            f"copy_mode must be a str, one of {', '.join(COPY_MODES)}; got {type(copy_mode).__name__}"
+        )
+    if copy_mode not in COPY_MODES:
+        raise InvalidArgumentError(
+            f"unknown copy_mode {copy_mode!r}; expected one of {', '.join(COPY_MODES)}"
+        )
+    if copy_mode != "auto" and fork != "copy":
+        raise InvalidArgumentError(
+            f"copy_mode={copy_mode!r} applies only to fork='copy' (this region is fork={fork!r})"
+        )
+    return Region(size, fork, populate, strict, copy_mode)
 
 
 def regions() -> List[Region]:
@@ -456,10 +549,12 @@ def _before_fork() -> None:
     _fork_serial.acquire()
     _pending.pipe = None
     mode = None
-    targets = [r for r in regions() if r.fork == "copy"]
-    if targets:
+    # userfault regions need nothing here: the native prepare handler arms
+    # them, and the child arms its own before its first instruction.
+    targets = [r for r in regions() if r.copy_mode in ("eager", "kernel")]
+    if any(r.copy_mode == "kernel" for r in targets):
         mode = _direct_cow_mode()
-    targets = [r for r in targets if not (r.direct_cow and mode in ("always", "madvise"))]
+    targets = [r for r in targets if not (r.copy_mode == "kernel" and mode in ("always", "madvise"))]
     if targets:
         _pending.pipe = os.pipe()
     _pending.targets = targets
@@ -502,7 +597,7 @@ def _after_fork_in_child(late: bool = False) -> None:
         if late:
             # The parent did not wait for us, but copying still ends our
             # sharing, so neither side splits from now on.
-            targets = [r for r in _live if r.fork == "copy" and not r.closed and not r.direct_cow]
+            targets = [r for r in _live if r.copy_mode == "eager" and not r.closed]
         if _fork.in_exec_child():
             return
         for region in targets:
