@@ -1,0 +1,380 @@
+"""copy regions with userfaultfd block copy: nobody splits, every byte right.
+
+Every test checks the kernel's ground truth (PAGEMAP_SCAN through
+``coverage()``, smaps ``AnonHugePages``) in the process that wrote, and
+compares the data byte for byte against what each process wrote.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+import thpguard
+from thpguard import _native, kernel
+
+from conftest import checksum, run_in_child, smaps_huge_bytes
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def require_userfault(require_thp):
+    feature = kernel.capabilities().copy_userfault
+    if not feature.available:
+        pytest.skip(f"needs userfaultfd block copy: {feature.reason}")
+
+
+@pytest.fixture
+def copy_region(require_userfault, region_factory):
+    def make(size, **kwargs):
+        region = region_factory(size, fork="copy", **kwargs)
+        assert region.copy_mode == "userfault", region.copy_fallback_reason
+        return region
+
+    return make
+
+
+def _fill(region):
+    view = region.view()
+    pattern = bytes(range(256)) * 16
+    for off in range(0, region.size, len(pattern)):
+        view[off : off + len(pattern)] = pattern
+    view.release()
+    return checksum(region.view())
+
+
+def _expected_after_marks(region, marks):
+    """Checksum of the filled region with byte ``marks[off]`` written at each offset."""
+    data = bytearray((bytes(range(256)) * 16) * (region.size // 4096))
+    for off, value in marks.items():
+        data[off] = value
+    return checksum(data)
+
+
+class _Sampler:
+    """Samples PAGEMAP_SCAN coverage and smaps of this process while writes run."""
+
+    def __init__(self, region):
+        self.region = region
+        self.samples = 0
+        self.worst = region.size
+        self.worst_smaps = region.size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        r = self.region
+        while not self._stop.is_set():
+            self.worst = min(self.worst, r.coverage().huge_bytes)
+            if self.samples % 8 == 0:
+                smaps = smaps_huge_bytes(os.getpid(), r.address, r.address + r.size)
+                self.worst_smaps = min(self.worst_smaps, smaps)
+            self.samples += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _write_every_block(region, value, pmd):
+    view = region.view()
+    for off in range(0, region.size, pmd):
+        view[off] = value
+    view.release()
+
+
+def test_both_sides_write_every_block_and_stay_huge(copy_region, pmd):
+    """Parent and child write every block at once; sampled during the writes,
+    both stay 100 % PMD-mapped, and each sees exactly its own writes."""
+    region = copy_region(32 * MiB)
+    _fill(region)
+    go_r, go_w = os.pipe()
+
+    def child():
+        os.read(go_r, 1)
+        with _Sampler(region) as sampler:
+            _write_every_block(region, 0xC1, pmd)
+        marks = {off: 0xC1 for off in range(0, region.size, pmd)}
+        same = checksum(region.view()) == _expected_after_marks(region, marks)
+        return sampler.samples, sampler.worst, sampler.worst_smaps, same, _native.copy_stats()
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=run_in_child(child)))
+    thread.start()
+    os.write(go_w, b"x")
+    with _Sampler(region) as sampler:
+        _write_every_block(region, 0x9A, pmd)
+    thread.join()
+    samples, worst, worst_smaps, same, stats = result["r"]
+    assert samples > 0 and worst == region.size and worst_smaps == region.size
+    assert same
+    assert stats["fallbacks"] == 0 and stats["copies"] + stats["reuses"] == region.size // pmd
+    assert sampler.samples > 0 and sampler.worst == region.size
+    assert sampler.worst_smaps == region.size
+    marks = {off: 0x9A for off in range(0, region.size, pmd)}
+    assert checksum(region.view()) == _expected_after_marks(region, marks)
+    assert region.coverage().complete
+    os.close(go_r)
+    os.close(go_w)
+
+
+def test_many_threads_same_and_different_blocks(copy_region, pmd):
+    """Eight threads write one block and four others at once: one copy per
+    block, every waiter woken, every write kept."""
+    region = copy_region(16 * MiB)
+    _fill(region)
+
+    def child():
+        view = region.view()
+        offsets = [i * 4096 + 7 for i in range(8)] + [b * pmd + 11 for b in range(1, 5)]
+        barrier = threading.Barrier(len(offsets))
+
+        def write(off):
+            barrier.wait()
+            view[off] = 0x5C
+
+        threads = [threading.Thread(target=write, args=(off,)) for off in offsets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        kept = all(view[off] == 0x5C for off in offsets)
+        view.release()
+        marks = {off: 0x5C for off in offsets}
+        same = checksum(region.view()) == _expected_after_marks(region, marks)
+        return kept, same, region.coverage().complete, _native.copy_stats()
+
+    kept, same, complete, stats = run_in_child(child)
+    assert kept and same and complete
+    assert stats["copies"] == 5 and stats["fallbacks"] == 0
+    assert stats["wp_faults"] >= 5
+
+
+def test_kernel_mode_writes(copy_region, pmd):
+    """readinto, recv_into and os.readv into a protected block work (the
+    kernel's own writes fault to the handler) and keep the block huge."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        view = region.view()
+        payload = b"written by the kernel" * 100
+        with tempfile.TemporaryFile() as f:
+            f.write(payload)
+            f.seek(0)
+            n1 = f.readinto(view[100 : 100 + len(payload)])
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(payload)
+            n2 = b.recv_into(view[pmd + 100 : pmd + 100 + len(payload)])
+        r, w = os.pipe()
+        os.write(w, payload)
+        n3 = os.readv(r, [view[2 * pmd + 100 : 2 * pmd + 100 + len(payload)]])
+        os.close(r)
+        os.close(w)
+        ok = all(bytes(view[o + 100 : o + 100 + len(payload)]) == payload for o in (0, pmd, 2 * pmd))
+        view.release()
+        return (n1, n2, n3), ok, region.coverage().complete, _native.copy_stats()["fallbacks"]
+
+    sizes, ok, complete, fallbacks = run_in_child(child)
+    assert sizes == (2100, 2100, 2100) and ok and complete and fallbacks == 0
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_fork_from_thread_and_grandchildren(copy_region, pmd):
+    """A fork from a non-main thread, and a grandchild's fork, arm the new
+    process too: the grandchild's writes do not split, nobody's data moves."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def grandchild():
+        _write_every_block(region, 0x66, pmd)
+        return region.coverage().complete, _native.copy_stats()["copies"]
+
+    def child():
+        inner = run_in_child(grandchild)
+        return inner, checksum(region.view()), region.coverage().complete
+
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=run_in_child(child)))
+    t.start()
+    t.join()
+    (g_complete, g_copies), c_sum, c_complete = out["r"]
+    assert g_complete and g_copies == region.size // pmd
+    assert c_sum == expected and c_complete
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_exec_after_fork(copy_region, pmd, tmp_path):
+    """A child that execs right after fork (at-fork hooks run) works, and the
+    parent's next writes reuse its pages: no copy once the child is gone."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    marker = tmp_path / "ran"
+    subprocess.run([sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')"],
+                   check=True, preexec_fn=lambda: None)
+    assert marker.read_text() == "ok"
+    before = _native.copy_stats()
+    _write_every_block(region, 0x11, pmd)
+    after = _native.copy_stats()
+    assert after["copies"] == before["copies"]
+    assert after["reuses"] - before["reuses"] == region.size // pmd
+    assert region.coverage().complete
+    assert checksum(region.view()) != expected
+
+
+def test_close_while_writes_fault(copy_region, pmd):
+    """close() racing another thread's faulting writes never hangs: it is
+    refused while the writer's view lives, then unmaps once it is gone."""
+    region = copy_region(32 * MiB)
+    _fill(region)
+
+    def child():
+        view = region.view()
+        started = threading.Event()
+
+        def writer():
+            started.set()
+            for off in range(0, region.size, pmd):
+                view[off] = 0x77
+            view.release()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        started.wait()
+        refused = 0
+        while True:
+            try:
+                region.close()
+                break
+            except BufferError:
+                refused += 1
+        t.join()
+        return region.closed, _native.copy_stats()["regions"]
+
+    closed, registered = run_in_child(child)
+    assert closed and registered == 0
+
+
+def test_exit_mid_copy(copy_region, pmd):
+    """A child that exits while its threads' writes are being copied leaves
+    cleanly; the parent's data and huge pages are untouched."""
+    region = copy_region(32 * MiB)
+    expected = _fill(region)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            view = region.view()
+
+            def writer(first):
+                for off in range(first * pmd, region.size, 4 * pmd):
+                    view[off] = 0x33
+
+            for i in range(4):
+                threading.Thread(target=writer, args=(i,), daemon=True).start()
+        finally:
+            os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_dontneed_and_mprotect(copy_region, pmd):
+    """MADV_DONTNEED of a block reads back zeros and refills as a huge page;
+    mprotect read-only and back leaves the copy on write working."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        addr = region.address
+        _native.madvise(addr + pmd, pmd, 4)  # MADV_DONTNEED
+        view = region.view()
+        zeros = bytes(view[pmd : 2 * pmd]) == bytes(pmd)
+        view[pmd + 5] = 0x42
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(addr + 2 * pmd, pmd, mmap.PROT_READ) == 0
+        readable = view[2 * pmd + 1]
+        assert libc.mprotect(addr + 2 * pmd, pmd, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        view[2 * pmd + 1] = 0x43
+        ok = view[pmd + 5] == 0x42 and view[2 * pmd + 1] == 0x43 and view[0] == 0
+        view.release()
+        return zeros, readable, ok, region.coverage().complete, _native.copy_stats()
+
+    zeros, readable, ok, complete, stats = run_in_child(child)
+    assert zeros and readable == 1 and ok and complete
+    assert stats["fallbacks"] == 0
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_no_new_block_falls_back_and_collapse_repairs(copy_region, pmd, require_collapse):
+    """Without a new block (injected ENOMEM) the kernel's COW handles the
+    write: the data is right, the fallback counted, and collapse() repairs."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        _native.fault_inject("copy_block", errno.ENOMEM, 1)
+        try:
+            _write_every_block(region, 0x21, pmd)
+        finally:
+            _native.fault_clear()
+        stats = _native.copy_stats()
+        split = region.coverage().huge_bytes
+        repaired = region.collapse().coverage.complete
+        marks = {off: 0x21 for off in range(0, region.size, pmd)}
+        return stats["fallbacks"], split, repaired, checksum(region.view()) == _expected_after_marks(region, marks)
+
+    fallbacks, huge, repaired, same = run_in_child(child)
+    assert fallbacks == 1 and huge == region.size - pmd
+    assert repaired and same
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_child_arm_failure_degrades_to_share(copy_region, pmd, require_collapse):
+    """A child that cannot arm (injected EMFILE) says so and behaves like
+    `share`: writes split, data right, collapse() repairs; the parent is fine."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    _native.fault_inject("copy_arm", errno.EMFILE, 1)
+    try:
+        def child():
+            _write_every_block(region, 0x31, pmd)
+            stats = _native.copy_stats()
+            split = region.coverage().huge_bytes
+            repaired = region.collapse().coverage.complete
+            return stats["arm_errno"], split, repaired
+
+        arm_errno, huge, repaired = run_in_child(child)
+    finally:
+        _native.fault_clear()
+    assert arm_errno == errno.EMFILE and huge < region.size and repaired
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_copy_mode_arguments(require_thp):
+    """copy_mode takes auto, lazy or eager, and only with fork='copy'."""
+    with pytest.raises(thpguard.InvalidArgumentError, match="copy_mode"):
+        thpguard.alloc(2 * MiB, fork="copy", copy_mode="later")
+    with pytest.raises(thpguard.InvalidTypeError, match="copy_mode"):
+        thpguard.alloc(2 * MiB, fork="copy", copy_mode=1)
+    with pytest.raises(thpguard.InvalidArgumentError, match="only to fork='copy'"):
+        thpguard.alloc(2 * MiB, fork="share", copy_mode="lazy")
+    with thpguard.alloc(2 * MiB, fork="copy", copy_mode="eager") as region:
+        assert region.copy_mode == "eager"
+    with thpguard.alloc(2 * MiB, fork="share") as region:
+        assert region.copy_mode is None
