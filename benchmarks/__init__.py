@@ -10,7 +10,7 @@ interleaved, after warm-up, as the median of several repetitions (see
 ``_harness``). This package is not part of the installed ``thpguard``.
 """
 
-from . import alloc, coverage, forklat, overhead, repair, stall, tlb
+from . import alloc, copy, coverage, forklat, overhead, repair, stall, tlb
 
 #: Every benchmark, in the order they run: module with NAME, TITLE, run().
-BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall)
+BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall, copy)

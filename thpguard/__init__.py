@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedError,
 )
 from .pagemap import Coverage
-from .region import POLICIES, CollapseResult, Region, alloc, regions
+from .region import COPY_MODES, POLICIES, CollapseResult, Region, alloc, copy_stats, regions
 # ``thpguard.guard`` is the function below; the module stays importable as
 # ``from thpguard.guard import ...``.
 from .guard import (
@@ -39,6 +39,7 @@ except ImportError:  # not installed (a source tree without a build)
     __version__ = "0.0.0"
 
 __all__ = [
+    "COPY_MODES",
     "POLICIES",
     "CollapseResult",
     "Coverage",
@@ -56,6 +57,7 @@ __all__ = [
     "ThpguardError",
     "UnsupportedError",
     "alloc",
+    "copy_stats",
     "errors",
     "guard",
     "hot",

@@ -184,6 +184,22 @@ def check_direct_cow(ctx: HostContext) -> Check:
     return Check("direct_cow", title, NA, c.direct_cow.reason + "; re-collapse instead")
 
 
+def check_copy_userfault(ctx: HostContext) -> Check:
+    """Whether `copy` regions copy 2 MiB blocks lazily (userfaultfd) here."""
+    f = ctx.caps.copy_userfault
+    title = "copy: userfaultfd block copy"
+    if f.available:
+        return Check("copy_userfault", title, OK, f.reason)
+    if ctx.caps.direct_cow.available:
+        return Check("copy_userfault", title, NA, f.reason + "; the kernel's direct COW copies instead")
+    advice = ""
+    if "CAP_SYS_PTRACE" in f.reason:
+        advice = ("run as root or with CAP_SYS_PTRACE, or: sysctl vm.unprivileged_userfaultfd=1, "
+                  "or give the user read-write access to /dev/userfaultfd; until then fork='copy' "
+                  "copies the whole region at fork (eager)")
+    return Check("copy_userfault", title, WARN, f.reason + "; fork='copy' copies eagerly at fork", advice)
+
+
 def _disabled_ancestor(ctx: HostContext, pid) -> Optional[Tuple[int, str]]:
     """The oldest ancestor of *pid* in an unbroken line of THP-disabled
     processes: where the prctl was most likely set."""
@@ -279,7 +295,7 @@ def host_checks(ctx: HostContext, headroom: int = 64 * MiB, wanted_free: int = 6
     checks: List[Callable[[HostContext], Check]] = [
         check_enabled, check_defrag, check_pmd_size, check_mthp, check_khugepaged,
         check_collapse, check_pagemap_scan, check_populate_write, check_process_madvise,
-        check_direct_cow, check_prctl,
+        check_direct_cow, check_copy_userfault, check_prctl,
     ]
     out = [f(ctx) for f in checks]
     out.append(check_cgroup(ctx, headroom))

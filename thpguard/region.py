@@ -44,7 +44,7 @@ from .errors import (
 )
 from .pagemap import Coverage
 
-__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions"]
+__all__ = ["COPY_MODES", "POLICIES", "Region", "CollapseResult", "alloc", "copy_stats", "regions"]
 
 log = logging.getLogger("thpguard")
 
@@ -527,6 +527,24 @@ def alloc(
             f"copy_mode={copy_mode!r} applies only to fork='copy' (this region is fork={fork!r})"
         )
     return Region(size, fork, populate, strict, copy_mode)
+
+
+def copy_stats() -> Dict[str, object]:
+    """Counters of this process's userfaultfd block copy (``copy`` regions
+    with ``copy_mode == "userfault"``); a child starts from zero.
+
+    ``copies``: blocks copied into a new huge page on their first write;
+    ``reuses``: blocks no longer shared with another process, unprotected
+    without a copy; ``fallbacks``: writes left to the kernel's own COW (no
+    new block could be had: the block splits and the guard repairs it);
+    ``inline_allocs``: blocks faulted in inside a write fault because the
+    pool of pre-faulted blocks was empty; ``missing_fills``: empty blocks
+    filled with a zeroed huge page; ``copy_ns``: nanoseconds spent copying;
+    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``; ``arm_errno``:
+    nonzero when this process could not arm its regions at fork (they then
+    behave like ``share``).
+    """
+    return _native.copy_stats()
 
 
 def regions() -> List[Region]:
