@@ -219,6 +219,11 @@ def copy_unregister(addr: int) -> bool:
     return True
 
 
+def copy_arm() -> None:
+    """Write-protect every registered copy region now."""
+    _check(lib.tg_copy_arm(), "userfaultfd write-protect")
+
+
 def copy_stats() -> Dict[str, object]:
     """This process's block-copy counters (``struct tg_copy_stats``)."""
     out = ffi.new("struct tg_copy_stats *")

@@ -459,6 +459,10 @@ class Region:
                       self.address, exc)
             return
         self._forget_copy = weakref.finalize(self, _native.copy_unregister, self.address)
+        try:
+            _native.copy_arm()  # unregistering dropped the protection
+        except OSError as exc:
+            log.warning("copy region %#x: could not protect it again: %s", self.address, exc)
 
     def __enter__(self) -> "Region":
         return self
