@@ -49,6 +49,7 @@ enum tg_probe_stage {
     TG_PROBE_OPEN,
     TG_PROBE_API,
     TG_PROBE_WP,
+    TG_PROBE_SCAN,
     ...
 };
 

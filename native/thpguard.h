@@ -170,7 +170,8 @@ enum tg_probe_stage {
     TG_PROBE_OK = 0,
     TG_PROBE_OPEN = 1,      /* no userfaultfd that handles kernel faults */
     TG_PROBE_API = 2,       /* UFFDIO_API refused write-protect (< 5.7) */
-    TG_PROBE_WP = 3         /* registering or protecting a THP block failed */
+    TG_PROBE_WP = 3,        /* registering or protecting a THP block failed */
+    TG_PROBE_SCAN = 4       /* no PAGEMAP_SCAN (6.7) to tell whole blocks */
 };
 
 struct tg_copy_probe {

@@ -205,6 +205,19 @@ int tg_copy_probe(struct tg_copy_probe *out)
     } else {
         out->stage = TG_PROBE_OK;
         out->has_move = out->has_move && (reg.ioctls & (1ULL << 0x05)) != 0;
+        /* The handler tells a whole huge block from a split one with
+         * PAGEMAP_SCAN (6.7); without it every write would fall back. */
+        int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        struct tg_page_region vec[1];
+        size_t n;
+        uint64_t walk_end;
+        if (pm < 0 || tg_pagemap_scan(pm, (uintptr_t)addr, (uintptr_t)addr + len,
+                                      TG_PAGE_IS_HUGE, vec, 1, &n, &walk_end) != 0) {
+            out->stage = TG_PROBE_SCAN;
+            out->err = errno;
+        }
+        if (pm >= 0)
+            close(pm);
     }
     close(fd);  /* drops the registration and the protection */
     munmap(addr, len);
@@ -324,6 +337,31 @@ static int protect_range(int fd, uintptr_t addr, size_t len, int on)
 {
     struct u_writeprotect wp = {.range = {addr, len}, .mode = on ? U_WP_MODE_WP : 0};
     return ioctl(fd, U_IOC_WP, &wp);
+}
+
+/* Protect the PMD-mapped parts of [addr, addr+len) only: a split block
+ * stays unprotected (its writes copy 4 KiB, as it is split already), since
+ * MADV_COLLAPSE refuses a range with write-protected small pages (EINVAL)
+ * and the guard could not repair it. Empty parts take missing faults. */
+static int protect_huge(int fd, int pm, uintptr_t addr, size_t len)
+{
+    struct tg_page_region vec[64];
+    uintptr_t at = addr, end = addr + len;
+    int rc = 0;
+    while (at < end) {
+        size_t n;
+        uint64_t walk_end;
+        if (pm < 0 || tg_pagemap_scan(pm, at, end, TG_PAGE_IS_HUGE, vec, 64, &n, &walk_end) != 0)
+            return protect_range(fd, at, end - at, 1);
+        for (size_t i = 0; i < n; i++)
+            if ((vec[i].categories & TG_PAGE_IS_HUGE)
+                && protect_range(fd, vec[i].start, vec[i].end - vec[i].start, 1) != 0)
+                rc = -1;
+        if (walk_end <= at)
+            break;
+        at = walk_end;
+    }
+    return rc;
 }
 
 static void wake_range(uintptr_t addr, size_t len)
@@ -658,7 +696,7 @@ int tg_copy_arm(void)
     int rc = 0;
     pthread_mutex_lock(&op_lock);
     for (size_t i = 0; i < n_regions; i++)
-        if (protect_range(uffd, regions[i].addr, regions[i].len, 1) != 0)
+        if (protect_huge(uffd, pagemap_fd, regions[i].addr, regions[i].len) != 0)
             rc = -1;
     pthread_mutex_unlock(&op_lock);
     return rc;
@@ -724,7 +762,7 @@ void tg__copy_prepare(void)
     if (uffd < 0)
         return;
     for (size_t i = 0; i < n_regions; i++)
-        if (protect_range(uffd, regions[i].addr, regions[i].len, 1) != 0)
+        if (protect_huge(uffd, pagemap_fd, regions[i].addr, regions[i].len) != 0)
             atomic_store(&arm_errno, errno);
 }
 
@@ -770,7 +808,7 @@ void tg__copy_child(void)
     uffd = fd;
     for (size_t i = 0; i < n_regions; i++) {
         if (register_range(fd, regions[i].addr, regions[i].len) != 0
-            || protect_range(fd, regions[i].addr, regions[i].len, 1) != 0) {
+            || protect_huge(fd, pagemap_fd, regions[i].addr, regions[i].len) != 0) {
             atomic_store(&arm_errno, errno);
             break;
         }

@@ -378,3 +378,40 @@ def test_copy_mode_arguments(require_thp):
         assert region.copy_mode == "eager"
     with thpguard.alloc(2 * MiB, fork="share") as region:
         assert region.copy_mode is None
+
+
+def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_collapse):
+    """A block split by a fallback is not protected again at the next fork
+    (MADV_COLLAPSE refuses write-protected small pages): collapse() repairs
+    it while children share the region."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    holders = []
+
+    def hold():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        holders.append((pid, w))
+
+    try:
+        hold()
+        _native.fault_inject("copy_block", errno.ENOMEM, 1)
+        try:
+            view = region.view()
+            view[5] = view[5]
+            view.release()
+        finally:
+            _native.fault_clear()
+        assert region.coverage().huge_bytes == region.size - pmd
+        hold()  # the next fork protects the whole blocks only
+        result = region.collapse()
+        assert result.failures == {} and result.coverage.complete
+    finally:
+        for pid, w in holders:
+            os.close(w)
+            os.waitpid(pid, 0)
+    assert checksum(region.view()) == expected

@@ -189,14 +189,14 @@ def copy_remap(addr: int, length: int, align: int) -> None:
 def copy_probe() -> Dict[str, object]:
     """Whether this process can use userfaultfd block copy (``tg_copy_probe``).
 
-    Keys: ``stage`` ("ok", "open", "api", "wp"), ``errno`` at that stage,
+    Keys: ``stage`` ("ok", "open", "api", "wp", "scan"), ``errno`` at that stage,
     ``source`` ("syscall", "device" or None), ``user_mode_only`` (only a
     user-mode-only userfaultfd was available), ``move`` (UFFDIO_MOVE).
     """
     out = ffi.new("struct tg_copy_probe *")
     _check(lib.tg_copy_probe(out), "userfaultfd probe")
     stages = {lib.TG_PROBE_OK: "ok", lib.TG_PROBE_OPEN: "open", lib.TG_PROBE_API: "api",
-              lib.TG_PROBE_WP: "wp"}
+              lib.TG_PROBE_WP: "wp", lib.TG_PROBE_SCAN: "scan"}
     return {
         "stage": stages.get(out.stage, str(out.stage)),
         "errno": out.err,

@@ -714,6 +714,9 @@ def probe_copy_userfault(n) -> Feature:
         return Feature(False, why)
     if p["stage"] == "api":
         return Feature(False, f"kernel refuses userfaultfd write-protect (Linux 5.7+; UFFDIO_API: {err})")
+    if p["stage"] == "scan":
+        return Feature(False, "no PAGEMAP_SCAN (Linux 6.7+) to tell a whole huge block from a "
+                              f"split one ({err})")
     return Feature(False, f"write-protecting a huge-page block with userfaultfd failed ({err})")
 
 
