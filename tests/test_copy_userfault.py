@@ -411,7 +411,9 @@ def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_col
         result = region.collapse()
         assert result.failures == {} and result.coverage.complete
     finally:
-        for pid, w in holders:
+        # The second holder inherited the first one's pipe: close all first.
+        for _, w in holders:
             os.close(w)
+        for pid, _ in holders:
             os.waitpid(pid, 0)
     assert checksum(region.view()) == expected
