@@ -392,6 +392,7 @@ def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_col
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(w)
             os.read(r, 1)
             os._exit(0)
         os.close(r)
