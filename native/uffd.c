@@ -144,7 +144,7 @@ static int open_uffd(int *how)
                 *how = 2;
             return (int)fd;
         }
-        saved = dev_err;
+        (void)dev_err;  /* the syscall's errno says more (EPERM, ENOSYS) */
     }
     errno = saved;
     return -1;

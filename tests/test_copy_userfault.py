@@ -418,3 +418,52 @@ def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_col
         for pid, _ in holders:
             os.waitpid(pid, 0)
     assert checksum(region.view()) == expected
+
+
+_UNPRIVILEGED_SCRIPT = """
+import logging, sys, thpguard
+from thpguard import kernel
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+print("FEATURE", kernel.capabilities().copy_userfault.available)
+region = thpguard.alloc(4 << 20, fork="copy")
+print("MODE", region.copy_mode)
+print("REASON", region.copy_fallback_reason)
+try:
+    thpguard.alloc(4 << 20, fork="copy", copy_mode="lazy")
+except thpguard.UnsupportedError as exc:
+    print("LAZY", exc)
+"""
+
+
+def test_without_kernel_mode_userfaultfd_auto_falls_back(require_thp, tmp_path):
+    """Without CAP_SYS_PTRACE and without /dev/userfaultfd (as for an
+    unprivileged process), auto copies eagerly and logs why, and lazy raises
+    UnsupportedError with the reason; the kernel decides, nothing is mocked."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop CAP_SYS_PTRACE and hide /dev/userfaultfd")
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            if f.read().strip() != "0":
+                pytest.skip("vm.unprivileged_userfaultfd=1: every process may use userfaultfd")
+    except OSError:
+        pass
+    script = tmp_path / "unprivileged.py"
+    script.write_text(_UNPRIVILEGED_SCRIPT)
+    # A private mount namespace hides the device from this one process tree.
+    hide = "mount --bind /dev/null /dev/userfaultfd && " if os.path.exists("/dev/userfaultfd") else ""
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"{hide}exec setpriv --bounding-set -sys_ptrace --inh-caps -sys_ptrace "
+           f"{sys.executable} {script}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("needs unshare and setpriv (util-linux)")
+    if out.returncode != 0 and "unshare" in out.stderr:
+        pytest.skip(f"cannot make a mount namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout
+    assert "FEATURE False" in lines
+    assert "MODE eager" in lines
+    assert "CAP_SYS_PTRACE" in lines and "EPERM" in lines
+    assert "LOG copy region" in lines and "copies eagerly at fork" in lines
+    assert "LAZY no lazy copy mechanism here" in lines
