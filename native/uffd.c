@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include "thpguard.h"
+#include "thpguard_testing.h"
 #include "internal.h"
 
 #include <errno.h>
