@@ -467,3 +467,49 @@ def test_without_kernel_mode_userfaultfd_auto_falls_back(require_thp, tmp_path):
     assert "CAP_SYS_PTRACE" in lines and "EPERM" in lines
     assert "LOG copy region" in lines and "copies eagerly at fork" in lines
     assert "LAZY no lazy copy mechanism here" in lines
+
+
+def _probe(stage, err=0, user_mode_only=False, move=True, source="syscall"):
+    return {"stage": stage, "errno": err, "source": source, "user_mode_only": user_mode_only,
+            "move": move}
+
+
+@pytest.mark.parametrize("probe, available, words", [
+    (_probe("ok"), True, "UFFDIO_MOVE"),
+    (_probe("ok", move=False, source="device"), True, "/dev/userfaultfd"),
+    (_probe("open", errno.ENOSYS), False, "CONFIG_USERFAULTFD"),
+    (_probe("open", errno.EPERM, user_mode_only=True), False, "EFAULT"),
+    (_probe("api", errno.EINVAL), False, "5.7"),
+    (_probe("wp", errno.EINVAL), False, "write-protecting"),
+    (_probe("scan", errno.ENOTTY), False, "PAGEMAP_SCAN"),
+])
+def test_capability_says_why(probe, available, words):
+    """copy_userfault in capabilities() says whether lazy copy works and why
+    not, for each stage the native probe can stop at (5.10, 6.1, 6.6, ...)."""
+    from fakekernel import FakeNative
+
+    kernel.registry.set_native(FakeNative(copy_probe=probe))
+    try:
+        feature = kernel.capabilities(refresh=True).copy_userfault
+    finally:
+        kernel.registry.reset()
+    assert feature.available is available and words in feature.reason
+
+
+def test_host_without_lazy_copy_falls_back(require_thp, caplog):
+    """Where the registry says no lazy mechanism works (a 6.1 kernel without
+    UFFDIO write-protect here, injected), auto copies eagerly with the reason
+    logged, and lazy raises UnsupportedError with it."""
+    from fakekernel import FakeNative
+
+    kernel.registry.set_native(FakeNative(copy_probe=_probe("api", errno.EINVAL)))
+    try:
+        with caplog.at_level("INFO", logger="thpguard"):
+            with thpguard.alloc(4 * MiB, fork="copy") as region:
+                assert region.copy_mode == "eager"
+                assert "write-protect" in region.copy_fallback_reason
+        assert any("copies eagerly at fork" in r.getMessage() for r in caplog.records)
+        with pytest.raises(thpguard.UnsupportedError, match="no lazy copy mechanism"):
+            thpguard.alloc(4 * MiB, fork="copy", copy_mode="lazy")
+    finally:
+        kernel.registry.reset()
