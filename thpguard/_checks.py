@@ -182,23 +182,15 @@ def check_direct_cow(ctx: HostContext) -> Check:
         path = ctx.thp_path("thp_cow")
         return Check("direct_cow", title, WARN, "thp_cow=never: writes after fork split huge pages",
                      f"echo madvise > {path}", (path, "madvise"))
-    return Check("direct_cow", title, NA, c.direct_cow.reason + "; re-collapse instead")
-
-
-def check_copy_userfault(ctx: HostContext) -> Check:
-    """Whether `copy` regions copy 2 MiB blocks lazily (userfaultfd) here."""
-    f = ctx.caps.copy_userfault
-    title = "copy: userfaultfd block copy"
-    if f.available:
-        return Check("copy_userfault", title, OK, f.reason)
-    if ctx.caps.direct_cow.available:
-        return Check("copy_userfault", title, NA, f.reason + "; the kernel's direct COW copies instead")
-    advice = ""
-    if "CAP_SYS_PTRACE" in f.reason:
-        advice = ("run as root or with CAP_SYS_PTRACE, or: sysctl vm.unprivileged_userfaultfd=1, "
-                  "or give the user read-write access to /dev/userfaultfd; until then fork='copy' "
-                  "copies the whole region at fork (eager)")
-    return Check("copy_userfault", title, WARN, f.reason + "; fork='copy' copies eagerly at fork", advice)
+    # Without the kernel's copy, fork='copy' copies lazily with userfaultfd
+    # where this process may (docs/copy.rst), else eagerly at fork: one line
+    # for both keeps verify on one screen.
+    uffd = c.copy_userfault
+    if uffd.available:
+        lazy = f"fork='copy' copies 2 MiB blocks with userfaultfd instead ({uffd.reason})"
+    else:
+        lazy = f"fork='copy' copies eagerly at fork: {uffd.reason}"
+    return Check("direct_cow", title, NA, f"{c.direct_cow.reason}; re-collapse instead; {lazy}")
 
 
 def _disabled_ancestor(ctx: HostContext, pid) -> Optional[Tuple[int, str]]:
@@ -296,7 +288,7 @@ def host_checks(ctx: HostContext, headroom: int = 64 * MiB, wanted_free: int = 6
     checks: List[Callable[[HostContext], Check]] = [
         check_enabled, check_defrag, check_pmd_size, check_mthp, check_khugepaged,
         check_collapse, check_pagemap_scan, check_populate_write, check_process_madvise,
-        check_direct_cow, check_copy_userfault, check_prctl,
+        check_direct_cow, check_prctl,
     ]
     out = [f(ctx) for f in checks]
     out.append(check_cgroup(ctx, headroom))
