@@ -27,7 +27,8 @@ except ImportError as exc:  # not built, or built for another Python
 else:
     _native_missing = None
 if _native_missing is None:
-    from .region import COPY_MODES, POLICIES, CollapseResult, Region, alloc, copy_stats, regions
+    from .region import POLICIES, CollapseResult, Region, alloc, regions
+    from ._copy import COPY_MODES, copy_stats
     from .events import Event
     # ``thpguard.guard`` and ``thpguard.hot`` are the functions below; the
     # modules stay importable as ``from thpguard.guard import ...``.

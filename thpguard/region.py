@@ -8,12 +8,8 @@ policy says what a child of ``fork()`` gets:
     the same data, copy-on-write; on THP a write splits the writer's 2 MiB
     block, which :meth:`Region.collapse` (or the guard) repairs.
 ``copy``
-    the same data; each process gets its own huge pages for what it writes,
-    so nobody splits. :attr:`Region.copy_mode` says how: ``"kernel"`` (the
-    kernel's direct-COW flag copies 2 MiB on write), ``"userfault"`` (a
-    native userfaultfd handler in each process copies a 2 MiB block on its
-    first write after fork) or ``"eager"`` (the child copies the whole
-    region at fork and the parent waits for that copy).
+    the same data; each process gets its own huge pages for what it writes
+    (:attr:`Region.copy_mode`: ``kernel``, ``userfault`` or ``eager``).
 ``wipe``
     a zero-filled range (``MADV_WIPEONFORK``; emulated on hugetlb).
 ``private``
@@ -30,11 +26,10 @@ import mmap
 import os
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from . import _fork, _native, kernel, pagemap
+from . import _copy, _fork, _native, kernel, pagemap
 from .blocks import Coverage
 from .errors import (
     HugePagesUnavailableError,
@@ -58,15 +53,12 @@ from .backends import (
 from ._regions import _live, regions
 from .repair import RepairState
 
-__all__ = ["COPY_MODES", "POLICIES", "Region", "CollapseResult", "alloc", "copy_stats", "regions",
-           "ThpBackend", "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
-
+__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
+           "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
 log = logging.getLogger("thpguard")
 
 POLICIES = ("share", "copy", "wipe", "private")
 
-#: How a ``copy`` region may copy (the ``copy_mode`` argument of :func:`alloc`).
-COPY_MODES = ("auto", "lazy", "eager")
 
 #: Environment variable naming the fork policy :func:`alloc` uses when none
 #: is given (default ``share``); a bad value is logged and ignored.
@@ -179,8 +171,7 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None, backend: object = "thp",
-                 copy_mode: str = "auto") -> None:
+                 name: Optional[str] = None, backend: object = "thp", copy_mode: str = "auto") -> None:
         # The backend (a registered name, or an object) owns mapping, coverage, repair.
         self._backend = BACKENDS[backend]() if isinstance(backend, str) else backend
         # The block model's block size, whatever the backend's page size.
@@ -195,11 +186,8 @@ class Region:
         #: hugetlb ``share``: why the last fork copied it into the child, else None.
         self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
-        # Set by _setup_copy: the handler owns this region's copies.
-        self._copy_registered = False
-        #: Why a ``copy`` region with ``copy_mode="auto"`` copies eagerly.
-        self.copy_fallback_reason: Optional[str] = None
-        self._requested_copy_mode = copy_mode
+        self.copy_fallback_reason: Optional[str] = None  #: why ``copy_mode="auto"`` copies eagerly
+        self._requested_copy_mode, self._copy_registered = copy_mode, False
         self._closed = False
         self._unmapped_here = False
         self._lock = threading.Lock()
@@ -214,14 +202,12 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
+            _copy.setup(self) if self.fork == "copy" and not setup else None  # after populating
         except BaseException:
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
             if forget is not None:
                 forget()  # else every later child reserves this stale range
-            forget = getattr(self, "_forget_copy", None)
-            if forget is not None:
-                forget()
             raise
         live = _live()
         with live.lock:
@@ -257,13 +243,8 @@ class Region:
                 self.direct_cow = True
             except OSError as exc:
                 log.warning("MADV_THP_COW failed on %#x: %s", addr, exc)
-        if populate:
-            self._populate_checked(strict)
-        if self.fork == "copy":
-            self._setup_copy()
-
-    def _populate_checked(self, strict: bool) -> None:
-        addr, size = self.address, self.size
+        if not populate:
+            return
         _native.populate_write(addr, size, _PAGE)
         cov = pagemap.coverage(addr, addr + size, self.pmd_size)
         if not cov.complete and _collapse_known():
@@ -279,37 +260,6 @@ class Region:
             if strict:
                 raise HugePagesUnavailableError(self.degraded)
             log.warning("region %#x degraded to small pages: %s", addr, self.degraded)
-
-    def _setup_copy(self) -> None:
-        """Pick the copy mechanism (after populating: the handler need not
-        fill the blocks one fault at a time)."""
-        requested = self._requested_copy_mode
-        if requested == "eager":
-            self._copy_eager = True
-            return
-        if self.direct_cow and _direct_cow_mode() in ("always", "madvise"):
-            return  # the kernel copies (mechanism "kernel")
-        feature = kernel.capabilities().copy_userfault
-        reason = feature.reason
-        if feature.available:
-            try:
-                _native.copy_register(self.address, self.size, self.pmd_size)
-            except OSError as exc:
-                reason = f"registering the region with userfaultfd failed: {exc}"
-            else:
-                self._copy_registered = True
-                # A region dropped without close() leaves the handler too,
-                # before the mapping goes.
-                self._forget_copy = weakref.finalize(self, _native.copy_unregister, self.address)
-                return
-        if requested == "lazy":
-            raise UnsupportedError(
-                "copy_mode='lazy'",
-                f"no lazy copy mechanism here: {reason}; use copy_mode='auto' or 'eager' "
-                "(the child copies the whole region at fork)",
-            )
-        self.copy_fallback_reason = reason
-        log.info("copy region %#x copies eagerly at fork: %s", self.address, reason)
 
     # -- state -------------------------------------------------------------
 
@@ -443,16 +393,11 @@ class Region:
         with self._lock:
             if self._closed:
                 return
-            forget_copy = getattr(self, "_forget_copy", None)
-            if forget_copy is not None and forget_copy.alive:
-                # Waits for a block copy in progress and wakes the threads
-                # waiting on this region, before the range is unmapped.
-                forget_copy()
+            registered = _copy.release(self)  # before the range is unmapped
             try:
                 self._map.close()
             except BufferError:
-                if forget_copy is not None and not self._unmapped_here:
-                    self._rearm_copy()
+                _copy.rearm(self) if registered and not self._unmapped_here else None
                 if self._unmapped_here:
                     # A child of a `private` region: views inherited from
                     # the parent are unusable here anyway; the mmap object
@@ -472,20 +417,6 @@ class Region:
         with live.lock:
             live.regions.discard(self)
 
-    def _rearm_copy(self) -> None:
-        try:
-            _native.copy_register(self.address, self.size, self.pmd_size)
-        except OSError as exc:
-            log.error("copy region %#x: writes after fork now split (the kernel's COW): %s",
-                      self.address, exc)
-            self._copy_registered = False
-            return
-        self._forget_copy = weakref.finalize(self, _native.copy_unregister, self.address)
-        try:
-            _native.copy_arm()  # unregistering dropped the protection
-        except OSError as exc:
-            log.warning("copy region %#x: could not protect it again: %s", self.address, exc)
-
     def __enter__(self) -> "Region":
         return self
 
@@ -498,8 +429,7 @@ class Region:
             f"<thpguard.Region {state}{'' if self.name is None else ' ' + repr(self.name)} "
             f"address={self.address:#x} size={self.size} fork={self.fork!r} "
             f"backend={self.backend!r} page_size={self.page_size}"
-            f"{' direct_cow' if self.direct_cow else ''}"
-            f"{f' copy_mode={self.copy_mode!r}' if self.copy_mode else ''}>"
+            f"{' direct_cow' if self.direct_cow else ''}{_copy.tag(self)}>"
         )
 
     # -- fork --------------------------------------------------------------
@@ -515,12 +445,7 @@ class Region:
         THP, the pool's page size for hugetlb (2 MiB or 1 GiB)."""
         return self._backend.page_size()
 
-    @property
-    def copy_mode(self) -> Optional[str]:
-        """For ``fork="copy"``: the mechanism a fork now uses (``"kernel"``,
-        ``"userfault"``, ``"eager"``, or one registered later); None for
-        other policies. See :doc:`copy`."""
-        return mechanism_for(self).name if self.fork == "copy" else None
+    copy_mode = property(_copy.mode)
 
 
 def alloc(
@@ -554,16 +479,7 @@ def alloc(
     raises with the command that grows the pool, ``strict=False`` falls
     back to THP. ``"auto"``: hugetlb when the pool holds the region, else
     THP. See :doc:`hugetlb`.
-
-    ``copy_mode`` chooses how a ``copy`` region copies: ``"auto"`` takes the
-    kernel's direct-COW flag where present, else userfaultfd block copy
-    where this process may handle kernel-mode faults, else the eager copy
-    at fork (the reason is logged and kept in
-    ``Region.copy_fallback_reason``); ``"lazy"`` raises
-    :class:`~thpguard.errors.UnsupportedError` with the reason where
-    neither lazy mechanism works; ``"eager"`` always copies the whole
-    region in the child at fork. :attr:`Region.copy_mode` says which
-    mechanism the region uses (see :doc:`copy`).
+    ``copy_mode`` (``"auto"``, ``"lazy"``, ``"eager"``): how ``copy`` copies (:doc:`copy`).
     """
     size = _check_size(size)
     name = _check_name(name)
@@ -576,38 +492,9 @@ def alloc(
     for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
-    if not isinstance(copy_mode, str):
-        raise InvalidTypeError(
-            f"copy_mode must be a str, one of {', '.join(COPY_MODES)}; got {type(copy_mode).__name__}"
-        )
-    if copy_mode not in COPY_MODES:
-        raise InvalidArgumentError(
-            f"unknown copy_mode {copy_mode!r}; expected one of {', '.join(COPY_MODES)}"
-        )
-    if copy_mode != "auto" and fork != "copy":
-        raise InvalidArgumentError(
-            f"copy_mode={copy_mode!r} applies only to fork='copy' (this region is fork={fork!r})"
-        )
+    _copy.check_mode(copy_mode, fork)
     if backend in ("hugetlb", "auto"):
         return make_hugetlb(lambda strict_, backend_: Region(
             size, fork, populate, strict_, name, backend_, copy_mode), size, backend, strict, page_size)
     check_page_size(backend, page_size)
     return Region(size, fork, populate, strict, name, backend, copy_mode)
-
-
-def copy_stats() -> Dict[str, object]:
-    """Counters of this process's userfaultfd block copy (``copy`` regions
-    with ``copy_mode == "userfault"``); a child starts from zero.
-
-    ``copies``: blocks copied into a new huge page on their first write;
-    ``reuses``: blocks no longer shared with another process, unprotected
-    without a copy; ``fallbacks``: writes left to the kernel's own COW (no
-    new block could be had: the block splits and the guard repairs it);
-    ``inline_allocs``: blocks faulted in inside a write fault because the
-    pool of pre-faulted blocks was empty; ``missing_fills``: empty blocks
-    filled with a zeroed huge page; ``copy_ns``: nanoseconds spent copying;
-    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``; ``arm_errno``:
-    nonzero when this process could not arm its regions at fork (they then
-    behave like ``share``).
-    """
-    return _native.copy_stats()
