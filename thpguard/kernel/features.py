@@ -137,6 +137,10 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
     feats: Dict[str, Feature] = {}
 
     def known(advice: int) -> bool:
+        # The registry's cache: alloc() may have asked already (each advice
+        # is probed once per process).
+        if registry.native()[0] is n:
+            return registry.knows(advice)
         try:
             return bool(n.advice_known(advice))
         except OSError:
