@@ -55,10 +55,9 @@ def check_mode(copy_mode: object, fork: str) -> None:
         )
 
 
-def setup(region) -> None:
+def setup(region, requested: str) -> None:
     """Pick the copy mechanism (after populating: the handler need not
     fill the blocks one fault at a time)."""
-    requested = region._requested_copy_mode
     if requested == "eager":
         region._copy_eager = True
         return

@@ -187,7 +187,6 @@ class Region:
         self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
         self.copy_fallback_reason: Optional[str] = None  #: why ``copy_mode="auto"`` copies eagerly
-        self._requested_copy_mode, self._copy_registered = copy_mode, False
         self._closed = False
         self._unmapped_here = False
         self._lock = threading.Lock()
@@ -202,12 +201,15 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
-            _copy.setup(self) if self.fork == "copy" and not setup else None  # after populating
-        except BaseException:
+            _copy.setup(self, copy_mode) if self.fork == "copy" and not setup else None  # populated
+        except BaseException as exc:
+            full = kernel.map_count_error(exc)  # at vm.max_map_count: say so, not "EAGAIN"
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
             if forget is not None:
                 forget()  # else every later child reserves this stale range
+            if full is not None:
+                raise full from None
             raise
         live = _live()
         with live.lock:
@@ -393,7 +395,7 @@ class Region:
         with self._lock:
             if self._closed:
                 return
-            registered = _copy.release(self)  # before the range is unmapped
+            self._closed, registered = True, _copy.release(self)  # before unmapping (forks, handler)
             try:
                 self._map.close()
             except BufferError:
@@ -404,12 +406,12 @@ class Region:
                     # unmaps the reservation once they are gone.
                     pass
                 else:
+                    self._closed = False
                     raise BufferError(
                         "cannot close the region: memoryviews or arrays made from "
                         "region.view() still use it; release them (del, or "
                         "memoryview.release()) and close again"
                     ) from None
-            self._closed = True
         forget = getattr(self, "_forget_placeholder", None)
         if forget is not None:
             forget()
@@ -456,8 +458,7 @@ def alloc(
     strict: Optional[bool] = None,
     name: Optional[str] = None,
     backend: str = "thp",
-    page_size: Optional[int] = None,
-    copy_mode: str = "auto",
+    page_size: Optional[int] = None, copy_mode: str = "auto",
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -478,8 +479,7 @@ def alloc(
     reserved at mapping time, never split; ``strict`` defaults to True and
     raises with the command that grows the pool, ``strict=False`` falls
     back to THP. ``"auto"``: hugetlb when the pool holds the region, else
-    THP. See :doc:`hugetlb`.
-    ``copy_mode`` (``"auto"``, ``"lazy"``, ``"eager"``): how ``copy`` copies (:doc:`copy`).
+    THP. See :doc:`hugetlb`. ``copy_mode`` (auto, lazy, eager): how ``copy`` copies, :doc:`copy`.
     """
     size = _check_size(size)
     name = _check_name(name)
