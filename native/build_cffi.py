@@ -60,7 +60,7 @@ ffibuilder.set_source(
     '#include <stddef.h>\n#include "thpguard.h"\n#include "thpguard_testing.h"\n'
     + strict_checks(CDEF),
     # Relative to the project root, where setup.py runs.
-    sources=["native/thpguard.c"],
+    sources=["native/thpguard.c", "native/uffd.c"],
     include_dirs=["native"],
     extra_compile_args=extra_compile_args,
     libraries=["pthread"],

@@ -18,6 +18,8 @@
 #define TG_PAGE_IS_PFNZERO ...
 #define TG_PAGE_IS_HUGE ...
 #define TG_MAX_PLACEHOLDERS ...
+#define TG_MAX_COPY_REGIONS ...
+#define TG_COPY_POOL_MAX ...
 #define TG_MAP_HUGETLB ...
 #define TG_MAP_HUGE_SHIFT ...
 
@@ -34,8 +36,52 @@ enum tg_fault_op {
     TG_FAULT_MAP,
     TG_FAULT_SCAN,
     TG_FAULT_MREMAP,
+    TG_FAULT_COPY_BLOCK,
+    TG_FAULT_COPY_ARM,
     TG_FAULT_NOPS,
     ...
+};
+
+enum tg_copy_method {
+    TG_COPY_MOVE,
+    TG_COPY_REMAP,
+    TG_COPY_COLLAPSE,
+    ...
+};
+
+enum tg_probe_stage {
+    TG_PROBE_OK,
+    TG_PROBE_OPEN,
+    TG_PROBE_API,
+    TG_PROBE_WP,
+    TG_PROBE_SCAN,
+    ...
+};
+
+struct tg_copy_probe {
+    int stage;
+    int err;
+    int source;
+    int user_mode_only;
+    int has_move;
+    uint64_t features;
+    ...;
+};
+
+struct tg_copy_stats {
+    uint64_t wp_faults;
+    uint64_t missing_faults;
+    uint64_t copies;
+    uint64_t reuses;
+    uint64_t missing_fills;
+    uint64_t fallbacks;
+    uint64_t inline_allocs;
+    uint64_t copy_ns;
+    uint64_t regions;
+    uint64_t pool_ready;
+    int method;
+    int arm_errno;
+    ...;
 };
 
 int tg_map_aligned(size_t size, size_t align, void **out);
@@ -75,6 +121,13 @@ int tg_map_marker(void *addr, size_t len, int fd);
 int tg_atfork_install(void);
 uint64_t tg_fork_generation(void);
 int tg_fork_claim(void);
+int tg_copy_probe(struct tg_copy_probe *out);
+int tg_copy_register(void *addr, size_t len, size_t block_size);
+int tg_copy_unregister(void *addr);
+int tg_copy_arm(void);
+int tg_copy_stats(struct tg_copy_stats *out);
+int tg_copy_set_method(int method);
+int tg_copy_set_pool(size_t blocks);
 int tg_thp_disable_get(int *value);
 int tg_thp_disable_set(int disable, unsigned long flags);
 int tg_fault_inject(int op, int err, int count);

@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "thpguard.h"
 #include "thpguard_testing.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -672,10 +673,12 @@ static _Atomic uint64_t fork_generation;
 static void atfork_prepare(void)
 {
     pthread_mutex_lock(&placeholder_lock);
+    tg__copy_prepare();
 }
 
 static void atfork_parent(void)
 {
+    tg__copy_parent();
     pthread_mutex_unlock(&placeholder_lock);
 }
 
@@ -687,6 +690,9 @@ static void atfork_child(void)
         mmap(placeholders[i].addr, placeholders[i].len, PROT_NONE,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     pthread_mutex_unlock(&placeholder_lock);
+    /* Before any code of the child runs: its regions lost the parent's
+     * userfaultfd registration (no UFFD_FEATURE_EVENT_FORK). */
+    tg__copy_child();
 }
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;

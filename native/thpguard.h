@@ -187,6 +187,89 @@ uint64_t tg_fork_generation(void);
  * however the fork happened and whichever thread asks first. */
 int tg_fork_claim(void);
 
+/* ---- copy regions: whole-block copy on write (uffd.c) ----------------- */
+
+/* A `copy` region stays PMD-mapped in every process across fork(): the
+ * first write to a 2 MiB block shared with another process copies the
+ * whole block into a new huge page instead of letting the kernel split it.
+ * A userfaultfd handler thread per process does it (Linux 5.7+ for
+ * write-protect on anonymous memory; UFFDIO_MOVE from 6.8, else mremap).
+ * Needs a userfaultfd that handles kernel-mode faults: CAP_SYS_PTRACE,
+ * vm.unprivileged_userfaultfd=1, or read-write access to /dev/userfaultfd.
+ * Install the at-fork handlers (tg_atfork_install) before the first fork:
+ * they arm the parent before fork() returns and the child before any of
+ * its code runs. */
+#define TG_MAX_COPY_REGIONS 1024
+#define TG_COPY_POOL_MAX 64
+
+/* How a block is put in place. */
+enum tg_copy_method {
+    TG_COPY_MOVE = 1,       /* zap the block, UFFDIO_MOVE the copy in (6.8) */
+    TG_COPY_REMAP = 2,      /* mremap the copy over the block (a VMA each) */
+    TG_COPY_COLLAPSE = 3    /* unprotect, dirty a byte, MADV_COLLAPSE */
+};
+
+/* Where tg_copy_probe stopped. */
+enum tg_probe_stage {
+    TG_PROBE_OK = 0,
+    TG_PROBE_OPEN = 1,      /* no userfaultfd that handles kernel faults */
+    TG_PROBE_API = 2,       /* UFFDIO_API refused write-protect (< 5.7) */
+    TG_PROBE_WP = 3,        /* registering or protecting a THP block failed */
+    TG_PROBE_SCAN = 4       /* no PAGEMAP_SCAN (6.7) to tell whole blocks */
+};
+
+struct tg_copy_probe {
+    int stage;              /* enum tg_probe_stage */
+    int err;                /* errno at that stage */
+    int source;             /* 1: userfaultfd(2); 2: /dev/userfaultfd */
+    int user_mode_only;     /* 1: only a UFFD_USER_MODE_ONLY fd (refused) */
+    int has_move;           /* UFFDIO_MOVE available */
+    uint64_t features;      /* UFFDIO_API features the kernel offers */
+};
+
+struct tg_copy_stats {
+    uint64_t wp_faults;     /* write faults on protected blocks */
+    uint64_t missing_faults;/* faults on empty memory in a region */
+    uint64_t copies;        /* blocks copied into a new huge page */
+    uint64_t reuses;        /* blocks no longer shared: unprotected only */
+    uint64_t missing_fills; /* empty blocks filled with a zeroed huge page */
+    uint64_t fallbacks;     /* blocks left to the kernel's COW (they split) */
+    uint64_t inline_allocs; /* pool empty: a block was faulted in the fault */
+    uint64_t copy_ns;       /* time spent copying, in nanoseconds */
+    uint64_t regions;       /* registered regions */
+    uint64_t pool_ready;    /* pre-faulted blocks waiting */
+    int method;             /* enum tg_copy_method; 0 before the first use */
+    int arm_errno;          /* last failure arming this process, 0 if none */
+};
+
+/* Can this process use copy regions? Fills *out and returns 0; the verdict
+ * is out->stage (TG_PROBE_OK or where it failed, errno in out->err). */
+int tg_copy_probe(struct tg_copy_probe *out);
+
+/* Register [addr, addr+len) (aligned to `block_size`, the PMD size) with
+ * this process's handler, starting it on first use. The region is
+ * protected at each fork. EEXIST: overlaps a region; ENOSPC: too many. */
+int tg_copy_register(void *addr, size_t len, size_t block_size);
+
+/* Unregister the region starting at addr (ENOENT if none). Waits for a
+ * copy in progress and wakes every thread waiting on the region, so the
+ * caller may unmap it afterwards. */
+int tg_copy_unregister(void *addr);
+
+/* Write-protect every registered region now (the at-fork prepare handler
+ * does it on each fork). */
+int tg_copy_arm(void);
+
+int tg_copy_stats(struct tg_copy_stats *out);
+
+/* Force a method (benchmarks) before the first tg_copy_register; 0 picks
+ * the best the kernel offers. EBUSY once a handler runs. */
+int tg_copy_set_method(int method);
+
+/* Pre-faulted blocks kept ready (1..TG_COPY_POOL_MAX, default 4), before
+ * the first fault. */
+int tg_copy_set_pool(size_t blocks);
+
 /* ---- process switches ------------------------------------------------- */
 
 /* Raw prctl(PR_GET_THP_DISABLE) result. */

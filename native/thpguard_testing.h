@@ -21,7 +21,9 @@ enum tg_fault_op {
     TG_FAULT_MAP = 1,       /* tg_map_aligned, tg_copy_remap's new mapping */
     TG_FAULT_SCAN = 2,      /* tg_pagemap_scan */
     TG_FAULT_MREMAP = 3,    /* tg_copy_remap's final mremap */
-    TG_FAULT_NOPS = 4
+    TG_FAULT_COPY_BLOCK = 4,/* copy regions: the new block for a write fault */
+    TG_FAULT_COPY_ARM = 5,  /* copy regions: arming a child at fork */
+    TG_FAULT_NOPS = 6
 };
 
 /* Make the next `count` calls of `op` fail with `err`. count 0 clears. */

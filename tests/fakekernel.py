@@ -124,10 +124,14 @@ class FakeNative:
     MADV_THP_COW = 257
 
     def __init__(self, known=(14, 23, 25), collapse_errno=0, scan_errno=0, thp_disable=0,
-                 pidfd_errno=0, tc_tree=None):
+                 pidfd_errno=0, tc_tree=None, copy_probe=None):
         # tc_tree: a FakeTree whose smaps for "self" shows the tc VmFlag on
         # what MADV_THP_COW advised, as the thp_cow patch's kernel does.
         self.tc_tree = tc_tree
+        # What tg_copy_probe answers (userfaultfd block copy); default: a
+        # kernel without userfaultfd.
+        self.copy_probe_result = copy_probe or {
+            "stage": "open", "errno": 38, "source": None, "user_mode_only": False, "move": False}
         self.known = set(known)
         self.collapse_errno = collapse_errno
         self.scan_errno = scan_errno
@@ -184,3 +188,6 @@ class FakeNative:
 
     def thp_disable_get(self):
         return self._thp_disable
+
+    def copy_probe(self):
+        return dict(self.copy_probe_result)

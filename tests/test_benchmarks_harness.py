@@ -83,7 +83,7 @@ def test_entry_point_lists_every_benchmark(capsys):
     assert entry.main(["--list"]) == 0
     out = capsys.readouterr().out
     names = [b.NAME for b in BENCHMARKS]
-    assert names == ["repair", "coverage", "tlb", "overhead", "fork", "alloc", "stall", "agent", "service", "snapshot", "pool",
+    assert names == ["repair", "coverage", "tlb", "overhead", "fork", "alloc", "stall", "copy", "agent", "service", "snapshot", "pool",
                      "hugetlb"]
     for name in names:
         assert name in out

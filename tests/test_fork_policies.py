@@ -167,9 +167,10 @@ def test_copy_happens_in_forked_child(region_factory, pmd):
     """copy: a forked child holds no page shared with the parent (smaps Shared_Dirty 0)."""
     region = region_factory(8 * MiB, fork="copy")
     expected = _fill(region)
-    if region.direct_cow and direct_cow_active():
-        # The kernel does the copy, on the first write to each block: the
-        # pages stay shared until then, and every written block stays huge.
+    if region.copy_mode in ("kernel", "userfault"):
+        # Lazy copy, on the first write to each block (by the kernel, or by
+        # the userfaultfd handler): the pages stay shared until then, and
+        # every written block stays huge.
         def child():
             view = region.view()
             same = checksum(view) == expected

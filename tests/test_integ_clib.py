@@ -88,8 +88,11 @@ def test_install_then_link_against_shared_library(tmp_path):
 
 
 def test_python_extension_compiles_the_same_source():
-    """The cffi build and the Makefile compile one native/thpguard.c."""
+    """The cffi build and the Makefile compile the same native sources."""
     with open(os.path.join(NATIVE, "build_cffi.py")) as f:
-        assert '"native/thpguard.c"' in f.read()
+        build = f.read()
     with open(os.path.join(NATIVE, "Makefile")) as f:
-        assert "-c thpguard.c" in f.read()
+        makefile = f.read()
+    for name in ("thpguard", "uffd"):
+        assert f'"native/{name}.c"' in build
+        assert f"$(BUILD)/{name}.o" in makefile

@@ -11,7 +11,7 @@ LAYERS = [
     {"_fork"},
     {"kernel"},
     {"blocks", "pagemap", "events", "repair"},
-    {"backends", "_regions", "region"},
+    {"backends", "_regions", "_copy", "region"},
     {"_guardstate", "guard", "hot", "stats"},
     {"metrics", "launch", "numpy"},
     {"_procmap", "_checks", "_hugechecks", "_selftest", "_cliguard", "_cliverify", "cli", "__main__",

@@ -174,7 +174,7 @@ def test_copy_policy_failure_leaves_child_shared_never_half(region_factory, pmd,
     page), its data is intact, the parent's bytes are untouched and the
     failure is logged; with no fault, the child owns all its pages."""
     blocks = 4
-    region = _filled(region_factory, pmd, blocks, fork="copy")
+    region = _filled(region_factory, pmd, blocks, fork="copy", copy_mode="eager")
     before = checksum(region.view())
     size = blocks * pmd
 
@@ -184,7 +184,7 @@ def test_copy_policy_failure_leaves_child_shared_never_half(region_factory, pmd,
 
     # One fault per `copy` region alive (an earlier test may have left one):
     # the child copies them in no set order, and every copy must fail.
-    inject(op, errno.ENOMEM, sum(r.fork == "copy" for r in thpguard.regions()))
+    inject(op, errno.ENOMEM, sum(r.copy_mode == "eager" for r in thpguard.regions()))
     intact, owned, vma_len = run_child(_copy_child_report, region, pmd, before)
     _native.fault_clear()  # the child consumed its copy of the fault, not ours
     assert intact and vma_len == size
@@ -200,14 +200,14 @@ def _child_messages_copy_failure(region):
 def test_copy_policy_failure_is_logged_in_child(region_factory, pmd, tmp_path):
     """The child says what went wrong: a log record naming the region, the
     pid and the failed call."""
-    region = _filled(region_factory, pmd, 2, fork="copy")
+    region = _filled(region_factory, pmd, 2, fork="copy", copy_mode="eager")
     log_file = tmp_path / "child.log"
     # The child's hooks run inside fork(): the handler must exist before.
     handler = logging.FileHandler(log_file)
     logger = logging.getLogger("thpguard")
     logger.addHandler(handler)
     try:
-        inject("mremap", errno.EBUSY, sum(r.fork == "copy" for r in thpguard.regions()))
+        inject("mremap", errno.EBUSY, sum(r.copy_mode == "eager" for r in thpguard.regions()))
         run_child(_child_messages_copy_failure, region)
     finally:
         logger.removeHandler(handler)

@@ -126,8 +126,11 @@ def _check_policies(policies: PolicySet, expect_fill: int = FILL, write: bool = 
         view.release()
     copy = policies.regions["copy"]
     vma = smaps_vma("self", copy.address)
-    if vma.fields.get("Private_Dirty", 0) != copy.size or not copy.coverage().complete:
-        problems.append(f"copy: not in own huge pages ({vma.fields})")
+    # eager: the child owns every page at once; lazy (kernel, userfault):
+    # pages stay shared until written, and stay huge when written (below).
+    owned = copy.copy_mode != "eager" or vma.fields.get("Private_Dirty", 0) == copy.size
+    if not owned or not copy.coverage().complete:
+        problems.append(f"copy ({copy.copy_mode}): not in own huge pages ({vma.fields})")
     wipe = policies.regions["wipe"]
     view = wipe.view()
     if view.tobytes() != bytes(len(view)):
@@ -143,6 +146,8 @@ def _check_policies(policies: PolicySet, expect_fill: int = FILL, write: bool = 
         view = policies.regions[name].view()
         view[:: pmd // 2] = bytes([0xEE]) * len(view[:: pmd // 2])
         view.release()
+    if write and not copy.coverage().complete:
+        problems.append(f"copy ({copy.copy_mode}): a write split a block")
     return problems
 
 
@@ -275,7 +280,7 @@ os.register_at_fork(after_in_child=lambda: time.sleep(1.0))   # runs before thpg
 import thpguard
 
 thpguard.install(interval=0.01)
-r = thpguard.alloc(8 << 20, fork="copy")
+r = thpguard.alloc(8 << 20, fork="copy", copy_mode="eager")  # the parent waits
 
 def interrupt(sig, frame):
     at = frame

@@ -28,6 +28,7 @@ else:
     _native_missing = None
 if _native_missing is None:
     from .region import POLICIES, CollapseResult, Region, alloc, regions
+    from ._copy import COPY_MODES, copy_stats
     from .events import Event
     # ``thpguard.guard`` and ``thpguard.hot`` are the functions below; the
     # modules stay importable as ``from thpguard.guard import ...``.
@@ -52,6 +53,7 @@ except ImportError:  # not installed (a source tree without a build)
     __version__ = "0.0.0"
 
 __all__ = [
+    "COPY_MODES",
     "POLICIES",
     "CollapseResult",
     "Coverage",
@@ -70,6 +72,7 @@ __all__ = [
     "UnsupportedError",
     "alloc",
     "capabilities",
+    "copy_stats",
     "errors",
     "guard",
     "hot",

@@ -195,7 +195,15 @@ def check_direct_cow(ctx: HostContext) -> Check:
         path = ctx.thp_path("thp_cow")
         return Check("direct_cow", title, WARN, "thp_cow=never: writes after fork split huge pages",
                      f"echo madvise > {path}", (path, "madvise"))
-    return Check("direct_cow", title, NA, c.direct_cow.reason + "; re-collapse instead")
+    # Without the kernel's copy, fork='copy' copies lazily with userfaultfd
+    # where this process may (docs/copy.rst), else eagerly at fork: one line
+    # for both keeps verify on one screen.
+    uffd = c.copy_userfault
+    if uffd.available:
+        lazy = f"fork='copy' copies 2 MiB blocks with userfaultfd instead ({uffd.reason})"
+    else:
+        lazy = f"fork='copy' copies eagerly at fork: {uffd.reason}"
+    return Check("direct_cow", title, NA, f"{c.direct_cow.reason}; re-collapse instead; {lazy}")
 
 
 def _disabled_ancestor(ctx: HostContext, pid) -> Optional[Tuple[int, str]]:

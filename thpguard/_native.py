@@ -53,7 +53,20 @@ FAULT_OPS: Dict[str, int] = {
     "map": lib.TG_FAULT_MAP,
     "scan": lib.TG_FAULT_SCAN,
     "mremap": lib.TG_FAULT_MREMAP,
+    "copy_block": lib.TG_FAULT_COPY_BLOCK,
+    "copy_arm": lib.TG_FAULT_COPY_ARM,
 }
+
+COPY_METHODS: Dict[int, str] = {
+    lib.TG_COPY_MOVE: "move",
+    lib.TG_COPY_REMAP: "mremap",
+    lib.TG_COPY_COLLAPSE: "collapse",
+}
+
+_COPY_STATS_FIELDS = (
+    "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "fallbacks",
+    "inline_allocs", "copy_ns", "regions", "pool_ready",
+)
 
 _SCAN_VEC = 512
 
@@ -192,6 +205,68 @@ def copy_remap(addr: int, length: int, align: int) -> None:
     _check(lib.tg_copy_remap(_ptr(addr), length, align), "copy and mremap", addr, length)
 
 
+def copy_probe() -> Dict[str, object]:
+    """Whether this process can use userfaultfd block copy (``tg_copy_probe``).
+
+    Keys: ``stage`` ("ok", "open", "api", "wp", "scan"), ``errno`` at that stage,
+    ``source`` ("syscall", "device" or None), ``user_mode_only`` (only a
+    user-mode-only userfaultfd was available), ``move`` (UFFDIO_MOVE).
+    """
+    out = ffi.new("struct tg_copy_probe *")
+    _check(lib.tg_copy_probe(out), "userfaultfd probe")
+    stages = {lib.TG_PROBE_OK: "ok", lib.TG_PROBE_OPEN: "open", lib.TG_PROBE_API: "api",
+              lib.TG_PROBE_WP: "wp", lib.TG_PROBE_SCAN: "scan"}
+    return {
+        "stage": stages.get(out.stage, str(out.stage)),
+        "errno": out.err,
+        "source": {1: "syscall", 2: "device"}.get(out.source),
+        "user_mode_only": bool(out.user_mode_only),
+        "move": bool(out.has_move),
+    }
+
+
+def copy_register(addr: int, length: int, block: int) -> None:
+    _check(lib.tg_copy_register(_ptr(addr), length, block), "userfaultfd register", addr, length)
+
+
+def copy_unregister(addr: int) -> bool:
+    """Unregister the copy region at ``addr``; False if it was not registered."""
+    if lib.tg_copy_unregister(_ptr(addr)) != 0:
+        if ffi.errno == _errno.ENOENT:
+            return False
+        _check(-1, "userfaultfd unregister", addr, 0)
+    return True
+
+
+def copy_arm() -> None:
+    """Write-protect every registered copy region now."""
+    _check(lib.tg_copy_arm(), "userfaultfd write-protect")
+
+
+def copy_stats() -> Dict[str, object]:
+    """This process's block-copy counters (``struct tg_copy_stats``)."""
+    out = ffi.new("struct tg_copy_stats *")
+    _check(lib.tg_copy_stats(out), "copy stats")
+    stats: Dict[str, object] = {name: int(getattr(out, name)) for name in _COPY_STATS_FIELDS}
+    stats["method"] = COPY_METHODS.get(out.method)
+    stats["arm_errno"] = out.arm_errno
+    return stats
+
+
+def copy_set_method(name: str) -> None:
+    """Force ``"move"``, ``"mremap"`` or ``"collapse"`` before the first region
+    (benchmarks); ``"auto"`` picks the best the kernel offers."""
+    numbers = {v: k for k, v in COPY_METHODS.items()}
+    numbers["auto"] = 0
+    if name not in numbers:
+        raise InvalidArgumentError(f"copy method must be one of {sorted(numbers)}, got {name!r}")
+    _check(lib.tg_copy_set_method(numbers[name]), "copy method")
+
+
+def copy_set_pool(blocks: int) -> None:
+    _check(lib.tg_copy_set_pool(blocks), "copy pool")
+
+
 def map_flags(addr: int, length: int, extra_flags: int) -> int:
     """Map ``length`` bytes private anonymous with ``extra_flags`` (with a
     reservation, never ``MAP_NORESERVE``); at ``addr`` (``MAP_FIXED``) unless 0."""
@@ -277,7 +352,9 @@ def thp_disable_set(disable: int, flags: int = 0) -> None:
 def fault_inject(op: str, err: int, count: int = 1) -> None:
     """Make the next ``count`` native calls of ``op`` fail with ``err``.
 
-    ``op`` is one of ``"collapse"``, ``"map"``, ``"scan"``, ``"mremap"``.
+    ``op`` is one of ``"collapse"``, ``"map"``, ``"scan"``, ``"mremap"``,
+    ``"copy_block"`` (the new block a copy region's write fault needs) or
+    ``"copy_arm"`` (arming a child's copy regions at fork).
     For tests and drills only; nothing is injected unless this is called
     or ``THPGUARD_FAULTS`` is set when thpguard is imported.
     """

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Dict, List, Optional
 
-from . import kernel
+from . import _native, kernel
 from .region import POLICIES
 from ._checks import FAIL, OK, Check, fmt_bytes
 
@@ -114,6 +114,12 @@ def _child_copy(region, view, expected: bytearray, c: _Child) -> None:
     c.timed("write_seconds", write)
     cov = c.timed("detect_seconds", region.coverage)
     c.expect(cov.complete, "a write in the child split a block of a copy region")
+    c.facts["copy_mode"] = region.copy_mode
+    if region.copy_mode == "userfault":
+        stats = _native.copy_stats()
+        c.facts["block_copies"] = stats["copies"]
+        c.expect(stats["copies"] >= 1 and not stats["fallbacks"],
+                 f"the userfaultfd handler did not copy the written block ({stats})")
     c.expect(c.timed("verify_seconds", lambda: view.tobytes() == expected), "child's copy differs from the parent's data")
     huge = _smaps_huge(region.address)
     c.facts["smaps_anon_huge_bytes"] = huge

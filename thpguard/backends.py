@@ -75,6 +75,8 @@ class KernelCopy(CopyMechanism):
     name = "kernel"
 
     def applies(self, region: "Region") -> bool:
+        if getattr(region, "_copy_eager", False):
+            return False  # copy_mode="eager" asked for the copy at fork
         return region.backend == "thp" and region.direct_cow and _direct_cow_mode() in ("always", "madvise")
 
     def parent_waits(self, region: "Region") -> bool:
@@ -84,7 +86,24 @@ class KernelCopy(CopyMechanism):
         pass
 
 
-_copy_mechanisms: List[CopyMechanism] = [KernelCopy(), CopyMechanism()]
+class UserfaultCopy(CopyMechanism):
+    """userfaultfd block copy: the native handler of each process copies a
+    2 MiB block on its first write after fork (docs/copy.rst). The native
+    at-fork handlers arm parent and child; nothing happens in Python."""
+
+    name = "userfault"
+
+    def applies(self, region: "Region") -> bool:
+        return getattr(region, "_copy_registered", False)
+
+    def parent_waits(self, region: "Region") -> bool:
+        return False
+
+    def in_child(self, region: "Region") -> None:
+        pass
+
+
+_copy_mechanisms: List[CopyMechanism] = [KernelCopy(), UserfaultCopy(), CopyMechanism()]
 
 
 def copy_mechanisms() -> List[CopyMechanism]:

@@ -8,8 +8,8 @@ policy says what a child of ``fork()`` gets:
     the same data, copy-on-write; on THP a write splits the writer's 2 MiB
     block, which :meth:`Region.collapse` (or the guard) repairs.
 ``copy``
-    the same data in the child's own huge pages at once (the child copies,
-    the parent waits), or, with the direct-COW flag, copied on write.
+    the same data; each process gets its own huge pages for what it writes
+    (:attr:`Region.copy_mode`: ``kernel``, ``userfault`` or ``eager``).
 ``wipe``
     a zero-filled range (``MADV_WIPEONFORK``; emulated on hugetlb).
 ``private``
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from . import _fork, _native, kernel, pagemap
+from . import _copy, _fork, _native, kernel, pagemap
 from .blocks import Coverage
 from .errors import (
     HugePagesUnavailableError,
@@ -55,10 +55,10 @@ from .repair import RepairState
 
 __all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
            "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
-
 log = logging.getLogger("thpguard")
 
 POLICIES = ("share", "copy", "wipe", "private")
+
 
 #: Environment variable naming the fork policy :func:`alloc` uses when none
 #: is given (default ``share``); a bad value is logged and ignored.
@@ -171,7 +171,7 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None, backend: object = "thp") -> None:
+                 name: Optional[str] = None, backend: object = "thp", copy_mode: str = "auto") -> None:
         # The backend (a registered name, or an object) owns mapping, coverage, repair.
         self._backend = BACKENDS[backend]() if isinstance(backend, str) else backend
         # The block model's block size, whatever the backend's page size.
@@ -186,6 +186,7 @@ class Region:
         #: hugetlb ``share``: why the last fork copied it into the child, else None.
         self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
+        self.copy_fallback_reason: Optional[str] = None  #: why ``copy_mode="auto"`` copies eagerly
         self._closed = False
         self._unmapped_here = False
         self._lock = threading.Lock()
@@ -200,6 +201,7 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
+            _copy.setup(self, copy_mode) if self.fork == "copy" and not setup else None  # populated
         except BaseException as exc:
             full = kernel.map_count_error(exc)  # at vm.max_map_count: say so, not "EAGAIN"
             self._map.close()
@@ -393,10 +395,11 @@ class Region:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True  # first: a fork meanwhile must not copy a range being unmapped
+            self._closed, registered = True, _copy.release(self)  # before unmapping (forks, handler)
             try:
                 self._map.close()
             except BufferError:
+                _copy.rearm(self) if registered and not self._unmapped_here else None
                 if self._unmapped_here:
                     # A child of a `private` region: views inherited from
                     # the parent are unusable here anyway; the mmap object
@@ -428,7 +431,7 @@ class Region:
             f"<thpguard.Region {state}{'' if self.name is None else ' ' + repr(self.name)} "
             f"address={self.address:#x} size={self.size} fork={self.fork!r} "
             f"backend={self.backend!r} page_size={self.page_size}"
-            f"{' direct_cow' if self.direct_cow else ''}>"
+            f"{' direct_cow' if self.direct_cow else ''}{_copy.tag(self)}>"
         )
 
     # -- fork --------------------------------------------------------------
@@ -444,11 +447,7 @@ class Region:
         THP, the pool's page size for hugetlb (2 MiB or 1 GiB)."""
         return self._backend.page_size()
 
-    @property
-    def copy_mode(self) -> Optional[str]:
-        """For ``fork="copy"``: the mechanism a fork now uses (``"kernel"``,
-        ``"eager"``, or one registered later); None for other policies."""
-        return mechanism_for(self).name if self.fork == "copy" else None
+    copy_mode = property(_copy.mode)
 
 
 def alloc(
@@ -459,7 +458,7 @@ def alloc(
     strict: Optional[bool] = None,
     name: Optional[str] = None,
     backend: str = "thp",
-    page_size: Optional[int] = None,
+    page_size: Optional[int] = None, copy_mode: str = "auto",
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -480,7 +479,7 @@ def alloc(
     reserved at mapping time, never split; ``strict`` defaults to True and
     raises with the command that grows the pool, ``strict=False`` falls
     back to THP. ``"auto"``: hugetlb when the pool holds the region, else
-    THP. See :doc:`hugetlb`.
+    THP. See :doc:`hugetlb`. ``copy_mode`` (auto, lazy, eager): how ``copy`` copies, :doc:`copy`.
     """
     size = _check_size(size)
     name = _check_name(name)
@@ -493,8 +492,9 @@ def alloc(
     for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
+    _copy.check_mode(copy_mode, fork)
     if backend in ("hugetlb", "auto"):
         return make_hugetlb(lambda strict_, backend_: Region(
-            size, fork, populate, strict_, name, backend_), size, backend, strict, page_size)
+            size, fork, populate, strict_, name, backend_, copy_mode), size, backend, strict, page_size)
     check_page_size(backend, page_size)
-    return Region(size, fork, populate, strict, name, backend)
+    return Region(size, fork, populate, strict, name, backend, copy_mode)

@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +202,214 @@ static void test_copy_remap_in_child(void)
     tg_unmap(addr, len);
 }
 
+/* ---- copy regions ---- */
+
+static int copy_supported(void)
+{
+    struct tg_copy_probe probe;
+    return tg_copy_probe(&probe) == 0 && probe.stage == TG_PROBE_OK;
+}
+
+static void fill_pattern(char *addr, size_t len, char salt)
+{
+    for (size_t i = 0; i < len; i += 4096)
+        addr[i] = (char)(i / 4096) ^ salt;
+}
+
+static int pattern_ok(const char *addr, size_t len, char salt, size_t skip_every)
+{
+    for (size_t i = 0; i < len; i += 4096) {
+        if (skip_every && i % skip_every == 0)
+            continue;
+        if (addr[i] != ((char)(i / 4096) ^ salt))
+            return 0;
+    }
+    return 1;
+}
+
+/* Both sides write one byte into every block after fork: each side stays
+ * 100 % PMD-mapped after every write, sees only its own writes, and the
+ * writes were resolved by copies (or reuse once the other side copied). */
+static int copy_writer(char *addr, size_t len, char mark)
+{
+    for (size_t off = 0; off < len; off += pmd) {
+        addr[off] = mark;
+        if (huge_bytes(addr, len) != len)
+            return 10;
+    }
+    for (size_t off = 0; off < len; off += pmd)
+        if (addr[off] != mark)
+            return 11;
+    return pattern_ok(addr, len, 0, pmd) ? 0 : 12;
+}
+
+static void test_copy_fork_writes(void)
+{
+    size_t len = 8 * pmd;
+    char *addr = huge_region(len);
+    fill_pattern(addr, len, 0);
+    CHECK(tg_copy_register(addr, len, pmd) == 0, "register: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid == 0) {
+        int rc = copy_writer(addr, len, 'c');
+        struct tg_copy_stats st;
+        tg_copy_stats(&st);
+        if (!rc && st.copies + st.reuses != len / pmd)
+            rc = 13;
+        if (!rc && st.fallbacks)
+            rc = 14;
+        _exit(rc);
+    }
+    int rc = copy_writer(addr, len, 'p');
+    CHECK(rc == 0, "parent writer failed at check %d", rc);
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child writer status %d", status);
+    struct tg_copy_stats st;
+    tg_copy_stats(&st);
+    CHECK(st.fallbacks == 0, "%llu fallbacks", (unsigned long long)st.fallbacks);
+    CHECK(st.copies + st.reuses >= len / pmd, "copies %llu reuses %llu",
+          (unsigned long long)st.copies, (unsigned long long)st.reuses);
+    CHECK(huge_bytes(addr, len) == len, "parent not PMD-mapped after the child left");
+    CHECK(tg_copy_unregister(addr) == 0, "unregister: %s", strerror(errno));
+    tg_unmap(addr, len);
+}
+
+struct same_block {
+    char *addr;
+    int index;
+};
+
+static void *write_same_block(void *arg)
+{
+    struct same_block *sb = arg;
+    sb->addr[4096 * (1 + sb->index)] = (char)(0x40 + sb->index);
+    return NULL;
+}
+
+/* Eight threads write the same block at once: one copy, every writer woken
+ * and every write kept. */
+static void test_copy_threads_same_block(void)
+{
+    size_t len = 2 * pmd;
+    char *addr = huge_region(len);
+    fill_pattern(addr, len, 0);
+    CHECK(tg_copy_register(addr, len, pmd) == 0, "register: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid == 0) {
+        pthread_t tids[8];
+        struct same_block args[8];
+        for (int i = 0; i < 8; i++) {
+            args[i].addr = addr;
+            args[i].index = i;
+            pthread_create(&tids[i], NULL, write_same_block, &args[i]);
+        }
+        for (int i = 0; i < 8; i++)
+            pthread_join(tids[i], NULL);
+        struct tg_copy_stats st;
+        tg_copy_stats(&st);
+        for (int i = 0; i < 8; i++)
+            if (addr[4096 * (1 + i)] != (char)(0x40 + i))
+                _exit(20);
+        if (st.copies != 1)
+            _exit(21);
+        _exit(huge_bytes(addr, len) == len ? 0 : 22);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "threads child status %d", status);
+    CHECK(pattern_ok(addr, len, 0, 0), "parent's data changed");
+    tg_copy_unregister(addr);
+    tg_unmap(addr, len);
+}
+
+/* A write made by the kernel (read() into the region) is handled too,
+ * in a grandchild as well as in a child. */
+static void test_copy_kernel_write_grandchild(void)
+{
+    size_t len = 2 * pmd;
+    char *addr = huge_region(len);
+    fill_pattern(addr, len, 0);
+    CHECK(tg_copy_register(addr, len, pmd) == 0, "register: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid == 0) {
+        pid_t grandchild = fork();
+        int fds[2];
+        if (pipe(fds) != 0 || write(fds[1], "kernel", 6) != 6)
+            _exit(30);
+        if (read(fds[0], addr + 100, 6) != 6)
+            _exit(31);
+        if (memcmp(addr + 100, "kernel", 6) != 0 || huge_bytes(addr, len) != len)
+            _exit(32);
+        if (!pattern_ok(addr, len, 0, 0))
+            _exit(33);
+        if (grandchild == 0)
+            _exit(0);
+        int st;
+        waitpid(grandchild, &st, 0);
+        _exit(WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : 34);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "kernel-write child status %d", status);
+    CHECK(memcmp(addr + 100, "kernel", 6) != 0, "the child's read() changed the parent");
+    tg_copy_unregister(addr);
+    tg_unmap(addr, len);
+}
+
+/* No new block for the copy (injected): the kernel's own COW handles the
+ * write, the data stays right, and the fallback is counted. */
+static void test_copy_alloc_failure(void)
+{
+    size_t len = 2 * pmd;
+    char *addr = huge_region(len);
+    fill_pattern(addr, len, 0);
+    CHECK(tg_copy_register(addr, len, pmd) == 0, "register: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid == 0) {
+        tg_fault_inject(TG_FAULT_COPY_BLOCK, ENOMEM, 1);
+        addr[0] = 'x';
+        addr[pmd] = 'y';
+        struct tg_copy_stats st;
+        tg_copy_stats(&st);
+        if (st.fallbacks != 1 || st.copies + st.reuses != 1)
+            _exit(40);
+        if (addr[0] != 'x' || addr[pmd] != 'y' || !pattern_ok(addr, len, 0, pmd))
+            _exit(41);
+        _exit(huge_bytes(addr, len) == pmd ? 0 : 42);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "alloc-failure child status %d", status);
+    CHECK(pattern_ok(addr, len, 0, 0), "parent's data changed");
+    tg_copy_unregister(addr);
+    tg_unmap(addr, len);
+}
+
+static void test_copy_bad_arguments(void)
+{
+    errno = 0;
+    CHECK(tg_copy_register((void *)(uintptr_t)4096, pmd, pmd) == -1 && errno == EINVAL, "unaligned");
+    errno = 0;
+    CHECK(tg_copy_register(NULL, 0, pmd) == -1 && errno == EINVAL, "length 0");
+    errno = 0;
+    CHECK(tg_copy_unregister((void *)(uintptr_t)pmd) == -1 && errno == ENOENT, "not registered");
+    CHECK(tg_copy_set_method(99) == -1 && errno == EINVAL, "unknown method");
+}
+
+static void test_copy_regions(void)
+{
+    test_copy_bad_arguments();
+    if (!copy_supported()) {
+        printf("copy regions: not supported here, skipped\n");
+        return;
+    }
+    test_copy_fork_writes();
+    test_copy_threads_same_block();
+    test_copy_kernel_write_grandchild();
+    test_copy_alloc_failure();
+}
+
 int main(void)
 {
     pmd = tg_pmd_size();
@@ -215,6 +424,7 @@ int main(void)
     test_fork_split_and_repair();
     test_fault_injection();
     test_copy_remap_in_child();
+    test_copy_regions();
     if (failures) {
         printf("%d check(s) failed\n", failures);
         return 1;

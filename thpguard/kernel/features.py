@@ -21,24 +21,14 @@ import threading
 from typing import Any, Dict, Optional, Tuple
 
 from ._files import Roots, _roots
+from ._probes import (Feature, direct_cow_identity, probe_collapse, probe_copy_userfault,
+                      probe_pagemap, probe_process_madvise)
 from .hugetlb import GIGANTIC, cpu_has_gigantic_pages, hugetlb_sizes
-from .procfs import read_smaps, read_status, read_vmstat
+from .procfs import read_status
 from .sysfs import kernel_release, khugepaged_settings, mthp_sizes, pmd_size, thp_mode
 
 # include/uapi/linux/prctl.h (6.18): PR_GET_THP_DISABLE returns "1 | flags".
 PR_THP_DISABLE_EXCEPT_ADVISED = 2
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Feature:
-    """Whether a kernel feature works here, and why (or why not)."""
-
-    available: bool
-    reason: str
-
-    def as_dict(self) -> dict:
-        return {"available": self.available, "reason": self.reason}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +63,8 @@ class Capabilities:
     hugetlb: Feature = Feature(False, "not probed")
     #: whether 1 GiB hugetlb pages are possible (sysfs pool and CPU pdpe1gb).
     hugetlb_gigantic: Feature = Feature(False, "not probed")
+    #: whether `copy` regions can copy 2 MiB blocks lazily with userfaultfd.
+    copy_userfault: Feature = Feature(False, "not probed")
 
     @property
     def thp_disabled_completely(self) -> bool:
@@ -88,6 +80,7 @@ class Capabilities:
     def features(self) -> Dict[str, Feature]:
         return {
             "collapse": self.collapse,
+            "copy_userfault": self.copy_userfault,
             "direct_cow": self.direct_cow,
             "hugetlb": self.hugetlb,
             "hugetlb_gigantic": self.hugetlb_gigantic,
@@ -134,6 +127,10 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
     feats: Dict[str, Feature] = {}
 
     def known(advice: int) -> bool:
+        # The registry's cache: alloc() may have asked already (each advice
+        # is probed once per process).
+        if registry.native()[0] is n:
+            return registry.knows(advice)
         try:
             return bool(n.advice_known(advice))
         except OSError:
@@ -151,7 +148,7 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
         feats["direct_cow"] = Feature(False, "kernel has only half of direct COW (thp_cow sysfs %s, MADV_THP_COW %s)"
                                       % ("present" if thp_cow else "missing", "known" if cow_known else "unknown"))
     else:
-        ident = _direct_cow_identity(n, roots)
+        ident = direct_cow_identity(n, roots)
         if not ident.available:
             feats["direct_cow"] = Feature(False, "a thp_cow switch and advice 257 are there, but not the "
                                                  f"direct-COW interface thpguard knows: {ident.reason}")
@@ -160,15 +157,17 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
         else:
             feats["direct_cow"] = Feature(True, f"thp_cow={thp_cow}, MADV_THP_COW sets the tc VmFlag")
 
+    feats["copy_userfault"] = probe_copy_userfault(n)
+
     collapse_known = known(n.MADV_COLLAPSE)
     addr = None
     size = pmd or 0
     try:
         if size:
             addr = n.map_aligned(size, size)
-        feats["collapse"] = _probe_collapse(n, addr, size, collapse_known, thp_disable)
-        feats["pagemap_scan"] = _probe_pagemap(n, addr, size, roots)
-        feats["process_madvise"] = _probe_process_madvise(n, addr, size)
+        feats["collapse"] = probe_collapse(n, addr, size, collapse_known, thp_disable)
+        feats["pagemap_scan"] = probe_pagemap(n, addr, size, roots)
+        feats["process_madvise"] = probe_process_madvise(n, addr, size)
     except OSError as exc:
         reason = f"could not map a probe block: {os.strerror(exc.errno) if exc.errno else exc}"
         for name in ("collapse", "pagemap_scan", "process_madvise"):
@@ -180,106 +179,6 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
             except OSError:
                 pass
     return feats
-
-
-def _direct_cow_identity(n, roots: Roots) -> Feature:
-    """Whether ``thp_cow`` and advice 257 are the direct-COW interface
-    thpguard knows: ``MADV_THP_COW`` (257) on a private anonymous page sets
-    the ``tc`` VmFlag in smaps, and ``/proc/vmstat`` has the ``thp_cow_*``
-    counters. A kernel with its own ``thp_cow`` file and another meaning for
-    257 fails this, so it is never taken for direct COW."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    try:
-        addr = n.map_aligned(page, page)
-    except OSError as exc:
-        return Feature(False, f"could not map a probe page: {os.strerror(exc.errno) if exc.errno else exc}")
-    try:
-        try:
-            n.madvise(addr, page, n.MADV_THP_COW)
-        except OSError as exc:
-            return Feature(False, "advice 257 on private anonymous memory fails with "
-                                  f"{_errno.errorcode.get(exc.errno, exc.errno)}")
-        try:
-            vma = next((v for v in read_smaps("self", roots) if v.start <= addr < v.end), None)
-        except OSError as exc:
-            return Feature(False, f"cannot read smaps to check the tc VmFlag: {exc.strerror or exc}")
-        if vma is None or "tc" not in vma.vm_flags:
-            return Feature(False, "advice 257 does not set the tc VmFlag in smaps")
-    finally:
-        try:
-            n.unmap(addr, page)
-        except OSError:
-            pass
-    counters = sorted(k for k in read_vmstat(roots) if k.startswith("thp_cow_"))
-    if not counters:
-        return Feature(False, "/proc/vmstat has no thp_cow_* counters")
-    return Feature(True, "advice 257 sets the tc VmFlag; /proc/vmstat counts " + ", ".join(counters))
-
-
-def _probe_collapse(n, addr, size, collapse_known, thp_disable) -> Feature:
-    if not collapse_known:
-        return Feature(False, "kernel lacks MADV_COLLAPSE (older than 6.1): splits are reported, not repaired")
-    if addr is None:
-        return Feature(False, "MADV_COLLAPSE known, but the PMD size is unknown")
-    import ctypes  # noqa: PLC0415 - only to write one byte
-
-    # Touch before MADV_HUGEPAGE so the fault (under enabled=madvise) maps a
-    # small page, and the collapse below does real work.
-    ctypes.c_char.from_address(addr).value = b"\x01"
-    try:
-        n.madvise(addr, size, n.MADV_HUGEPAGE)
-        n.madvise(addr, size, n.MADV_COLLAPSE)
-        err = 0
-    except OSError as exc:
-        err = exc.errno
-    if err == 0:
-        return Feature(True, "repaired a probe block")
-    if err == _errno.EINVAL and thp_disable == 1:
-        return Feature(False, "this process is THP-disabled by prctl(PR_SET_THP_DISABLE) "
-                              "(inherited from its parent?): MADV_COLLAPSE fails with EINVAL")
-    return Feature(False, f"MADV_COLLAPSE failed on a probe block: {_errno.errorcode.get(err, err)}")
-
-
-def _probe_pagemap(n, addr, size, roots: Roots) -> Feature:
-    try:
-        # A live probe of this process: always the real procfs, not a fake root.
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-    except OSError as exc:
-        return Feature(False, f"cannot open /proc/self/pagemap: {exc.strerror}")
-    try:
-        start = addr if addr is not None else 0
-        n.pagemap_scan(fd, start, start + (size or os.sysconf("SC_PAGE_SIZE")))
-    except OSError as exc:
-        if exc.errno == _errno.ENOTTY:
-            return Feature(False, "kernel lacks PAGEMAP_SCAN (older than 6.7): smaps is used instead")
-        return Feature(False, f"PAGEMAP_SCAN failed: {exc.strerror or exc}")
-    finally:
-        os.close(fd)
-    return Feature(True, "scanned a probe block")
-
-
-def _probe_process_madvise(n, addr, size) -> Feature:
-    try:
-        pidfd = n.pidfd_open(os.getpid())
-    except OSError as exc:
-        if exc.errno == _errno.ENOSYS:
-            return Feature(False, "kernel lacks pidfd_open (older than 5.3)")
-        return Feature(False, f"pidfd_open failed: {exc.strerror or exc}")
-    # An empty vector asks only whether the syscall exists: it advises
-    # nothing. MADV_COLD (5) is the one advice every kernel with the syscall
-    # accepts (5.10 takes only MADV_COLD and MADV_PAGEOUT, and rejects the
-    # others with EINVAL before looking at the vector).
-    try:
-        n.process_madvise(pidfd, [], 5)
-    except OSError as exc:
-        if exc.errno == _errno.ENOSYS:
-            return Feature(False, "kernel lacks process_madvise (older than 5.10)")
-        if exc.errno != _errno.EINVAL:
-            return Feature(False, f"process_madvise failed: {exc.strerror or exc}")
-        # EINVAL: the kernel knows the syscall, not the advice.
-    finally:
-        os.close(pidfd)
-    return Feature(True, "works (on another process: needs CAP_SYS_NICE and ptrace)")
 
 
 class CapabilityRegistry:
@@ -359,7 +258,7 @@ class CapabilityRegistry:
         elif thp_mode("thp_cow", r) is None:
             found = Feature(False, "no transparent_hugepage/thp_cow in sysfs")
         else:
-            found = _direct_cow_identity(native, r)
+            found = direct_cow_identity(native, r)
         with self._lock:
             self._identity[r] = found
         return found
@@ -426,7 +325,8 @@ def _probe(r: Roots, native: Any, why: str) -> Capabilities:
         status_thp = None
     if native is None:
         feats = {k: Feature(False, why) for k in
-                 ("collapse", "pagemap_scan", "populate_write", "process_madvise", "direct_cow")}
+                 ("collapse", "pagemap_scan", "populate_write", "process_madvise", "direct_cow",
+                  "copy_userfault")}
     else:
         with native.faults_suspended():  # not the faults a test injected
             feats = _probe_features(native, pmd, thp_disable, cow, r)

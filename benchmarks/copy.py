@@ -1,0 +1,242 @@
+"""8. The ``copy`` policy with userfaultfd block copy: what it costs.
+
+``first write``
+    a process forks a child that keeps the region shared, then writes one
+    byte into each 2 MiB block, one block at a time with a pause between
+    them (so the handler's pool of pre-faulted blocks refills, as between
+    the writes of a real application); each write is timed. Baseline: the
+    same loop over a fresh ``MADV_HUGEPAGE`` mapping where each step is a
+    THP fault plus a 2 MiB ``memcpy`` (what a kernel that copies on COW
+    would do). Per mechanism: ``move`` (UFFDIO_MOVE, the default),
+    ``mremap`` and ``collapse`` (unprotect, dirty a byte, MADV_COLLAPSE),
+    each in a fresh process; ``burst`` writes every block back to back
+    (the pool runs dry and later blocks are faulted in the fault path).
+``chase``
+    pointer chasing right after fork and a write to every block, against
+    the same process before the fork (no repair phase).
+``copied``
+    bytes copied when the child writes one block in eight, against the
+    whole region that the eager copy copies at fork.
+``fork``
+    ``fork()`` plus the child's exit with a populated ``copy`` region
+    (userfault), against ``share`` and the eager copy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import thpguard
+from thpguard import _native, kernel
+
+from . import _cbench
+from ._harness import (
+    MiB, Result, Settings, Skipped, fmt_bytes, in_child, interleave, median, now, paired, pmd_size,
+    warm_memory,
+)
+
+NAME = "copy"
+TITLE = "copy policy, userfaultfd block copy: first write, chase, memory copied, fork"
+
+METHODS = ("move", "mremap", "collapse")
+
+
+def _holder(region):
+    """Fork a child that keeps the region shared until told to go."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    return pid, w
+
+
+def _release(holder):
+    pid, w = holder
+    os.close(w)
+    os.waitpid(pid, 0)
+
+
+def _first_writes(method: str, size: int, pause: float, burst: bool) -> dict:
+    """In a fresh process: per-block first-write latency after fork."""
+    ffi, lib = _cbench.load()
+    _native.copy_set_method(method)
+    pmd = pmd_size()
+    warm_memory(2 * size)
+    region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    try:
+        lib.tgb_fill(ffi.cast("void *", region.address), 7, size)
+        time.sleep(0.05)  # the pool fills
+        holder = _holder(region)
+        base = region.address
+        times = []
+        try:
+            if burst:
+                t0 = now()
+                lib.tgb_write_each(ffi.cast("void *", base), size, pmd)
+                times.append((now() - t0) / (size // pmd))
+            else:
+                for off in range(0, size, pmd):
+                    time.sleep(pause)
+                    t0 = now()
+                    lib.tgb_write_each(ffi.cast("void *", base + off), pmd, pmd)
+                    times.append(now() - t0)
+            stats = _native.copy_stats()
+            huge = region.coverage().ratio
+        finally:
+            _release(holder)
+        return {"per_block_s": median(times), "stats": stats, "coverage": huge}
+    finally:
+        region.close()
+
+
+def _baseline(size: int, pause: float) -> dict:
+    """A THP fault plus a 2 MiB memcpy per block, in a fresh mapping."""
+    ffi, lib = _cbench.load()
+    pmd = pmd_size()
+    warm_memory(2 * size)
+    src = _native.map_aligned(size, pmd)
+    dst = _native.map_aligned(size, pmd)
+    try:
+        _native.madvise(src, size, _native.MADV_HUGEPAGE)
+        _native.madvise(dst, size, _native.MADV_HUGEPAGE)
+        lib.tgb_fill(ffi.cast("void *", src), 7, size)
+        times = []
+        for off in range(0, size, pmd):
+            time.sleep(pause)
+            t0 = now()
+            lib.tgb_copy(ffi.cast("void *", dst + off), ffi.cast("void *", src + off), pmd)
+            times.append(now() - t0)
+        return {"per_block_s": median(times)}
+    finally:
+        _native.unmap(src, size)
+        _native.unmap(dst, size)
+
+
+def _chase(size: int, hops: int) -> dict:
+    """Chase rate before fork, and right after fork plus a write per block."""
+    ffi, lib = _cbench.load()
+    region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    try:
+        base = ffi.cast("uint64_t *", region.address)
+        first = lib.tgb_build_chain(base, size, 4096, 0x7468706775617264)
+        lib.tgb_chase(base, first, hops)
+        t0 = now()
+        lib.tgb_chase(base, first, hops)
+        pristine = hops / (now() - t0)
+        holder = _holder(region)
+        try:
+            lib.tgb_write_each(ffi.cast("void *", region.address), size, region.pmd_size)
+            lib.tgb_chase(base, first, hops // 4)
+            t0 = now()
+            lib.tgb_chase(base, first, hops)
+            after = hops / (now() - t0)
+            cov = region.coverage().ratio
+        finally:
+            _release(holder)
+        return {"pristine": pristine, "after": after, "coverage": cov}
+    finally:
+        region.close()
+
+
+def _copied(size: int) -> dict:
+    """Bytes the child copies when it writes one block in eight."""
+    region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    try:
+        def child():
+            view = region.view()
+            for off in range(0, region.size, 8 * region.pmd_size):
+                view[off] = 1
+            view.release()
+            s = _native.copy_stats()
+            return s["copies"] * region.pmd_size, region.coverage().ratio
+
+        copied, cov = in_child(child)
+        return {"copied": copied, "coverage": cov}
+    finally:
+        region.close()
+
+
+def _fork_once(variant: str, size: int) -> dict:
+    if variant == "share":
+        region = thpguard.alloc(size, fork="share")
+    else:
+        region = thpguard.alloc(size, fork="copy", copy_mode="lazy" if variant == "copy" else "eager")
+    try:
+        if variant == "eager":
+            warm_memory(size)
+        t0 = now()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        t1 = now()
+        os.waitpid(pid, 0)
+        return {"fork_s": t1 - t0, "total_s": now() - t0}
+    finally:
+        region.close()
+
+
+def run(settings: Settings) -> Result:
+    feature = kernel.capabilities().copy_userfault
+    if not feature.available:
+        raise Skipped(f"no userfaultfd block copy here: {feature.reason}")
+    pmd = pmd_size()
+    size = settings.pick(32 * MiB, 128 * MiB)
+    pause = 0.004
+    res = Result(NAME, TITLE, params={"region": fmt_bytes(size), "reps": settings.reps,
+                                      "pause_between_writes_s": pause})
+
+    variants = {"baseline": lambda: in_child(_baseline, size, pause)}
+    for m in METHODS:
+        variants[m] = lambda m=m: in_child(_first_writes, m, size, pause, False)
+    variants["move, burst"] = lambda: in_child(_first_writes, "move", size, 0.0, True)
+    samples = interleave(variants, settings.reps, settings.warmup)
+    res.samples["first_write"] = samples
+    base = [s["per_block_s"] for s in samples["baseline"]]
+    for name in list(METHODS) + ["move, burst"]:
+        per = [s["per_block_s"] for s in samples[name]]
+        cov = min(s["coverage"] for s in samples[name])
+        fallbacks = sum(s["stats"]["fallbacks"] for s in samples[name])
+        inline = median([s["stats"]["inline_allocs"] for s in samples[name]])
+        res.add(f"first write, {name}", paired(per, base), "time per block vs THP fault + memcpy",
+                f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} fallbacks, "
+                f"{inline:.0f} blocks faulted in the fault path)",
+                f"{median(base) * 1e3:.3f} ms")
+
+    hops = settings.pick(2_000_000, 10_000_000)
+    chase_size = settings.pick(128 * MiB, 512 * MiB)
+    chases = [in_child(_chase, chase_size, hops) for _ in range(settings.reps)]
+    res.samples["chase"] = chases
+    res.add("chase after fork + writes", paired([c["after"] for c in chases], [c["pristine"] for c in chases]),
+            "hops/s vs before fork",
+            f"{median([c['after'] for c in chases]) / 1e6:.1f} M/s (coverage {min(c['coverage'] for c in chases):.0%})",
+            f"{median([c['pristine'] for c in chases]) / 1e6:.1f} M/s")
+
+    copied = [_copied(size) for _ in range(settings.reps)]
+    res.samples["copied"] = copied
+    res.add("memory copied, 1 block in 8 written", median([c["copied"] for c in copied]) / size,
+            "bytes vs eager copy", fmt_bytes(median([c["copied"] for c in copied])), fmt_bytes(size))
+
+    fork_size = settings.pick(128 * MiB, 512 * MiB)
+    forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in ("share", "copy", "eager")},
+                       settings.reps, settings.warmup)
+    res.samples["fork"] = forks
+    for v in ("copy", "eager"):
+        label = "userfault" if v == "copy" else "eager"
+        for key, what in (("fork_s", "fork() returns"), ("total_s", "fork + child exit")):
+            mine = [f[key] for f in forks[v]]
+            base = [f[key] for f in forks["share"]]
+            res.add(f"{what}, {label}", paired(mine, base), "time vs share",
+                    f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
+    res.notes.append(
+        "fork + child exit includes the child arming its own userfaultfd (a new descriptor, "
+        "registration, protection, a handler thread) before it runs"
+    )
+    res.notes.append(
+        "against the kernel's direct-COW flag: run this benchmark in the patched guest of "
+        "tests/kernels/run (where copy_mode='auto' picks the kernel's copy)"
+    )
+    return res

@@ -1,0 +1,515 @@
+"""copy regions with userfaultfd block copy: nobody splits, every byte right.
+
+Every test checks the kernel's ground truth (PAGEMAP_SCAN through
+``coverage()``, smaps ``AnonHugePages``) in the process that wrote, and
+compares the data byte for byte against what each process wrote.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+import thpguard
+from thpguard import _native, kernel
+
+from conftest import checksum, run_in_child, smaps_huge_bytes
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def require_userfault(require_thp):
+    feature = kernel.capabilities().copy_userfault
+    if not feature.available:
+        pytest.skip(f"needs userfaultfd block copy: {feature.reason}")
+
+
+@pytest.fixture
+def copy_region(require_userfault, region_factory):
+    def make(size, **kwargs):
+        region = region_factory(size, fork="copy", **kwargs)
+        assert region.copy_mode == "userfault", region.copy_fallback_reason
+        return region
+
+    return make
+
+
+def _fill(region):
+    view = region.view()
+    pattern = bytes(range(256)) * 16
+    for off in range(0, region.size, len(pattern)):
+        view[off : off + len(pattern)] = pattern
+    view.release()
+    return checksum(region.view())
+
+
+def _expected_after_marks(region, marks):
+    """Checksum of the filled region with byte ``marks[off]`` written at each offset."""
+    data = bytearray((bytes(range(256)) * 16) * (region.size // 4096))
+    for off, value in marks.items():
+        data[off] = value
+    return checksum(data)
+
+
+class _Sampler:
+    """Samples PAGEMAP_SCAN coverage and smaps of this process while writes run."""
+
+    def __init__(self, region):
+        self.region = region
+        self.samples = 0
+        self.worst = region.size
+        self.worst_smaps = region.size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        r = self.region
+        while not self._stop.is_set():
+            self.worst = min(self.worst, r.coverage().huge_bytes)
+            if self.samples % 8 == 0:
+                smaps = smaps_huge_bytes(os.getpid(), r.address, r.address + r.size)
+                self.worst_smaps = min(self.worst_smaps, smaps)
+            self.samples += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _write_every_block(region, value, pmd):
+    view = region.view()
+    for off in range(0, region.size, pmd):
+        view[off] = value
+    view.release()
+
+
+def test_both_sides_write_every_block_and_stay_huge(copy_region, pmd):
+    """Parent and child write every block at once; sampled during the writes,
+    both stay 100 % PMD-mapped, and each sees exactly its own writes."""
+    region = copy_region(32 * MiB)
+    _fill(region)
+    go_r, go_w = os.pipe()
+
+    def child():
+        os.read(go_r, 1)
+        with _Sampler(region) as sampler:
+            _write_every_block(region, 0xC1, pmd)
+        marks = {off: 0xC1 for off in range(0, region.size, pmd)}
+        same = checksum(region.view()) == _expected_after_marks(region, marks)
+        return sampler.samples, sampler.worst, sampler.worst_smaps, same, _native.copy_stats()
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=run_in_child(child)))
+    thread.start()
+    os.write(go_w, b"x")
+    with _Sampler(region) as sampler:
+        _write_every_block(region, 0x9A, pmd)
+    thread.join()
+    samples, worst, worst_smaps, same, stats = result["r"]
+    assert samples > 0 and worst == region.size and worst_smaps == region.size
+    assert same
+    assert stats["fallbacks"] == 0 and stats["copies"] + stats["reuses"] == region.size // pmd
+    assert sampler.samples > 0 and sampler.worst == region.size
+    assert sampler.worst_smaps == region.size
+    marks = {off: 0x9A for off in range(0, region.size, pmd)}
+    assert checksum(region.view()) == _expected_after_marks(region, marks)
+    assert region.coverage().complete
+    os.close(go_r)
+    os.close(go_w)
+
+
+def test_many_threads_same_and_different_blocks(copy_region, pmd):
+    """Eight threads write one block and four others at once: one copy per
+    block, every waiter woken, every write kept."""
+    region = copy_region(16 * MiB)
+    _fill(region)
+
+    def child():
+        view = region.view()
+        offsets = [i * 4096 + 7 for i in range(8)] + [b * pmd + 11 for b in range(1, 5)]
+        barrier = threading.Barrier(len(offsets))
+
+        def write(off):
+            barrier.wait()
+            view[off] = 0x5C
+
+        threads = [threading.Thread(target=write, args=(off,)) for off in offsets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        kept = all(view[off] == 0x5C for off in offsets)
+        view.release()
+        marks = {off: 0x5C for off in offsets}
+        same = checksum(region.view()) == _expected_after_marks(region, marks)
+        return kept, same, region.coverage().complete, _native.copy_stats()
+
+    kept, same, complete, stats = run_in_child(child)
+    assert kept and same and complete
+    assert stats["copies"] == 5 and stats["fallbacks"] == 0
+    assert stats["wp_faults"] >= 5
+
+
+def test_kernel_mode_writes(copy_region, pmd):
+    """readinto, recv_into and os.readv into a protected block work (the
+    kernel's own writes fault to the handler) and keep the block huge."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        view = region.view()
+        payload = b"written by the kernel" * 100
+        with tempfile.TemporaryFile() as f:
+            f.write(payload)
+            f.seek(0)
+            n1 = f.readinto(view[100 : 100 + len(payload)])
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(payload)
+            n2 = b.recv_into(view[pmd + 100 : pmd + 100 + len(payload)])
+        r, w = os.pipe()
+        os.write(w, payload)
+        n3 = os.readv(r, [view[2 * pmd + 100 : 2 * pmd + 100 + len(payload)]])
+        os.close(r)
+        os.close(w)
+        ok = all(bytes(view[o + 100 : o + 100 + len(payload)]) == payload for o in (0, pmd, 2 * pmd))
+        view.release()
+        return (n1, n2, n3), ok, region.coverage().complete, _native.copy_stats()["fallbacks"]
+
+    sizes, ok, complete, fallbacks = run_in_child(child)
+    assert sizes == (2100, 2100, 2100) and ok and complete and fallbacks == 0
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_fork_from_thread_and_grandchildren(copy_region, pmd):
+    """A fork from a non-main thread, and a grandchild's fork, arm the new
+    process too: the grandchild's writes do not split, nobody's data moves."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def grandchild():
+        _write_every_block(region, 0x66, pmd)
+        return region.coverage().complete, _native.copy_stats()["copies"]
+
+    def child():
+        inner = run_in_child(grandchild)
+        return inner, checksum(region.view()), region.coverage().complete
+
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=run_in_child(child)))
+    t.start()
+    t.join()
+    (g_complete, g_copies), c_sum, c_complete = out["r"]
+    assert g_complete and g_copies == region.size // pmd
+    assert c_sum == expected and c_complete
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_exec_after_fork(copy_region, pmd, tmp_path):
+    """A child that execs right after fork (at-fork hooks run) works, and the
+    parent's next writes reuse its pages: no copy once the child is gone."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    marker = tmp_path / "ran"
+    subprocess.run([sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')"],
+                   check=True, preexec_fn=lambda: None)
+    assert marker.read_text() == "ok"
+    before = _native.copy_stats()
+    _write_every_block(region, 0x11, pmd)
+    after = _native.copy_stats()
+    assert after["copies"] == before["copies"]
+    assert after["reuses"] - before["reuses"] == region.size // pmd
+    assert region.coverage().complete
+    assert checksum(region.view()) != expected
+
+
+def test_close_while_writes_fault(copy_region, pmd):
+    """close() racing another thread's faulting writes never hangs: it is
+    refused while the writer's view lives, then unmaps once it is gone."""
+    region = copy_region(32 * MiB)
+    _fill(region)
+
+    def child():
+        view = region.view()
+        started = threading.Event()
+
+        def writer():
+            started.set()
+            for off in range(0, region.size, pmd):
+                view[off] = 0x77
+            view.release()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        started.wait()
+        refused = 0
+        while True:
+            try:
+                region.close()
+                break
+            except BufferError:
+                refused += 1
+        t.join()
+        return region.closed, _native.copy_stats()["regions"]
+
+    closed, registered = run_in_child(child)
+    assert closed and registered == 0
+
+
+def test_exit_mid_copy(copy_region, pmd):
+    """A child that exits while its threads' writes are being copied leaves
+    cleanly; the parent's data and huge pages are untouched."""
+    region = copy_region(32 * MiB)
+    expected = _fill(region)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            view = region.view()
+
+            def writer(first):
+                for off in range(first * pmd, region.size, 4 * pmd):
+                    view[off] = 0x33
+
+            for i in range(4):
+                threading.Thread(target=writer, args=(i,), daemon=True).start()
+        finally:
+            os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_dontneed_and_mprotect(copy_region, pmd):
+    """MADV_DONTNEED of a block reads back zeros and refills as a huge page;
+    mprotect read-only and back leaves the copy on write working."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        addr = region.address
+        _native.madvise(addr + pmd, pmd, 4)  # MADV_DONTNEED
+        view = region.view()
+        zeros = bytes(view[pmd : 2 * pmd]) == bytes(pmd)
+        view[pmd + 5] = 0x42
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(addr + 2 * pmd, pmd, mmap.PROT_READ) == 0
+        readable = view[2 * pmd + 1]
+        assert libc.mprotect(addr + 2 * pmd, pmd, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        view[2 * pmd + 1] = 0x43
+        ok = view[pmd + 5] == 0x42 and view[2 * pmd + 1] == 0x43 and view[0] == 0
+        view.release()
+        return zeros, readable, ok, region.coverage().complete, _native.copy_stats()
+
+    zeros, readable, ok, complete, stats = run_in_child(child)
+    assert zeros and readable == 1 and ok and complete
+    assert stats["fallbacks"] == 0
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_no_new_block_falls_back_and_collapse_repairs(copy_region, pmd, require_collapse):
+    """Without a new block (injected ENOMEM) the kernel's COW handles the
+    write: the data is right, the fallback counted, and collapse() repairs."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        _native.fault_inject("copy_block", errno.ENOMEM, 1)
+        try:
+            _write_every_block(region, 0x21, pmd)
+        finally:
+            _native.fault_clear()
+        stats = _native.copy_stats()
+        split = region.coverage().huge_bytes
+        repaired = region.collapse().coverage.complete
+        marks = {off: 0x21 for off in range(0, region.size, pmd)}
+        return stats["fallbacks"], split, repaired, checksum(region.view()) == _expected_after_marks(region, marks)
+
+    fallbacks, huge, repaired, same = run_in_child(child)
+    assert fallbacks == 1 and huge == region.size - pmd
+    assert repaired and same
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_child_arm_failure_degrades_to_share(copy_region, pmd, require_collapse):
+    """A child that cannot arm (injected EMFILE) says so and behaves like
+    `share`: writes split, data right, collapse() repairs; the parent is fine."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    _native.fault_inject("copy_arm", errno.EMFILE, 1)
+    try:
+        def child():
+            _write_every_block(region, 0x31, pmd)
+            stats = _native.copy_stats()
+            split = region.coverage().huge_bytes
+            repaired = region.collapse().coverage.complete
+            return stats["arm_errno"], split, repaired
+
+        arm_errno, huge, repaired = run_in_child(child)
+    finally:
+        _native.fault_clear()
+    assert arm_errno == errno.EMFILE and huge < region.size and repaired
+    assert checksum(region.view()) == expected and region.coverage().complete
+
+
+def test_copy_mode_arguments(require_thp):
+    """copy_mode takes auto, lazy or eager, and only with fork='copy'."""
+    with pytest.raises(thpguard.InvalidArgumentError, match="copy_mode"):
+        thpguard.alloc(2 * MiB, fork="copy", copy_mode="later")
+    with pytest.raises(thpguard.InvalidTypeError, match="copy_mode"):
+        thpguard.alloc(2 * MiB, fork="copy", copy_mode=1)
+    with pytest.raises(thpguard.InvalidArgumentError, match="only to fork='copy'"):
+        thpguard.alloc(2 * MiB, fork="share", copy_mode="lazy")
+    with thpguard.alloc(2 * MiB, fork="copy", copy_mode="eager") as region:
+        assert region.copy_mode == "eager"
+    with thpguard.alloc(2 * MiB, fork="share") as region:
+        assert region.copy_mode is None
+
+
+def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_collapse):
+    """A block split by a fallback is not protected again at the next fork
+    (MADV_COLLAPSE refuses write-protected small pages): collapse() repairs
+    it while children share the region."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    holders = []
+
+    def hold():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        holders.append((pid, w))
+
+    try:
+        hold()
+        _native.fault_inject("copy_block", errno.ENOMEM, 1)
+        try:
+            view = region.view()
+            view[5] = view[5]
+            view.release()
+        finally:
+            _native.fault_clear()
+        assert region.coverage().huge_bytes == region.size - pmd
+        hold()  # the next fork protects the whole blocks only
+        result = region.collapse()
+        assert result.failures == {} and result.coverage.complete
+    finally:
+        # The second holder inherited the first one's pipe: close all first.
+        for _, w in holders:
+            os.close(w)
+        for pid, _ in holders:
+            os.waitpid(pid, 0)
+    assert checksum(region.view()) == expected
+
+
+_UNPRIVILEGED_SCRIPT = """
+import logging, sys, thpguard
+from thpguard import kernel
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+print("FEATURE", kernel.capabilities().copy_userfault.available)
+region = thpguard.alloc(4 << 20, fork="copy")
+print("MODE", region.copy_mode)
+print("REASON", region.copy_fallback_reason)
+try:
+    thpguard.alloc(4 << 20, fork="copy", copy_mode="lazy")
+except thpguard.UnsupportedError as exc:
+    print("LAZY", exc)
+"""
+
+
+def test_without_kernel_mode_userfaultfd_auto_falls_back(require_thp, tmp_path):
+    """Without CAP_SYS_PTRACE and without /dev/userfaultfd (as for an
+    unprivileged process), auto copies eagerly and logs why, and lazy raises
+    UnsupportedError with the reason; the kernel decides, nothing is mocked."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop CAP_SYS_PTRACE and hide /dev/userfaultfd")
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            if f.read().strip() != "0":
+                pytest.skip("vm.unprivileged_userfaultfd=1: every process may use userfaultfd")
+    except OSError:
+        pass
+    script = tmp_path / "unprivileged.py"
+    script.write_text(_UNPRIVILEGED_SCRIPT)
+    # A private mount namespace hides the device from this one process tree.
+    hide = "mount --bind /dev/null /dev/userfaultfd && " if os.path.exists("/dev/userfaultfd") else ""
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           f"{hide}exec setpriv --bounding-set -sys_ptrace --inh-caps -sys_ptrace "
+           f"{sys.executable} {script}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("needs unshare and setpriv (util-linux)")
+    if out.returncode != 0 and "unshare" in out.stderr:
+        pytest.skip(f"cannot make a mount namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout
+    assert "FEATURE False" in lines
+    assert "MODE eager" in lines
+    assert "CAP_SYS_PTRACE" in lines and "EPERM" in lines
+    assert "LOG copy region" in lines and "copies eagerly at fork" in lines
+    assert "LAZY no lazy copy mechanism here" in lines
+
+
+def _probe(stage, err=0, user_mode_only=False, move=True, source="syscall"):
+    return {"stage": stage, "errno": err, "source": source, "user_mode_only": user_mode_only,
+            "move": move}
+
+
+@pytest.mark.parametrize("probe, available, words", [
+    (_probe("ok"), True, "UFFDIO_MOVE"),
+    (_probe("ok", move=False, source="device"), True, "/dev/userfaultfd"),
+    (_probe("open", errno.ENOSYS), False, "CONFIG_USERFAULTFD"),
+    (_probe("open", errno.EPERM, user_mode_only=True), False, "EFAULT"),
+    (_probe("api", errno.EINVAL), False, "5.7"),
+    (_probe("wp", errno.EINVAL), False, "write-protecting"),
+    (_probe("scan", errno.ENOTTY), False, "PAGEMAP_SCAN"),
+])
+def test_capability_says_why(probe, available, words):
+    """copy_userfault in capabilities() says whether lazy copy works and why
+    not, for each stage the native probe can stop at (5.10, 6.1, 6.6, ...)."""
+    from fakekernel import FakeNative
+
+    kernel.registry.set_native(FakeNative(copy_probe=probe))
+    try:
+        feature = kernel.capabilities(refresh=True).copy_userfault
+    finally:
+        kernel.registry.reset()
+    assert feature.available is available and words in feature.reason
+
+
+def test_host_without_lazy_copy_falls_back(require_thp, caplog):
+    """Where the registry says no lazy mechanism works (a 6.1 kernel without
+    UFFDIO write-protect here, injected), auto copies eagerly with the reason
+    logged, and lazy raises UnsupportedError with it."""
+    from fakekernel import FakeNative
+
+    kernel.registry.set_native(FakeNative(copy_probe=_probe("api", errno.EINVAL)))
+    try:
+        with caplog.at_level("INFO", logger="thpguard"):
+            with thpguard.alloc(4 * MiB, fork="copy") as region:
+                assert region.copy_mode == "eager"
+                assert "write-protect" in region.copy_fallback_reason
+        assert any("copies eagerly at fork" in r.getMessage() for r in caplog.records)
+        with pytest.raises(thpguard.UnsupportedError, match="no lazy copy mechanism"):
+            thpguard.alloc(4 * MiB, fork="copy", copy_mode="lazy")
+    finally:
+        kernel.registry.reset()
