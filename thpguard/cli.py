@@ -122,8 +122,12 @@ def _apply_fixes(checks: List[Check], quiet: bool) -> List[dict]:
             before = None
         entry = {"check": c.name, "path": path, "before": before, "value": value, "error": None}
         try:
-            with open(path, "w") as f:
-                f.write(value + "\n")
+            # sysfs attributes are never symlinks: refuse to follow one.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.write(fd, (value + "\n").encode())
+            finally:
+                os.close(fd)
         except OSError as exc:
             entry["error"] = exc.strerror or str(exc)
             _err(f"--fix: could not write {value!r} to {path}: {entry['error']}")
@@ -183,6 +187,9 @@ def _cmd_verify(args) -> int:
     if args.fix and os.geteuid() != 0:
         raise UsageError("verify --fix writes to /sys and must run as root; it changed nothing. "
                          "Run it as root, or apply the advice by hand.")
+    if args.fix and not roots.is_real:
+        raise UsageError(f"verify --fix writes only to the real /sys, and fake roots are set "
+                         f"({roots.sys}, {roots.proc}); it changed nothing")
     if args.pid is not None and not os.path.exists(os.path.join(roots.proc, str(args.pid))):
         raise UsageError(f"no process with PID {args.pid}")
     started = time.perf_counter()
@@ -251,6 +258,9 @@ def _add_status(sub) -> None:
                    help="print node_exporter textfile-collector metrics instead of the table")
     p.add_argument("--prometheus-file", metavar="PATH",
                    help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
+    p.add_argument("--allow-unsafe-dir", action="store_true",
+                   help="with --prometheus-file: write even into a directory other users may "
+                        "change (writable without the sticky bit)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -307,7 +317,11 @@ def _cmd_status(args) -> int:
 
         text = metrics.textfile(found)
         if args.prometheus_file:
-            metrics.write_textfile(args.prometheus_file, text)
+            try:
+                metrics.write_textfile(args.prometheus_file, text,
+                                       allow_unsafe_dir=args.allow_unsafe_dir)
+            except metrics.TextfileError as exc:
+                raise UsageError(str(exc.strerror or exc)) from None
         else:
             sys.stdout.write(text)
     elif args.json:

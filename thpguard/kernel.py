@@ -1,8 +1,9 @@
 """What this kernel offers, read from sysfs and /proc.
 
 Everything here parses text, in Python, so that tests can point it at fake
-trees: pass ``Roots(sys=..., proc=...)`` explicitly, or set the environment
-variables ``THPGUARD_SYSFS_ROOT`` and ``THPGUARD_PROC_ROOT``.
+trees: pass ``Roots(sys=..., proc=...)`` explicitly, or call
+:func:`set_test_roots`. Nothing in the environment redirects these paths: an
+installed program always reads the real ``/sys`` and ``/proc``.
 
 Parsers never raise on a kernel whose files look different from the ones
 they were written against: a missing file or field reads as ``None`` and is
@@ -29,6 +30,7 @@ log = logging.getLogger("thpguard.kernel")
 
 __all__ = [
     "Roots",
+    "set_test_roots",
     "Feature",
     "Capabilities",
     "Vma",
@@ -80,16 +82,33 @@ class Roots:
 
     @classmethod
     def from_env(cls) -> "Roots":
-        """Roots from ``THPGUARD_SYSFS_ROOT`` / ``THPGUARD_PROC_ROOT``, else the real ones."""
-        return cls(
-            sys=os.environ.get("THPGUARD_SYSFS_ROOT") or "/sys",
-            proc=os.environ.get("THPGUARD_PROC_ROOT") or "/proc",
-        )
+        """The roots in effect: those given to :func:`set_test_roots`, else
+        the real mounts. The environment is not read (the name is kept for
+        callers written when it was): a variable set by whoever started the
+        program must not choose the files root reads and writes."""
+        return _test_roots if _test_roots is not None else cls()
 
     @property
     def is_real(self) -> bool:
         """True when both roots are the host's own mounts."""
         return self.sys == "/sys" and self.proc == "/proc"
+
+
+_test_roots: Optional[Roots] = None
+
+
+def set_test_roots(roots: Optional[Roots]) -> None:
+    """For tests only: make every reader without explicit roots use ``roots``
+    (None restores the real ``/sys`` and ``/proc``). Process-wide.
+
+    ``thpguard verify --fix`` refuses to run while fake roots are set; it
+    writes only to the real ``/sys``.
+    """
+    global _test_roots
+    if roots is not None and not isinstance(roots, Roots):
+        raise TypeError(f"roots must be a thpguard.kernel.Roots or None, got {type(roots).__name__}")
+    _test_roots = roots
+    _cache.clear()
 
 
 def _roots(roots: Optional[Roots]) -> Roots:
