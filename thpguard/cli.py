@@ -66,13 +66,17 @@ def _pid(text: str) -> int:
     return int(text)
 
 
+_MAX_INTERVAL = 86400.0  # a day; time.sleep and select overflow on inf and huge values
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0 < value <= _MAX_INTERVAL:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0 and at most {_MAX_INTERVAL:.0f}, got {text!r}")
     return value
 
 
@@ -269,8 +273,8 @@ def _scan_or_error(pid: int, errors: list):
 
     try:
         return _procmap.scan_process(pid)
-    except _procmap.ProcessGone:
-        errors.append({"pid": pid, "errno": "ESRCH", "message": f"no process with PID {pid}"})
+    except _procmap.ProcessGone as exc:
+        errors.append({"pid": pid, "errno": "ESRCH", "message": str(exc)})
     except PermissionError as exc:
         errors.append({"pid": pid, "errno": errno.errorcode.get(exc.errno, "EACCES"), "message": exc.strerror})
     except OSError as exc:
@@ -372,9 +376,9 @@ def _cmd_watch(args) -> int:
         while True:
             try:
                 pc = _procmap.scan_process(args.pid)
-            except _procmap.ProcessGone:
+            except _procmap.ProcessGone as exc:
                 if samples == 0:
-                    raise UsageError(f"no process with PID {args.pid}") from None
+                    raise UsageError(str(exc)) from None
                 if args.json:
                     _emit_json({"command": "watch", "event": "exit", "pid": args.pid, "time": time.time()})
                 else:
@@ -429,7 +433,7 @@ def _add_guard(sub) -> None:
 
 def _guard_preflight(pid: int) -> int:
     """Check privileges before touching anything; return a pidfd."""
-    from . import _native  # noqa: PLC0415
+    from . import _native, _procmap  # noqa: PLC0415
 
     roots = kernel.Roots.from_env()
     if not os.path.exists(os.path.join(roots.proc, str(pid))):
@@ -447,6 +451,8 @@ def _guard_preflight(pid: int) -> int:
             raise UsageError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
                              f"CAP_SYS_PTRACE): opening /proc/{pid}/pagemap failed with "
                              f"{errno.errorcode[exc.errno]}") from None
+        if exc.errno in (errno.ESRCH, errno.ENOENT):
+            raise UsageError(_procmap.why_no_memory(pid, roots)) from None
         raise UsageError(f"PID {pid}: {exc.strerror}") from None
     try:
         return _native.pidfd_open(pid)
