@@ -477,6 +477,15 @@ def _repair(
         n_failed = sum(done.failures.values())
         _emit(Event(FAILED, os.getpid(), time.time(), region.address, n_failed,
                     n_failed * pmd, failures=dict(done.failures)), region)
+    hole = region._outside_change() if fatal == _errno.ENOMEM else None
+    if hole is not None:
+        # ENOMEM is also the answer for a range with a hole in it, on every
+        # try: backing off would retry forever. Say so once and stop.
+        st.disabled = (f"part of the region is gone: {hole}; its blocks cannot be repaired "
+                       "(MADV_COLLAPSE answers ENOMEM for an unmapped range)")
+        _emit(Event(DISABLED, os.getpid(), time.time(), region.address,
+                    reason=st.disabled), region)
+        return done, submitted
     if fatal == _errno.EINVAL:
         st.disabled = _collapse_blocker(region)
         _emit(Event(DISABLED, os.getpid(), time.time(), region.address,

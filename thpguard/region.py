@@ -192,6 +192,8 @@ class Region:
             )
         except OSError as exc:
             raise kernel_error(exc.errno, "mmap", (0, span)) from None
+        self._span = span
+        self._advised = False
         try:
             base = _native.buffer_address(self._map)
             self.address = -(-(base + _PAGE) // self.pmd_size) * self.pmd_size
@@ -210,6 +212,7 @@ class Region:
         addr, size = self.address, self.size
         try:
             _native.madvise(addr, size, _native.MADV_HUGEPAGE)
+            self._advised = True
         except OSError as exc:
             # EINVAL: a kernel built without CONFIG_TRANSPARENT_HUGEPAGE.
             if exc.errno != errno.EINVAL or strict:
@@ -367,29 +370,80 @@ class Region:
         Raises :class:`BufferError` (and unmaps nothing) while a view or an
         array made from one is still alive. In a child where a ``private``
         region was never mapped it only releases the reservation.
+
+        Never unmaps what is not the region's: when code outside thpguard
+        unmapped part of the range (another mapping may sit in the hole
+        now), the region is closed but its range stays mapped for the life
+        of the process, and one ERROR on the ``thpguard`` logger says why.
         """
         with self._lock:
             if self._closed:
                 return
-            try:
-                self._map.close()
-            except BufferError:
-                if self._unmapped_here:
-                    # A child of a `private` region: views inherited from
-                    # the parent are unusable here anyway; the mmap object
-                    # unmaps the reservation once they are gone.
-                    pass
-                else:
-                    raise BufferError(
-                        "cannot close the region: memoryviews or arrays made from "
-                        "region.view() still use it; release them (del, or "
-                        "memoryview.release()) and close again"
-                    ) from None
-            self._closed = True
+            change = None if self._unmapped_here else self._outside_change()
+            if change is not None:
+                # Unmapping the whole range would take the other mapping
+                # with it: keep every byte mapped, for the life of the process.
+                _abandoned.append(self._map)
+                self._closed = True
+                log.error("region %#x (%d bytes) is left mapped by close(): %s; unmapping "
+                          "it would unmap memory that is not the region's", self.address,
+                          self.size, change)
+            else:
+                self._close_map()
         if self.fork == "private":
             self._forget_placeholder()
         with _live_lock:
             _live.discard(self)
+
+    def _outside_change(self) -> Optional[str]:
+        """None while the region's mapping is as thpguard made it, as far as
+        ``/proc/self/maps`` and smaps VmFlags tell; else a sentence naming
+        the hole or the mapping that is not the region's.
+
+        Splits by ``mprotect``/``mlock`` keep the range the region's. Not
+        seen: a mapping placed over the one-page slack around the range.
+        """
+        base = self.address - self._offset
+        end = base + self._span
+        lo, hi = self.address, self.address + self.size
+        vmas = sorted(_own_vmas(base, end))
+        at = base
+        for start, stop in vmas + [(end, end)]:
+            if start > at:
+                return f"{at:#x}-{start:#x} was unmapped by code outside thpguard"
+            at = max(at, stop)
+        if (lo, hi) in vmas:
+            return None  # the region's VMA, untouched
+        try:
+            smaps = kernel.read_smaps()
+        except OSError:
+            return None
+        for vma in smaps:
+            if vma.start >= hi or vma.end <= lo:
+                continue
+            if vma.start < lo or vma.end > hi:
+                return f"{vma.start:#x}-{vma.end:#x} crosses the region's edge (not the region's)"
+            if self._advised and not {"hg", "nh"} & set(vma.vm_flags):
+                return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
+                        "mapped there after outside code unmapped part of the region")
+        return None
+
+    def _close_map(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            if self._unmapped_here:
+                # A child of a `private` region: views inherited from
+                # the parent are unusable here anyway; the mmap object
+                # unmaps the reservation once they are gone.
+                pass
+            else:
+                raise BufferError(
+                    "cannot close the region: memoryviews or arrays made from "
+                    "region.view() still use it; release them (del, or "
+                    "memoryview.release()) and close again"
+                ) from None
+        self._closed = True
 
     def __enter__(self) -> "Region":
         return self
@@ -409,6 +463,23 @@ class Region:
     def _copy_into_own_pages(self) -> None:
         with self._lock:
             _native.copy_remap(self.address, self.size, self.pmd_size)
+
+
+# Mappings close() must not unmap (part of their range is not the region's
+# any more): held here so the mmap objects never unmap them either.
+_abandoned: List[mmap.mmap] = []
+
+
+def _own_vmas(lo: int, hi: int) -> List[Tuple[int, int]]:
+    """(start, end) of this process's VMAs that overlap [lo, hi)."""
+    out = []
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            start, _, end = line.split(b" ", 1)[0].partition(b"-")
+            a, b = int(start, 16), int(end, 16)
+            if a < hi and lo < b:
+                out.append((a, b))
+    return out
 
 
 def alloc(
