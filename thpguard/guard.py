@@ -200,7 +200,11 @@ class Stats(dict):
     count of failed block repairs; ``backoffs``; ``regions_backing_off``;
     ``regions_disabled`` a dict of region address (hex) to the reason it is
     no longer repaired; ``forks_seen`` forks made by this process;
-    ``callback_errors`` exceptions raised by the ``on_event`` callback.
+    ``callback_errors`` exceptions raised by the ``on_event`` callback;
+    ``copy_fallbacks`` ``copy`` regions this process kept shared after fork
+    because its memory cgroup had no room for the copy (counted in the
+    child), ``copy_wait_timeouts`` forks whose parent stopped waiting for
+    the child's copy.
     """
 
     def __getattr__(self, name: str):
@@ -984,6 +988,8 @@ def stats() -> Stats:
                               if st.disabled and not r.closed},
             forks_seen=c.forks_seen,
             callback_errors=c.callback_errors,
+            copy_fallbacks=_region.copy_counters["copy_fallbacks"],
+            copy_wait_timeouts=_region.copy_counters["copy_wait_timeouts"],
         )
 
 

@@ -190,6 +190,10 @@ class ThpguardCollector:
         yield counter("repair_seconds", "Seconds spent in MADV_COLLAPSE.",
                       s.get("repair_seconds"))
         yield counter("forks", "fork() calls made by this process.", s.get("forks_seen"))
+        yield counter("copy_fallbacks", "copy-policy regions kept shared after fork: the memory "
+                      "cgroup had no room for the copy.", s.get("copy_fallbacks"))
+        yield counter("copy_wait_timeouts", "Forks whose parent stopped waiting for the child's "
+                      "copy.", s.get("copy_wait_timeouts"))
         failures = CounterMetricFamily(
             f"{p}_repair_failures", "Block repairs that failed, by errno.", labels=["errno"]
         )

@@ -24,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+import select
 import sys
 import threading
 import time
@@ -536,8 +537,27 @@ def _before_fork() -> None:
     _pending.targets = targets
 
 
+#: Seconds the parent of a ``copy`` fork waits at most for the child's
+#: copy; None: 10 s plus 1 s per 64 MiB to copy. After that the parent goes
+#: on (writes there may split blocks the child still shares) and logs an ERROR.
+COPY_WAIT_SECONDS: Optional[float] = None
+#: Bytes a child's memory cgroup must have free beyond the copy itself.
+COPY_HEADROOM_MARGIN = 16 << 20
+
+# Counted per process (a child starts from zero): copies skipped for want of
+# cgroup room, parent waits cut short. Read by thpguard.stats().
+copy_counters: Dict[str, int] = {"copy_fallbacks": 0, "copy_wait_timeouts": 0}
+
+
+def _copy_wait_limit(targets: List["Region"]) -> float:
+    if COPY_WAIT_SECONDS is not None:
+        return COPY_WAIT_SECONDS
+    return 10.0 + sum(r.size for r in targets) / (64 << 20)
+
+
 def _after_fork_in_parent() -> None:
     pipe = getattr(_pending, "pipe", None)
+    limit = _copy_wait_limit(getattr(_pending, "targets", []))
     _pending.pipe, _pending.targets = None, []  # hold no region alive
     try:
         if pipe is None:
@@ -546,14 +566,46 @@ def _after_fork_in_parent() -> None:
         os.close(write_end)
         try:
             # Until the child has copied, a write here would split the pages
-            # it still shares (DESIGN: the `copy` race); EOF if it dies.
-            while os.read(read_end, 64):
-                pass
+            # it still shares (DESIGN: the `copy` race); EOF if it dies. A
+            # child that never finishes (stopped, or stuck in a memory
+            # cgroup without an OOM killer) must not hold fork() forever.
+            deadline = time.monotonic() + limit
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                    copy_counters["copy_wait_timeouts"] += 1
+                    log.error("copy policy: the child of pid %d has not finished copying after "
+                              "%.1f s; not waiting longer (writes here may split blocks it still "
+                              "shares)", os.getpid(), limit)
+                    break
+                if not os.read(read_end, 64):
+                    break
         finally:
             os.close(read_end)
     finally:
         if _fork_serial.locked():
             _fork_serial.release()
+
+
+def _cgroup_headroom() -> Tuple[Optional[int], Optional[str]]:
+    """(bytes this process's memory cgroup can still charge, its path), or
+    (None, None) without a limit. Page cache counts as room (reclaimable)."""
+    try:
+        cg = kernel.memory_cgroup()
+    except OSError:
+        return None, None
+    if cg is None or cg.limit_bytes is None or cg.usage_bytes is None:
+        return None, None
+    cache = 0
+    try:
+        with open(os.path.join(cg.directory, "memory.stat")) as f:
+            fields = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+        for name in ("inactive_file", "active_file"):
+            # v1 prints the hierarchical total as total_*; v2 has the plain names.
+            cache += int(fields.get("total_" + name, fields.get(name, 0)))
+    except (OSError, ValueError):
+        pass
+    return cg.limit_bytes - cg.usage_bytes + cache, cg.path
 
 
 def _after_fork_in_child(late: bool = False) -> None:
@@ -576,9 +628,23 @@ def _after_fork_in_child(late: bool = False) -> None:
             targets = [r for r in _live if r.fork == "copy" and not r.closed and not r.direct_cow]
         if _fork.in_exec_child():
             return
+        copy_counters.update(copy_fallbacks=0, copy_wait_timeouts=0)
+        headroom, cgroup = _cgroup_headroom() if targets else (None, None)
         for region in targets:
             if region.closed:
                 continue
+            if headroom is not None and region.size + COPY_HEADROOM_MARGIN > headroom:
+                # The copy would be charged to the cgroup: beyond its limit
+                # the kernel OOM-kills this child (or, OOM killer disabled,
+                # stops it and its waiting parent until the limit rises).
+                copy_counters["copy_fallbacks"] += 1
+                log.error("copy policy: region %#x stays shared in pid %d: memory cgroup %s has "
+                          "%d bytes of room, the copy needs %d (+%d margin)", region.address,
+                          os.getpid(), cgroup, max(0, headroom), region.size,
+                          COPY_HEADROOM_MARGIN)
+                continue
+            if headroom is not None:
+                headroom -= region.size
             try:
                 region._copy_into_own_pages()
             except OSError as exc:
