@@ -130,3 +130,34 @@ def test_guard_reports_a_hole_once(region_factory, caplog):
     assert not [e for e in mine if e.kind == "backoff"], [(e.kind, e.reason) for e in mine]
     assert sum(e.failures.get("ENOMEM", 0) for e in mine if e.kind == "failed") <= 1
     assert hex(region.address) in thpguard.stats().regions_disabled
+
+
+def test_left_mapped_range_is_never_unmapped_at_exit(require_thp):
+    """After close() left a changed range mapped, the mapping that landed in
+    the hole survives to the very end of the process: freeing what exit
+    frees (module globals, the region) leaves it readable (the mmap object
+    freed at exit used to unmap the whole range: SIGSEGV at exit)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, mmap, sys, thpguard\n"
+        "from thpguard import _native\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.mmap.restype = ctypes.c_void_p\n"
+        "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
+        " ctypes.c_int, ctypes.c_long]\n"
+        "region = thpguard.alloc(8 << 20)\n"
+        "hole = region.address + region.pmd_size\n"
+        "_native.unmap(hole, region.pmd_size)\n"
+        "assert libc.mmap(hole, region.pmd_size, 3, 0x22 | 0x100000, -1, 0) == hole\n"
+        "ctypes.memmove(hole, b'x', 1)\n"
+        "region.close()\n"
+        # What interpreter exit does: module globals cleared, objects freed.
+        "import gc, thpguard.region as r\n"
+        "r._abandoned.clear(); del region; gc.collect()\n"
+        "print('still mapped', ctypes.string_at(hole, 1).decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "still mapped x" in out.stdout, out.stdout

@@ -384,7 +384,7 @@ class Region:
             if change is not None:
                 # Unmapping the whole range would take the other mapping
                 # with it: keep every byte mapped, for the life of the process.
-                _abandoned.append(self._map)
+                _abandon(self._map)
                 self._closed = True
                 log.error("region %#x (%d bytes) is left mapped by close(): %s; unmapping "
                           "it would unmap memory that is not the region's", self.address,
@@ -467,8 +467,18 @@ class Region:
 
 
 # Mappings close() must not unmap (part of their range is not the region's
-# any more): held here so the mmap objects never unmap them either.
+# any more). Their mmap objects would unmap the whole range when freed, even
+# at interpreter exit (module globals are cleared then, and memory the
+# interpreter mapped into the hole meanwhile would go): one extra reference
+# that nothing releases keeps them alive until the process ends.
 _abandoned: List[mmap.mmap] = []
+
+
+def _abandon(mapping: mmap.mmap) -> None:
+    import ctypes  # noqa: PLC0415 - only for this rare path
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(mapping))
+    _abandoned.append(mapping)
 
 
 def _own_vmas(lo: int, hi: int) -> List[Tuple[int, int]]:
