@@ -54,21 +54,21 @@ def _kernel_thread() -> int:
 
 @pytest.mark.parametrize("command", [["watch", "--count", "1"], ["guard", "--once"], ["status"]])
 def test_zombie_is_named(zombie, command, capsys):
-    """watch, guard and status on a zombie say so in one line and exit 2."""
+    """watch, guard and status on a zombie say so in one line and exit 3."""
     code, out, err = _run(capsys, command[0], *command[1:], str(zombie))
-    assert code == cli.EXIT_USAGE, (out, err)
+    assert code == cli.EXIT_NO_ACCESS, (out, err)
     assert "zombie" in err and str(zombie) in err
     assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", [["watch", "--count", "1"], ["guard", "--once"], ["status"]])
 def test_kernel_thread_is_named(command, capsys):
-    """watch, guard and status on a kernel thread say it is one and exit 2."""
+    """watch, guard and status on a kernel thread say it is one and exit 3."""
     if os.geteuid() != 0 and command[0] == "guard":
         pytest.skip("guard checks its privileges first")
     pid = _kernel_thread()
     code, out, err = _run(capsys, command[0], *command[1:], str(pid))
-    assert code == cli.EXIT_USAGE, (out, err)
+    assert code == cli.EXIT_NO_ACCESS, (out, err)
     assert "kernel thread" in err and str(pid) in err
     assert "No such process" not in err
 
