@@ -516,7 +516,9 @@ def _own_vmas(lo: int, hi: int) -> List[Tuple[int, int]]:
         for line in f:
             start, _, end = line.split(b" ", 1)[0].partition(b"-")
             a, b = int(start, 16), int(end, 16)
-            if a < hi and lo < b:
+            if a >= hi:
+                break  # the kernel lists VMAs in address order
+            if lo < b:
                 out.append((a, b))
     return out
 
