@@ -173,11 +173,11 @@ def finish_child(pid: int, read_fd: int, timeout: float):
 @pytest.fixture
 def no_faults():
     """Clear injected faults (and the scan fallback they may flip) afterwards."""
-    supported = pagemap._self_pagemap.scan_supported
+    supported = pagemap.scan_supported()
     _native.fault_clear()
     yield
     _native.fault_clear()
-    pagemap._self_pagemap.scan_supported = supported
+    pagemap._scan_state()["supported"] = supported
 
 
 def own_mappings(min_size: int = 0):
@@ -319,3 +319,12 @@ class Workload:
         for i in range(N_WRITERS):
             msg = check_stripe(self.stripes[i], self.bases[i], self.done[i], self.done[i])
             assert not msg, f"parent stripe {i}: {msg}"
+
+
+def children(pid: int):
+    """PIDs of the children of ``pid`` (its main thread's), or [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []

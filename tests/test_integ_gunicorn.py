@@ -26,8 +26,15 @@ MAX_ROUNDS = 30
 DEADLINE = 40.0
 
 
-@pytest.fixture
-def gunicorn_server(require_thp):
+@pytest.fixture(params=["root", "user"])
+def gunicorn_server(request, require_thp):
+    """gunicorn as is, and with ``--user``: workers that setuid() away from
+    root cannot open their own page map and are repaired from smaps."""
+    extra = []
+    if request.param == "user":
+        if os.geteuid() != 0:
+            pytest.skip("--user needs a master started as root")
+        extra = ["--user", "65534", "--group", "65534"]
     port = free_port()
     env = dict(os.environ, THPGUARD_GUARD="1",
                # Slow enough that the test sees each split before it is repaired.
@@ -35,7 +42,7 @@ def gunicorn_server(require_thp):
     # examples/gunicorn.conf.py serving examples/wsgi_app.py through
     # tests/probe_app.py, which only adds routes for the test.
     argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(EXAMPLES, "gunicorn.conf.py"),
-            "--bind", f"127.0.0.1:{port}", "--chdir", TESTS, "probe_app:application"]
+            "--bind", f"127.0.0.1:{port}", "--chdir", TESTS, *extra, "probe_app:application"]
     with serve(argv, port, env=env) as proc:
         yield proc, port
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from reliability_support import children
 from test_reliability_cgroup import memory_cgroup  # noqa: F401 - the fixture
 
 SIZE = 64 << 20
@@ -20,12 +21,12 @@ SIZE = 64 << 20
 SCRIPT = r"""
 import json, logging, os, sys, time
 import thpguard
-from thpguard import region as region_mod
+from thpguard import backends
 
 logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
 size, wait = int(sys.argv[1]), sys.argv[2]
 if wait != "auto":
-    region_mod.COPY_WAIT_SECONDS = float(wait)
+    backends.COPY_WAIT_SECONDS = float(wait)
 sys.stdin.readline()  # moved into the cgroup (or not needed)
 region = thpguard.alloc(size, fork="copy")
 view = region.view()
@@ -112,14 +113,6 @@ def test_copy_without_cgroup_room_stays_shared(require_collapse, memory_cgroup, 
     assert group.read("failcnt") == failcnt
 
 
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 def test_parent_wait_is_bounded(require_collapse):
     """A `copy` child stopped (SIGSTOP) during its copy: the parent's fork()
     returns after COPY_WAIT_SECONDS with one ERROR and
@@ -131,9 +124,9 @@ def test_parent_wait_is_bounded(require_collapse):
         assert proc.stdout.readline().strip() == "allocated"
         _say(proc)
         deadline = time.monotonic() + 20
-        while not _children(proc.pid) and time.monotonic() < deadline:
+        while not children(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.0005)
-        child = _children(proc.pid)[0]
+        child = children(proc.pid)[0]
         os.kill(child, signal.SIGSTOP)
 
         def cont():

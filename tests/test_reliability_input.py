@@ -94,9 +94,14 @@ def split_region():
 
 def _split(region):
     # Dropping one 4 KiB page of a PMD-mapped block makes the kernel split
-    # it (a partial unmap): the block then needs a real collapse.
+    # it (a partial unmap): the block is then partial, one page short, and
+    # needs a real collapse (khugepaged's max_ptes_none allows it unless an
+    # operator set it to 0).
     _native.madvise(region.address + 4096, 4096, MADV_DONTNEED)
-    assert region.coverage().split_blocks == 1
+    cov = region.coverage()
+    assert cov.partial_blocks == 1 and cov.split_blocks == 0
+    if kernel.khugepaged_settings()["max_ptes_none"] == 0:
+        pytest.skip("khugepaged/max_ptes_none is 0: partial blocks are left alone")
 
 
 @FUZZ
@@ -397,7 +402,8 @@ def test_capabilities_and_can_get_huge_pages_on_mutated_trees(tmp_path_factory, 
 @given(tree=trees)
 def test_verify_cli_on_mutated_trees(tmp_path_factory, tree):
     """`thpguard verify --json` pointed at a corrupted tree prints one JSON
-    object and exits 0, 1 or 2, without a traceback."""
+    object and exits 0, 1, 2 or 4 (UNSUPPORTED: no THP directory), without
+    a traceback."""
     import json
     import subprocess
     import sys
@@ -409,7 +415,7 @@ def test_verify_cli_on_mutated_trees(tmp_path_factory, tree):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     COUNTS["inputs_tried"] += 1
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.returncode in (0, 1, 2), out.stderr[-2000:]
+    assert out.returncode in (0, 1, 2, 4), out.stderr[-2000:]
     assert isinstance(json.loads(out.stdout), dict)
 
 

@@ -22,6 +22,13 @@ from fakekernel import FakeTree
 NOBODY = 65534
 
 
+def _become_nobody():
+    """Drop every id and group to `nobody` (in a forked child)."""
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
 def _as_root():
     if os.geteuid() != 0:
         pytest.skip("needs root (to act as another user, and as the root it attacks)")
@@ -145,9 +152,7 @@ def nobody_swapping(directory, target):
     if pid == 0:
         try:
             os.close(stop_w)
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
+            _become_nobody()
             while not select.select([stop_r], [], [], 0)[0]:
                 try:
                     names = os.listdir(directory)
@@ -171,19 +176,25 @@ def nobody_swapping(directory, target):
         os.waitpid(pid, 0)
 
 
+def _shared_dir_and_secret(base, mode):
+    """(a directory of ``mode`` others may write, root's 0600 file beside it);
+    as root only."""
+    _as_root()
+    shared = base / "textfile"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    secret = base / "secret"
+    secret.write_text("secret\n")
+    os.chmod(secret, 0o600)
+    return shared, secret
+
+
 def test_prometheus_file_symlink_race_changes_no_other_file(open_base):
     """Root writing --prometheus-file into a world-writable directory with
     the sticky bit, while `nobody` swaps temporary files for symlinks to a
     0600 root file: that file keeps its mode, owner and bytes, and every
     written .prom file is a regular file of mode 0644 owned by root."""
-    _as_root()
-    tmp_path = open_base
-    shared = tmp_path / "textfile"
-    shared.mkdir()
-    os.chmod(shared, 0o1777)
-    secret = tmp_path / "secret"
-    secret.write_text("secret\n")
-    os.chmod(secret, 0o600)
+    shared, secret = _shared_dir_and_secret(open_base, 0o1777)
     with nobody_swapping(str(shared), str(secret)):
         for i in range(30):
             target = shared / "thpguard.prom"
@@ -201,14 +212,7 @@ def test_prometheus_file_unsafe_directory_is_refused(open_base):
     """In a directory without the sticky bit that `nobody` may write, the
     write is refused with a clear error; the file an attacker's symlink
     points at keeps mode 0600, however the race goes."""
-    _as_root()
-    tmp_path = open_base
-    shared = tmp_path / "textfile"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
-    secret = tmp_path / "secret"
-    secret.write_text("secret\n")
-    os.chmod(secret, 0o600)
+    shared, secret = _shared_dir_and_secret(open_base, 0o777)
     refused = 0
     with nobody_swapping(str(shared), str(secret)):
         for i in range(10):
@@ -259,9 +263,7 @@ def test_prometheus_file_bad_directory_is_a_clear_error(open_base, case, capsys)
         if pid == 0:
             try:
                 os.close(r)
-                os.setgroups([])
-                os.setresgid(NOBODY, NOBODY, NOBODY)
-                os.setresuid(NOBODY, NOBODY, NOBODY)
+                _become_nobody()
                 sys.stderr = io.StringIO()
                 rc = cli.main(["status", "--prometheus-file", str(path), "self"])
                 os.write(w, json.dumps([rc, sys.stderr.getvalue()]).encode())

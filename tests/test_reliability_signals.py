@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from reliability_support import children
+
 # A region whose copy takes long enough for a signal to land inside it:
 # the child's fresh pages are first-touch (cold), tens to hundreds of ms.
 SIZE = 512 << 20
@@ -76,14 +78,6 @@ os.waitpid(-1, 0)
 """
 
 
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 @pytest.mark.parametrize("who", ["parent", "child"])
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_signal_during_copy_fork(require_collapse, who, signame):
@@ -103,9 +97,9 @@ def test_signal_during_copy_fork(require_collapse, who, signame):
         deadline = time.monotonic() + 20
         target = proc.pid
         if who == "child":
-            while not _children(proc.pid) and time.monotonic() < deadline:
+            while not children(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.001)
-            target = _children(proc.pid)[0]
+            target = children(proc.pid)[0]
         time.sleep(0.05)
         os.kill(target, getattr(signal, signame))
         with os.fdopen(r) as f:

@@ -20,20 +20,17 @@ node_exporter read :func:`textfile` output instead.
 from __future__ import annotations
 
 import bisect
-import errno
 import math
 import os
-import secrets
-import stat
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from thpguard.errors import InvalidArgumentError, InvalidTypeError, ThpguardError
-# thpguard.guard names the function guard(); import from the module itself.
-from thpguard.guard import REPAIRED, Event
-from thpguard.guard import guard as _installed_guard
-from thpguard.guard import install as _install
-from thpguard.guard import stats as _stats
+from thpguard.errors import InvalidArgumentError, InvalidTypeError
+from thpguard import _fork, events
+from thpguard.events import REPAIRED, Event
+from thpguard.stats import stats as _stats
+# The textfile writer lives apart (file safety, not metrics): re-exported here.
+from thpguard._textfile import TextfileError, UnsafeDirectoryError, write_textfile
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -59,30 +56,20 @@ PREFIX = "thpguard"
 
 
 class _Latencies:
-    """A cumulative histogram of repair latencies for this process only."""
+    """A cumulative histogram of repair latencies for this process only
+    (per-process state: a forked child starts from zero, like stats())."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pid = os.getpid()
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.total = 0.0
 
-    def _mine(self) -> None:
-        # A forked child starts from zero, like thpguard.stats().
-        if self.pid != os.getpid():
-            self.lock = threading.Lock()
-            self.pid = os.getpid()
-            self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-            self.total = 0.0
-
     def observe(self, seconds: float) -> None:
-        self._mine()
         with self.lock:
             self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.total += seconds
 
     def snapshot(self) -> Tuple[List[Tuple[str, int]], float]:
-        self._mine()
         with self.lock:
             buckets, running = [], 0
             for bound, n in zip(LATENCY_BUCKETS + (math.inf,), self.counts):
@@ -91,38 +78,21 @@ class _Latencies:
             return buckets, self.total
 
 
-_latencies = _Latencies()
+def _latencies() -> _Latencies:
+    return _fork.state.get("metrics.latencies", _Latencies)
 
 
 def on_event(event: Event) -> None:
     """Feed one guard event into the latency histogram.
 
-    :func:`register`, and every scrape, chain this onto the installed
-    guard's ``on_event`` callback. Repairs made before that are counted
-    but not in the histogram; to include them, pass it yourself
-    (``thpguard.install(on_event=...)``, or call it from your own callback).
+    :func:`register` subscribes it to the event stream
+    (``thpguard.events.subscribe``), once, whether or not a guard is
+    installed yet. Repairs made before that are counted but not in the
+    histogram.
     """
     if event.kind == REPAIRED:
         for seconds in event.latencies:
-            _latencies.observe(seconds)
-
-
-def _chain_onto_guard() -> bool:
-    """Make the installed guard (if any) call :func:`on_event`; True if chained."""
-    current = _installed_guard()
-    if current is None:
-        return False
-    previous = current.on_event
-    if previous is on_event or getattr(previous, "_thpguard_metrics", False):
-        return True
-
-    def chained(event) -> None:
-        on_event(event)
-        previous(event)
-
-    chained._thpguard_metrics = True  # type: ignore[attr-defined]
-    _install(on_event=on_event if previous is None else chained)
-    return True
+            _latencies().observe(seconds)
 
 
 # -- the collector -----------------------------------------------------------
@@ -144,9 +114,6 @@ class ThpguardCollector:
         return list(self._families(None))
 
     def collect(self):
-        # A guard installed after register() gets the latency hook at the
-        # first scrape that sees it.
-        _chain_onto_guard()
         return list(self._families(_stats()))
 
     def _families(self, stats: Optional[Mapping[str, Any]]):
@@ -176,8 +143,8 @@ class ThpguardCollector:
         yield gauge("guarded_bytes", "Bytes of open thpguard regions.", guarded)
         yield gauge("huge_bytes", "Bytes of those regions mapped with PMD-size huge pages now.",
                     huge)
-        yield gauge("split_bytes", "Bytes of those regions that hold data but are not "
-                    "PMD-mapped now (split).", s.get("split_bytes"))
+        yield gauge("split_bytes", "Bytes of those regions in split blocks now (every page "
+                    "holds data, not PMD-mapped).", s.get("split_bytes"))
         yield gauge("coverage_ratio", "huge_bytes / guarded_bytes (1 when there is nothing "
                     "to guard).", huge / guarded if guarded else 1.0)
         yield gauge("guard_running", "1 while the guard thread runs in this process.",
@@ -206,7 +173,7 @@ class ThpguardCollector:
             "Seconds from the scan that saw a block split to its repair.",
         )
         if stats is not None:
-            buckets, total = _latencies.snapshot()
+            buckets, total = _latencies().snapshot()
             latency.add_metric([], buckets, total)
         yield latency
         yield from _region_families(p, stats is not None)
@@ -246,8 +213,8 @@ _register_lock = threading.Lock()
 def register(registry=None) -> ThpguardCollector:
     """Add the thpguard collector to ``registry`` (default: the global REGISTRY).
 
-    Idempotent per registry. Also chains :func:`on_event` onto the guard
-    installed now, if any, so repair latencies reach the histogram.
+    Idempotent per registry. Also subscribes :func:`on_event` to the event
+    stream, so repair latencies reach the histogram.
     Raises :class:`ImportError` without ``prometheus_client`` (install
     the ``prometheus`` extra).
     """
@@ -260,7 +227,7 @@ def register(registry=None) -> ThpguardCollector:
         ) from None
     if registry is None:
         registry = prometheus_client.REGISTRY
-    _chain_onto_guard()
+    events.subscribe(on_event)
     with _register_lock:
         collector = _registered.get(id(registry))
         if collector is None:
@@ -384,14 +351,14 @@ def textfile(
         "process_count": "Processes with these labels.",
         "process_bytes": "Bytes of the process's huge-page VMAs (advised or holding huge pages).",
         "process_huge_bytes": "Bytes of them mapped with PMD-size huge pages.",
-        "process_split_bytes": "Bytes of them holding data but split (not PMD-mapped).",
+        "process_split_bytes": "Bytes of them in split blocks (every page holds data, not PMD-mapped).",
         "process_coverage_ratio": "process_huge_bytes / process_bytes (1 when there are none).",
         "region_bytes": "Bytes of thpguard regions with this name.",
         "region_huge_bytes": "Bytes of those regions mapped with PMD-size huge pages.",
         "region_split_bytes": "Bytes of those regions holding data but split.",
         "vma_bytes": "Bytes of one VMA.",
         "vma_huge_bytes": "Bytes of one VMA mapped with PMD-size huge pages.",
-        "vma_split_bytes": "Bytes of one VMA holding data but split.",
+        "vma_split_bytes": "Bytes of one VMA in split blocks.",
     }
     # (metric, label items) -> value; added up where the labels repeat.
     values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
@@ -466,83 +433,3 @@ def textfile(
             number = str(int(value)) if name != "process_coverage_ratio" else repr(float(value))
             lines.append(f"{prefix}_{name}{{{text}}} {number}")
     return "\n".join(lines) + "\n" if lines else ""
-
-
-class TextfileError(ThpguardError, OSError):
-    """:func:`write_textfile` could not write its file; the message names
-    the path and the reason. ``errno`` is set when a system call failed."""
-
-
-class UnsafeDirectoryError(TextfileError):
-    """The textfile's directory may be changed by another user (writable by
-    group or others without the sticky bit, or owned by another user)."""
-
-
-def _open_directory(directory: str, allow_unsafe_dir: bool) -> int:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        why = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a directory",
-               errno.EACCES: "may not be opened by this user"}.get(exc.errno, exc.strerror)
-        raise TextfileError(exc.errno, f"cannot write metrics into {directory}: the directory "
-                                       f"{why}") from None
-    st = os.fstat(dfd)
-    others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
-    foreign = st.st_uid not in (0, os.geteuid())
-    if (others_write or foreign) and not allow_unsafe_dir:
-        os.close(dfd)
-        why = (f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}) and has no sticky bit"
-               if others_write else f"belongs to another user (uid {st.st_uid})")
-        raise UnsafeDirectoryError(
-            errno.EPERM,
-            f"not writing metrics into {directory}: the directory {why}, so another user could "
-            "replace the file while it is written; use a directory only this user can write, "
-            "set the sticky bit (chmod +t), or allow it explicitly (allow_unsafe_dir=True, "
-            "thpguard status --allow-unsafe-dir)")
-    return dfd
-
-
-def write_textfile(path: str, text: str, *, allow_unsafe_dir: bool = False,
-                   mode: int = 0o644) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then rename).
-
-    node_exporter's textfile collector reads ``*.prom`` files in its
-    directory; a rename never exposes a half-written file. The file gets
-    ``mode`` (default 0644, whatever the umask) through its descriptor:
-    nothing is done to a path after the file is created, so a symlink
-    planted by another user changes no other file. The temporary file is
-    created with ``O_EXCL | O_NOFOLLOW`` relative to the directory opened
-    once.
-
-    Raises :class:`UnsafeDirectoryError` for a directory another user may
-    change (group/world-writable without the sticky bit, or owned by another
-    user) unless ``allow_unsafe_dir``, and :class:`TextfileError` when the
-    directory is missing or not writable.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    if not name:
-        raise TextfileError(errno.EISDIR, f"cannot write metrics to {path!r}: it names a directory")
-    dfd = _open_directory(directory, allow_unsafe_dir)
-    tmp = f".thpguard-{secrets.token_hex(8)}.tmp"
-    try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dfd)
-        except OSError as exc:
-            raise TextfileError(exc.errno, f"cannot write metrics into {directory}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(text)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
-            if isinstance(exc, OSError) and not isinstance(exc, TextfileError):
-                raise TextfileError(exc.errno, f"cannot write metrics to {path}: {exc.strerror}") from None
-            raise
-    finally:
-        os.close(dfd)

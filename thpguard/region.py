@@ -26,26 +26,35 @@ import errno
 import logging
 import mmap
 import os
-import select
-import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 from . import _fork, _native, kernel, pagemap
+from .blocks import Coverage
 from .errors import (
     HugePagesUnavailableError,
     InvalidArgumentError,
     InvalidTypeError,
     RegionClosedError,
     UnsupportedError,
-    kernel_error,
 )
-from .pagemap import Coverage
+from .backends import (
+    BACKENDS,
+    CopyMechanism,
+    ThpBackend,
+    _direct_cow_mode,
+    copy_mechanisms,
+    mechanism_for,
+    register_copy_mechanism,
+)
+from ._regions import _live, abandon, outside_change, regions
+from .repair import RepairState
 
-__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions"]
+__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
+           "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
 
 log = logging.getLogger("thpguard")
 
@@ -63,9 +72,6 @@ DEFAULT_COLLAPSE_RETRIES = 3
 _MAX_RETRIES = 1000  # EAGAIN retries per chunk; the C side takes an unsigned
 
 _PAGE = mmap.PAGESIZE
-_FALLBACK_PMD = 2 << 20
-_live: "weakref.WeakSet[Region]" = weakref.WeakSet()
-_live_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class CollapseResult:
     ``MADV_COLLAPSE``; ``collapsed_bytes`` of them are PMD-mapped after, by
     the kernel's own account. ``failures`` maps an errno to the number of
     chunks that failed with it. ``seconds`` is the wall time spent.
+    ``refused`` maps each block that answered EINVAL to the reason (a
+    mapping split by ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, ...).
     """
 
     attempted_bytes: int
@@ -83,6 +91,7 @@ class CollapseResult:
     failures: Dict[int, int]
     seconds: float
     coverage: Coverage
+    refused: Dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -91,20 +100,7 @@ class CollapseResult:
 
 
 def _collapse_known() -> bool:
-    global _COLLAPSE_KNOWN
-    if _COLLAPSE_KNOWN is None:
-        _COLLAPSE_KNOWN = _native.advice_known(_native.MADV_COLLAPSE)
-    return _COLLAPSE_KNOWN
-
-
-_COLLAPSE_KNOWN: Optional[bool] = None
-
-
-def _direct_cow_mode() -> Optional[str]:
-    """The kernel's direct-COW mode, or None where it lacks the feature."""
-    if not _native.advice_known(_native.MADV_THP_COW):
-        return None
-    return kernel.thp_cow_mode()
+    return kernel.registry.knows(_native.MADV_COLLAPSE)
 
 
 _NAME_MAX = 48
@@ -175,10 +171,10 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None) -> None:
-        # Without a known PMD size (no THP in this kernel) the region still
-        # works, on small pages, aligned as on x86-64.
-        self.pmd_size = kernel.pmd_size() or _FALLBACK_PMD
+                 name: Optional[str] = None, backend: str = "thp") -> None:
+        # The backend object owns mapping, coverage and repair (backends.py).
+        self._backend = BACKENDS[backend]()
+        self.pmd_size = self._backend.page_size()
         self.size = -(-size // self.pmd_size) * self.pmd_size
         self.fork = fork
         #: The name given to :func:`alloc`, or None; shown by ``thpguard status`` and in metrics.
@@ -194,32 +190,10 @@ class Region:
             if not ok:
                 raise HugePagesUnavailableError(reason)
 
-        err = _native.fault_take("map")
-        if err:
-            raise kernel_error(err, "mmap", (0, self.size))
-        # Python's mmap object owns the mapping: it refuses to close while a
-        # memoryview or numpy array still exports it (BufferError) and
-        # unmaps when the last reference goes. One page of slack either side
-        # of the aligned range keeps this region a VMA of its own.
-        span = self.size + self.pmd_size + _PAGE
-        if span > sys.maxsize:
-            # mmap.mmap would raise OverflowError; no address space is this big.
-            raise InvalidArgumentError(
-                f"size {size} bytes is larger than any mapping can be (at most "
-                f"{sys.maxsize - self.pmd_size - _PAGE} bytes)"
-            )
+        self._map, self.address = self._backend.map(self.size, self.pmd_size)
+        self._advised = False  # MADV_HUGEPAGE taken: smaps shows hg on its VMAs
         try:
-            self._map = mmap.mmap(
-                -1, span, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except OSError as exc:
-            raise kernel_error(exc.errno, "mmap", (0, span)) from None
-        self._span = span
-        self._advised = False
-        try:
-            base = _native.buffer_address(self._map)
-            self.address = -(-(base + _PAGE) // self.pmd_size) * self.pmd_size
-            self._offset = self.address - base
+            self._offset = self.address - _native.buffer_address(self._map)
             self._setup(populate, strict)
         except BaseException:
             self._map.close()
@@ -227,8 +201,9 @@ class Region:
             if forget is not None:
                 forget()  # else every later child reserves this stale range
             raise
-        with _live_lock:
-            _live.add(self)
+        live = _live()
+        with live.lock:
+            live.regions.add(self)
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
@@ -314,7 +289,7 @@ class Region:
         """Ask the kernel how much of the region is PMD-mapped right now."""
         self._require_open("measure coverage")
         _fork.check()
-        return pagemap.coverage(self.address, self.address + self.size, self.pmd_size)
+        return self._backend.coverage(self)
 
     def collapse(
         self,
@@ -324,10 +299,11 @@ class Region:
     ) -> CollapseResult:
         """Re-collapse the split blocks of the region into huge pages now.
 
-        Runs ``MADV_COLLAPSE`` (Linux 6.1) over the blocks that hold data
-        but are not PMD-mapped, ``chunk`` bytes per call, retrying EAGAIN up
-        to ``max_retries`` (0 to 1000) times, then rescans. Blocks never touched are
-        left alone. Raises :class:`~thpguard.errors.UnsupportedError` on
+        Runs ``MADV_COLLAPSE`` (Linux 6.1) over the blocks the block model
+        calls repairable (``split`` ones, and ``partial`` ones within
+        khugepaged's ``max_ptes_none``: see :mod:`thpguard.blocks`), ``chunk``
+        bytes per call, retrying EAGAIN up to ``max_retries`` (0 to 1000)
+        times, then rescans. Blocks never touched are left alone. Raises :class:`~thpguard.errors.UnsupportedError` on
         kernels without MADV_COLLAPSE. Each repair of a block shared with
         another process allocates a new 2 MiB page.
         """
@@ -352,40 +328,48 @@ class Region:
         chunk = max(self.pmd_size, min(self.size, chunk - chunk % self.pmd_size))
         started = time.perf_counter()
         before = self.coverage()
-        if before.split_ranges is not None:
-            targets = list(before.split_ranges)
-        else:
-            # No per-range detail (smaps): try every block on its own, so a
+        engine = self._backend.engine()
+        if before.blocks is None:
+            # No per-block detail (smaps): try every block on its own, so a
             # never-touched block (EINVAL) fails alone.
             chunk = self.pmd_size
-            targets = [(self.address, self.address + self.size)] if not before.complete else []
+        calls = engine.plan(RepairState(), before, self.address, self.size, self.size, chunk,
+                            time.monotonic())
         failures: Dict[int, int] = {}
-        attempted = 0
-        with self._lock:
-            # close() from another thread may have won the lock since the
-            # scan: the range may be unmapped, or mapped by someone else.
+        refused: Dict[int, str] = {}
+        results = engine.run(calls, self.pmd_size, max_retries, lock=self._lock,
+                             is_closed=lambda: self.closed)
+        if len(results) < len(calls):
+            # close() from another thread won the lock since the scan: the
+            # range may be unmapped, or mapped by someone else.
             self._require_open("collapse it")
-            for start, end in targets:
-                attempted += end - start
-                for err in _native.collapse(start, end - start, chunk, max_retries):
-                    if err:
-                        failures[err] = failures.get(err, 0) + 1
+        for start, length, errs, _ in results:
+            first = next((e for e in errs if e), 0)
+            if first:
+                failures[first] = failures.get(first, 0) + 1
+            if before.blocks is not None:
+                for i, err in enumerate(errs):
+                    if err == errno.EINVAL:
+                        block = start + i * self.pmd_size
+                        refused[block] = engine.diagnose(block, self.pmd_size, self.address,
+                                                         self.size)[1]
         after = self.coverage()
-        if before.split_ranges is None:
+        if before.blocks is None:
             failures.pop(errno.EINVAL, None)  # untouched blocks, expected here
         return CollapseResult(
-            attempted_bytes=attempted,
+            attempted_bytes=sum(length for _, length in calls),
             collapsed_bytes=max(0, after.huge_bytes - before.huge_bytes),
             failures=failures,
             seconds=time.perf_counter() - started,
             coverage=after,
+            refused=refused,
         )
 
     def populate(self) -> None:
         """Fault in every page of the region for writing, keeping its data.
 
         Never call it on a ``share`` region while a child shares it: the
-        kernel splits every shared block it touches (KERNEL-NOTES).
+        kernel splits every shared block it touches (:doc:`kernel-facts`).
         """
         self._require_open("populate it")
         _native.populate_write(self.address, self.size, _PAGE)
@@ -407,11 +391,11 @@ class Region:
         with self._lock:
             if self._closed:
                 return
-            change = None if self._unmapped_here else self._outside_change()
+            change = None if self._unmapped_here else outside_change(self)
             if change is not None:
                 # Unmapping the whole range would take the other mapping
                 # with it: keep every byte mapped, for the life of the process.
-                _abandon(self._map)
+                abandon(self._map)
                 self._closed = True
                 log.error("region %#x (%d bytes) is left mapped by close(): %s; unmapping "
                           "it would unmap memory that is not the region's", self.address,
@@ -420,41 +404,9 @@ class Region:
                 self._close_map()
         if self.fork == "private":
             self._forget_placeholder()
-        with _live_lock:
-            _live.discard(self)
-
-    def _outside_change(self) -> Optional[str]:
-        """None while the region's mapping is as thpguard made it, as far as
-        ``/proc/self/maps`` and smaps VmFlags tell; else a sentence naming
-        the hole or the mapping that is not the region's.
-
-        Splits by ``mprotect``/``mlock`` keep the range the region's. Not
-        seen: a mapping placed over the one-page slack around the range.
-        """
-        base = self.address - self._offset
-        end = base + self._span
-        lo, hi = self.address, self.address + self.size
-        vmas = sorted(_own_vmas(base, end))
-        at = base
-        for start, stop in vmas + [(end, end)]:
-            if start > at:
-                return f"{at:#x}-{start:#x} was unmapped by code outside thpguard"
-            at = max(at, stop)
-        if (lo, hi) in vmas:
-            return None  # the region's VMA, untouched
-        try:
-            smaps = kernel.read_smaps()
-        except OSError:
-            return None
-        for vma in smaps:
-            if vma.start >= hi or vma.end <= lo:
-                continue
-            if vma.start < lo or vma.end > hi:
-                return f"{vma.start:#x}-{vma.end:#x} crosses the region's edge (not the region's)"
-            if self._advised and not {"hg", "nh"} & set(vma.vm_flags):
-                return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
-                        "mapped there after outside code unmapped part of the region")
-        return None
+        live = _live()
+        with live.lock:
+            live.regions.discard(self)
 
     def _close_map(self) -> None:
         try:
@@ -489,38 +441,21 @@ class Region:
 
     # -- fork --------------------------------------------------------------
 
-    def _copy_into_own_pages(self) -> None:
-        with self._lock:
-            _native.copy_remap(self.address, self.size, self.pmd_size)
+    @property
+    def backend(self) -> str:
+        """The backend that maps this region (``"thp"``)."""
+        return self._backend.name
 
+    @property
+    def page_size(self) -> int:
+        """The huge page size this region is aligned to and backed by, in bytes."""
+        return self.pmd_size
 
-# Mappings close() must not unmap (part of their range is not the region's
-# any more). Their mmap objects would unmap the whole range when freed, even
-# at interpreter exit (module globals are cleared then, and memory the
-# interpreter mapped into the hole meanwhile would go): one extra reference
-# that nothing releases keeps them alive until the process ends.
-_abandoned: List[mmap.mmap] = []
-
-
-def _abandon(mapping: mmap.mmap) -> None:
-    import ctypes  # noqa: PLC0415 - only for this rare path
-
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(mapping))
-    _abandoned.append(mapping)
-
-
-def _own_vmas(lo: int, hi: int) -> List[Tuple[int, int]]:
-    """(start, end) of this process's VMAs that overlap [lo, hi)."""
-    out = []
-    with open("/proc/self/maps", "rb") as f:
-        for line in f:
-            start, _, end = line.split(b" ", 1)[0].partition(b"-")
-            a, b = int(start, 16), int(end, 16)
-            if a >= hi:
-                break  # the kernel lists VMAs in address order
-            if lo < b:
-                out.append((a, b))
-    return out
+    @property
+    def copy_mode(self) -> Optional[str]:
+        """For ``fork="copy"``: the mechanism a fork now uses (``"kernel"``,
+        ``"eager"``, or one registered later); None for other policies."""
+        return mechanism_for(self).name if self.fork == "copy" else None
 
 
 def alloc(
@@ -530,6 +465,7 @@ def alloc(
     populate: bool = True,
     strict: bool = False,
     name: Optional[str] = None,
+    backend: str = "thp",
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -542,7 +478,9 @@ def alloc(
     ``Region.degraded`` and :meth:`Region.coverage` say so. ``name``
     (letters, digits and ``._-``, at most 48 characters) labels the region
     in ``thpguard status``, in metrics and in the message a child gets if it
-    touches a ``private`` region.
+    touches a ``private`` region. ``backend`` names what maps the region:
+    ``"thp"`` (anonymous transparent huge pages) in this version; other
+    backends register in :mod:`thpguard.backends`.
     """
     size = _check_size(size)
     name = _check_name(name)
@@ -550,162 +488,7 @@ def alloc(
     for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
-    return Region(size, fork, populate, strict, name)
-
-
-def regions() -> List[Region]:
-    """The open regions of this process."""
-    with _live_lock:
-        return [r for r in _live if not r.closed]
-
-
-# -- fork handling ------------------------------------------------------------
-
-_pending = threading.local()
-# Held from before fork() to after it, so forks from several threads run
-# one at a time: a child forked by another thread meanwhile would inherit
-# the hand-shake pipe and keep this parent waiting until it exits.
-_fork_serial = threading.Lock()
-
-
-def _before_fork() -> None:
-    """Prepare the `copy` hand-shake: a pipe the child closes when done."""
-    _fork_serial.acquire()
-    _pending.pipe = None
-    mode = None
-    targets = [r for r in regions() if r.fork == "copy"]
-    if targets:
-        mode = _direct_cow_mode()
-    targets = [r for r in targets if not (r.direct_cow and mode in ("always", "madvise"))]
-    if targets:
-        _pending.pipe = os.pipe()
-    _pending.targets = targets
-
-
-#: Seconds the parent of a ``copy`` fork waits at most for the child's
-#: copy; None: 10 s plus 1 s per 64 MiB to copy. After that the parent goes
-#: on (writes there may split blocks the child still shares) and logs an ERROR.
-COPY_WAIT_SECONDS: Optional[float] = None
-#: Bytes a child's memory cgroup must have free beyond the copy itself.
-COPY_HEADROOM_MARGIN = 16 << 20
-
-# Counted per process (a child starts from zero): copies skipped for want of
-# cgroup room, parent waits cut short. Read by thpguard.stats().
-copy_counters: Dict[str, int] = {"copy_fallbacks": 0, "copy_wait_timeouts": 0}
-
-
-def _copy_wait_limit(targets: List["Region"]) -> float:
-    if COPY_WAIT_SECONDS is not None:
-        return COPY_WAIT_SECONDS
-    return 10.0 + sum(r.size for r in targets) / (64 << 20)
-
-
-def _after_fork_in_parent() -> None:
-    pipe = getattr(_pending, "pipe", None)
-    limit = _copy_wait_limit(getattr(_pending, "targets", []))
-    _pending.pipe, _pending.targets = None, []  # hold no region alive
-    try:
-        if pipe is None:
-            return
-        read_end, write_end = pipe
-        os.close(write_end)
-        try:
-            # Until the child has copied, a write here would split the pages
-            # it still shares (DESIGN: the `copy` race); EOF if it dies. A
-            # child that never finishes (stopped, or stuck in a memory
-            # cgroup without an OOM killer) must not hold fork() forever.
-            deadline = time.monotonic() + limit
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([read_end], [], [], left)[0]:
-                    copy_counters["copy_wait_timeouts"] += 1
-                    log.error("copy policy: the child of pid %d has not finished copying after "
-                              "%.1f s; not waiting longer (writes here may split blocks it still "
-                              "shares)", os.getpid(), limit)
-                    break
-                if not os.read(read_end, 64):
-                    break
-        finally:
-            os.close(read_end)
-    finally:
-        if _fork_serial.locked():
-            _fork_serial.release()
-
-
-def _cgroup_headroom() -> Tuple[Optional[int], Optional[str]]:
-    """(bytes this process's memory cgroup can still charge, its path), or
-    (None, None) without a limit. Page cache counts as room (reclaimable)."""
-    try:
-        cg = kernel.memory_cgroup()
-    except OSError:
-        return None, None
-    if cg is None or cg.limit_bytes is None or cg.usage_bytes is None:
-        return None, None
-    cache = 0
-    try:
-        with open(os.path.join(cg.directory, "memory.stat")) as f:
-            fields = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
-        for name in ("inactive_file", "active_file"):
-            # v1 prints the hierarchical total as total_*; v2 has the plain names.
-            cache += int(fields.get("total_" + name, fields.get(name, 0)))
-    except (OSError, ValueError):
-        pass
-    return cg.limit_bytes - cg.usage_bytes + cache, cg.path
-
-
-def _after_fork_in_child(late: bool = False) -> None:
-    global _live_lock, _fork_serial
-    # A lock another parent thread held at fork stays held forever in the
-    # child, where that thread does not exist: start with fresh ones.
-    _live_lock = threading.Lock()
-    _fork_serial = threading.Lock()
-    for region in list(_live):
-        region._lock = threading.Lock()
-        if region.fork == "private" and not region._closed:
-            region._unmapped_here = True
-    pipe = getattr(_pending, "pipe", None)
-    targets = getattr(_pending, "targets", [])
-    _pending.pipe, _pending.targets = None, []
-    try:
-        if late:
-            # The parent did not wait for us, but copying still ends our
-            # sharing, so neither side splits from now on.
-            targets = [r for r in _live if r.fork == "copy" and not r.closed and not r.direct_cow]
-        if _fork.in_exec_child():
-            return
-        copy_counters.update(copy_fallbacks=0, copy_wait_timeouts=0)
-        headroom, cgroup = _cgroup_headroom() if targets else (None, None)
-        for region in targets:
-            if region.closed:
-                continue
-            if headroom is not None and region.size + COPY_HEADROOM_MARGIN > headroom:
-                # The copy would be charged to the cgroup: beyond its limit
-                # the kernel OOM-kills this child (or, OOM killer disabled,
-                # stops it and its waiting parent until the limit rises).
-                copy_counters["copy_fallbacks"] += 1
-                log.error("copy policy: region %#x stays shared in pid %d: memory cgroup %s has "
-                          "%d bytes of room, the copy needs %d (+%d margin)", region.address,
-                          os.getpid(), cgroup, max(0, headroom), region.size,
-                          COPY_HEADROOM_MARGIN)
-                continue
-            if headroom is not None:
-                headroom -= region.size
-            try:
-                region._copy_into_own_pages()
-            except OSError as exc:
-                # The old mapping is untouched: data stays right, still shared.
-                log.error("copy policy: region %#x stays shared in pid %d: %s",
-                          region.address, os.getpid(), exc)
-    finally:
-        if pipe is not None:
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-
-_fork.subscribe(
-    "region",
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-    order=10,
-)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise InvalidArgumentError(
+            f"unknown backend {backend!r}; this build has {', '.join(sorted(BACKENDS))}")
+    return Region(size, fork, populate, strict, name, backend)
