@@ -1,4 +1,4 @@
-"""The ``thpguard`` command: verify, status, watch, guard.
+"""The ``thpguard`` command: verify, status, watch, guard, run, agent.
 
 Human text goes to stdout, diagnostics to stderr. ``--json`` prints one
 object (``watch``, ``guard``: one object per line) with sorted keys and a
@@ -176,6 +176,8 @@ def _add_status(sub) -> None:
     p.add_argument("--allow-unsafe-dir", action="store_true",
                    help="with --prometheus-file: write even into a directory other users may "
                         "change (writable without the sticky bit)")
+    p.add_argument("--agent-state", metavar="PATH", default="/run/thpguard/agent.json", help="add the "
+                   "node agent's per-process rows from its state file (default: %(default)s, if it exists)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -215,7 +217,7 @@ def _shown_vmas(pc, args) -> list:
             and (args.all or _matters(v, pc.pmd_size or 2 << 20))]
 
 
-def _print_process(pc, args) -> None:
+def _print_process(pc, args, agent_row: Optional[str] = None) -> None:
     t = pc.totals(args.only_eligible)
     split = "?" if t["split_blocks"] is None else t["split_blocks"]
     shown = _shown_vmas(pc, args)
@@ -223,6 +225,8 @@ def _print_process(pc, args) -> None:
     print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['huge_bytes'])} PMD-mapped, "
           f"{split} split block(s), {t['vmas']} VMAs [{pc.source}]"
           + (f"; {hidden} VMA(s) without huge-page interest hidden (--all shows them)" if hidden else ""))
+    if agent_row is not None:
+        print(agent_row)
     # [vsyscall] sits at ffffffffff600000: 16 hex digits where user space needs 12.
     digits = max([12] + [len(f"{v.end:x}") for v in shown])
     rng = 2 * digits + 1
@@ -245,10 +249,13 @@ def _cmd_status(args) -> int:
     if not explicit:
         roots = kernel.Roots.from_env()
         pids = sorted(int(n) for n in os.listdir(roots.proc) if n.isdigit())
+    from ._cliagent import agent_line, agent_state  # noqa: PLC0415
+
+    agent_rows = agent_state(args.agent_state)
     found = []
     for pid in pids:
         pc = _scan_or_error(pid, errors if explicit else [])
-        if pc is not None and (explicit or _interesting(pc)):
+        if pc is not None and (explicit or _interesting(pc) or pc.pid in agent_rows):
             found.append(pc)
     if args.prometheus or args.prometheus_file:
         from . import metrics  # noqa: PLC0415 - only these flags need it
@@ -267,7 +274,7 @@ def _cmd_status(args) -> int:
             "command": "status",
             "errors": errors,
             "processes": [{
-                "cgroup": pc.cgroup, "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size,
+                "agent": agent_rows.get(pc.pid), "cgroup": pc.cgroup, "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size,
                 "source": pc.source,
                 "totals": pc.totals(args.only_eligible),
                 "vmas": [v.as_dict() for v in _shown_vmas(pc, args)],
@@ -275,7 +282,8 @@ def _cmd_status(args) -> int:
         })
     else:
         for pc in found:
-            _print_process(pc, args)
+            row = agent_rows.get(pc.pid)
+            _print_process(pc, args, None if row is None else agent_line(row))
         if not found and not errors:
             print("no process with huge-page VMAs found")
     for e in errors:
@@ -399,6 +407,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_watch(sub)
     _add_guard(sub)
     _add_run(sub)
+    from ._cliagent import add_agent  # noqa: PLC0415 - the node agent's flags and command
+    add_agent(sub)
     return p
 
 

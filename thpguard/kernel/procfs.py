@@ -136,6 +136,7 @@ class ProcStatus:
     thp_enabled: Optional[bool] = None
     uid: Optional[int] = None
     cap_eff: Optional[int] = None
+    rss_anon: Optional[int] = None  # bytes; None for kernel threads (no mm)
 
 
 def read_status(pid="self", roots: Optional[Roots] = None) -> ProcStatus:
@@ -155,6 +156,8 @@ def read_status(pid="self", roots: Optional[Roots] = None) -> ProcStatus:
     st.ppid = _int(raw.get("PPid"))
     st.threads = _int(raw.get("Threads"))
     thp = _int(raw.get("THP_enabled"))
+    anon = raw.get("RssAnon", "").split()
+    st.rss_anon = _int(anon[0]) * 1024 if anon and _int(anon[0]) is not None else None
     # THP_enabled appeared in 5.0.
     st.thp_enabled = None if thp is None else bool(thp)
     if raw.get("Uid"):
