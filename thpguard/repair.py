@@ -9,8 +9,8 @@ diagnoses EINVAL: the decision is scoped to the block and to a time, and
 names the real cause (a mapping split by ``mprotect``/``mlock``,
 ``MADV_NOHUGEPAGE``, ``prctl(PR_SET_THP_DISABLE)``). ENOMEM from a block
 with a hole in it (part of the range unmapped by outside code answers
-ENOMEM on every try) is scoped the same way, instead of backing off forever. It keeps the counters
-and emits the :class:`~thpguard.events.Event` stream; it holds no module
+ENOMEM on every try) is scoped the same way, instead of backing off
+forever. It keeps the counters and emits the :class:`~thpguard.events.Event` stream; it holds no module
 state (each repaired range has its ``RepairState``).
 """
 
@@ -295,15 +295,16 @@ class RepairEngine:
     # -- EINVAL ---------------------------------------------------------------------
 
     def diagnose(self, block: int, pmd: int, address: int, size: int) -> Tuple[bool, str]:
-        """Why MADV_COLLAPSE answers EINVAL (or ENOMEM: a hole) on ``block``: (whole range?, reason)."""
+        """Why MADV_COLLAPSE answers EINVAL (or ENOMEM, for a hole) on
+        ``block``: (whole range?, reason)."""
         if self.target.thp_disabled():
             return True, ("THP is disabled for this process by prctl(PR_SET_THP_DISABLE); "
                           "clear it, or set it with PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18)")
         try:
             vmas = [v for v in self.target.mappings() if v.start < block + pmd and v.end > block]
+            gap = kernel.first_gap([(v.start, v.end) for v in vmas], block, block + pmd)
         except OSError:
-            vmas = []
-        gap = kernel.first_gap([(v.start, v.end) for v in vmas], block, block + pmd)
+            vmas, gap = [], None
         if gap is not None:
             return False, (f"block {block:#x} has a hole at {gap[0]:#x}-{gap[1]:#x}: that part was "
                            "unmapped by code outside thpguard, and a huge page cannot span a hole")
