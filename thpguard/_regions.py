@@ -7,8 +7,9 @@ closes once its copy mechanism is done), ``private`` bookkeeping, and the
 serialisation of forks from several threads. The copy itself is the
 region's :class:`~thpguard.backends.CopyMechanism`; the child checks its
 memory cgroup's room before a copy, and the parent waits for the copy a
-bounded time (:data:`~thpguard.backends.COPY_WAIT_SECONDS`). It also tells
-whether a region's range is still all the region's (:func:`outside_change`).
+bounded time (:data:`~thpguard.backends.COPY_WAIT_SECONDS`). It also
+unmaps a closed region only where its range is still all the region's
+(:func:`unmap_region`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import time
 import weakref
 from typing import List, Optional, Tuple
 
-from . import _fork, backends, kernel
-from .backends import mechanism_for
-from .events import counters
+from . import _fork, _native, backends, events, kernel
+from .backends import HugetlbCopy, become_thp, mechanism_for, pool_shortfall
 
 __all__ = ["regions"]
 
@@ -85,9 +85,102 @@ def _before_fork() -> None:
     fs.pending.pipe = None
     targets = [r for r in regions() if r.fork == "copy"]
     targets = [(r, mechanism_for(r)) for r in targets]
+    targets += _share_downgrades()
     if any(m.parent_waits(r) for r, m in targets):
         fs.pending.pipe = os.pipe()
     fs.pending.targets = targets
+
+
+def _share_downgrades() -> list:
+    """hugetlb ``share`` regions this fork must copy into the child instead.
+
+    After fork, a write to a shared hugetlb page by either side copies the
+    whole page, and that copy needs a free pool page (Linux 6.18, measured):
+    a child that finds none dies of SIGBUS, and a parent that finds none
+    takes the page away from its children (they die of SIGBUS on their next
+    access). So before
+    the fork the populated pages of the ``share`` regions (what the fork
+    may have to copy), plus the pages the child takes for its ``copy`` and
+    ``wipe`` hugetlb regions, are held against the pages the pool and the
+    hugetlb cgroup can still give; where they do not cover them, the child copies
+    those regions into THP pages of its own while the parent waits (as
+    ``copy`` does): then no page is shared and nobody needs a pool page.
+    """
+    by_size: dict = {}
+    child_pages: dict = {}  # pool pages the child takes for copy and wipe regions
+    for r in regions():
+        if r.backend != "hugetlb":
+            continue
+        if r.fork == "share":
+            by_size.setdefault(r.page_size, []).append(r)
+        elif r.fork in ("copy", "wipe"):
+            child_pages[r.page_size] = child_pages.get(r.page_size, 0) + r.size // r.page_size
+    out = []
+    for page_size, group in by_size.items():
+        populated = []
+        for r in group:
+            try:
+                populated.append((r, r._backend.populated_pages(r)))
+            except OSError as exc:  # unknown: assume every page may be copied
+                log.warning("region %#x: could not count its pages: %s", r.address, exc)
+                populated.append((r, r.size // page_size))
+        shared = sum(n for _, n in populated)
+        # Each child still sharing these pages may copy each of them once more.
+        sharers = _children_sharing([r.address for r in group]) if shared else 0
+        need = shared * (1 + sharers) + child_pages.get(page_size, 0)
+        why = pool_shortfall(page_size, need) if shared else None
+        for r, n in populated:
+            r.fork_downgraded = None
+            if why is None or not n:
+                continue
+            r.fork_downgraded = (
+                f"fork copied this share region into the child (THP): writes to the {shared} "
+                f"shared pages (by this child and {sharers} earlier one(s) still sharing them) "
+                f"and the child's copy and wipe regions could need {need} pool pages: {why}")
+            log.error("hugetlb share region %#x: %s", r.address, r.fork_downgraded)
+            events.counters().add(hugetlb_fork_downgrades=1)
+            out.append((r, HugetlbCopy(pool=False)))
+    return out
+
+
+def _children_sharing(addresses) -> int:
+    """How many live children of this process (forked by any thread) still
+    map one of the hugetlb ranges starting at ``addresses`` (their maps);
+    0 where the kernel does not list children (CONFIG_PROC_CHILDREN)."""
+    pids: set = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(f.read().split())
+        except OSError:
+            continue
+    starts, count = set(addresses), 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any("anon_hugepage" in line and int(line.split("-", 1)[0], 16) in starts
+                       for line in f):
+                    count += 1
+        except (OSError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+    return count
+
+
+def _wipe_in_child(region) -> None:
+    """Map a fresh zeroed range over a hugetlb ``wipe`` region's placeholder:
+    hugetlb pages where the pool has them, else THP."""
+    backend = region._backend
+    try:
+        _native.map_flags(region.address, region.size, backend.flags())
+        return
+    except OSError as exc:
+        why = f"no hugetlb pages for the wiped copy in this child ({exc})"
+    _native.map_flags(region.address, region.size, 0)
+    become_thp(region, why)
 
 
 def _after_fork_in_parent() -> None:
@@ -116,10 +209,20 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child(late: bool = False) -> None:
     fs = _fork_state()  # made for this child by the fork layer
+    exec_child = _fork.in_exec_child()  # exec replaces the process: no work for it
     for region in list(_live().regions):
         region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:
             region._unmapped_here = True
+        if region.fork == "wipe" and region.backend == "hugetlb" and not region._closed \
+                and not exec_child:
+            try:
+                _wipe_in_child(region)
+            except OSError as exc:
+                # The placeholder stays: any access fails loudly, never stale data.
+                log.error("wipe policy: region %#x has no mapping in pid %d: %s",
+                          region.address, os.getpid(), exc)
+                region._unmapped_here = True
     pipe = getattr(fs.pending, "pipe", None)
     targets = getattr(fs.pending, "targets", [])
     fs.pending.pipe, fs.pending.targets = None, []
@@ -129,7 +232,7 @@ def _after_fork_in_child(late: bool = False) -> None:
             # sharing, so neither side splits from now on.
             targets = [(r, mechanism_for(r)) for r in _live().regions
                        if r.fork == "copy" and not r.closed]
-        if _fork.in_exec_child():
+        if exec_child:
             return
         room = _cgroup_room() if targets else None
         for region, mechanism in targets:
@@ -140,7 +243,7 @@ def _after_fork_in_child(late: bool = False) -> None:
                 # The copy is charged to the cgroup: beyond its limit the kernel
                 # OOM-kills this child (or, OOM killer disabled, stops it and
                 # its waiting parent until the limit rises).
-                counters().add(copy_fallbacks=1)
+                events.counters().add(copy_fallbacks=1)
                 log.error("copy policy: region %#x stays shared in pid %d: memory cgroup %s has "
                           "%d bytes of room, the copy needs %d (+%d margin)", region.address,
                           os.getpid(), room[1], max(0, room[0]), charge,
@@ -166,7 +269,7 @@ def _wait_for_copy(read_end: int, limit: float) -> None:
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([read_end], [], [], left)[0]:
-            counters().add(copy_wait_timeouts=1)
+            events.counters().add(copy_wait_timeouts=1)
             log.error("copy policy: the child of pid %d has not finished copying after %.1f s; "
                       "not waiting longer (writes here may split blocks it still shares)",
                       os.getpid(), limit)
@@ -196,10 +299,32 @@ def _cgroup_room() -> Optional[Tuple[int, str]]:
 _abandoned: List[mmap.mmap] = []
 
 
-def abandon(mapping: mmap.mmap) -> None:
-    """Keep ``mapping`` mapped until the process ends."""
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(mapping))
-    _abandoned.append(mapping)
+def unmap_region(region) -> None:
+    """Unmap ``region``'s mapping (for close(), under its lock), unless part
+    of its range is no longer the region's: then keep every byte mapped, for
+    the life of the process (unmapping would take the other mapping with
+    it), and log one ERROR.
+
+    Raises :class:`BufferError` (and unmaps nothing) while a view still
+    exports the mapping.
+    """
+    change = None if region._unmapped_here else outside_change(region)
+    if change is not None:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(region._map))
+        _abandoned.append(region._map)
+        log.error("region %#x (%d bytes) is left mapped by close(): %s; unmapping it would "
+                  "unmap memory that is not the region's", region.address, region.size, change)
+        return
+    try:
+        region._map.close()
+    except BufferError:
+        # A child of a `private` region: views inherited from the parent are
+        # unusable here anyway; the mmap object unmaps the reservation once
+        # they are gone.
+        if not region._unmapped_here:
+            raise BufferError(
+                "cannot close the region: memoryviews or arrays made from region.view() still "
+                "use it; release them (del, or memoryview.release()) and close again") from None
 
 
 def outside_change(region) -> Optional[str]:

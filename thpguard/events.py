@@ -118,6 +118,7 @@ class Counters:
         self.repair_failures: Dict[str, int] = {}
         self.backoffs = 0
         self.forks_seen = 0
+        self.hugetlb_fork_downgrades = 0
         self.callback_errors = 0
         self.copy_fallbacks = 0  # copy regions a child kept shared (no cgroup room)
         self.copy_wait_timeouts = 0  # forks whose parent stopped waiting for the copy

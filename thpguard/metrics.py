@@ -162,6 +162,10 @@ class ThpguardCollector:
                       "cgroup had no room for the copy.", s.get("copy_fallbacks"))
         yield counter("copy_wait_timeouts", "Forks whose parent stopped waiting for the child's "
                       "copy.", s.get("copy_wait_timeouts"))
+        yield counter("hugetlb_fork_downgrades",
+                      "hugetlb share regions a fork copied into the child because the pool "
+                      "could not cover the copies a shared write would need.",
+                      s.get("hugetlb_fork_downgrades"))
         failures = CounterMetricFamily(
             f"{p}_repair_failures", "Block repairs that failed, by errno.", labels=["errno"]
         )
