@@ -128,7 +128,7 @@ def test_verify_small_sizes_are_certain(require_thp, size):
 @pytest.mark.parametrize("command", [["watch", "1", "--count", "1"], ["guard", "1", "--once"]])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e308", "1e400", "infinity"])
 def test_interval_must_be_finite(command, value, capsys):
-    """--interval inf, nan or beyond a day is a usage error naming the
+    """--interval inf, nan or beyond a year is a usage error naming the
     value, never an OverflowError."""
     code, out, err = _run(capsys, *command, f"--interval={value}")
     assert code == cli.EXIT_USAGE

@@ -193,10 +193,23 @@ def _signals_held(caller) -> Iterator[List[int]]:
             _deliver_after_return(caught, caller)
 
 
+def _run_all(callbacks, **kwargs) -> None:
+    # Ctrl-C inside one `before` hook must not skip the others (the region
+    # layer's fork lock, the guard's stop): every hook runs, then the first
+    # interruption goes on. The after-fork hooks hold the signals instead.
+    interrupted: Optional[BaseException] = None
+    for callback in callbacks:
+        if callback:
+            try:
+                _run(callback, **kwargs)
+            except BaseException as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
 def _before() -> None:
-    for _, before, _, _ in _ordered(reverse=False):
-        if before:
-            _run(before)
+    _run_all(before for _, before, _, _ in _ordered(reverse=False))
 
 
 def _after_in_parent() -> None:

@@ -107,7 +107,7 @@ def _pid(text: str) -> int:
     return int(text)
 
 
-_MAX_INTERVAL = 86400.0  # a day; time.sleep and select overflow on inf and huge values
+_MAX_SECONDS = 365 * 86400.0  # time.sleep() and select() overflow on inf or 1e308
 
 
 def _positive_float(text: str) -> float:
@@ -115,10 +115,16 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value <= _MAX_INTERVAL:  # also false for nan
+    if not 0 < value <= _MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"expected a number of seconds above 0 and at most {_MAX_INTERVAL:.0f}, got {text!r}")
+            f"expected a positive number of seconds (at most {_MAX_SECONDS:.0f}), got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of samples (0 or more), got {text!r}")
+    return int(text)
 
 
 # -- verify -------------------------------------------------------------
@@ -306,7 +312,7 @@ def _add_watch(sub) -> None:
                        epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     p.add_argument("pid", type=_pid, metavar="PID")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between samples")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
+    p.add_argument("--count", type=_count, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, one per line")
     p.set_defaults(func=_cmd_watch)
 
@@ -438,9 +444,13 @@ def _cmd_run(args) -> int:
     except ThpguardError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    except FileNotFoundError as exc:
-        _err(str(exc.strerror or exc))
-        return 127
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) not in what:
+            what = f"{exc.filename}: {what}"
+        _err(what)
+        # As shells do: 127 not found, 126 found but not runnable (no x bit, not a program).
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     return EXIT_OK  # not reached: run() execs or raises
 
 
@@ -461,6 +471,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "message": str(exc), "pid": getattr(args, "pid", None),
                         "timestamp_seconds": time.time()})
         return exc.exit_code
+    except ImportError:
+        try:
+            from . import _native  # noqa: F401,PLC0415 - the usual cause
+        except ImportError as exc:
+            _err(f"{args.command}: the native module is not built ({exc}); reinstall thpguard")
+            return EXIT_UNSUPPORTED
+        raise
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # past verify's progress line and the echoed ^C

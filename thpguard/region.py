@@ -201,11 +201,14 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
-        except BaseException:
+        except BaseException as exc:
+            full = kernel.map_count_error(exc)  # at vm.max_map_count: say so, not "EAGAIN"
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
             if forget is not None:
                 forget()  # else every later child reserves this stale range
+            if full is not None:
+                raise full from None
             raise
         live = _live()
         with live.lock:
@@ -397,8 +400,12 @@ class Region:
         with self._lock:
             if self._closed:
                 return
-            unmap_region(self)
-            self._closed = True
+            self._closed = True  # first: a fork meanwhile must not copy a range being unmapped
+            try:
+                unmap_region(self)
+            except BufferError:
+                self._closed = False
+                raise
         forget = getattr(self, "_forget_placeholder", None)
         if forget is not None:
             forget()
