@@ -23,13 +23,13 @@ class UnsafeDirectoryError(TextfileError):
     group or others without the sticky bit, or owned by another user)."""
 
 
-def _open_directory(directory: str, allow_unsafe_dir: bool) -> int:
+def _open_directory(path: str, directory: str, allow_unsafe_dir: bool) -> int:
     try:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         why = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a directory",
                errno.EACCES: "may not be opened by this user"}.get(exc.errno, exc.strerror)
-        raise TextfileError(exc.errno, f"cannot write metrics into {directory}: the directory "
+        raise TextfileError(exc.errno, f"cannot write metrics to {path}: the directory {directory} "
                                        f"{why}") from None
     st = os.fstat(dfd)
     others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
@@ -68,14 +68,14 @@ def write_textfile(path: str, text: str, *, allow_unsafe_dir: bool = False,
     name = os.path.basename(path)
     if not name:
         raise TextfileError(errno.EISDIR, f"cannot write metrics to {path!r}: it names a directory")
-    dfd = _open_directory(directory, allow_unsafe_dir)
+    dfd = _open_directory(path, directory, allow_unsafe_dir)
     tmp = f".thpguard-{secrets.token_hex(8)}.tmp"
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=dfd)
         except OSError as exc:
-            raise TextfileError(exc.errno, f"cannot write metrics into {directory}: {exc.strerror}") from None
+            raise TextfileError(exc.errno, f"cannot write metrics to {path}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "w") as f:
                 os.fchmod(f.fileno(), mode)
