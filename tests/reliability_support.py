@@ -319,3 +319,12 @@ class Workload:
         for i in range(N_WRITERS):
             msg = check_stripe(self.stripes[i], self.bases[i], self.done[i], self.done[i])
             assert not msg, f"parent stripe {i}: {msg}"
+
+
+def children(pid: int):
+    """PIDs of the children of ``pid`` (its main thread's), or [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []

@@ -60,12 +60,11 @@ def by_name(doc):
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """A fake tree selected through the environment, with a 6.18-like native layer."""
+    """A fake tree selected with kernel.set_test_roots, with a 6.18-like native layer."""
 
     def make(native=None, **kw):
         t = FakeTree(tmp_path, **kw)
-        monkeypatch.setenv("THPGUARD_SYSFS_ROOT", t.sys)
-        monkeypatch.setenv("THPGUARD_PROC_ROOT", t.proc)
+        monkeypatch.setattr(kernel._files, "_test_roots", t.roots)
         n = native or FakeNative()
         kernel.registry.set_native(n)
         return t
@@ -213,6 +212,8 @@ def test_fix_writes_advised_values(fake, capsys, monkeypatch):
     """As root, --fix writes each advised value, prints it, and the re-check passes."""
     t = fake(enabled="never", defrag="never")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # --fix refuses fake roots (it writes only the real /sys): let it write this tree.
+    monkeypatch.setattr(kernel.Roots, "is_real", property(lambda self: True))
     code, out, _ = run(capsys, "verify", "--fix", "--skip-selftest")
     assert f"fix: wrote madvise to {t.thp}/enabled (was never)" in out
     assert f"fix: wrote madvise to {t.thp}/defrag (was never)" in out

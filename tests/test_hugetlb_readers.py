@@ -126,8 +126,7 @@ def test_shortfall_names_the_pool_command_or_the_cgroup(tmp_path, monkeypatch):
     tree = FakeTree(tmp_path)
     _pool(tree, MB2, 10, 10, 0, 0, 0)
     _cgroup_v2(tree, {"app/worker": (4 << 20, 0)})
-    monkeypatch.setenv("THPGUARD_SYSFS_ROOT", tree.sys)
-    monkeypatch.setenv("THPGUARD_PROC_ROOT", tree.proc)
+    monkeypatch.setattr(kernel._files, "_test_roots", tree.roots)
     assert pool_shortfall(MB2, 2) is None
     msg = pool_shortfall(MB2, 3)
     assert "hugetlb cgroup" in msg and "raise its limit" in msg

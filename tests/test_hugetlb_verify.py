@@ -19,8 +19,7 @@ MB2, GB1 = 2 << 20, 1 << 30
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     t = FakeTree(tmp_path)
-    monkeypatch.setenv("THPGUARD_SYSFS_ROOT", t.sys)
-    monkeypatch.setenv("THPGUARD_PROC_ROOT", t.proc)
+    monkeypatch.setattr(kernel._files, "_test_roots", t.roots)
     kernel.registry.set_native(FakeNative())
     yield t
     kernel.registry.reset()
@@ -65,6 +64,8 @@ def test_pool_counts_per_node_in_the_detail(fake, capsys):
 def test_fix_never_grows_a_pool_unless_asked(fake, capsys, monkeypatch):
     """verify --fix grows a pool only when --hugetlb-pool asks, by what is missing."""
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # --fix refuses fake roots (it writes only the real /sys): let it write this tree.
+    monkeypatch.setattr(kernel.Roots, "is_real", property(lambda self: True))
     _pool(fake, MB2, 1, 1, 0, 0, 0)
     verify(capsys, "--fix")
     assert nr(fake, MB2) == 1

@@ -111,11 +111,11 @@ def test_khugepaged_missing_and_garbage(tmp_path):
     assert set(k) == set(kernel.KHUGEPAGED_FIELDS)
 
 
-def test_roots_from_env(tmp_path, monkeypatch):
-    """THPGUARD_SYSFS_ROOT / THPGUARD_PROC_ROOT redirect every reader."""
+def test_set_test_roots(tmp_path, monkeypatch):
+    """kernel.set_test_roots redirects every reader (the explicit test seam)."""
     t = FakeTree(tmp_path, enabled="always")
-    monkeypatch.setenv("THPGUARD_SYSFS_ROOT", t.sys)
-    monkeypatch.setenv("THPGUARD_PROC_ROOT", t.proc)
+    monkeypatch.setattr(kernel._files, "_test_roots", None)
+    kernel.set_test_roots(t.roots)
     assert kernel.thp_mode("enabled") == "always"
     assert kernel.kernel_release() == "6.18.0-fake"
     assert not kernel.Roots.from_env().is_real

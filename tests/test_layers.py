@@ -13,7 +13,7 @@ LAYERS = [
     {"blocks", "pagemap", "events", "repair"},
     {"backends", "_regions", "_copy", "region"},
     {"_guardstate", "guard", "hot", "stats"},
-    {"metrics", "launch", "numpy"},
+    {"metrics", "_textfile", "launch", "numpy"},
     {"_procmap", "_checks", "_hugechecks", "_selftest", "_cliguard", "_cliverify", "cli", "__main__",
      "agent", "_agentscan", "_agentconfig", "_agentops", "_agentmetrics", "_cliagent"},
 ]

@@ -28,7 +28,7 @@ from .cli import (
 
 def _guard_preflight(pid: int) -> int:
     """Check privileges before touching anything; return a pidfd."""
-    from . import _native  # noqa: PLC0415
+    from . import _native, _procmap  # noqa: PLC0415
 
     roots = kernel.Roots.from_env()
     if not os.path.exists(os.path.join(roots.proc, str(pid))):
@@ -46,9 +46,8 @@ def _guard_preflight(pid: int) -> int:
             raise AccessError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
                              f"CAP_SYS_PTRACE): opening /proc/{pid}/pagemap failed with "
                              f"{errno.errorcode[exc.errno]}") from None
-        if exc.errno == errno.ESRCH and os.path.exists(os.path.join(roots.proc, str(pid))):
-            raise AccessError(f"PID {pid} has no user memory (a kernel thread, or a zombie): "
-                              "nothing to guard") from None
+        if exc.errno in (errno.ESRCH, errno.ENOENT):
+            raise AccessError(_procmap.why_no_memory(pid, roots)) from None
         raise AccessError(f"PID {pid}: {exc.strerror}") from None
     try:
         return _native.pidfd_open(pid)

@@ -59,8 +59,12 @@ def _apply_fixes(checks: List[Check], quiet: bool, roots: Optional[kernel.Roots]
                 applied.append(entry)
                 continue
         try:
-            with open(path, "w") as f:
-                f.write(value + "\n")
+            # sysfs attributes are never symlinks: refuse to follow one.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.write(fd, (value + "\n").encode())
+            finally:
+                os.close(fd)
         except OSError as exc:
             entry["error"] = exc.strerror or str(exc)
             _err(f"--fix: could not write {value!r} to {path}: {entry['error']}")
@@ -120,6 +124,9 @@ def cmd_verify(args) -> int:
     if args.fix and os.geteuid() != 0:
         raise AccessError("verify --fix writes to /sys and must run as root; it changed nothing. "
                          "Run it as root, or apply the advice by hand.")
+    if args.fix and not roots.is_real:
+        raise UsageError(f"verify --fix writes only to the real /sys, and fake roots are set "
+                         f"({roots.sys}, {roots.proc}); it changed nothing")
     if args.pid is not None and not os.path.exists(os.path.join(roots.proc, str(args.pid))):
         raise AccessError(f"no process with PID {args.pid}")
     started = time.perf_counter()

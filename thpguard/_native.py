@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import logging
 import os
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -419,6 +420,26 @@ def _faults_from_environment(spec: str) -> None:
 _DECIMAL = re.compile(r"[0-9]+")
 
 
-if os.environ.get("THPGUARD_FAULTS"):
-    _faults_from_environment(os.environ["THPGUARD_FAULTS"])
+def _arm_faults_from_environment() -> None:
+    """Arm ``THPGUARD_FAULTS`` at import; never raises.
+
+    Ignored in a process whose real and effective ids differ (a setuid or
+    setgid program: the environment belongs to whoever started it); a
+    malformed value is logged once and arms nothing.
+    """
+    spec = os.environ.get("THPGUARD_FAULTS")
+    if not spec:
+        return
+    log = logging.getLogger("thpguard")
+    if os.getuid() != os.geteuid() or os.getgid() != os.getegid():
+        log.warning("THPGUARD_FAULTS is ignored in a setuid/setgid process")
+        return
+    try:
+        _faults_from_environment(spec)
+    except InvalidArgumentError as exc:
+        fault_clear()
+        log.warning("%s; no faults armed", exc)
+
+
+_arm_faults_from_environment()
 

@@ -50,7 +50,44 @@ def cgroup_of(pid, roots: Optional[kernel.Roots] = None) -> Optional[str]:
 
 
 class ProcessGone(Exception):
-    """The process exited (or never existed)."""
+    """The process exited (or never existed), or has no user memory.
+
+    ``reason`` is a sentence for the user ("PID 7 is a zombie: ..."); it
+    names a zombie or a kernel thread when that is why.
+    """
+
+    def __init__(self, pid, reason: Optional[str] = None) -> None:
+        super().__init__(pid)
+        self.pid = pid
+        self.reason = reason or f"no process with PID {pid}"
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+# PF_KTHREAD, the 9th field of /proc/PID/stat (include/linux/sched.h); the
+# status line "Kthread:" is only in newer kernels.
+_PF_KTHREAD = 0x00200000
+
+
+def why_no_memory(pid, roots: Optional[kernel.Roots] = None) -> str:
+    """Why ``pid`` has no memory map to read: a sentence naming a zombie or
+    a kernel thread, else that the process does not exist (any more)."""
+    base = os.path.join((roots or kernel.Roots.from_env()).proc, str(pid))
+    try:
+        with open(os.path.join(base, "stat"), "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+        name, _, rest = text.partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        state, flags = fields[0], int(fields[6])
+    except (OSError, ValueError, IndexError):
+        return f"no process with PID {pid} (it exited)"
+    if flags & _PF_KTHREAD:
+        return (f"PID {pid} ({name}) is a kernel thread: it has no user memory to show or repair")
+    if state in ("Z", "X", "x"):
+        return (f"PID {pid} ({name}) has exited (a zombie its parent has not reaped): it has no "
+                "memory any more")
+    return f"PID {pid} ({name}) has no memory map (it is exiting)"
 
 
 @dataclasses.dataclass
@@ -160,13 +197,14 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
         vmas = kernel.read_smaps(pid, roots)
         name = kernel.read_status(pid, roots).name
     except (FileNotFoundError, ProcessLookupError):
-        raise ProcessGone(pid) from None
+        raise ProcessGone(pid, why_no_memory(pid, roots)) from None
     except OSError as exc:
         if exc.errno == errno.ESRCH:
-            raise ProcessGone(pid) from None
+            raise ProcessGone(pid, why_no_memory(pid, roots)) from None
         raise _error(exc, pid, "the memory map") from None
-    if not vmas and not os.path.exists(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid))):
-        raise ProcessGone(pid)
+    if not vmas:
+        # Zombies and kernel threads have no mm: an empty smaps, ESRCH on pagemap.
+        raise ProcessGone(pid, why_no_memory(pid, roots))
     fd = -1
     source = SOURCE_SMAPS
     if use_scan:
@@ -175,8 +213,7 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
                          os.O_RDONLY | os.O_CLOEXEC)
             source = SOURCE_PAGEMAP_SCAN
         except (FileNotFoundError, ProcessLookupError):
-            # ESRCH here: a zombie or a kernel thread, which has no memory map.
-            raise ProcessGone(pid) from None
+            raise ProcessGone(pid, why_no_memory(pid, roots)) from None
         except OSError as exc:
             raise _error(exc, pid, "the page map") from None
     out: List[VmaCoverage] = []
@@ -198,7 +235,7 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
                         for c in out:
                             c.blocks = None
                     elif exc.errno == errno.ESRCH:
-                        raise ProcessGone(pid) from None
+                        raise ProcessGone(pid, why_no_memory(pid, roots)) from None
                     elif exc.errno not in (errno.EINVAL, errno.EFAULT):
                         raise _error(exc, pid, "the page map") from None
             out.append(cov)

@@ -5,16 +5,26 @@ Below :mod:`thpguard.region`: it keeps the per-process set of open regions
 layer: the ``copy`` hand-shake (a pipe made before fork that the child
 closes once its copy mechanism is done), ``private`` bookkeeping, and the
 serialisation of forks from several threads. The copy itself is the
-region's :class:`~thpguard.backends.CopyMechanism`.
+region's :class:`~thpguard.backends.CopyMechanism`; the child checks its
+memory cgroup's room before a copy, and the parent waits for the copy a
+bounded time (:data:`~thpguard.backends.COPY_WAIT_SECONDS`). It also
+unmaps a closed region only where its range is still all the region's
+(:func:`unmap_region`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
+import select
 import threading
+import time
 import weakref
-from . import _fork, _native, events
+from typing import List, Optional, Tuple
+
+from . import _fork, _native, backends, events, kernel
 from .backends import HugetlbCopy, become_thp, mechanism_for, pool_shortfall
 
 __all__ = ["regions"]
@@ -207,6 +217,8 @@ def _wipe_in_child(region) -> None:
 def _after_fork_in_parent() -> None:
     fs = _fork_state()
     pipe = getattr(fs.pending, "pipe", None)
+    limit = backends.copy_wait_limit([r for r, m in getattr(fs.pending, "targets", [])
+                                      if m.parent_waits(r)])
     fs.pending.pipe, fs.pending.targets = None, []  # hold no region alive
     try:
         if pipe is None:
@@ -215,9 +227,10 @@ def _after_fork_in_parent() -> None:
         os.close(write_end)
         try:
             # Until the child has copied, a write here would split the pages
-            # it still shares (the `copy` race, docs/kernel-facts.rst); EOF if it dies.
-            while os.read(read_end, 64):
-                pass
+            # it still shares (the `copy` race, docs/kernel-facts.rst); EOF if it
+            # dies. A child that never finishes (stopped, or stuck in a memory
+            # cgroup without an OOM killer) must not hold fork() forever.
+            _wait_for_copy(read_end, limit)
         finally:
             os.close(read_end)
     finally:
@@ -252,9 +265,23 @@ def _after_fork_in_child(late: bool = False) -> None:
                        if r.fork == "copy" and not r.closed]
         if exec_child:
             return
+        room = _cgroup_room() if targets else None
         for region, mechanism in targets:
             if region.closed:
                 continue
+            charge = mechanism.charge(region)
+            if room is not None and charge and charge + backends.COPY_HEADROOM_MARGIN > room[0]:
+                # The copy is charged to the cgroup: beyond its limit the kernel
+                # OOM-kills this child (or, OOM killer disabled, stops it and
+                # its waiting parent until the limit rises).
+                events.counters().add(copy_fallbacks=1)
+                log.error("copy policy: region %#x stays shared in pid %d: memory cgroup %s has "
+                          "%d bytes of room, the copy needs %d (+%d margin)", region.address,
+                          os.getpid(), room[1], max(0, room[0]), charge,
+                          backends.COPY_HEADROOM_MARGIN)
+                continue
+            if room is not None:
+                room = (room[0] - charge, room[1])
             try:
                 mechanism.in_child(region)
             except OSError as exc:
@@ -265,6 +292,102 @@ def _after_fork_in_child(late: bool = False) -> None:
         if pipe is not None:
             os.close(pipe[0])
             os.close(pipe[1])
+
+
+def _wait_for_copy(read_end: int, limit: float) -> None:
+    """Read the hand-shake pipe to EOF, for ``limit`` seconds at most."""
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            events.counters().add(copy_wait_timeouts=1)
+            log.error("copy policy: the child of pid %d has not finished copying after %.1f s; "
+                      "not waiting longer (writes here may split blocks it still shares)",
+                      os.getpid(), limit)
+            return
+        if not os.read(read_end, 64):
+            return
+
+
+def _cgroup_room() -> Optional[Tuple[int, str]]:
+    """(bytes this process's memory cgroup can still charge, its path), or
+    None without a limit."""
+    try:
+        cg = kernel.memory_cgroup()
+    except OSError:
+        return None
+    room = cg.room_bytes if cg is not None else None
+    return None if room is None else (room, cg.path)
+
+
+# -- ranges changed by outside code ----------------------------------------------
+
+# Mappings close() must not unmap (part of their range is not the region's
+# any more). Their mmap objects would unmap the whole range when freed, even
+# at interpreter exit (module globals are cleared then, and memory the
+# interpreter mapped into the hole meanwhile would go): one extra reference
+# that nothing releases keeps them alive until the process ends.
+_abandoned: List[mmap.mmap] = []
+
+
+def unmap_region(region) -> None:
+    """Unmap ``region``'s mapping (for close(), under its lock), unless part
+    of its range is no longer the region's: then keep every byte mapped, for
+    the life of the process (unmapping would take the other mapping with
+    it), and log one ERROR.
+
+    Raises :class:`BufferError` (and unmaps nothing) while a view still
+    exports the mapping.
+    """
+    change = None if region._unmapped_here else outside_change(region)
+    if change is not None:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(region._map))
+        _abandoned.append(region._map)
+        log.error("region %#x (%d bytes) is left mapped by close(): %s; unmapping it would "
+                  "unmap memory that is not the region's", region.address, region.size, change)
+        return
+    try:
+        region._map.close()
+    except BufferError:
+        # A child of a `private` region: views inherited from the parent are
+        # unusable here anyway; the mmap object unmaps the reservation once
+        # they are gone.
+        if not region._unmapped_here:
+            raise BufferError(
+                "cannot close the region: memoryviews or arrays made from region.view() still "
+                "use it; release them (del, or memoryview.release()) and close again") from None
+
+
+def outside_change(region) -> Optional[str]:
+    """None while the region's mapping is as thpguard made it, as far as
+    ``/proc/self/maps`` and smaps VmFlags tell; else a sentence naming the
+    hole or the mapping that is not the region's.
+
+    Splits by ``mprotect``/``mlock`` keep the range the region's. Not
+    seen: a mapping placed over the one-page slack around the range.
+    """
+    base = region.address - region._offset
+    end = base + len(region._map)
+    lo, hi = region.address, region.address + region.size
+    vmas = kernel.mapped_ranges(base, end, roots=kernel.Roots())  # this process, never a fake tree
+    gap = kernel.first_gap(vmas, base, end)
+    if gap is not None:
+        return f"{gap[0]:#x}-{gap[1]:#x} was unmapped by code outside thpguard"
+    if (lo, hi) in vmas:
+        return None  # the region's VMA, untouched
+    try:
+        smaps = kernel.read_smaps("self", kernel.Roots())
+    except OSError:
+        return None
+    for vma in smaps:
+        if vma.start >= hi or vma.end <= lo:
+            continue
+        if vma.start < lo or vma.end > hi:
+            return f"{vma.start:#x}-{vma.end:#x} crosses the region's edge (not the region's)"
+        if region._advised and not {"hg", "nh"} & set(vma.vm_flags):
+            return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
+                    "mapped there after outside code unmapped part of the region")
+    return None
 
 
 _fork.subscribe(

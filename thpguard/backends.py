@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ThpBackend", "HugetlbBackend", "HugetlbCopy", "pool_shortfall", "CopyMechanism",
            "KernelCopy", "copy_mechanisms", "register_copy_mechanism", "mechanism_for", "BACKENDS",
-           "register_backend"]
+           "register_backend", "COPY_WAIT_SECONDS", "COPY_HEADROOM_MARGIN", "copy_wait_limit"]
 
 _PAGE = mmap.PAGESIZE
 FALLBACK_PMD = 2 << 20
@@ -63,6 +63,11 @@ class CopyMechanism:
     def parent_waits(self, region: "Region") -> bool:
         return True
 
+    def charge(self, region: "Region") -> int:
+        """Bytes ``in_child`` charges to the child's memory cgroup at once.
+        The child checks the cgroup's room first (:data:`COPY_HEADROOM_MARGIN`)."""
+        return region.size
+
     def in_child(self, region: "Region") -> None:
         """Copy the region into fresh huge pages moved over the old range."""
         with region._lock:
@@ -81,6 +86,9 @@ class KernelCopy(CopyMechanism):
 
     def parent_waits(self, region: "Region") -> bool:
         return False
+
+    def charge(self, region: "Region") -> int:
+        return 0  # copied on write, block by block, as without thpguard
 
     def in_child(self, region: "Region") -> None:
         pass
@@ -104,6 +112,21 @@ class UserfaultCopy(CopyMechanism):
 
 
 _copy_mechanisms: List[CopyMechanism] = [KernelCopy(), UserfaultCopy(), CopyMechanism()]
+
+#: Seconds the parent of a ``copy`` fork waits at most for the child's
+#: copy; None: 10 s plus 1 s per 64 MiB to copy. After that the parent goes
+#: on (writes there may split blocks the child still shares) and logs an ERROR.
+COPY_WAIT_SECONDS: Optional[float] = None
+#: Bytes a child's memory cgroup must have free beyond the copy itself;
+#: without that room the region stays shared in the child, with an ERROR.
+COPY_HEADROOM_MARGIN = 16 << 20
+
+
+def copy_wait_limit(waited_for: List["Region"]) -> float:
+    """Seconds a parent waits for its child to copy ``waited_for``."""
+    if COPY_WAIT_SECONDS is not None:
+        return COPY_WAIT_SECONDS
+    return 10.0 + sum(r.size for r in waited_for) / (64 << 20)
 
 
 def copy_mechanisms() -> List[CopyMechanism]:
@@ -423,6 +446,11 @@ class HugetlbCopy(CopyMechanism):
 
     def applies(self, region: "Region") -> bool:
         return region.backend == "hugetlb"
+
+    def charge(self, region: "Region") -> int:
+        # Never skipped for want of memory cgroup room: a hugetlb page left
+        # shared needs a pool page on the next write (SIGBUS without one).
+        return 0
 
     def in_child(self, region: "Region") -> None:
         with region._lock:

@@ -184,6 +184,9 @@ def _add_status(sub) -> None:
                    help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
     p.add_argument("--prometheus-per-pid", action="store_true",
                    help="label the metrics with pid and VMA address too (new series at every restart)")
+    p.add_argument("--allow-unsafe-dir", action="store_true",
+                   help="with --prometheus-file: write even into a directory other users may "
+                        "change (writable without the sticky bit)")
     p.add_argument("--agent-state", metavar="PATH", default="/run/thpguard/agent.json", help="add the "
                    "node agent's per-process rows from its state file (default: %(default)s, if it exists)")
     p.set_defaults(func=_cmd_status)
@@ -194,8 +197,8 @@ def _scan_or_error(pid: int, errors: list):
 
     try:
         return _procmap.scan_process(pid)
-    except _procmap.ProcessGone:
-        errors.append({"pid": pid, "errno": "ESRCH", "message": f"no process with PID {pid}"})
+    except _procmap.ProcessGone as exc:
+        errors.append({"pid": pid, "errno": "ESRCH", "message": str(exc)})
     except PermissionError as exc:
         errors.append({"pid": pid, "errno": errno.errorcode.get(exc.errno, "EACCES"), "message": exc.strerror})
     except OSError as exc:
@@ -271,10 +274,10 @@ def _cmd_status(args) -> int:
         text = metrics.textfile(found, per_pid=args.prometheus_per_pid)
         if args.prometheus_file:
             try:
-                metrics.write_textfile(args.prometheus_file, text)
-            except OSError as exc:
-                raise UsageError(f"cannot write metrics to {args.prometheus_file}: "
-                                 f"{exc.strerror or exc}") from None
+                metrics.write_textfile(args.prometheus_file, text,
+                                       allow_unsafe_dir=args.allow_unsafe_dir)
+            except metrics.TextfileError as exc:
+                raise UsageError(str(exc.strerror or exc)) from None
         else:
             sys.stdout.write(text)
     elif args.json:
@@ -328,12 +331,9 @@ def _cmd_watch(args) -> int:
         while True:
             try:
                 pc = _procmap.scan_process(args.pid)
-            except _procmap.ProcessGone:
+            except _procmap.ProcessGone as exc:
                 if samples == 0:
-                    if os.path.exists(f"/proc/{args.pid}"):
-                        raise AccessError(f"PID {args.pid} has no memory to watch (a kernel thread, "
-                                          "or a zombie)") from None
-                    raise AccessError(f"no process with PID {args.pid}") from None
+                    raise AccessError(str(exc)) from None
                 if args.json:
                     _emit_json({"command": "watch", "event": "exit", "pid": args.pid, "samples": samples,
                                 "timestamp_seconds": time.time()})

@@ -120,6 +120,8 @@ class Counters:
         self.forks_seen = 0
         self.hugetlb_fork_downgrades = 0
         self.callback_errors = 0
+        self.copy_fallbacks = 0  # copy regions a child kept shared (no cgroup room)
+        self.copy_wait_timeouts = 0  # forks whose parent stopped waiting for the copy
 
     def add(self, **amounts) -> None:
         with self.lock:

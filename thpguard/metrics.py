@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import math
 import os
-import tempfile
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -30,6 +29,8 @@ from thpguard.errors import InvalidArgumentError, InvalidTypeError
 from thpguard import _fork, events
 from thpguard.events import REPAIRED, Event
 from thpguard.stats import stats as _stats
+# The textfile writer lives apart (file safety, not metrics): re-exported here.
+from thpguard._textfile import TextfileError, UnsafeDirectoryError, write_textfile
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -38,6 +39,8 @@ __all__ = [
     "register",
     "textfile",
     "write_textfile",
+    "TextfileError",
+    "UnsafeDirectoryError",
 ]
 
 #: Upper bounds (seconds) of the repair latency histogram. The guard
@@ -155,6 +158,10 @@ class ThpguardCollector:
         yield counter("repair_seconds", "Seconds spent in MADV_COLLAPSE.",
                       s.get("repair_seconds"))
         yield counter("forks", "fork() calls made by this process.", s.get("forks_seen"))
+        yield counter("copy_fallbacks", "copy-policy regions kept shared after fork: the memory "
+                      "cgroup had no room for the copy.", s.get("copy_fallbacks"))
+        yield counter("copy_wait_timeouts", "Forks whose parent stopped waiting for the child's "
+                      "copy.", s.get("copy_wait_timeouts"))
         yield counter("hugetlb_fork_downgrades",
                       "hugetlb share regions a fork copied into the child because the pool "
                       "could not cover the copies a shared write would need.",
@@ -430,24 +437,3 @@ def textfile(
             number = str(int(value)) if name != "process_coverage_ratio" else repr(float(value))
             lines.append(f"{prefix}_{name}{{{text}}} {number}")
     return "\n".join(lines) + "\n" if lines else ""
-
-
-def write_textfile(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then rename).
-
-    node_exporter's textfile collector reads ``*.prom`` files in its
-    directory; a rename never exposes a half-written file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".thpguard-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -47,10 +47,9 @@ from .backends import (
     ThpBackend,
     _direct_cow_mode,
     copy_mechanisms,
-    mechanism_for,
     register_copy_mechanism,
 )
-from ._regions import _live, regions
+from ._regions import _live, regions, unmap_region
 from .repair import RepairState
 
 __all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
@@ -197,6 +196,7 @@ class Region:
                 raise HugePagesUnavailableError(reason)
 
         self._map, self.address = self._backend.map(self.size, self.pmd_size)
+        self._advised = False  # MADV_HUGEPAGE taken: smaps shows hg on its VMAs
         try:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
@@ -230,6 +230,7 @@ class Region:
             log.debug("no marker page for region %#x: %s", addr, exc)
         try:
             _native.madvise(addr, size, _native.MADV_HUGEPAGE)
+            self._advised = True
         except OSError as exc:
             # EINVAL: a kernel built without CONFIG_TRANSPARENT_HUGEPAGE.
             if exc.errno != errno.EINVAL or strict:
@@ -391,27 +392,23 @@ class Region:
         Raises :class:`BufferError` (and unmaps nothing) while a view or an
         array made from one is still alive. In a child where a ``private``
         region was never mapped it only releases the reservation.
+
+        Never unmaps what is not the region's: when code outside thpguard
+        unmapped part of the range (another mapping may sit in the hole
+        now), the region is closed but its range stays mapped for the life
+        of the process, and one ERROR on the ``thpguard`` logger says why.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed, registered = True, _copy.release(self)  # before unmapping (forks, handler)
             try:
-                self._map.close()
+                unmap_region(self)
             except BufferError:
-                _copy.rearm(self) if registered and not self._unmapped_here else None
-                if self._unmapped_here:
-                    # A child of a `private` region: views inherited from
-                    # the parent are unusable here anyway; the mmap object
-                    # unmaps the reservation once they are gone.
-                    pass
-                else:
-                    self._closed = False
-                    raise BufferError(
-                        "cannot close the region: memoryviews or arrays made from "
-                        "region.view() still use it; release them (del, or "
-                        "memoryview.release()) and close again"
-                    ) from None
+                if registered and not self._unmapped_here:
+                    _copy.rearm(self)
+                self._closed = False
+                raise
         forget = getattr(self, "_forget_placeholder", None)
         if forget is not None:
             forget()

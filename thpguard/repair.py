@@ -7,8 +7,10 @@ and ``thpguard guard PID``. It plans from a :class:`~thpguard.Coverage`
 ``process_madvise``), backs off on ENOMEM, EBUSY or persistent EAGAIN, and
 diagnoses EINVAL: the decision is scoped to the block and to a time, and
 names the real cause (a mapping split by ``mprotect``/``mlock``,
-``MADV_NOHUGEPAGE``, ``prctl(PR_SET_THP_DISABLE)``). It keeps the counters
-and emits the :class:`~thpguard.events.Event` stream; it holds no module
+``MADV_NOHUGEPAGE``, ``prctl(PR_SET_THP_DISABLE)``). ENOMEM from a block
+with a hole in it (part of the range unmapped by outside code answers
+ENOMEM on every try) is scoped the same way, instead of backing off
+forever. It keeps the counters and emits the :class:`~thpguard.events.Event` stream; it holds no module
 state (each repaired range has its ``RepairState``).
 """
 
@@ -293,14 +295,19 @@ class RepairEngine:
     # -- EINVAL ---------------------------------------------------------------------
 
     def diagnose(self, block: int, pmd: int, address: int, size: int) -> Tuple[bool, str]:
-        """Why MADV_COLLAPSE answers EINVAL on ``block``: (whole range?, reason)."""
+        """Why MADV_COLLAPSE answers EINVAL (or ENOMEM, for a hole) on
+        ``block``: (whole range?, reason)."""
         if self.target.thp_disabled():
             return True, ("THP is disabled for this process by prctl(PR_SET_THP_DISABLE); "
                           "clear it, or set it with PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18)")
         try:
             vmas = [v for v in self.target.mappings() if v.start < block + pmd and v.end > block]
+            gap = kernel.first_gap([(v.start, v.end) for v in vmas], block, block + pmd)
         except OSError:
-            vmas = []
+            vmas, gap = [], None
+        if gap is not None:
+            return False, (f"block {block:#x} has a hole at {gap[0]:#x}-{gap[1]:#x}: that part was "
+                           "unmapped by code outside thpguard, and a huge page cannot span a hole")
         if len(vmas) > 1:
             parts = ", ".join(
                 f"{v.start:#x}-{v.end:#x} {v.perms}{' mlocked' if 'lo' in v.vm_flags else ''}"
@@ -313,8 +320,6 @@ class RepairEngine:
             what = "the region" if whole else f"block {block:#x}"
             return whole, (f"{what} is marked MADV_NOHUGEPAGE; madvise(MADV_HUGEPAGE) "
                            "it again, then use it in hot() to resume repairs")
-        if not vmas:
-            return False, f"block {block:#x} is not mapped any more"
         return False, (f"MADV_COLLAPSE answers EINVAL for block {block:#x} "
                        "(no known cause: THP not allowed there)")
 
@@ -357,6 +362,7 @@ class RepairEngine:
         latencies: List[float] = []
         fatal: Optional[int] = None
         einval: List[int] = []
+        enomem: List[int] = []
         smaps_ok = smaps_einval = 0
         for start, length, errs, spent in results:
             done.submitted += length
@@ -381,16 +387,31 @@ class RepairEngine:
                     einval.append(block)
                 else:
                     done.failures[errname(err)] = done.failures.get(errname(err), 0) + 1
-                    if err != _errno.EAGAIN:
+                    if err == _errno.ENOMEM:
+                        enomem.append(block)
+                    elif err != _errno.EAGAIN:
                         fatal = err
         if smaps and done.calls:
             einval = self._smaps_account(st, cov, address, size, done, latencies,
                                          smaps_ok, smaps_einval)
         self._account(address, pmd, done, latencies, einval)
-        if einval:
-            self._refused(st, einval, pmd, address, size, now, policy.recheck, whole=smaps)
+        holes = self._holes(enomem, pmd)
+        if len(holes) < len(enomem):
+            fatal = fatal or _errno.ENOMEM  # short of memory: back off
+        if einval or holes:
+            self._refused(st, einval + holes, pmd, address, size, now, policy.recheck, whole=smaps)
         self._backoff(st, address, policy, fatal, done)
         return done
+
+    def _holes(self, blocks: List[int], pmd: int) -> List[int]:
+        """The ENOMEM ``blocks`` that a hole in the mappings explains."""
+        if not blocks:
+            return []
+        try:
+            spans = [(v.start, v.end) for v in self.target.mappings()]
+        except OSError:
+            return []
+        return [b for b in blocks if kernel.first_gap(spans, b, b + pmd) is not None]
 
     def _smaps_account(self, st, cov, address, size, done, latencies, ok, einval) -> List[int]:
         # MADV_COLLAPSE also answers 0 for a block that was huge already:

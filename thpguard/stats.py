@@ -40,7 +40,11 @@ class Stats(dict):
     ``hugetlb_fork_downgrades`` hugetlb ``share`` regions a fork copied into
     the child because the pool could not cover the copies a shared write
     would need (see ``Region.fork_downgraded``);
-    ``callback_errors`` exceptions raised by the ``on_event`` callback.
+    ``callback_errors`` exceptions raised by the ``on_event`` callback;
+    ``copy_fallbacks`` ``copy`` regions this process kept shared after fork
+    because its memory cgroup had no room for the copy (counted in the
+    child), ``copy_wait_timeouts`` forks whose parent stopped waiting for
+    the child's copy.
     """
 
     def __getattr__(self, name: str):
@@ -104,6 +108,8 @@ def stats() -> Stats:
             forks_seen=c.forks_seen,
             hugetlb_fork_downgrades=c.hugetlb_fork_downgrades,
             callback_errors=c.callback_errors,
+            copy_fallbacks=c.copy_fallbacks,
+            copy_wait_timeouts=c.copy_wait_timeouts,
         )
 
 

@@ -1,8 +1,9 @@
 """What this kernel offers, read from sysfs and /proc.
 
 Everything here parses text, in Python, so that tests can point it at fake
-trees: pass ``Roots(sys=..., proc=...)`` explicitly, or set the environment
-variables ``THPGUARD_SYSFS_ROOT`` and ``THPGUARD_PROC_ROOT``.
+trees: pass ``Roots(sys=..., proc=...)`` explicitly, or call
+:func:`set_test_roots`. Nothing in the environment redirects these paths: an
+installed program always reads the real ``/sys`` and ``/proc``.
 
 Parsers never raise on a kernel whose files look different from the ones
 they were written against: a missing file or field reads as ``None`` and is
@@ -27,7 +28,9 @@ One module per concern:
 
 from __future__ import annotations
 
-from ._files import THP_DIR, Roots, _bracketed, reset_warnings
+from typing import Optional
+
+from ._files import THP_DIR, Roots, _bracketed, _set_test_roots, reset_warnings
 from .cgroup import MemoryCgroup, memory_cgroup
 from .features import (
     PR_THP_DISABLE_EXCEPT_ADVISED,
@@ -58,9 +61,11 @@ from .procfs import (
     BuddyZone,
     ProcStatus,
     Vma,
+    first_gap,
     free_huge_bytes,
     map_count_error,
     map_count_hint,
+    mapped_ranges,
     read_buddyinfo,
     read_smaps,
     read_status,
@@ -78,6 +83,7 @@ from .sysfs import (
 
 __all__ = [
     "Roots",
+    "set_test_roots",
     "Feature",
     "Capabilities",
     "CapabilityRegistry",
@@ -96,6 +102,8 @@ __all__ = [
     "direct_cow_interface",
     "kernel_release",
     "read_smaps",
+    "mapped_ranges",
+    "first_gap",
     "read_vmstat",
     "read_status",
     "read_buddyinfo",
@@ -122,3 +130,15 @@ __all__ = [
     "hugetlb_pools",
     "hugetlb_sizes",
 ]
+
+
+def set_test_roots(roots: Optional[Roots]) -> None:
+    """For tests only: make every reader without explicit roots use ``roots``
+    (None restores the real ``/sys`` and ``/proc``). Process-wide; the
+    capability registry forgets what it cached.
+
+    ``thpguard verify --fix`` refuses to run while fake roots are set; it
+    writes only to the real ``/sys``.
+    """
+    _set_test_roots(roots)
+    registry.clear()

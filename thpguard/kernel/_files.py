@@ -14,6 +14,7 @@ log = logging.getLogger("thpguard.kernel")
 
 THP_DIR = "kernel/mm/transparent_hugepage"
 
+
 @dataclasses.dataclass(frozen=True)
 class Roots:
     """Where sysfs and procfs are mounted; tests point these at fake trees."""
@@ -23,16 +24,26 @@ class Roots:
 
     @classmethod
     def from_env(cls) -> "Roots":
-        """Roots from ``THPGUARD_SYSFS_ROOT`` / ``THPGUARD_PROC_ROOT``, else the real ones."""
-        return cls(
-            sys=os.environ.get("THPGUARD_SYSFS_ROOT") or "/sys",
-            proc=os.environ.get("THPGUARD_PROC_ROOT") or "/proc",
-        )
+        """The roots in effect: those given to :func:`set_test_roots`, else
+        the real mounts. The environment is not read (the name is kept for
+        callers written when it was): a variable set by whoever started the
+        program must not choose the files root reads and writes."""
+        return _test_roots if _test_roots is not None else cls()
 
     @property
     def is_real(self) -> bool:
         """True when both roots are the host's own mounts."""
         return self.sys == "/sys" and self.proc == "/proc"
+
+
+_test_roots: Optional[Roots] = None
+
+
+def _set_test_roots(roots: Optional[Roots]) -> None:
+    global _test_roots
+    if roots is not None and not isinstance(roots, Roots):
+        raise TypeError(f"roots must be a thpguard.kernel.Roots or None, got {type(roots).__name__}")
+    _test_roots = roots
 
 
 def _roots(roots: Optional[Roots]) -> Roots:

@@ -31,6 +31,22 @@ class MemoryCgroup:
             return None
         return max(0, self.limit_bytes - self.usage_bytes)
 
+    @property
+    def room_bytes(self) -> Optional[int]:
+        """Bytes the cgroup can still charge before its limit: what is
+        available plus its page cache (reclaimable); None without a limit."""
+        if self.limit_bytes is None or self.usage_bytes is None:
+            return None
+        fields = {}
+        for line in (_read(os.path.join(self.directory, "memory.stat"), quiet=True) or "").splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                fields[parts[0]] = _int(parts[1]) or 0
+        # v1 prints the hierarchical totals as total_*; v2 has the plain names.
+        cache = sum(fields.get("total_" + name, fields.get(name, 0))
+                    for name in ("inactive_file", "active_file"))
+        return self.limit_bytes - self.usage_bytes + cache
+
 
 def _mounts(roots: Roots, pid) -> List[Tuple[str, str, str, List[str]]]:
     """(root, mount point, fstype, super options) of the cgroup mounts."""

@@ -1,0 +1,161 @@
+"""The `copy` fork policy under a memory cgroup with no room for the copy,
+and a child that never finishes its copy: the child keeps the region shared
+(ERROR log, stats().copy_fallbacks) instead of being OOM-killed, and the
+parent's wait is bounded. Real memory cgroups, real signals; the cgroup is
+removed even when a test fails."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from reliability_support import children
+from test_reliability_cgroup import memory_cgroup  # noqa: F401 - the fixture
+
+SIZE = 64 << 20
+
+SCRIPT = r"""
+import json, logging, os, sys, time
+import thpguard
+from thpguard import backends
+
+logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
+size, wait = int(sys.argv[1]), sys.argv[2]
+if wait != "auto":
+    backends.COPY_WAIT_SECONDS = float(wait)
+sys.stdin.readline()  # moved into the cgroup (or not needed)
+region = thpguard.alloc(size, fork="copy", copy_mode="eager")  # the parent waits for the copy
+view = region.view()
+for off in range(0, size, 4096):
+    view[off] = (off // 4096) % 251
+print("allocated", flush=True)
+sys.stdin.readline()  # limit set
+r, w = os.pipe()
+started = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    ok = all(view[off] == (off // 4096) % 251 for off in range(0, size, 1 << 20))
+    st = thpguard.stats()
+    os.write(w, json.dumps({"data_ok": ok, "copy_fallbacks": st.copy_fallbacks,
+                            "complete": region.coverage().complete}).encode())
+    os._exit(0)
+spent = time.monotonic() - started
+os.close(w)
+with os.fdopen(r) as f:
+    child = f.read()
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"spent": spent, "child": json.loads(child) if child else None,
+                  "status": status, "timeouts": thpguard.stats().copy_wait_timeouts}), flush=True)
+"""
+
+
+def _start(wait="auto", size=SIZE):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(size), wait],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _say(proc, line=""):
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def _finish(proc, timeout, on_timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        on_timeout()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"the fork did not return within {timeout} s; stderr: {err[-2000:]}")
+    return out, err
+
+
+@pytest.mark.parametrize("oom_killer", ["enabled", "disabled"])
+def test_copy_without_cgroup_room_stays_shared(require_collapse, memory_cgroup, oom_killer):  # noqa: F811
+    """A `copy` child in a memory cgroup with 24 MiB of room and a 64 MiB
+    region: the child is not OOM-killed (exit 0), keeps the region shared
+    with the right data, logs one ERROR naming the region and the cgroup,
+    counts stats().copy_fallbacks = 1, and fork() returns promptly, also
+    with the cgroup's OOM killer disabled."""
+    group = memory_cgroup
+    if group.version != 1 and oom_killer == "disabled":
+        pytest.skip("memory.oom_control is cgroup v1 only")
+    proc = _start()
+    try:
+        group.add(proc.pid)
+        _say(proc)
+        assert proc.stdout.readline().strip() == "allocated"
+        if oom_killer == "disabled":
+            with open(os.path.join(group.path, "memory.oom_control"), "w") as f:
+                f.write("1")
+        group.set_limit(group.read("usage") + (24 << 20))
+        failcnt = group.read("failcnt")
+        _say(proc)
+        out, err = _finish(proc, 60, lambda: group.set_limit(1 << 40))
+    finally:
+        if proc.poll() is None:
+            group.set_limit(1 << 40)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    report = json.loads(out.splitlines()[-1])
+    assert os.WIFEXITED(report["status"]) and os.WEXITSTATUS(report["status"]) == 0, report
+    assert report["child"]["data_ok"] and report["child"]["copy_fallbacks"] == 1, report
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "stays shared" in errors[0] and "memory cgroup" in errors[0], err
+    assert report["spent"] < 10, report
+    # Ground truth: the cgroup never hit its limit for the copy.
+    assert group.read("failcnt") == failcnt
+
+
+def test_parent_wait_is_bounded(require_collapse):
+    """A `copy` child stopped (SIGSTOP) during its copy: the parent's fork()
+    returns after COPY_WAIT_SECONDS with one ERROR and
+    stats().copy_wait_timeouts = 1; the child, continued, finishes."""
+    proc = _start(wait="1.0", size=256 << 20)
+    child = None
+    try:
+        _say(proc)
+        assert proc.stdout.readline().strip() == "allocated"
+        _say(proc)
+        deadline = time.monotonic() + 20
+        while not children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        child = children(proc.pid)[0]
+        os.kill(child, signal.SIGSTOP)
+
+        def cont():
+            os.kill(child, signal.SIGCONT)
+
+        # The parent prints its report only after the child exits: continue
+        # the child once the parent's fork() has returned (its ERROR line).
+        deadline = time.monotonic() + 15
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if "not waiting longer" in line or not line:
+                break
+        os.kill(child, signal.SIGCONT)
+        out, err = _finish(proc, 60, cont)
+    finally:
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "not waiting longer" in line, (line, err[-2000:])
+    report = json.loads(out.splitlines()[-1])
+    if report["child"] and report["spent"] < 1.0:
+        pytest.skip("the child finished its copy before it could be stopped")
+    assert 1.0 <= report["spent"] < 10, report
+    assert report["timeouts"] == 1, report
+    assert os.WIFEXITED(report["status"]) and os.WEXITSTATUS(report["status"]) == 0, report
+    assert report["child"]["data_ok"], report

@@ -1,0 +1,166 @@
+"""Regions whose range outside code changed: part unmapped, another mapping
+placed in the hole, part mprotect-ed. close() never unmaps what is not the
+region's, and the guard says once that a hole cannot be repaired. Checked
+against /proc/self/maps and the bytes of the other mapping."""
+
+import ctypes
+import errno
+import logging
+import mmap
+import time
+
+import pytest
+
+import thpguard
+from thpguard import _native
+
+PAGE = mmap.PAGESIZE
+MAP_FIXED_NOREPLACE = 0x100000
+PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _maps():
+    """(start, end) of every VMA of this process, from /proc/self/maps."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = line.split()[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def _mapped(lo, hi):
+    """True when every byte of [lo, hi) is in some VMA."""
+    at = lo
+    for start, end in sorted(_maps()):
+        if start <= at < end:
+            at = end
+        if at >= hi:
+            return True
+    return False
+
+
+def _unmapped(lo, hi):
+    return not any(start < hi and lo < end for start, end in _maps())
+
+
+def _map_at(addr, size):
+    """Another mapping placed exactly at ``addr`` (as a later mmap may land there)."""
+    got = _libc.mmap(addr, size, PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                     -1, 0)
+    if got in (None, ctypes.c_void_p(-1).value) or got != addr:
+        pytest.fail(f"could not map at {addr:#x}: errno {ctypes.get_errno()}")
+    ctypes.memmove(addr, b"not the region's", 16)
+    return addr
+
+
+@pytest.mark.parametrize("hole", ["block", "page"])
+def test_close_keeps_a_mapping_that_landed_in_a_hole(region_factory, hole, caplog):
+    """Outside code unmaps part of a region and another mapping lands there:
+    close() leaves that mapping (and its bytes) alone, logs one ERROR naming
+    the region, and the region counts as closed."""
+    region = region_factory(8 << 20)
+    pmd = region.pmd_size
+    lo, size = (region.address + pmd, pmd) if hole == "block" else (region.address + pmd + 7 * PAGE, PAGE)
+    _native.unmap(lo, size)
+    other = _map_at(lo, size)
+    try:
+        with caplog.at_level(logging.ERROR, logger="thpguard"):
+            region.close()
+        assert region.closed
+        assert _mapped(other, other + size)
+        assert ctypes.string_at(other, 16) == b"not the region's"
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+        region.close()  # idempotent, still harmless
+        assert ctypes.string_at(other, 16) == b"not the region's"
+    finally:
+        _libc.munmap(other, size)
+
+
+def test_close_unmaps_a_region_split_by_mprotect(region_factory, caplog):
+    """A region split into several VMAs by a partial mprotect is still all
+    the region's: close() unmaps every byte of it, without an ERROR."""
+    region = region_factory(8 << 20)
+    assert _libc.mprotect(region.address + region.pmd_size, PAGE, mmap.PROT_READ) == 0
+    lo, hi = region.address, region.address + region.size
+    with caplog.at_level(logging.ERROR, logger="thpguard"):
+        region.close()
+    assert _unmapped(lo, hi)
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def test_close_of_an_intact_region_unmaps_it(region_factory):
+    """The plain case: close() unmaps the region's whole range."""
+    region = region_factory(4 << 20)
+    lo, hi = region.address, region.address + region.size
+    region.close()
+    assert _unmapped(lo, hi)
+
+
+def test_guard_reports_a_hole_once(region_factory, caplog):
+    """The guard meets a hole punched by outside code (MADV_COLLAPSE: ENOMEM
+    on every try): one `disabled` event naming the hole, no back-off loop;
+    only the block with the hole is set aside, as an EINVAL block is."""
+    region = region_factory(8 << 20)
+    pmd = region.pmd_size
+    _native.unmap(region.address + pmd + 10 * PAGE, PAGE)  # block 1 is no longer huge
+    assert not region.coverage().complete  # block 1 split (or partial: one page gone)
+    events = []
+    with caplog.at_level(logging.WARNING, logger="thpguard"):
+        g = thpguard.install(interval=0.01, backoff_initial=0.01, backoff_max=0.02,
+                             on_event=events.append)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(e.kind == "disabled" for e in events):
+                time.sleep(0.01)
+            time.sleep(0.5)  # 50 more ticks
+        finally:
+            g.stop()
+    mine = [e for e in events if e.address == region.address]
+    disabled = [e for e in mine if e.kind == "disabled"]
+    assert len(disabled) == 1, [(e.kind, e.reason) for e in mine]
+    assert "unmapped" in disabled[0].reason and f"{region.address + pmd + 10 * PAGE:#x}" in disabled[0].reason
+    assert not [e for e in mine if e.kind == "backoff"], [(e.kind, e.reason) for e in mine]
+    assert sum(e.failures.get("ENOMEM", 0) for e in mine if e.kind == "failed") <= 1
+    st = thpguard.stats()
+    assert hex(region.address + pmd) in st.blocks_disabled, st.blocks_disabled
+    assert hex(region.address) not in st.regions_disabled
+
+
+def test_left_mapped_range_is_never_unmapped_at_exit(require_thp):
+    """After close() left a changed range mapped, the mapping that landed in
+    the hole survives to the very end of the process: freeing what exit
+    frees (module globals, the region) leaves it readable (the mmap object
+    freed at exit used to unmap the whole range: SIGSEGV at exit)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, mmap, sys, thpguard\n"
+        "from thpguard import _native\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.mmap.restype = ctypes.c_void_p\n"
+        "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,"
+        " ctypes.c_int, ctypes.c_long]\n"
+        "region = thpguard.alloc(8 << 20)\n"
+        "hole = region.address + region.pmd_size\n"
+        "_native.unmap(hole, region.pmd_size)\n"
+        "assert libc.mmap(hole, region.pmd_size, 3, 0x22 | 0x100000, -1, 0) == hole\n"
+        "ctypes.memmove(hole, b'x', 1)\n"
+        "region.close()\n"
+        # What interpreter exit does: module globals cleared, objects freed.
+        "import gc, thpguard._regions as r\n"
+        "r._abandoned.clear(); del region; gc.collect()\n"
+        "print('still mapped', ctypes.string_at(hole, 1).decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "still mapped x" in out.stdout, out.stdout
