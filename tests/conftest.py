@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import pickle
 import zlib
 
 import pytest
 
 import thpguard
-from thpguard import kernel
+from thpguard import _child, kernel
 
 REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
 
@@ -101,35 +100,9 @@ def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
-def run_in_child(fn, *args):
-    """Fork, run ``fn(*args)`` in the child and return what it returned.
-
-    The child pickles its result (or its exception) through a pipe and
-    always leaves with os._exit, so pytest never runs twice.
-    """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        status = 0
-        try:
-            payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException as exc:  # report everything to the parent
-            payload = pickle.dumps(("error", repr(exc)))
-            status = 1
-        try:
-            with os.fdopen(write_end, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"child failed: {value}")
-    return value
+#: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):
+#: the child's exception, death or hang fails the test with what happened.
+run_in_child = _child.run
 
 
 @pytest.fixture

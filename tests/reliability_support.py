@@ -98,76 +98,11 @@ def split_here(region, pmd: int, blocks: int) -> None:
         os.waitpid(sharer, 0)
 
 
-def run_child(fn, *args, timeout: float = 30.0, send=None):
-    """Fork; in the child run ``fn(*args)`` (and ``fn(*args, received)`` when
-    ``send`` is given: the parent computes ``send()`` after the fork and
-    passes it down a pipe). Returns what ``fn`` returned.
-
-    A child that does not finish within ``timeout`` seconds is killed and
-    the test fails: a hang after fork is a bug (a lock held across fork).
-    """
-    result_r, result_w = os.pipe()
-    down_r, down_w = os.pipe() if send is not None else (None, None)
-    pid = os.fork()
-    if pid == 0:
-        status = 0
-        try:
-            os.close(result_r)
-            if send is not None:
-                os.close(down_w)
-                with os.fdopen(down_r, "rb") as f:
-                    received = pickle.loads(f.read())
-                payload = pickle.dumps(("ok", fn(*args, received)))
-            else:
-                payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException as exc:  # report everything to the parent
-            import traceback
-
-            payload = pickle.dumps(("error", f"{exc!r}\n{traceback.format_exc()}"))
-            status = 1
-        try:
-            with os.fdopen(result_w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(status)
-    os.close(result_w)
-    if send is not None:
-        os.close(down_r)
-        with os.fdopen(down_w, "wb") as f:
-            f.write(pickle.dumps(send()))
-    return finish_child(pid, result_r, timeout)
-
-
-def finish_child(pid: int, read_fd: int, timeout: float):
-    """Read the child's pickled result from ``read_fd`` and reap it."""
-    deadline = time.monotonic() + timeout
-    chunks = []
-    os.set_blocking(read_fd, False)
-    try:
-        while True:
-            try:
-                data = os.read(read_fd, 1 << 16)
-            except BlockingIOError:
-                data = None
-            if data:
-                chunks.append(data)
-                continue
-            if data == b"":
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail(f"child {pid} hung for {timeout} s after fork")
-            time.sleep(0.002)
-    finally:
-        os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        pytest.fail(f"child {pid} died without a result (wait status {status:#x})")
-    kind, value = pickle.loads(b"".join(chunks))
-    if kind == "error":
-        pytest.fail(f"child {pid} failed: {value}")
-    return value
+#: Fork; in the child run ``fn(*args)`` (``fn(*args, received)`` with
+#: ``send``: the parent computes ``send()`` after the fork and passes it
+#: down). A child that gives no result within ``timeout`` seconds is killed
+#: and the test fails: a hang after fork is a bug (a lock held across fork).
+run_child = _child.run
 
 
 @pytest.fixture
