@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import zlib
 
 import pytest
@@ -98,6 +100,70 @@ def smaps_huge_bytes(pid, start, end):
 
 def checksum(buf) -> int:
     return zlib.crc32(buf)
+
+
+#: Seconds a test waits for a condition before it fails. Long on purpose:
+#: a deadline only turns a hang into a failure (other work may be slowing
+#: this host down), it never decides whether something was fast enough.
+WAIT = 60.0
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT, poll: float = 0.01):
+    """Poll ``predicate()`` until it returns something true, and return that.
+
+    Fails the test, naming ``what`` was awaited, after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what}")
+        time.sleep(poll)
+
+
+def wait_repaired(guard, region, what: str = "the guard to repair the region",
+                  timeout: float = WAIT) -> None:
+    """Wait, tick by tick, until ``region`` is fully PMD-mapped again, then
+    for the end of one more tick, so the guard's counters include the repair;
+    then check smaps agrees.
+
+    Fails the test naming ``what`` after ``timeout`` seconds, or at once when
+    the guard stops ticking.
+    """
+    deadline = time.monotonic() + timeout
+    while not region.coverage().complete:
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what} ({region.coverage()})")
+        assert guard.wait_ticks(1, timeout=timeout), f"the guard stopped ticking ({what})"
+    assert guard.wait_ticks(1, timeout=timeout), f"the guard stopped ticking ({what})"
+    # The kernel's own account agrees (smaps, not thpguard's reading of it).
+    end = region.address + region.size
+    assert smaps_huge_bytes(os.getpid(), region.address, end) == region.size, what
+
+
+@contextlib.contextmanager
+def sharer():
+    """A child that keeps sharing every region until the block ends.
+
+    It blocks on a pipe (never on a timer), so a write inside the block
+    always finds the pages shared.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write_end)
+        try:
+            os.read(read_end, 1)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    try:
+        yield pid
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
 
 
 #: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):
