@@ -111,7 +111,8 @@ WAIT = 60.0
 def wait_until(predicate, what: str, timeout: float = WAIT, poll: float = 0.01):
     """Poll ``predicate()`` until it returns something true, and return that.
 
-    Fails the test, naming ``what`` was awaited, after ``timeout`` seconds.
+    Fails the test, naming ``what`` was awaited (a string, or a callable
+    that returns one when the wait failed), after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -119,8 +120,15 @@ def wait_until(predicate, what: str, timeout: float = WAIT, poll: float = 0.01):
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout:g} s for {what}")
+            pytest.fail(f"waited {timeout:g} s for {what() if callable(what) else what}")
         time.sleep(poll)
+
+
+def assert_smaps_huge(region) -> None:
+    """The kernel's smaps shows all of ``region`` mapped by huge pages in this process."""
+    end = region.address + region.size
+    huge = smaps_huge_bytes(os.getpid(), region.address, end)
+    assert huge == region.size, f"smaps: {huge} of {region.size} bytes huge"
 
 
 def wait_repaired(guard, region, what: str = "the guard to repair the region",
@@ -139,8 +147,7 @@ def wait_repaired(guard, region, what: str = "the guard to repair the region",
         assert guard.wait_ticks(1, timeout=timeout), f"the guard stopped ticking ({what})"
     assert guard.wait_ticks(1, timeout=timeout), f"the guard stopped ticking ({what})"
     # The kernel's own account agrees (smaps, not thpguard's reading of it).
-    end = region.address + region.size
-    assert smaps_huge_bytes(os.getpid(), region.address, end) == region.size, what
+    assert_smaps_huge(region)
 
 
 @contextlib.contextmanager

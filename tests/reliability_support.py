@@ -11,15 +11,14 @@ import atexit
 import collections
 import json
 import os
-import pickle
-import signal
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from thpguard import _native, pagemap
+from conftest import sharer
+from thpguard import _child, _native, pagemap
 from thpguard.errors import RegionClosedError
 
 #: What the reliability tests did (rounds, faults injected, inputs tried),
@@ -80,22 +79,15 @@ def check_stripe(stripe: np.ndarray, base: np.ndarray, lo: int, hi: int) -> str:
 def split_here(region, pmd: int, blocks: int) -> None:
     """Split the first ``blocks`` PMD blocks of ``region`` in this process.
 
-    A child shares the region while this process writes one byte per
-    block (the kernel splits the writer's PMD), then exits: the blocks stay
-    PTE-mapped here until collapsed.
+    A child shares the region (it waits on a pipe, not on a timer) while
+    this process writes one byte per block (the kernel splits the writer's
+    PMD), then exits: the blocks stay PTE-mapped here until collapsed.
     """
-    sharer = os.fork()
-    if sharer == 0:
-        time.sleep(30)
-        os._exit(0)
-    try:
+    with sharer():
         view = region.view()
         for b in range(blocks):
             view[b * pmd] = (view[b * pmd] + 1) & 0xFF
         view.release()
-    finally:
-        os.kill(sharer, 9)
-        os.waitpid(sharer, 0)
 
 
 #: Fork; in the child run ``fn(*args)`` (``fn(*args, received)`` with

@@ -12,13 +12,12 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
 import pytest
 from conftest import (WAIT, checksum, has_pagemap_scan, run_in_child, sharer, smaps_huge_bytes,
-                      wait_repaired)
+                      wait_repaired, wait_until)
 
 import thpguard
 from thpguard import _fork, _native
@@ -357,9 +356,10 @@ def test_nohugepage_region_stops_being_repaired_and_says_why(split_and_repair, r
         delta = Delta()
         _native.madvise(region.address, region.size, MADV_NOHUGEPAGE)
         region.view()[0] = 1
-        for _ in range(3):
-            running_guard.wait_ticks(1, timeout=30)
-        assert delta.repair_failures == {"EINVAL": 1}
+        wait_until(lambda: hex(region.address) in thpguard.stats().regions_disabled,
+                   "the guard to disable the region after EINVAL")
+        assert running_guard.wait_ticks(2, timeout=WAIT), "the guard stopped ticking"
+        assert delta.repair_failures == {"EINVAL": 1}  # and not retried since
         s = thpguard.stats()
         assert "MADV_NOHUGEPAGE" in s.regions_disabled[hex(region.address)]
         assert not region.coverage().complete
@@ -383,8 +383,9 @@ def test_prctl_disabled_process_stops_repairs_and_says_why(split_and_repair, reg
         guard = thpguard.guard()
         delta = Delta()
         region.view()[0] = 1
-        for _ in range(3):
-            guard.wait_ticks(1, timeout=30)
+        wait_until(lambda: hex(region.address) in thpguard.stats().regions_disabled,
+                   "the child's guard to disable the region after EINVAL")
+        assert guard.wait_ticks(2, timeout=WAIT), "the guard stopped ticking"
         reason = thpguard.stats().regions_disabled.get(hex(region.address), "")
         return delta.repair_failures, reason, region.coverage().complete
 
@@ -485,7 +486,9 @@ def test_scan_failure_is_counted_and_logged(region_factory, running_guard, pmd, 
     region_factory(pmd)
     delta = Delta()
     _native.fault_inject("scan", errno.EIO, 1)
-    assert running_guard.wait_ticks(2, timeout=30)
+    # The second tick began after the fault was armed: its scan met it. (No
+    # polling of stats() here: stats() scans too, and would meet it first.)
+    assert running_guard.wait_ticks(2, timeout=WAIT), "the guard stopped ticking"
     assert delta.scan_failures == 1
     assert any("scan failed" in r.getMessage() for r in caplog.records)
 

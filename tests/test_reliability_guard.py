@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +14,7 @@ import thpguard
 from thpguard import _native
 from thpguard.errors import ThpguardError
 
-from conftest import checksum
+from conftest import WAIT, assert_smaps_huge, checksum, wait_until
 from reliability_support import (
     COUNTS,
     N_WRITERS,
@@ -69,15 +68,6 @@ def guard():
         g.stop()
 
 
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
 @pytest.mark.parametrize("err", [errno.ENOMEM, errno.EBUSY])
 def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guard, err):
     """ENOMEM/EBUSY from MADV_COLLAPSE: the guard reports a failed event
@@ -88,7 +78,9 @@ def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guar
     inject("collapse", err, 3)
     split_here(region, pmd, 4)
     before = checksum(region.view())
-    assert _wait(lambda: region.coverage().complete), guard.recorder.kinds(region)
+    wait_until(lambda: region.coverage().complete,
+               lambda: f"the guard to repair after the faults (events: {guard.recorder.kinds(region)})")
+    assert_smaps_huge(region)
     backoffs = guard.recorder.of("backoff", region)
     assert len(backoffs) == 3
     delays = [e.delay for e in backoffs]
@@ -111,7 +103,8 @@ def test_guard_persistent_eagain_backs_off(region_factory, pmd):
         region = region_factory(2 * pmd)
         inject("collapse", errno.EAGAIN, 6)
         split_here(region, pmd, 1)
-        assert _wait(lambda: region.coverage().complete)
+        wait_until(lambda: region.coverage().complete, "the guard to repair the split")
+        assert_smaps_huge(region)
         backoffs = recorder.of("backoff", region)
         assert backoffs and "EAGAIN" in backoffs[0].reason
     finally:
@@ -124,7 +117,7 @@ def test_guard_disables_region_on_einval(region_factory, pmd, guard):
     region = region_factory(2 * pmd)
     inject("collapse", errno.EINVAL, 1)
     split_here(region, pmd, 1)
-    assert _wait(lambda: guard.recorder.of("disabled", region))
+    wait_until(lambda: guard.recorder.of("disabled", region), "a disabled event for the region")
     assert hex(region.address) in thpguard.stats().regions_disabled
     assert guard.running
 
@@ -135,11 +128,12 @@ def test_guard_survives_scan_failures(region_factory, pmd, guard):
     region = region_factory(2 * pmd)
     scan_failures = thpguard.stats().scan_failures
     inject("scan", errno.EIO, 5)
-    assert guard.wait_ticks(8, timeout=10)
+    assert guard.wait_ticks(8, timeout=WAIT), "the guard stopped ticking"
     _native.fault_clear()
     assert thpguard.stats().scan_failures > scan_failures
     split_here(region, pmd, 2)
-    assert _wait(lambda: region.coverage().complete)
+    wait_until(lambda: region.coverage().complete, "the guard to repair the split")
+    assert_smaps_huge(region)
     assert guard.running
 
 
@@ -161,7 +155,7 @@ def test_guard_repairs_under_concurrent_writers_and_forks(region_factory, pmd, p
             work.resume()
             lo = list(work.done)
             complete, _ = run_child(_child_round, work, lo,
-                                    send=lambda: list(work.started), timeout=60)
+                                    send=lambda: list(work.started))
             assert complete
             work.pause()
             work.check_exact()
@@ -197,7 +191,7 @@ def test_fork_storm_with_guard_and_busy_threads(region_factory, pmd, request, si
     try:
         work.resume()
         for _ in range(forks):
-            running, got = run_child(_guard_child, region, timeout=30)
+            running, got = run_child(_guard_child, region)
             assert running and got == expected
             assert g.running
         work.pause()

@@ -37,7 +37,7 @@ def _grandchild_round(work: Workload, lo, hi):
     """A child that forks a grandchild that writes, then checks both sides."""
     complete, failures = _child_round(work, lo, hi)
     done = [0xABCDE] * N_WRITERS
-    run_child(_child_round, work, done, done, timeout=30)
+    run_child(_child_round, work, done, done)
     for i in range(N_WRITERS):
         msg = check_stripe(work.stripes[i], work.bases[i], 0xABCDE, 0xABCDE)
         if msg:
@@ -54,7 +54,7 @@ def _rounds(region, stripe_bytes, rounds, child_fn=_child_round):
             work.resume()
             lo = list(work.done)
             complete, failures = run_child(
-                child_fn, work, lo, send=lambda: list(work.started), timeout=60
+                child_fn, work, lo, send=lambda: list(work.started)
             )
             incomplete += not complete
             COUNTS["integrity_rounds"] += 1
