@@ -463,11 +463,13 @@ def _before_fork() -> None:
     if targets:
         _pending.pipe = os.pipe()
     _pending.targets = targets
+    _pending.prepared = True
 
 
 def _after_fork_in_parent() -> None:
     pipe = getattr(_pending, "pipe", None)
     _pending.pipe, _pending.targets = None, []  # hold no region alive
+    _pending.prepared = False
     try:
         if pipe is None:
             return
@@ -497,10 +499,13 @@ def _after_fork_in_child(late: bool = False) -> None:
             region._unmapped_here = True
     pipe = getattr(_pending, "pipe", None)
     targets = getattr(_pending, "targets", [])
-    _pending.pipe, _pending.targets = None, []
+    prepared = getattr(_pending, "prepared", False)
+    _pending.pipe, _pending.targets, _pending.prepared = None, [], False
     try:
-        if late:
-            # The parent did not wait for us, but copying still ends our
+        if late or not prepared:
+            # The parent did not wait for us (a fork from C; or uWSGI's
+            # py-call-osafterfork, which runs the child's hooks but not the
+            # parent's before-fork ones), but copying still ends our
             # sharing, so neither side splits from now on.
             targets = [r for r in _live if r.fork == "copy" and not r.closed and not r.direct_cow]
         if _fork.in_exec_child():
