@@ -302,7 +302,7 @@ def test_verify_pid_inherited_prctl(capsys):
         _libc().prctl(41, 1, 0, 0, 0)
 
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess,sys; p=subprocess.Popen(['sleep','30']); "
+        [sys.executable, "-c", "import subprocess,sys; p=subprocess.Popen(['sleep','infinity']); "
                                "print(p.pid, flush=True); sys.stdin.read(); p.kill(); p.wait()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=disable)
     try:
@@ -314,7 +314,7 @@ def test_verify_pid_inherited_prctl(capsys):
         assert f"ancestor PID {parent.pid}" in c["detail"] and "PR_THP_DISABLE_EXCEPT_ADVISED" in c["advice"]
     finally:
         parent.stdin.close()
-        parent.wait(timeout=10)
+        parent.wait(timeout=60)
 
 
 def test_verify_pid_missing(capsys):
@@ -351,7 +351,7 @@ def split_target(size=8 * MiB):
         yield p.pid, addr, size, pmd
     finally:
         p.stdin.close()
-        p.wait(timeout=10)
+        p.wait(timeout=60)
 
 
 def test_status_shows_split(require_thp, capsys):
