@@ -32,6 +32,11 @@ DEFAULT_TIMEOUT = 60.0
 
 _HEADER = struct.Struct("<Q")
 
+#: The parent's pipe ends of the children still open here. A later child
+#: closes its copies, so no child keeps another child's pipe open (its EOF
+#: must mean that its parent is gone).
+_parent_ends: set = set()
+
 
 class ChildError(RuntimeError):
     """The child raised, died without a result, or hung (and was killed).
@@ -131,13 +136,15 @@ class Child:
         up_r, up_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            os.close(down_w)
-            os.close(up_r)
+            for fd in _parent_ends | {down_w, up_r}:
+                os.close(fd)
+            _parent_ends.clear()
             _serve(fn, args, _ToParent(down_r, up_w), channel)
         os.close(down_r)
         os.close(up_w)
         self.pid = pid
         self._channel = Channel(up_r, down_w)
+        _parent_ends.update((up_r, down_w))
 
     def send(self, obj: Any) -> None:
         """Send ``obj`` to the child's channel."""
@@ -190,7 +197,9 @@ class Child:
 
     def close(self) -> None:
         self.kill()
-        self._channel.close()
+        if self._channel.read_fd in _parent_ends:
+            _parent_ends.difference_update((self._channel.read_fd, self._channel.write_fd))
+            self._channel.close()
 
     def __enter__(self) -> "Child":
         return self
