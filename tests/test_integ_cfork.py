@@ -1,6 +1,6 @@
 """Forks made from C, which skip Python's at-fork hooks, are still handled.
 
-uWSGI (without py-call-osafterfork) forks its workers from C; so does a C
+uWSGI (without py-call-uwsgi-fork-hooks) forks its workers from C; so does a C
 extension calling fork(). thpguard's native pthread_atfork counter lets the
 child notice on its first thpguard call: the guard restarts there and
 ``copy`` regions are made the child's own.
