@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import errno
 import json
 import os
 import threading
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import sharer
+from conftest import WAIT, sharer
 from thpguard import _child, _native, pagemap
 from thpguard.errors import RegionClosedError
 
@@ -88,6 +89,25 @@ def split_here(region, pmd: int, blocks: int) -> None:
         for b in range(blocks):
             view[b * pmd] = (view[b * pmd] + 1) & 0xFF
         view.release()
+
+
+def collapse_until_whole(region, timeout: float = WAIT):
+    """``region.collapse()`` again while the kernel refuses blocks only for
+    the moment, until the region is whole or ``timeout`` seconds passed;
+    the last CollapseResult.
+
+    Transient: EAGAIN (another process or thread, such as a repair thread
+    collapsing the same shared pages, holds a page lock) and ENOMEM (no free
+    2 MiB page at that instant: this host's memory is shared). The guard
+    retries those on a later tick; a test that repairs by hand does the same.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = region.collapse()
+        if (result.coverage.complete or time.monotonic() > deadline
+                or not set(result.failures) <= {errno.EAGAIN, errno.ENOMEM}):
+            return result
+        time.sleep(0.001)
 
 
 #: Fork; in the child run ``fn(*args)`` (``fn(*args, received)`` with

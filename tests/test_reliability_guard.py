@@ -19,6 +19,7 @@ from reliability_support import (
     COUNTS,
     N_WRITERS,
     Workload,
+    collapse_until_whole,
     inject,
     no_faults,  # noqa: F401
     run_child,
@@ -154,9 +155,9 @@ def test_guard_repairs_under_concurrent_writers_and_forks(region_factory, pmd, p
         for _ in range(rounds):
             work.resume()
             lo = list(work.done)
-            complete, _ = run_child(_child_round, work, lo,
-                                    send=lambda: list(work.started))
-            assert complete
+            complete, failures = run_child(_child_round, work, lo,
+                                           send=lambda: list(work.started))
+            assert complete, f"the child could not repair: {failures}"
             work.pause()
             work.check_exact()
             COUNTS["integrity_rounds"] += 1
@@ -164,7 +165,7 @@ def test_guard_repairs_under_concurrent_writers_and_forks(region_factory, pmd, p
     finally:
         work.close()
         g.stop()
-    region.collapse()
+    collapse_until_whole(region)
     assert region.coverage().complete
 
 
