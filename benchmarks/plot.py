@@ -18,6 +18,13 @@ def _result(document: dict, name: str):
     return None
 
 
+def _round_ratios(result: dict, size: str, variant: str) -> list:
+    """Per-round ratios of ``variant`` to ``pristine`` (rounds ran back to back)."""
+    rounds = (result.get("samples", {}).get(size) or {}).get("rounds") or {}
+    mine, base = rounds.get(variant) or [], rounds.get("pristine") or []
+    return [m["hops_per_s"] / b["hops_per_s"] for m, b in zip(mine, base) if b.get("hops_per_s")]
+
+
 def plot(document: dict, path: str) -> None:
     """Draw the two panels of ``document`` (a results JSON object) into ``path``."""
     import matplotlib
@@ -65,22 +72,38 @@ def plot(document: dict, path: str) -> None:
     if tlb:
         points = tlb["series"]["ratios"]
         labels = [p["size"] for p in points]
-        split = [p["split"] for p in points]
-        repaired = [p["repaired"] for p in points]
         x = range(len(labels))
         width = 0.38
-        for offset, values, name in (
-            (-width / 2, split, "split (one write per block)"),
-            (width / 2, repaired, "split, then repaired by thpguard"),
+        tops = []
+        for offset, key, name in (
+            (-width / 2, "split", "split (one write per block)"),
+            (width / 2, "repaired", "split, then repaired by thpguard"),
         ):
-            bars = right.bar([i + offset for i in x], values, width, label=name)
-            right.bar_label(bars, fmt="%.2f", fontsize=8)
-        right.axhline(1.0, color="gray", linewidth=0.8)
+            values = [p[key] for p in points]
+            low, high = [], []
+            for p, value in zip(points, values):
+                spread = _round_ratios(tlb, p["size"], key)
+                low.append(value - min(spread) if spread else 0.0)
+                high.append(max(spread) - value if spread else 0.0)
+            right.bar([i + offset for i in x], values, width, label=name,
+                             yerr=[low, high], capsize=4, error_kw={"linewidth": 1})
+            # In the bar's right half, beside the whisker that runs up its middle.
+            for i, value in zip(x, values):
+                right.annotate(f"{value:.2f}", xy=(i + offset, value), xytext=(5, -4),
+                               textcoords="offset points", ha="left", va="top", fontsize=9,
+                               color="white", fontweight="bold")
+            tops += [v + h for v, h in zip(values, high)]
+        right.axhline(1.0, color="gray", linewidth=0.8, linestyle="--",
+                      label="1.0: pristine huge pages (never split)")
         right.set_xticks(list(x))
         right.set_xticklabels(labels)
+        right.set_xlim(-0.6, len(labels) - 0.4)
+        # Head room above the tallest bar and its error bar for the legend.
+        right.set_ylim(0, max(tops + [1.0]) * 1.45)
         right.set_ylabel("throughput / pristine huge pages")
-        right.set_title("pointer chasing in a forked worker", fontsize=10)
-        right.legend(fontsize=8, loc="lower right")
+        right.set_title("pointer chasing in a forked worker\n(bars: median of paired rounds; "
+                        "whiskers: lowest and highest round)", fontsize=10)
+        right.legend(fontsize=8, loc="upper left", ncol=1, frameon=False)
     else:
         right.text(0.5, 0.5, "tlb benchmark not run", ha="center", transform=right.transAxes)
 

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -339,13 +340,152 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
 struct placeholder {
     void *addr;
     size_t len;
+    char name[TG_PLACEHOLDER_NAME_MAX];
 };
 
 static pthread_mutex_t placeholder_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct placeholder placeholders[TG_MAX_PLACEHOLDERS];
 static size_t n_placeholders;
 
-int tg_placeholder_add(void *addr, size_t len)
+/* -- the SIGSEGV explainer -------------------------------------------------
+ * A view made before fork() over a `private` region points, in the child,
+ * at the PROT_NONE placeholder: touching it is a SIGSEGV by design. While
+ * placeholders exist this handler names the region, the policy and what to
+ * use instead, then lets the default action (or the previous handler) run.
+ * Everything below runs in a signal handler: write(2), sigaction(2) and
+ * plain loads only, no locks and no stdio. */
+
+static struct sigaction segv_previous;
+static int segv_installed;
+static void segv_explain(int sig, siginfo_t *info, void *uctx);
+
+struct msgbuf {
+    char text[640];
+    size_t len;
+};
+
+static void msg_str(struct msgbuf *m, const char *s)
+{
+    while (*s && m->len < sizeof m->text)
+        m->text[m->len++] = *s++;
+}
+
+static void msg_num(struct msgbuf *m, uintptr_t v, unsigned base)
+{
+    char digits[32];
+    size_t n = 0;
+    if (base == 16)
+        msg_str(m, "0x");
+    do {
+        digits[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v && n < sizeof digits);
+    while (n && m->len < sizeof m->text)
+        m->text[m->len++] = digits[--n];
+}
+
+static void segv_chain(int sig, siginfo_t *info, void *uctx)
+{
+    struct sigaction *prev = &segv_previous;
+    if ((prev->sa_flags & SA_SIGINFO) && prev->sa_sigaction != segv_explain) {
+        prev->sa_sigaction(sig, info, uctx);
+    } else if (prev->sa_handler == SIG_IGN && info->si_code <= 0) {
+        return; /* a sent SIGSEGV, ignored; a fault cannot be ignored (it would recur) */
+    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL) {
+        prev->sa_handler(sig);
+    } else {
+        /* Default action: put it back; a fault re-executes the instruction
+         * and dies of it (with the right core), a sent signal is re-raised. */
+        signal(sig, SIG_DFL);
+        if (info->si_code <= 0)
+            raise(sig);
+    }
+}
+
+static void segv_explain(int sig, siginfo_t *info, void *uctx)
+{
+    int saved = errno;
+    uintptr_t at = (uintptr_t)info->si_addr;
+    size_t n = n_placeholders;
+    for (size_t i = 0; info->si_code > 0 && i < n && i < TG_MAX_PLACEHOLDERS; i++) {
+        uintptr_t start = (uintptr_t)placeholders[i].addr;
+        if (at < start || at - start >= placeholders[i].len)
+            continue;
+        struct msgbuf m = {.len = 0};
+        msg_str(&m, "thpguard: process ");
+        msg_num(&m, (uintptr_t)getpid(), 10);
+        msg_str(&m, " touched the thpguard region ");
+        if (placeholders[i].name[0]) {
+            msg_str(&m, "'");
+            msg_str(&m, placeholders[i].name);
+            msg_str(&m, "' ");
+        }
+        msg_str(&m, "at ");
+        msg_num(&m, start, 16);
+        msg_str(&m, "-");
+        msg_num(&m, start + placeholders[i].len, 16);
+        msg_str(&m, " (fault at ");
+        msg_num(&m, at, 16);
+        msg_str(&m, "). Its fork policy is 'private' (MADV_DONTFORK): a child of fork() "
+                    "gets only an inaccessible placeholder there, so a memoryview or array "
+                    "made before fork() cannot be used in the child. For data a child reads, "
+                    "allocate the region with fork='share' (or 'copy'); for a zeroed "
+                    "per-process buffer, fork='wipe'. The default action of SIGSEGV follows.\n");
+        const char *p = m.text;
+        size_t left = m.len;
+        while (left) {
+            ssize_t w = write(2, p, left);
+            if (w <= 0)
+                break;
+            p += w;
+            left -= (size_t)w;
+        }
+        /* Returning re-executes the access, which then takes the default action. */
+        signal(SIGSEGV, SIG_DFL);
+        errno = saved;
+        return;
+    }
+    errno = saved;
+    segv_chain(sig, info, uctx);
+}
+
+/* What SIGSEGV does now: 1 our handler, 0 the default or ignored, -1 another handler. */
+static int segv_current(void)
+{
+    struct sigaction now;
+    if (sigaction(SIGSEGV, NULL, &now) != 0)
+        return -1;
+    if (now.sa_flags & SA_SIGINFO)
+        return now.sa_sigaction == segv_explain ? 1 : -1;
+    return (now.sa_handler == SIG_DFL || now.sa_handler == SIG_IGN) ? 0 : -1;
+}
+
+/* Called with placeholder_lock held. */
+static void segv_update(void)
+{
+    int current = segv_current();
+    /* Installed again when the disposition was reset behind our back (a
+     * crash handler that restored the default); never over a handler that
+     * took our place, since it may chain to us. */
+    if (n_placeholders && (!segv_installed || current == 0)) {
+        if (current == 1)
+            return;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = segv_explain;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGSEGV, &sa, &segv_previous) == 0)
+            segv_installed = 1;
+    } else if (!n_placeholders && segv_installed) {
+        /* Someone installed a handler after ours: leave the chain alone. */
+        if (current == 1)
+            sigaction(SIGSEGV, &segv_previous, NULL);
+        segv_installed = 0;
+    }
+}
+
+int tg_placeholder_add(void *addr, size_t len, const char *name)
 {
     int rc = 0;
     pthread_mutex_lock(&placeholder_lock);
@@ -353,9 +493,14 @@ int tg_placeholder_add(void *addr, size_t len)
         errno = ENOSPC;
         rc = -1;
     } else {
-        placeholders[n_placeholders].addr = addr;
-        placeholders[n_placeholders].len = len;
+        struct placeholder *p = &placeholders[n_placeholders];
+        p->addr = addr;
+        p->len = len;
+        p->name[0] = '\0';
+        if (name)
+            strncat(p->name, name, sizeof p->name - 1);
         n_placeholders++;
+        segv_update();
     }
     pthread_mutex_unlock(&placeholder_lock);
     return rc;
@@ -372,10 +517,17 @@ int tg_placeholder_remove(void *addr)
             break;
         }
     }
+    segv_update();
     pthread_mutex_unlock(&placeholder_lock);
     if (rc)
         errno = ENOENT;
     return rc;
+}
+
+int tg_map_marker(void *addr, size_t len, int fd)
+{
+    void *p = mmap(addr, len, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0);
+    return p == MAP_FAILED ? -1 : 0;
 }
 
 static _Atomic uint64_t fork_generation;

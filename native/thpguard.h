@@ -125,7 +125,20 @@ int tg_copy_remap(void *addr, size_t len, size_t align);
  * bookkeeping. Done in a pthread_atfork child handler, so forks that bypass
  * Python are covered too. Up to TG_MAX_PLACEHOLDERS ranges. */
 #define TG_MAX_PLACEHOLDERS 4096
-int tg_placeholder_add(void *addr, size_t len);
+/* While any placeholder exists, a SIGSEGV handler is installed that, for a
+ * fault inside a placeholder, writes to fd 2 which region it is (`name`,
+ * up to TG_PLACEHOLDER_NAME_MAX - 1 bytes kept; NULL or "" for none, and
+ * its range), its policy and what to use instead, then lets SIGSEGV take
+ * its default action. Faults elsewhere go to the handler that was there
+ * before. The last tg_placeholder_remove() puts that handler back. */
+#define TG_PLACEHOLDER_NAME_MAX 64
+
+/* Map `len` bytes of `fd` (a memfd) at `addr`, PROT_NONE, replacing what the
+ * caller mapped there (MAP_FIXED: only on a range the caller owns). Used to
+ * put a named, inaccessible marker page in front of a region, so that other
+ * tools can find the region and its name in /proc/PID/maps on any kernel. */
+int tg_map_marker(void *addr, size_t len, int fd);
+int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);
 
 /* Install the pthread_atfork handlers (idempotent). */

@@ -27,6 +27,10 @@ trap 'exit 143' TERM
 git ls-files -z --cached --others --exclude-standard \
     | xargs -0 cp --parents -t "$scratch"
 
+# setup.py runs here without build isolation: it needs pyproject.toml's build
+# requirement (setuptools 77 reads the SPDX licence) in this environment.
+"$python" -m pip install -q 'setuptools>=77'
+
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
 (
     cd "$scratch"

@@ -140,10 +140,10 @@ def test_missing_files_never_crash(fake, capsys):
 
 
 def test_no_thp_is_unsupported(fake, capsys):
-    """A kernel without transparent_hugepage is an unsupported host: exit 2."""
+    """A kernel without transparent_hugepage is an unsupported host: exit 4."""
     fake(thp=False)
     code, doc, _ = verify_json(capsys)
-    assert code == 2 and doc["verdict"] == "unsupported" and doc["selftest_size"] is None
+    assert code == 4 and doc["verdict"] == "unsupported" and doc["selftest_size"] is None
     assert by_name(doc)["thp_enabled"]["status"] == "fail"
 
 
@@ -195,7 +195,7 @@ def test_fix_refused_without_root(fake, capsys, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     before = open(f"{t.thp}/enabled").read()
     code, out, err = run(capsys, "verify", "--fix", "--skip-selftest")
-    assert code == 2 and "must run as root" in err and out == ""
+    assert code == 3 and "must run as root" in err and out == ""
     assert open(f"{t.thp}/enabled").read() == before
 
 
@@ -256,7 +256,7 @@ def test_json_keys_sorted(fake, capsys):
     fake()
     _, out, _ = run(capsys, "verify", "--json", "--skip-selftest")
     doc = json.loads(out)
-    assert out.count("\n") == 1 and doc["schema_version"] == 1
+    assert out.count("\n") == 1 and doc["schema_version"] == 2
     assert out.strip() == json.dumps(doc, sort_keys=True)
 
 
@@ -287,7 +287,8 @@ def test_live_verify_json(require_thp, capsys):
     share = checks["selftest_share"]["measurements"]
     assert share["facts"]["split_blocks"] == 1
     assert share["facts"]["smaps_anon_huge_bytes"] == share["size"]
-    for key in ("alloc_ms", "fork_ms", "split_write_ms", "detect_ms", "repair_ms", "verify_ms"):
+    for key in ("alloc_seconds", "fork_seconds", "split_write_seconds", "detect_seconds",
+                "repair_seconds", "verify_seconds"):
         assert share["timings"][key] >= 0
     assert checks["selftest_private"]["measurements"]["facts"]["child_vma_perms"] in (None, "---p")
 
@@ -318,9 +319,9 @@ def test_verify_pid_inherited_prctl(capsys):
 
 
 def test_verify_pid_missing(capsys):
-    """--pid of a process that does not exist is a usage error."""
+    """--pid of a process that does not exist exits 3 (no such process), not 2 (usage)."""
     code, _, err = run(capsys, "verify", "--pid", "999999999", "--skip-selftest")
-    assert code == 2 and "no process" in err
+    assert code == 3 and "no process" in err
 
 
 # -- status / watch / guard against a real split --------------------------------------------
@@ -360,7 +361,7 @@ def test_status_shows_split(require_thp, capsys):
         assert smaps_vma(pid, addr).fields["AnonHugePages"] == size - pmd  # ground truth
         code, out, _ = run(capsys, "status", str(pid), "--json", "--only-eligible")
         doc = json.loads(out)
-        assert code == 0 and doc["schema_version"] == 1
+        assert code == 0 and doc["schema_version"] == 2
         proc = doc["processes"][0]
         vma = next(v for v in proc["vmas"] if v["start"] == addr)
         assert vma["split_blocks"] == 1 and vma["split_block_addresses"] == [addr + pmd]
@@ -377,7 +378,7 @@ def test_watch_samples_and_exit(require_thp, capsys):
         samples = [json.loads(line) for line in out.splitlines()]
         assert code == 0 and len(samples) == 2 and samples[0]["totals"]["split_blocks"] >= 1
     code, _, err = run(capsys, "watch", str(pid), "--count", "1")
-    assert code == 2 and "no process" in err
+    assert code == 3 and "no process" in err
 
 
 def test_guard_repairs_as_root(require_thp, capsys):
@@ -414,23 +415,23 @@ def main_as_nobody(*argv):
 
 
 def test_guard_unprivileged_fails_clearly(require_thp):
-    """As nobody, guard says which privilege is missing and exits 2; the split stays."""
+    """As nobody, guard says which privilege is missing and exits 3; the split stays."""
     if os.geteuid() != 0:
         pytest.skip("needs root to drop privileges")
     with split_target() as (pid, addr, size, pmd):
         code, out, err = main_as_nobody("guard", str(pid), "--once")
-        assert code == 2, err
+        assert code == 3, err
         assert "CAP_SYS_NICE" in err and out == ""
         assert smaps_vma(pid, addr).fields["AnonHugePages"] == size - pmd
 
 
 def test_status_unprivileged_other_user(require_thp):
-    """As nobody, status of root's process is refused with a clear message and exit 2."""
+    """As nobody, status of root's process is refused with a clear message and exit 3."""
     if os.geteuid() != 0:
         pytest.skip("needs root to drop privileges")
     with split_target() as (pid, addr, size, pmd):
         code, out, err = main_as_nobody("status", str(pid))
-        assert code == 2 and "ptrace read access" in err, err
+        assert code == 3 and "ptrace read access" in err, err
 
 
 def test_status_own_process_unprivileged(require_thp):
@@ -460,3 +461,139 @@ def test_status_without_pid_lists_advised_processes(require_thp, capsys):
         code, out, _ = run(capsys, "status", "--json", "--only-eligible")
         doc = json.loads(out)
         assert code == 0 and pid in [p["pid"] for p in doc["processes"]]
+
+
+# -- conventions: exit codes, progress, Ctrl-C, JSON errors, the VMA filter -------------------
+
+
+def _gone_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_exit_codes_are_distinct(fake, capsys, monkeypatch):
+    """Usage (2), no such process or permission (3) and unsupported host (4) differ."""
+    assert cli.main(["status", "--bogus"]) == cli.EXIT_USAGE == 2
+    assert run(capsys, "status", str(_gone_pid()))[0] == cli.EXIT_NO_ACCESS == 3
+    assert run(capsys, "watch", str(_gone_pid()))[0] == 3
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run(capsys, "verify", "--fix", "--skip-selftest")[0] == 3
+    fake(thp=False)
+    assert run(capsys, "verify", "--skip-selftest")[0] == cli.EXIT_UNSUPPORTED == 4
+
+
+def test_help_shows_defaults_and_exit_codes(capsys):
+    """--help names each default and the exit codes."""
+    assert cli.main(["guard", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: 1.0)" in out and "130 interrupted" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("command", ["watch", "guard"])
+def test_watch_guard_json_errors(capsys, command):
+    """watch/guard --json report an error as a JSON line with the exit code, not only as text."""
+    code, out, err = run(capsys, command, str(_gone_pid()), "--json")
+    doc = json.loads(out)
+    assert code == 3 and doc["event"] == "error" and doc["exit_code"] == 3
+    assert doc["command"] == command and "no process" in doc["message"] and "no process" in err
+
+
+def test_verify_progress_only_on_a_terminal(require_thp):
+    """verify shows self-test progress on a terminal's stderr, never in a pipe or in JSON."""
+    import pty
+
+    cmd = [sys.executable, "-m", "thpguard", "verify", "--size", "2M"]
+    piped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "self-test 1/" not in piped.stderr and "self-test 1/" not in piped.stdout
+    master, slave = pty.openpty()
+    try:
+        tty = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300)
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert b"self-test 1/4: share" in seen and "self-test 1/" not in tty.stdout
+    assert tty.returncode == piped.returncode
+
+
+def test_guard_ctrl_c_prints_summary_and_exits_130(require_thp):
+    """SIGINT to a running guard prints how much it repaired and exits 130."""
+    if os.geteuid() != 0:
+        pytest.skip("guard needs CAP_SYS_NICE")
+    with split_target() as (pid, addr, size, pmd):
+        g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--interval", "0.05"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = g.stdout.readline()  # the first repair: the guard is past its set-up
+        g.send_signal(2)
+        out, err = g.communicate(timeout=60)
+    assert "repaired" in first, err
+    assert g.returncode == 130, err
+    assert "interrupted: guarded PID" in out and "1 block(s) repaired" in out
+
+
+def test_guard_json_ctrl_c_summary(require_thp):
+    """guard --json ends with an 'interrupted' object carrying the counts."""
+    if os.geteuid() != 0:
+        pytest.skip("guard needs CAP_SYS_NICE")
+    with split_target() as (pid, addr, size, pmd):
+        g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--json",
+                              "--interval", "0.05"], stdout=subprocess.PIPE, text=True)
+        first = json.loads(g.stdout.readline())
+        g.send_signal(2)
+        out, _ = g.communicate(timeout=60)
+    last = json.loads(out.splitlines()[-1])
+    assert first["event"] == "pass" and "timestamp_seconds" in first
+    assert all("ms" not in r and r["seconds"] >= 0 for r in first["repaired"])
+    assert g.returncode == 130 and last["event"] == "interrupted" and last["repaired_blocks"] >= 1
+
+
+def test_status_lists_what_matters_and_aligns(require_thp, capsys):
+    """status hides small file VMAs unless --all; the region is listed; columns align with [vsyscall]."""
+    with split_target() as (pid, addr, size, pmd):
+        code, out, _ = run(capsys, "status", str(pid))
+        code_all, out_all, _ = run(capsys, "status", "--all", str(pid))
+    rows = [line for line in out.splitlines() if line.startswith("  ") and "-" in line.split()[0]]
+    rows_all = [line for line in out_all.splitlines() if line.startswith("  ") and "-" in line.split()[0]]
+    assert code == code_all == 0 and len(rows) < len(rows_all)
+    assert addr in [int(line.split()[0].split("-")[0], 16) for line in rows]
+    assert not any(".so" in line for line in rows) and any(".so" in line for line in rows_all)
+    # Every column starts at the same offset, [vsyscall] included.
+    size_columns = {line.index(line.split()[1]) + len(line.split()[1]) for line in rows_all}
+    assert len(size_columns) == 1, out_all
+
+
+def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
+    """SIGINT to watch prints how many samples it took and exits 130."""
+    with split_target() as (pid, addr, size, pmd):
+        w = subprocess.Popen([sys.executable, "-m", "thpguard", "watch", str(pid), "--interval", "0.05"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = w.stdout.readline()
+        w.send_signal(2)
+        out, err = w.communicate(timeout=60)
+    assert "PMD-mapped" in first, err
+    assert w.returncode == 130 and f"sample(s) of PID {pid}" in out, (out, err)
+
+
+def test_verify_ctrl_c_exits_130(require_thp):
+    """SIGINT during verify's self-test exits 130 with a one-line message, no traceback."""
+    v = subprocess.Popen([sys.executable, "-m", "thpguard", "verify", "--size", "256M"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    v.send_signal(2)
+    out, err = v.communicate(timeout=120)
+    if v.returncode == 0:
+        pytest.skip("verify finished before the signal")
+    assert v.returncode == 130, (out, err)
+    assert "interrupted during verify" in err and "Traceback" not in err

@@ -36,7 +36,7 @@ def test_status_prometheus_reports_split(region_factory, pmd, capsys):
         pid = child.pid
         end = region.address + region.size
         assert smaps_huge_bytes(pid, region.address, end) == region.size - pmd  # ground truth
-        assert cli.main(["status", "--prometheus", str(pid)]) == 0
+        assert cli.main(["status", "--prometheus", "--prometheus-per-pid", str(pid)]) == 0
         samples = _samples(capsys.readouterr().out)
     assert samples[("thpguard_process_split_bytes", str(pid))] == pmd
     assert samples[("thpguard_process_huge_bytes", str(pid))] >= region.size - pmd
@@ -46,7 +46,7 @@ def test_status_prometheus_file_is_written(region_factory, tmp_path):
     """--prometheus-file writes the same text to a file (for node_exporter's textfile collector)."""
     region_factory(4 * MiB)
     path = tmp_path / "thpguard.prom"
-    assert cli.main(["status", "--prometheus-file", str(path), str(os.getpid())]) == 0
+    assert cli.main(["status", "--prometheus-file", str(path), "--prometheus-per-pid", str(os.getpid())]) == 0
     samples = _samples(path.read_text())
     assert samples[("thpguard_process_huge_bytes", str(os.getpid()))] >= 4 * MiB
 

@@ -121,7 +121,7 @@ def test_textfile_for_another_process(region_factory, pmd, tmp_path, capsys):
         os.close(ready_r)
         os.waitpid(pid, 0)
     text = thpguard.metrics.textfile({os.getpid(): [ours], pid: [theirs.as_dict()]},
-                                     names={pid: 'worker "1"'})
+                                     names={pid: 'worker "1"'}, per_pid=True)
     path = tmp_path / "thpguard.prom"
     thpguard.metrics.write_textfile(str(path), text)
     assert path.read_text() == text and os.listdir(tmp_path) == ["thpguard.prom"]
@@ -139,12 +139,12 @@ def test_textfile_for_another_process(region_factory, pmd, tmp_path, capsys):
     for records in (status, status_json):
         from_status = {
             (s.name, s.labels.get("start")): s.value
-            for family in text_string_to_metric_families(thpguard.metrics.textfile(records))
+            for family in text_string_to_metric_families(thpguard.metrics.textfile(records, per_pid=True))
             for s in family.samples
         }
         assert from_status[("thpguard_vma_huge_bytes", start)] == 3 * pmd
         assert from_status[("thpguard_vma_split_bytes", start)] == pmd
-    totals = thpguard.metrics.textfile({pid: [theirs]}, per_vma=False)
+    totals = thpguard.metrics.textfile({pid: [theirs]}, per_vma=False, per_pid=True)
     assert "thpguard_vma_" not in totals and "thpguard_process_huge_bytes" in totals
 
 
@@ -175,3 +175,62 @@ def test_prometheus_example_runs(require_thp):
                for s in f.samples if not s.labels}
     assert samples["thpguard_guarded_bytes"] == 8 << 20
     assert samples["thpguard_repairs_total"] >= 1
+
+
+STABLE_TARGET = r"""
+import os, sys, thpguard
+r = thpguard.alloc(4 << 20, fork="share", name="weights")
+v = r.view()
+v[:] = b"\x5a" * len(v)
+ready_r, ready_w = os.pipe()
+pid = os.fork()
+if pid == 0:   # a second process of the same name; it splits its own second block
+    v[r.pmd_size + 5] = 1
+    os.write(ready_w, b"x")
+    sys.stdin.read()
+    os._exit(0)
+os.read(ready_r, 1)
+print(r.address, r.pmd_size, pid, flush=True)
+sys.stdin.read()
+os.waitpid(pid, 0)
+"""
+
+
+def test_textfile_default_labels_are_stable(require_thp, capsys):
+    """By default: comm, cgroup and region name, no pid or address; same-named processes add up."""
+    p = subprocess.Popen([sys.executable, "-c", STABLE_TARGET], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        addr, pmd, child = map(int, p.stdout.readline().split())
+        assert cli.main(["status", "--prometheus", str(p.pid), str(child)]) == 0
+        text = capsys.readouterr().out
+        assert cli.main(["status", "--prometheus", "--prometheus-per-pid", str(p.pid), str(child)]) == 0
+        detailed = capsys.readouterr().out
+        cgroup = _procmap.cgroup_of(p.pid)
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert samples and all("pid" not in s.labels and "start" not in s.labels for s in samples)
+    region = {s.name: s.value for s in samples if s.labels.get("region") == "weights"}
+    assert region["thpguard_region_bytes"] == 2 * 4 * (1 << 20)  # parent and child, added up
+    assert region["thpguard_region_split_bytes"] == pmd  # the child's split block
+    counts = [s for s in samples if s.name == "thpguard_process_count"]
+    assert [(c.labels["comm"], c.labels.get("cgroup"), c.value) for c in counts] == [
+        (counts[0].labels["comm"], cgroup, 2.0)]
+    by_pid = {s.labels.get("pid") for family in text_string_to_metric_families(detailed)
+              for s in family.samples}
+    assert by_pid == {str(p.pid), str(child)} and f'start="{addr:#x}"' in detailed
+
+
+def test_collector_labels_regions_by_name(region_factory, pmd):
+    """Named regions get their own region_bytes / region_huge_bytes series in the collector."""
+    def child():
+        registry = prometheus_client.CollectorRegistry()
+        thpguard.metrics.register(registry)
+        with thpguard.alloc(2 * pmd, name="embeddings"), thpguard.alloc(pmd, name="embeddings"):
+            return scrape(registry)
+
+    samples = run_in_child(child)
+    assert samples[("thpguard_region_bytes", (("region", "embeddings"),))] == 3 * pmd
+    assert samples[("thpguard_region_huge_bytes", (("region", "embeddings"),))] == 3 * pmd

@@ -37,7 +37,7 @@ def fmt_bytes(n: Optional[int]) -> str:
 class Check:
     """One finding. ``fix`` is ``(path, value)`` for a sysfs write that
     resolves it, or None when the remedy is not a sysfs value;
-    ``measurements`` holds the self-test's timings (milliseconds) and facts."""
+    ``measurements`` holds the self-test's timings (seconds) and facts."""
 
     name: str
     title: str

@@ -12,7 +12,7 @@ import contextlib
 import errno as _errno
 import os
 import re
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ._cffi import ffi, lib
 from .errors import InvalidArgumentError, kernel_error
@@ -173,8 +173,24 @@ def copy_remap(addr: int, length: int, align: int) -> None:
     _check(lib.tg_copy_remap(_ptr(addr), length, align), "copy and mremap", addr, length)
 
 
-def placeholder_add(addr: int, length: int) -> None:
-    _check(lib.tg_placeholder_add(_ptr(addr), length), "placeholder_add", addr, length)
+def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:
+    """Reserve the range in every child; ``name`` is shown if a child touches it."""
+    label = (name or "").encode("utf-8", "replace")[: lib.TG_PLACEHOLDER_NAME_MAX - 1]
+    _check(lib.tg_placeholder_add(_ptr(addr), length, label), "placeholder_add", addr, length)
+
+
+#: memfd name prefix of the marker page in front of each region: maps show
+#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA.
+MARKER_PREFIX = "thpguard-region:"
+
+
+def map_marker(addr: int, length: int, name: Optional[str]) -> None:
+    """Put a PROT_NONE page of a memfd named after the region at ``addr``."""
+    fd = os.memfd_create(MARKER_PREFIX + (name or ""), os.MFD_CLOEXEC)
+    try:
+        _check(lib.tg_map_marker(_ptr(addr), length, fd), "mmap marker", addr, length)
+    finally:
+        os.close(fd)
 
 
 def placeholder_remove(addr: int) -> None:

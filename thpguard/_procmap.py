@@ -20,6 +20,35 @@ SOURCE_PAGEMAP_SCAN = "pagemap_scan"
 SOURCE_SMAPS = "smaps"
 
 
+_MARKER = "/memfd:" + _native.MARKER_PREFIX
+
+
+def _marked_region(previous: Optional[kernel.Vma], vma: kernel.Vma) -> Optional[str]:
+    """The region name when *previous* is a thpguard marker page right below *vma*."""
+    if previous is None or previous.end != vma.start or not previous.path.startswith(_MARKER):
+        return None
+    return previous.path[len(_MARKER):].split(" (deleted)")[0]
+
+
+def cgroup_of(pid, roots: Optional[kernel.Roots] = None) -> Optional[str]:
+    """The cgroup path of *pid*: the v2 one, else the memory controller's; None if unreadable."""
+    try:
+        with open(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid), "cgroup")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    v1 = None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            return parts[2]
+        if "memory" in parts[1].split(","):
+            v1 = parts[2]
+    return v1
+
+
 class ProcessGone(Exception):
     """The process exited (or never existed)."""
 
@@ -39,6 +68,9 @@ class VmaCoverage:
     pmd_mapped_bytes: int
     present_bytes: Optional[int]
     split_blocks: Optional[List[int]]
+    #: For a thpguard region (found by its marker page): its name, "" when
+    #: unnamed; None for every other VMA.
+    region: Optional[str] = None
 
     @property
     def size(self) -> int:
@@ -52,6 +84,7 @@ class VmaCoverage:
             "perms": self.perms,
             "pmd_mapped_bytes": self.pmd_mapped_bytes,
             "present_bytes": self.present_bytes,
+            "region": self.region,
             "size": self.size,
             "split_blocks": None if self.split_blocks is None else len(self.split_blocks),
             "split_block_addresses": None if self.split_blocks is None else list(self.split_blocks),
@@ -67,6 +100,8 @@ class ProcessCoverage:
     source: str
     pmd_size: int
     vmas: List[VmaCoverage]
+    #: The process's cgroup (v2 path, else the memory controller's), or None.
+    cgroup: Optional[str] = None
 
     def totals(self, only_eligible: bool = False) -> dict:
         vmas = [v for v in self.vmas if v.thp_eligible or not only_eligible]
@@ -147,10 +182,12 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
         except OSError as exc:
             raise _error(exc, pid, "the page map") from None
     out: List[VmaCoverage] = []
+    previous = None
     try:
         for v in vmas:
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
-                              v.anon_huge_bytes or 0, v.rss, None)
+                              v.anon_huge_bytes or 0, v.rss, None, _marked_region(previous, v))
+            previous = v
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:
                     cov.pmd_mapped_bytes, cov.present_bytes, cov.split_blocks = _block_scan(fd, v, pmd)
@@ -170,4 +207,5 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
     if source == SOURCE_SMAPS:
         for c in out:
             c.split_blocks = None
-    return ProcessCoverage(int(pid) if str(pid).isdigit() else os.getpid(), name, source, pmd, out)
+    return ProcessCoverage(int(pid) if str(pid).isdigit() else os.getpid(), name, source, pmd, out,
+                           cgroup_of(pid, roots))

@@ -20,8 +20,9 @@ from ._checks import FAIL, OK, Check, fmt_bytes
 
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
+def _s(seconds: float) -> float:
+    # Microsecond resolution; every duration in the JSON is in seconds.
+    return round(seconds, 6)
 
 
 def _pattern(size: int) -> bytes:
@@ -58,7 +59,7 @@ class _Child:
     def timed(self, name: str, fn):
         started = time.perf_counter()
         result = fn()
-        self.timings[name] = _ms(time.perf_counter() - started)
+        self.timings[name] = _s(time.perf_counter() - started)
         return result
 
     def as_dict(self) -> dict:
@@ -74,15 +75,15 @@ def _child_share(region, view, expected: bytearray, c: _Child) -> None:
     def write():
         view[offset] = expected[offset]
 
-    c.timed("split_write_ms", write)
-    cov = c.timed("detect_ms", region.coverage)
+    c.timed("split_write_seconds", write)
+    cov = c.timed("detect_seconds", region.coverage)
     c.facts["split_blocks"] = cov.split_blocks
     if region.direct_cow and kernel.thp_cow_mode() in ("madvise", "always"):
         # Direct COW: the kernel copies the whole huge page on the write,
         # nothing splits and nothing needs repair.
         c.facts["direct_cow"] = True
         c.expect(cov.complete, "the write after fork split a block although direct COW is on")
-        c.expect(c.timed("verify_ms", lambda: view.tobytes() == expected), "data differs after the write")
+        c.expect(c.timed("verify_seconds", lambda: view.tobytes() == expected), "data differs after the write")
         huge = _smaps_huge(region.address)
         c.facts["smaps_anon_huge_bytes"] = huge
         c.expect(huge == region.size, f"smaps AnonHugePages {huge} != region size {region.size}")
@@ -92,10 +93,10 @@ def _child_share(region, view, expected: bytearray, c: _Child) -> None:
     if not collapse.available:
         c.expect(False, f"the split was detected but cannot be repaired: {collapse.reason}")
         return
-    result = c.timed("repair_ms", region.collapse)
+    result = c.timed("repair_seconds", region.collapse)
     c.facts["collapsed_bytes"] = result.collapsed_bytes
     c.expect(result.ok, f"collapse did not repair the split: {result.failures}")
-    same = c.timed("verify_ms", lambda: view.tobytes() == expected)
+    same = c.timed("verify_seconds", lambda: view.tobytes() == expected)
     c.expect(same, "data differs after repair")
     huge = _smaps_huge(region.address)
     c.facts["smaps_anon_huge_bytes"] = huge
@@ -110,10 +111,10 @@ def _child_copy(region, view, expected: bytearray, c: _Child) -> None:
     def write():
         view[offset] = expected[offset]
 
-    c.timed("write_ms", write)
-    cov = c.timed("detect_ms", region.coverage)
+    c.timed("write_seconds", write)
+    cov = c.timed("detect_seconds", region.coverage)
     c.expect(cov.complete, "a write in the child split a block of a copy region")
-    c.expect(c.timed("verify_ms", lambda: view.tobytes() == expected), "child's copy differs from the parent's data")
+    c.expect(c.timed("verify_seconds", lambda: view.tobytes() == expected), "child's copy differs from the parent's data")
     huge = _smaps_huge(region.address)
     c.facts["smaps_anon_huge_bytes"] = huge
     c.expect(huge == region.size, f"smaps AnonHugePages {huge} != region size {region.size}")
@@ -127,11 +128,11 @@ def _child_wipe(region, view, expected: bytearray, c: _Child) -> None:
     def write():
         view[0] = 1
 
-    c.timed("write_ms", write)
+    c.timed("write_seconds", write)
     cov = region.coverage()
     c.facts["huge_bytes_after_write"] = cov.huge_bytes
     c.expect(cov.huge_bytes >= region.pmd_size, "a write in the wiped child did not get a huge page")
-    zero = c.timed("verify_ms", lambda: view[0] == 1 and not any(view[1:page])
+    zero = c.timed("verify_seconds", lambda: view[0] == 1 and not any(view[1:page])
                    and not any(view[page::page]))
     c.expect(zero, "a wipe region is not zero-filled in the child")
 
@@ -167,7 +168,7 @@ def run_policy(policy: str, size: int) -> Check:
         region = thpguard.alloc(size, fork=policy)
     except (OSError, thpguard.ThpguardError) as exc:
         return Check(name, title, FAIL, f"alloc failed: {exc}", measurements={"timings": timings})
-    timings["alloc_ms"] = _ms(time.perf_counter() - started)
+    timings["alloc_seconds"] = _s(time.perf_counter() - started)
     view = region.view()
     facts: Dict[str, object] = {}
     try:
@@ -192,12 +193,13 @@ def run_policy(policy: str, size: int) -> Check:
     finally:
         view.release()
         region.close()
-    timings["total_ms"] = _ms(time.perf_counter() - started)
+    timings["total_seconds"] = _s(time.perf_counter() - started)
     measurements = {"facts": dict(sorted(facts.items())), "size": region.size,
                     "timings": dict(sorted(timings.items()))}
     if problems:
         return Check(name, title, FAIL, "; ".join(problems), measurements=measurements)
-    steps = ", ".join(f"{k[:-3]} {v:.2f}" for k, v in timings.items() if k != "total_ms")
+    steps = ", ".join(f"{k[:-len('_seconds')]} {v * 1000:.2f}" for k, v in timings.items()
+                      if k != "total_seconds")
     return Check(name, title, OK, f"{_PROMISE[policy]} (ms: {steps})", measurements=measurements)
 
 
@@ -221,7 +223,7 @@ def _fork_and_check(policy, region, view, expected, timings) -> dict:
             status = 1
         finally:
             os._exit(status)
-    timings["fork_ms"] = _ms(time.perf_counter() - started)
+    timings["fork_seconds"] = _s(time.perf_counter() - started)
     os.close(write_end)
     chunks = []
     try:

@@ -7,9 +7,10 @@ of repair latency (seconds from the scan that saw a block split to its
 repair, fed by the guard's events). It needs the ``prometheus`` extra
 (``pip install 'thpguard[prometheus]'``).
 
-:func:`textfile` formats per-VMA coverage of any processes in the
+:func:`textfile` formats the coverage of any processes in the
 node_exporter textfile-collector format (what ``thpguard status
---prometheus`` prints); it needs nothing but the standard library.
+--prometheus`` prints), labelled by process name, cgroup and region name
+so that series survive restarts; it needs nothing but the standard library.
 
 The metrics of :func:`register` are per process: in a pre-forking server
 each worker has its own. To see every process of a host at once, let
@@ -200,6 +201,34 @@ class ThpguardCollector:
             buckets, total = _latencies.snapshot()
             latency.add_metric([], buckets, total)
         yield latency
+        yield from _region_families(p, stats is not None)
+
+
+def _region_families(p: str, scrape: bool):
+    """Bytes and PMD-mapped bytes per region name (``alloc(name=...)``; "" unnamed)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from thpguard.region import regions
+
+    sizes = GaugeMetricFamily(f"{p}_region_bytes", "Bytes of open thpguard regions with this "
+                              "name (\"\" for unnamed ones).", labels=["region"])
+    huge = GaugeMetricFamily(f"{p}_region_huge_bytes", "Bytes of them mapped with PMD-size "
+                             "huge pages now.", labels=["region"])
+    if scrape:
+        by_name: Dict[str, List[int]] = {}
+        for region in regions():
+            try:
+                cov = region.coverage()
+            except Exception:  # noqa: BLE001 - closed meanwhile, or unreadable: left out
+                continue
+            entry = by_name.setdefault(getattr(region, "name", None) or "", [0, 0])
+            entry[0] += cov.total_bytes
+            entry[1] += cov.huge_bytes
+        for name, (total, pmd_mapped) in sorted(by_name.items()):
+            sizes.add_metric([name], float(total))
+            huge.add_metric([name], float(pmd_mapped))
+    yield sizes
+    yield huge
 
 
 _registered: Dict[int, ThpguardCollector] = {}
@@ -287,10 +316,10 @@ def _counts(vma: Any, huge: int) -> bool:
 
 
 def _as_processes(processes: Any):
-    """(pid, name, pmd, vmas) for each process, from either accepted form."""
+    """(pid, name, pmd, cgroup, vmas) for each process, from either accepted form."""
     if isinstance(processes, Mapping):
         for pid in sorted(processes):
-            yield pid, None, None, processes[pid]
+            yield pid, None, None, None, processes[pid]
         return
     if isinstance(processes, (str, bytes)) or not hasattr(processes, "__iter__"):
         raise InvalidTypeError(
@@ -303,14 +332,16 @@ def _as_processes(processes: Any):
             raise InvalidTypeError(
                 f"a process record needs pid and vmas (like thpguard status --json); got {record!r}"
             )
-        yield pid, _field(record, "name"), _field(record, "pmd_size"), vmas
+        yield pid, _field(record, "name"), _field(record, "pmd_size"), _field(record, "cgroup"), vmas
 
 
 def textfile(
     processes: Any,
     *,
     names: Optional[Mapping[int, str]] = None,
+    cgroups: Optional[Mapping[int, str]] = None,
     per_vma: bool = True,
+    per_pid: bool = False,
     pmd_size: Optional[int] = None,
     prefix: str = PREFIX,
 ) -> str:
@@ -318,42 +349,60 @@ def textfile(
 
     ``processes`` is either a mapping of pid to that process's VMAs, or an
     iterable of process records with ``pid``, ``vmas`` and optionally
-    ``name`` and ``pmd_size`` (objects or dicts, like each process of
-    ``thpguard status --json``). A VMA is a :class:`~thpguard.Coverage`,
-    or an object or mapping with ``start`` and ``total_bytes`` (or
-    ``size``, or ``end``) and ``huge_bytes`` (or ``pmd_mapped_bytes``),
-    and optionally ``split_bytes`` (or ``split_blocks``, a count or a list
-    of block addresses, times ``pmd_size``). VMAs with ``advised`` false
-    and no huge pages are left out. ``names`` maps a pid to its command
-    name (``comm`` label). Per-VMA series carry a ``start`` label (hex
-    address); ``per_vma=False`` keeps only the per-process totals, for
-    hosts with many processes. Write the text with :func:`write_textfile`
-    so node_exporter never reads half a file.
+    ``name``, ``cgroup`` and ``pmd_size`` (objects or dicts, like each
+    process of ``thpguard status --json``). A VMA is a
+    :class:`~thpguard.Coverage`, or an object or mapping with ``start`` and
+    ``total_bytes`` (or ``size``, or ``end``) and ``huge_bytes`` (or
+    ``pmd_mapped_bytes``), optionally ``split_bytes`` (or ``split_blocks``,
+    a count or a list of block addresses, times ``pmd_size``) and
+    ``region`` (a thpguard region's name, ``""`` when unnamed, as
+    ``thpguard status`` finds it). VMAs with ``advised`` false and no huge
+    pages are left out. ``names`` and ``cgroups`` map a pid to its command
+    name and cgroup path, over what the records say.
+
+    By default the labels are stable across restarts: ``comm`` (process
+    name), ``cgroup`` and, on the ``region_*`` series, ``region`` (the name
+    given to :func:`thpguard.alloc`). Processes with the same labels (the
+    workers of one server) are added up, and ``process_count`` says how
+    many there were. ``per_vma=False`` drops the ``region_*`` series.
+    ``per_pid=True`` instead labels every series with ``pid`` and gives one
+    ``vma_*`` series per VMA with its ``start`` address: detail for
+    debugging that starts new series at every restart. Write the text with
+    :func:`write_textfile` so node_exporter never reads half a file.
     """
     names = dict(names or {})
-    series: Dict[str, List[str]] = {}
+    cgroups = dict(cgroups or {})
     docs = {
+        "process_count": "Processes with these labels.",
         "process_bytes": "Bytes of the process's huge-page VMAs (advised or holding huge pages).",
         "process_huge_bytes": "Bytes of them mapped with PMD-size huge pages.",
         "process_split_bytes": "Bytes of them holding data but split (not PMD-mapped).",
         "process_coverage_ratio": "process_huge_bytes / process_bytes (1 when there are none).",
+        "region_bytes": "Bytes of thpguard regions with this name.",
+        "region_huge_bytes": "Bytes of those regions mapped with PMD-size huge pages.",
+        "region_split_bytes": "Bytes of those regions holding data but split.",
         "vma_bytes": "Bytes of one VMA.",
         "vma_huge_bytes": "Bytes of one VMA mapped with PMD-size huge pages.",
         "vma_split_bytes": "Bytes of one VMA holding data but split.",
     }
+    # (metric, label items) -> value; added up where the labels repeat.
+    values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
+    unknown_split: set = set()
 
     def add(name: str, labels: Dict[str, str], value: float) -> None:
-        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        number = str(value) if isinstance(value, int) else repr(float(value))
-        series.setdefault(name, []).append(f"{prefix}_{name}{{{text}}} {number}")
+        key = (name, tuple(labels.items()))
+        values[key] = values.get(key, 0) + value
 
-    for pid, name, pmd, vmas in _as_processes(processes):
+    for pid, name, pmd, cgroup, vmas in _as_processes(processes):
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise InvalidArgumentError(f"pid must be a positive int, got {pid!r}")
-        labels = {"pid": str(pid)}
+        labels: Dict[str, str] = {"pid": str(pid)} if per_pid else {}
         name = names.get(pid, name)
         if name is not None:
             labels["comm"] = str(name)
+        cgroup = cgroups.get(pid, cgroup)
+        if cgroup is not None:
+            labels["cgroup"] = str(cgroup)
         total = huge = split = 0
         split_known = True
         for vma in vmas:
@@ -366,24 +415,48 @@ def textfile(
                 split_known = False
             else:
                 split += vma_split
-            if per_vma:
-                vma_labels = dict(labels, start=f"{start:#x}")
-                add("vma_bytes", vma_labels, vma_size)
-                add("vma_huge_bytes", vma_labels, vma_huge)
-                if vma_split is not None:
-                    add("vma_split_bytes", vma_labels, vma_split)
+            region = _field(vma, "region")
+            if not per_vma or (region is None and not per_pid):
+                continue
+            if per_pid:
+                family, vma_labels = "vma", dict(labels, start=f"{start:#x}")
+                if region is not None:
+                    vma_labels["region"] = str(region)
+            else:
+                family, vma_labels = "region", dict(labels, region=str(region))
+            add(f"{family}_bytes", vma_labels, vma_size)
+            add(f"{family}_huge_bytes", vma_labels, vma_huge)
+            if vma_split is not None:
+                add(f"{family}_split_bytes", vma_labels, vma_split)
+        add("process_count", labels, 1)
         add("process_bytes", labels, total)
         add("process_huge_bytes", labels, huge)
         if split_known:
             add("process_split_bytes", labels, split)
-        add("process_coverage_ratio", labels, huge / total if total else 1.0)
+        else:
+            unknown_split.add(tuple(labels.items()))
+    for key in list(values):
+        name, items = key
+        if name == "process_bytes":
+            huge = values[("process_huge_bytes", items)]
+            values[("process_coverage_ratio", items)] = huge / values[key] if values[key] else 1.0
+        if name == "process_split_bytes" and items in unknown_split:
+            del values[key]  # one process of the group without split detail: unknown
+    if per_pid:  # one process per label set: a count of 1 says nothing
+        for key in [k for k in values if k[0] == "process_count"]:
+            del values[key]
 
     lines: List[str] = []
     for name, doc in docs.items():
-        if name in series:
-            lines.append(f"# HELP {prefix}_{name} {doc}")
-            lines.append(f"# TYPE {prefix}_{name} gauge")
-            lines.extend(series[name])
+        rows = [(items, v) for (n, items), v in values.items() if n == name]
+        if not rows:
+            continue
+        lines.append(f"# HELP {prefix}_{name} {doc}")
+        lines.append(f"# TYPE {prefix}_{name} gauge")
+        for items, value in rows:
+            text = ",".join(f'{k}="{_escape(v)}"' for k, v in items)
+            number = str(int(value)) if name != "process_coverage_ratio" else repr(float(value))
+            lines.append(f"{prefix}_{name}{{{text}}} {number}")
     return "\n".join(lines) + "\n" if lines else ""
 
 

@@ -15,7 +15,9 @@ child of ``fork()`` gets:
 ``wipe``
     a zero-filled range that keeps ``MADV_HUGEPAGE`` (``MADV_WIPEONFORK``).
 ``private``
-    nothing: the range is not mapped in the child (``MADV_DONTFORK``).
+    nothing: the range is not mapped in the child (``MADV_DONTFORK``). A
+    view made before fork and touched in the child is a SIGSEGV, which the
+    native core explains on stderr (region, policy, what to use) first.
 """
 
 from __future__ import annotations
@@ -104,6 +106,22 @@ def _direct_cow_mode() -> Optional[str]:
     return kernel.thp_cow_mode()
 
 
+_NAME_MAX = 48
+
+
+def _check_name(name: object) -> Optional[str]:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"name must be a str or None, got {type(name).__name__}")
+    # The name travels into /proc/PID/maps, Prometheus labels and a signal handler's message.
+    if not 0 < len(name) <= _NAME_MAX or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
+        raise InvalidArgumentError(
+            f"name must be 1 to {_NAME_MAX} ASCII letters, digits, '.', '_' or '-', got {name!r}"
+        )
+    return name
+
+
 def _check_size(size: object) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
         raise InvalidTypeError(
@@ -155,12 +173,15 @@ class Region:
     allocation, else a sentence saying why it is not.
     """
 
-    def __init__(self, size: int, fork: str, populate: bool, strict: bool) -> None:
+    def __init__(self, size: int, fork: str, populate: bool, strict: bool,
+                 name: Optional[str] = None) -> None:
         # Without a known PMD size (no THP in this kernel) the region still
         # works, on small pages, aligned as on x86-64.
         self.pmd_size = kernel.pmd_size() or _FALLBACK_PMD
         self.size = -(-size // self.pmd_size) * self.pmd_size
         self.fork = fork
+        #: The name given to :func:`alloc`, or None; shown by ``thpguard status`` and in metrics.
+        self.name = name
         self.degraded: Optional[str] = None
         self.direct_cow = False
         self._closed = False
@@ -209,6 +230,12 @@ class Region:
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
         try:
+            # The slack page just below the region becomes a named marker,
+            # so `thpguard status` of this process can tell the region apart.
+            _native.map_marker(addr - _PAGE, _PAGE, self.name)
+        except OSError as exc:
+            log.debug("no marker page for region %#x: %s", addr, exc)
+        try:
             _native.madvise(addr, size, _native.MADV_HUGEPAGE)
         except OSError as exc:
             # EINVAL: a kernel built without CONFIG_TRANSPARENT_HUGEPAGE.
@@ -219,7 +246,7 @@ class Region:
             _native.madvise(addr, size, _native.MADV_WIPEONFORK)
         elif self.fork == "private":
             _native.madvise(addr, size, _native.MADV_DONTFORK)
-            _native.placeholder_add(addr, size)
+            _native.placeholder_add(addr, size, self.name)
             # A region dropped without close() takes its reservation along.
             self._forget_placeholder = weakref.finalize(
                 self, _native.placeholder_remove, addr
@@ -400,7 +427,8 @@ class Region:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return (
-            f"<thpguard.Region {state} address={self.address:#x} size={self.size} "
+            f"<thpguard.Region {state}{'' if self.name is None else ' ' + repr(self.name)} "
+            f"address={self.address:#x} size={self.size} "
             f"fork={self.fork!r}{' direct_cow' if self.direct_cow else ''}>"
         )
 
@@ -417,6 +445,7 @@ def alloc(
     fork: Optional[str] = None,
     populate: bool = True,
     strict: bool = False,
+    name: Optional[str] = None,
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -426,14 +455,18 @@ def alloc(
     ``populate`` faults every page in now, as huge pages. With ``strict``,
     :class:`~thpguard.errors.HugePagesUnavailableError` is raised where huge
     pages cannot be had; otherwise the region works on small pages and
-    ``Region.degraded`` and :meth:`Region.coverage` say so.
+    ``Region.degraded`` and :meth:`Region.coverage` say so. ``name``
+    (letters, digits and ``._-``, at most 48 characters) labels the region
+    in ``thpguard status``, in metrics and in the message a child gets if it
+    touches a ``private`` region.
     """
     size = _check_size(size)
+    name = _check_name(name)
     fork = default_policy() if fork is None else _check_policy(fork)
-    for name, value in (("populate", populate), ("strict", strict)):
+    for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
-            raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
-    return Region(size, fork, populate, strict)
+            raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
+    return Region(size, fork, populate, strict, name)
 
 
 def regions() -> List[Region]:
