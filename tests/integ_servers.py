@@ -141,18 +141,27 @@ def wait_for_workers(master: int, count: int, timeout: float = WAIT) -> List[int
 
 @contextlib.contextmanager
 def pin_every_worker(port: int, workers: List[int], block: int = 0, timeout: float = WAIT):
-    """Pin each of ``workers`` with one ``/pin`` request (tests/probe_app.py);
-    yield their reports (pid -> dict) while they are all held, then release
-    them and check their answers.
+    """Pin each of ``workers`` (HTTP server workers) with one ``/pin``
+    request (tests/probe_app.py); see :func:`pin_workers`."""
+    with pin_workers(workers, lambda folder: get(port, f"/pin?dir={folder}&block={block}",
+                                                 4 * timeout), timeout) as reports:
+        yield reports
 
-    Deterministic: a pinned worker serves nothing else until released, so
+
+@contextlib.contextmanager
+def pin_workers(workers: List[int], send_pin, timeout: float = WAIT):
+    """Pin each of ``workers``: ``send_pin(folder)`` (called once per worker,
+    each in its own thread) asks for one pin (tests/pin_worker.py) and
+    returns the worker's answer. Yields their reports (pid -> dict) while
+    they are all held, then releases them and checks their answers.
+
+    Deterministic: a pinned worker takes nothing else until released, so
     ``len(workers)`` concurrent pins land on that many different workers.
     """
     with tempfile.TemporaryDirectory(prefix="thpguard-pin-") as folder, \
             concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
-        path = f"/pin?dir={folder}&block={block}"
-        # The requests wait for the release, well past the deadline below.
-        answers = [pool.submit(get, port, path, 4 * timeout) for _ in workers]
+        # The answers come after the release, well past the deadline below.
+        answers = [pool.submit(send_pin, folder) for _ in workers]
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -166,9 +175,9 @@ def pin_every_worker(port: int, workers: List[int], block: int = 0, timeout: flo
                     break
                 failed = [a.exception() for a in answers if a.done() and a.exception()]
                 if failed or time.monotonic() > deadline:
-                    raise AssertionError(f"not every worker took a /pin request within "
+                    raise AssertionError(f"not every worker took a pin within "
                                          f"{timeout:g} s: pinned {sorted(reports)} of "
-                                         f"{sorted(workers)}; request errors: {failed}")
+                                         f"{sorted(workers)}; errors: {failed}")
                 time.sleep(0.02)
             assert set(reports) == set(workers), (sorted(reports), sorted(workers))
             yield reports
