@@ -10,13 +10,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 
 from thpguard import cli, kernel
 from fakekernel import FakeNative, FakeTree
-from conftest import run_in_child, smaps_vma
+from conftest import run_in_child, smaps_vma, wait_until
 
 MiB = 1024 * 1024
 SCHEMA = pathlib.Path(__file__).resolve().parent.parent / "docs" / "verify-schema.json"
@@ -586,11 +585,26 @@ def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
     assert w.returncode == 130 and f"sample(s) of PID {pid}" in out, (out, err)
 
 
+def _anon_huge_bytes(pid):
+    """AnonHugePages of ``pid`` (smaps_rollup), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def test_verify_ctrl_c_exits_130(require_thp):
     """SIGINT during verify's self-test exits 130 with a one-line message, no traceback."""
     v = subprocess.Popen([sys.executable, "-m", "thpguard", "verify", "--size", "256M"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    # Not a fixed pause (a slow start would take the signal during import):
+    # the signal goes once the self-test has huge pages mapped (its region).
+    wait_until(lambda: v.poll() is not None or _anon_huge_bytes(v.pid) > 0,
+               "verify's self-test to map its region")
     v.send_signal(2)
     out, err = v.communicate(timeout=120)
     if v.returncode == 0:
