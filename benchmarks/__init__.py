@@ -8,9 +8,16 @@ Run them from the repository root, with thpguard installed::
 Every figure is a ratio against a baseline measured in the same run,
 interleaved, after warm-up, as the median of several repetitions (see
 ``_harness``). This package is not part of the installed ``thpguard``.
+
+The end-to-end benchmarks (``agent``, ``service``, ``snapshot``, ``pool``:
+whole services, several GiB, Redis, gunicorn and wrk) run only when named
+with ``--only``; a plain run is the seven component benchmarks.
 """
 
-from . import alloc, coverage, forklat, overhead, repair, stall, tlb
+from . import agent, alloc, coverage, forklat, overhead, pool, repair, service, snapshot, stall, tlb
 
 #: Every benchmark, in the order they run: module with NAME, TITLE, run().
-BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall)
+BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall, agent, service, snapshot, pool)
+
+#: What a run without ``--only`` runs.
+DEFAULT = (repair, coverage, tlb, overhead, forklat, alloc, stall)

@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 
-from . import BENCHMARKS
+from . import BENCHMARKS, DEFAULT
 from ._harness import Result, Settings, Skipped, fmt_bytes, format_table, host_info, now
 
 SCHEMA = 1
@@ -33,7 +33,7 @@ def _parse(argv):
     )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
-    selected = list(BENCHMARKS)
+    selected = list(DEFAULT)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(names))
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     args, selected = _parse(argv)
     if args.list:
         for bench in BENCHMARKS:
-            print(f"{bench.NAME:10} {bench.TITLE}")
+            extra = "" if bench in DEFAULT else " (only with --only)"
+            print(f"{bench.NAME:10} {bench.TITLE}{extra}")
         return 0
     settings = Settings.make(args.quick)
     if args.max_gib is not None:

@@ -117,3 +117,95 @@ size_t tgb_fault_loop(volatile int *stop, uint64_t *start_ns, uint64_t *lat_ns,
     }
     return n;
 }
+
+/* -- service and snapshot workloads --------------------------------------- */
+
+#define TGB_GOLDEN 0x9E3779B97F4A7C15ULL
+
+/* `count` dependent lookups in a float32 table of 2^bits entries: each
+ * index is derived from the value just read, so the loads cannot overlap
+ * and each one pays its full TLB and cache miss. A generator mixed in at
+ * each step keeps the walk from falling into a short cycle (an index that
+ * depended on the previous index alone would soon repeat a few thousand
+ * entries that stay in the cache). Returns the last index. */
+uint64_t tgb_lookup_f32(const float *table, unsigned bits, uint64_t start, uint64_t count)
+{
+    uint64_t mask = (1ULL << bits) - 1, i = start & mask, rnd = start | 1;
+    if (bits == 0 || bits >= 64)
+        return 0;
+    while (count--) {
+        float v = table[i];
+        uint32_t b;
+        memcpy(&b, &v, sizeof(b));
+        i = ((next_rand(&rnd) ^ b) * TGB_GOLDEN) >> (64 - bits);
+    }
+    return i;
+}
+
+/* The open-addressing table: 2^bits slots of {key, value} (16 bytes),
+ * key 0 = empty, home slot (key * TGB_GOLDEN) >> (64 - bits), linear
+ * probing. Filled at 50 %: every odd slot holds the key whose home it is,
+ * so a hit needs one probe and the fill is a sequential pass. */
+static uint64_t kv_inverse(void)
+{
+    uint64_t x = TGB_GOLDEN; /* Newton: x = x * (2 - a x) doubles the bits */
+    for (int k = 0; k < 6; k++)
+        x *= 2 - TGB_GOLDEN * x;
+    return x;
+}
+
+static uint64_t kv_key(uint64_t slot, unsigned bits, uint64_t inverse)
+{
+    return inverse * (slot << (64 - bits));
+}
+
+void tgb_kv_fill(uint64_t *slots, unsigned bits)
+{
+    uint64_t n = 1ULL << bits, inverse = kv_inverse();
+    for (uint64_t s = 0; s < n; s++) {
+        slots[2 * s] = (s & 1) ? kv_key(s, bits, inverse) : 0;
+        slots[2 * s + 1] = s;
+    }
+}
+
+/* Serve batches of `batch` operations (reads, and `update_permille`/1000
+ * updates that add 1 to the value) on random existing keys until
+ * tgb_now_ns() >= until_ns or `cap` batches; each key is picked from the
+ * value read before, so operations run one after another as a single
+ * client's requests would. Stores each batch's start and latency (ns);
+ * returns the number of batches stored. *state carries the generator. */
+size_t tgb_kv_serve(uint64_t *slots, unsigned bits, uint64_t *state, uint64_t batch,
+                    unsigned update_permille, uint64_t until_ns,
+                    uint64_t *start_ns, uint64_t *lat_ns, size_t cap)
+{
+    uint64_t mask = (1ULL << bits) - 1, inverse = kv_inverse(), rnd = *state | 1;
+    size_t done = 0;
+    if (bits == 0 || bits >= 64)
+        return 0;
+    while (done < cap) {
+        uint64_t t0 = tgb_now_ns();
+        if (t0 >= until_ns)
+            break;
+        for (uint64_t op = 0; op < batch; op++) {
+            uint64_t r = next_rand(&rnd);
+            uint64_t key = kv_key(((r >> 11) & mask) | 1, bits, inverse);
+            uint64_t s = (key * TGB_GOLDEN) >> (64 - bits);
+            while (slots[2 * s] != key && slots[2 * s] != 0)
+                s = (s + 1) & mask;
+            if ((r & 1023) < update_permille * 1024 / 1000)
+                slots[2 * s + 1] += 1;
+            rnd ^= slots[2 * s + 1];
+        }
+        start_ns[done] = t0;
+        lat_ns[done++] = tgb_now_ns() - t0;
+    }
+    *state = rnd;
+    return done;
+}
+
+/* t[i] = i for the service's and the pool's tables: one sequential pass. */
+void tgb_fill_index_f32(float *table, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        table[i] = (float)i;
+}

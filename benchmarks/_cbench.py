@@ -27,6 +27,12 @@ void tgb_write_each(void *addr, size_t len, size_t stride);
 uint64_t tgb_read_each(const void *addr, size_t len, size_t stride);
 size_t tgb_fault_loop(volatile int *stop, uint64_t *start_ns, uint64_t *lat_ns,
                       size_t cap, size_t bytes);
+uint64_t tgb_lookup_f32(const float *table, unsigned bits, uint64_t start, uint64_t count);
+void tgb_kv_fill(uint64_t *slots, unsigned bits);
+void tgb_fill_index_f32(float *table, size_t n);
+size_t tgb_kv_serve(uint64_t *slots, unsigned bits, uint64_t *state, uint64_t batch,
+                    unsigned update_permille, uint64_t until_ns,
+                    uint64_t *start_ns, uint64_t *lat_ns, size_t cap);
 """
 
 _module = None

@@ -12,7 +12,7 @@ interleaved. Variants:
 ``smaps+splits``    the smaps fallback after 64 splits
 
 The smaps fallback is forced through thpguard's private switch
-``pagemap._self_pagemap.scan_supported = False`` in the child.
+``pagemap._scan_state()["supported"] = False`` in the child.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _cpu() -> float:
 def _child(region, variant: str, window_s: float) -> dict:
     ffi, lib = _cbench.load()
     if variant.startswith("smaps"):
-        pagemap._self_pagemap.scan_supported = False
+        pagemap._scan_state()["supported"] = False
     if variant.endswith("+splits"):
         warm_memory(SPLITS * region.pmd_size)  # the repairs allocate: warm pages
         stride = region.size // SPLITS

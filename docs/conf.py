@@ -16,12 +16,13 @@ autodoc_typehints = "description"
 # over the network at build time. Those names stay plain text.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(os|mmap|subprocess|time|signal|multiprocessing|faulthandler|numpy)(\..*)?"),
+    (r"py:.*", r"(os|mmap|subprocess|time|signal|multiprocessing|faulthandler|numpy|threading|_thread)(\..*)?"),
 ]
 nitpick_ignore = [
     # Documented where they are used, not as API entries of their own.
     ("py:func", "default_policy"),
     ("py:class", "thpguard.kernel.BuddyZone"),
+    ("py:class", "thpguard.kernel.procfs.BuddyZone"),
 ]
 html_theme = "alabaster"
 html_static_path = ["_static"]

@@ -1,5 +1,7 @@
-/* The declarations cffi exposes to Python. Compiled against thpguard.h
- * by build_cffi.py, so any drift between the two fails the build. */
+/* The declarations cffi exposes to Python: thpguard.h and the test hook of
+ * thpguard_testing.h. build_cffi.py compiles every prototype here again
+ * after including the headers and pins the struct layouts with static
+ * assertions, so any drift between the two fails the build. */
 #define TG_MADV_DONTFORK ...
 #define TG_MADV_DOFORK ...
 #define TG_MADV_HUGEPAGE ...
@@ -44,6 +46,19 @@ int tg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end,
                     size_t vec_len, size_t *n_out, uint64_t *walk_end);
 int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
                   uint64_t *huge, uint64_t *present);
+
+struct tg_block_counts {
+    uint64_t huge_bytes;
+    uint64_t present_bytes;
+    uint64_t huge;
+    uint64_t zero;
+    uint64_t split;
+    uint64_t partial;
+    uint64_t absent;
+};
+
+int tg_block_counts(int pagemap_fd, uint64_t start, uint64_t end, uint64_t pmd,
+                    struct tg_block_counts *out);
 int tg_collapse(void *addr, size_t len, size_t chunk, unsigned max_retries,
                 int *chunk_errno, size_t n_chunks);
 int tg_pidfd_open(pid_t pid, int *fd);

@@ -6,8 +6,10 @@
  */
 #define _GNU_SOURCE
 #include "thpguard.h"
+#include "thpguard_testing.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -139,6 +141,18 @@ int tg_map_aligned(size_t size, size_t align, void **out)
     return 0;
 }
 
+size_t tg_pmd_size(void)
+{
+    unsigned long size = 2UL << 20;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "re");
+    if (f) {
+        if (fscanf(f, "%lu", &size) != 1 || size == 0 || (size & (size - 1)))
+            size = 2UL << 20;
+        fclose(f);
+    }
+    return size;
+}
+
 int tg_unmap(void *addr, size_t size)
 {
     return munmap(addr, size);
@@ -221,20 +235,104 @@ int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
         size_t n;
         uint64_t walk_end;
         if (tg_pagemap_scan(pagemap_fd, at, end,
-                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_HUGE,
+                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_HUGE | TG_PAGE_IS_PFNZERO,
                             vec, 64, &n, &walk_end) != 0)
             return -1;
         for (size_t i = 0; i < n; i++) {
             uint64_t bytes = vec[i].end - vec[i].start;
-            if (vec[i].categories & TG_PAGE_IS_PRESENT)
+            uint64_t cats = vec[i].categories;
+            if (cats & TG_PAGE_IS_PRESENT)
                 *present += bytes;
-            if (vec[i].categories & TG_PAGE_IS_HUGE)
+            if ((cats & TG_PAGE_IS_HUGE) && (cats & TG_PAGE_IS_PRESENT)
+                && !(cats & TG_PAGE_IS_PFNZERO))
                 *huge += bytes;
         }
         if (walk_end <= at)
             break;
         at = walk_end;
     }
+    return 0;
+}
+
+struct block_acc {
+    uint64_t at;     /* start of the block being accumulated, or UINT64_MAX */
+    uint64_t data;   /* bytes holding data in small pages */
+    int huge;        /* PMD-mapped with data */
+    int zero;        /* zero pages only so far */
+};
+
+static void block_close(struct block_acc *b, uint64_t pmd, struct tg_block_counts *out)
+{
+    if (b->at == UINT64_MAX)
+        return;
+    if (b->huge)
+        out->huge++;
+    else if (b->data >= pmd)
+        out->split++;
+    else if (b->data)
+        out->partial++;
+    else if (b->zero)
+        out->zero++;
+    b->at = UINT64_MAX;
+}
+
+int tg_block_counts(int pagemap_fd, uint64_t start, uint64_t end, uint64_t pmd,
+                    struct tg_block_counts *out)
+{
+    struct tg_page_region vec[64];
+    struct block_acc b = { UINT64_MAX, 0, 0, 0 };
+    if (pmd == 0 || (pmd & (pmd - 1)) || end < start) {
+        errno = EINVAL;
+        return -1;
+    }
+    memset(out, 0, sizeof(*out));
+    uint64_t first = (start + pmd - 1) & ~(pmd - 1);
+    uint64_t last = end & ~(pmd - 1);
+    uint64_t at = start;
+    while (at < end) {
+        size_t n;
+        uint64_t walk_end;
+        if (tg_pagemap_scan(pagemap_fd, at, end,
+                            TG_PAGE_IS_PRESENT | TG_PAGE_IS_SWAPPED | TG_PAGE_IS_HUGE
+                            | TG_PAGE_IS_PFNZERO,
+                            vec, 64, &n, &walk_end) != 0)
+            return -1;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t cats = vec[i].categories;
+            int zero = (cats & TG_PAGE_IS_PFNZERO) != 0;
+            int huge = (cats & TG_PAGE_IS_HUGE) && (cats & TG_PAGE_IS_PRESENT) && !zero;
+            int data = (cats & (TG_PAGE_IS_PRESENT | TG_PAGE_IS_SWAPPED)) && !zero;
+            if (cats & TG_PAGE_IS_PRESENT)
+                out->present_bytes += vec[i].end - vec[i].start;
+            if (huge)
+                out->huge_bytes += vec[i].end - vec[i].start;
+            uint64_t lo = vec[i].start < first ? first : vec[i].start;
+            uint64_t hi = vec[i].end > last ? last : vec[i].end;
+            while (lo < hi) {
+                uint64_t block = lo & ~(pmd - 1);
+                uint64_t upto = block + pmd < hi ? block + pmd : hi;
+                if (block != b.at) {
+                    block_close(&b, pmd, out);
+                    b.at = block;
+                    b.data = 0;
+                    b.huge = b.zero = 0;
+                }
+                if (huge)
+                    b.huge = 1;
+                else if (data)
+                    b.data += upto - lo;
+                else if (zero)
+                    b.zero = 1;
+                lo = upto;
+            }
+        }
+        if (walk_end <= at)
+            break;
+        at = walk_end;
+    }
+    block_close(&b, pmd, out);
+    uint64_t blocks = last > first ? (last - first) / pmd : 0;
+    out->absent = blocks - out->huge - out->zero - out->split - out->partial;
     return 0;
 }
 

@@ -5,7 +5,8 @@
  * Plain C, usable without Python. Every function that can fail returns 0 on
  * success or -1 with errno set; results come back through out-parameters.
  * Addresses and lengths are in bytes. Nothing here allocates on the C heap
- * except where said.
+ * except where said. The fault-injection hook for tests is declared in
+ * thpguard_testing.h, not here: it is not part of this contract.
  */
 #ifndef THPGUARD_H
 #define THPGUARD_H
@@ -47,15 +48,6 @@ struct tg_page_region {
     uint64_t categories;
 };
 
-/* Operations that the fault-injection hook can make fail. */
-enum tg_fault_op {
-    TG_FAULT_COLLAPSE = 0,  /* tg_collapse: one MADV_COLLAPSE attempt */
-    TG_FAULT_MAP = 1,       /* tg_map_aligned, tg_copy_remap's new mapping */
-    TG_FAULT_SCAN = 2,      /* tg_pagemap_scan */
-    TG_FAULT_MREMAP = 3,    /* tg_copy_remap's final mremap */
-    TG_FAULT_NOPS = 4
-};
-
 /* ---- mapping ---------------------------------------------------------- */
 
 /* Map `size` bytes of private anonymous memory at an address aligned to
@@ -63,6 +55,11 @@ enum tg_fault_op {
 int tg_map_aligned(size_t size, size_t align, void **out);
 
 int tg_unmap(void *addr, size_t size);
+
+/* The PMD huge page size in bytes, from
+ * /sys/kernel/mm/transparent_hugepage/hpage_pmd_size; 2 MiB (x86-64) where
+ * the file is missing or unreadable (kernels before 4.16, no THP). */
+size_t tg_pmd_size(void);
 
 int tg_madvise(void *addr, size_t len, int advice);
 
@@ -87,9 +84,32 @@ int tg_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end,
                     uint64_t return_mask, struct tg_page_region *vec,
                     size_t vec_len, size_t *n_out, uint64_t *walk_end);
 
-/* Bytes of [start, end) that are PMD-mapped (PAGE_IS_HUGE) and present. */
+/* Bytes of [start, end) that are PMD-mapped (PAGE_IS_HUGE), present and hold
+ * data: the huge zero page (PAGE_IS_PFNZERO) and non-present PMD entries are
+ * not huge (the same rule as the Python block model, thpguard/blocks.py).
+ * *present counts every present byte, zero pages included. */
 int tg_huge_bytes(int pagemap_fd, uint64_t start, uint64_t end,
                   uint64_t *huge, uint64_t *present);
+
+/* How many whole PMD-size blocks of a range are of each kind, by the block
+ * model of thpguard (docs/architecture.rst, thpguard/blocks.py): huge
+ * (PMD-mapped, present, holding data), zero (the huge zero page or zero
+ * pages only: no data), split (every base page holds data, present or
+ * swapped, but not PMD-mapped), partial (some base pages hold data), absent
+ * (no data). Bytes count as in tg_huge_bytes. */
+struct tg_block_counts {
+    uint64_t huge_bytes;
+    uint64_t present_bytes;
+    uint64_t huge;
+    uint64_t zero;
+    uint64_t split;
+    uint64_t partial;
+    uint64_t absent;
+};
+
+/* Classify the whole `pmd`-size blocks of [start, end) into *out. */
+int tg_block_counts(int pagemap_fd, uint64_t start, uint64_t end, uint64_t pmd,
+                    struct tg_block_counts *out);
 
 /* ---- repair ----------------------------------------------------------- */
 
@@ -161,21 +181,6 @@ int tg_thp_disable_get(int *value);
 
 /* prctl(PR_SET_THP_DISABLE, disable, flags, 0, 0). */
 int tg_thp_disable_set(int disable, unsigned long flags);
-
-/* ---- fault injection (tests only; off unless called) ------------------ */
-
-/* Make the next `count` calls of `op` fail with `err`. count 0 clears. */
-int tg_fault_inject(int op, int err, int count);
-
-void tg_fault_clear(void);
-
-/* Nonzero: injected faults do not apply to this thread's calls (a probe
- * of the library's own must not consume the faults a test set up). */
-void tg_fault_suspend(int suspend);
-
-/* Consume one injected fault of `op` for a call made outside this library
- * (a binding that maps memory itself): the errno to fail with, or 0. */
-int tg_fault_take(int op);
 
 #ifdef __cplusplus
 }

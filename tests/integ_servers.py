@@ -160,6 +160,7 @@ def pin_workers(workers: List[int], send_pin, timeout: float = WAIT):
     """
     with tempfile.TemporaryDirectory(prefix="thpguard-pin-") as folder, \
             concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        os.chmod(folder, 0o1777)  # workers that dropped privileges report here too
         # The answers come after the release, well past the deadline below.
         answers = [pool.submit(send_pin, folder) for _ in workers]
         try:

@@ -120,11 +120,11 @@ run_child = _child.run
 @pytest.fixture
 def no_faults():
     """Clear injected faults (and the scan fallback they may flip) afterwards."""
-    supported = pagemap._self_pagemap.scan_supported
+    supported = pagemap.scan_supported()
     _native.fault_clear()
     yield
     _native.fault_clear()
-    pagemap._self_pagemap.scan_supported = supported
+    pagemap._scan_state()["supported"] = supported
 
 
 def own_mappings(min_size: int = 0):

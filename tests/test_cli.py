@@ -24,10 +24,10 @@ SCHEMA = pathlib.Path(__file__).resolve().parent.parent / "docs" / "verify-schem
 
 @pytest.fixture(autouse=True)
 def _fresh():
-    kernel._cache.clear()
-    kernel._warned.clear()
+    kernel.registry.clear()
+    kernel.reset_warnings()
     yield
-    kernel._cache.clear()
+    kernel.registry.reset()
 
 
 def run(capsys, *argv):
@@ -67,7 +67,7 @@ def fake(tmp_path, monkeypatch):
         monkeypatch.setenv("THPGUARD_SYSFS_ROOT", t.sys)
         monkeypatch.setenv("THPGUARD_PROC_ROOT", t.proc)
         n = native or FakeNative()
-        monkeypatch.setattr(kernel, "_load_native", lambda: (n, ""))
+        kernel.registry.set_native(n)
         return t
 
     return make
@@ -153,7 +153,7 @@ def test_prctl_disabled_fails(fake, capsys):
     code, doc, _ = verify_json(capsys, "--skip-selftest")
     assert code == 1 and by_name(doc)["prctl"]["status"] == "fail"
     assert "THP-disabled" in by_name(doc)["collapse"]["detail"]
-    kernel._cache.clear()
+    kernel.registry.clear()
     fake(native=FakeNative(thp_disable=3))
     code, doc, _ = verify_json(capsys, "--skip-selftest")
     assert code == 0 and "except advised" in by_name(doc)["prctl"]["detail"]
@@ -245,7 +245,7 @@ def test_json_matches_schema(fake, capsys):
     fake(enabled="never", native=FakeNative(known=(14, 23)))
     _, out, _ = run(capsys, "verify", "--json", "--skip-selftest")
     validate(json.loads(out), required=True)
-    kernel._cache.clear()
+    kernel.registry.clear()
     fake()
     _, out, _ = run(capsys, "verify", "--json", "--skip-selftest")
     validate(json.loads(out), required=True)

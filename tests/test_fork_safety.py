@@ -30,7 +30,7 @@ def test_late_fork_does_not_close_a_reused_fd(require_thp, tmp_path):
     """After a fork that bypassed Python, the inherited pagemap fd number is left alone once the program reused it."""
     region = thpguard.alloc(2 * MiB)
     region.coverage()  # opens this process's pagemap fd
-    inherited = pagemap._self_pagemap._fd
+    inherited = pagemap._self_pagemap().fd()
     path = tmp_path / "app.log"
     read_end, write_end = os.pipe()
     pid = ctypes.PyDLL(None).fork()  # keeps the GIL; no Python hook runs

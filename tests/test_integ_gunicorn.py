@@ -23,8 +23,15 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKERS = 4
 
 
-@pytest.fixture
-def gunicorn_server(require_thp):
+@pytest.fixture(params=["root", "user"])
+def gunicorn_server(request, require_thp):
+    """gunicorn as is, and with ``--user``: workers that setuid() away from
+    root cannot open their own page map and are repaired from smaps."""
+    extra = []
+    if request.param == "user":
+        if os.geteuid() != 0:
+            pytest.skip("--user needs a master started as root")
+        extra = ["--user", "65534", "--group", "65534"]
     env = dict(os.environ, THPGUARD_GUARD="1", THPGUARD_GUARD_INTERVAL="1.0",
                HOT_BYTES=str(8 << 20), PYTHONPATH=EXAMPLES)
     # examples/gunicorn.conf.py serving examples/wsgi_app.py through
@@ -32,7 +39,8 @@ def gunicorn_server(require_thp):
     # worker sends gunicorn no heartbeat: --timeout keeps a slow host from
     # having it killed as hung.
     argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(EXAMPLES, "gunicorn.conf.py"),
-            "--bind", ANY_PORT, "--timeout", "300", "--chdir", TESTS, "probe_app:application"]
+            "--bind", ANY_PORT, "--timeout", "300", "--chdir", TESTS, *extra,
+            "probe_app:application"]
     with serve(argv, env=env) as (proc, port):
         yield proc, port
 

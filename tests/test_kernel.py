@@ -17,14 +17,14 @@ MiB = 1024 * 1024
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
-    kernel._warned.clear()
-    kernel._cache.clear()
+    kernel.reset_warnings()
+    kernel.registry.clear()
     yield
-    kernel._cache.clear()
+    kernel.registry.reset()
 
 
 def use_native(monkeypatch, native):
-    monkeypatch.setattr(kernel, "_load_native", lambda: (native, ""))
+    kernel.registry.set_native(native)
 
 
 # -- THP settings ----------------------------------------------------------
@@ -71,7 +71,7 @@ def test_pmd_size_missing_falls_back_on_x86_64_only(tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="thpguard.kernel"):
         assert kernel.pmd_size(t.roots) == 2 * MiB
     assert "assuming 2 MiB" in caplog.text
-    kernel._warned.clear()
+    kernel.reset_warnings()
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert kernel.pmd_size(t.roots) is None
 
@@ -286,7 +286,7 @@ def test_capabilities_direct_cow(tmp_path, monkeypatch):
 def test_capabilities_without_native(tmp_path, monkeypatch):
     """Without the native module every feature is unavailable, saying why."""
     t = FakeTree(tmp_path)
-    monkeypatch.setattr(kernel, "_load_native", lambda: (None, "native module not available (x)"))
+    kernel.registry.set_native(None, "native module not available (x)")
     c = kernel.capabilities(roots=t.roots)
     assert all(not f.available and "native" in f.reason for f in c.features.values())
 
@@ -383,7 +383,7 @@ def _probe_under_prctl(flags):
     from thpguard import _native
 
     _native.thp_disable_set(1, flags)
-    kernel._cache.clear()
+    kernel.registry.clear()
     c = kernel.capabilities(refresh=True, roots=kernel.Roots())
     st = kernel.read_status("self", kernel.Roots())
     return (c.thp_disable, st.thp_enabled, c.collapse.available, c.collapse.reason,

@@ -112,14 +112,19 @@ def test_guard_persistent_eagain_backs_off(region_factory, pmd):
         g.stop()
 
 
-def test_guard_disables_region_on_einval(region_factory, pmd, guard):
-    """EINVAL (the range cannot be collapsed at all) disables repairs of that
-    region with a reason in stats() instead of retrying forever."""
+def test_guard_disables_block_on_einval(region_factory, pmd, guard):
+    """EINVAL without a cause that covers the region stops repairs of that
+    block only, for a while, with a reason in stats() instead of retrying
+    every tick; the region itself stays repaired."""
     region = region_factory(2 * pmd)
     inject("collapse", errno.EINVAL, 1)
     split_here(region, pmd, 1)
     wait_until(lambda: guard.recorder.of("disabled", region), "a disabled event for the region")
-    assert hex(region.address) in thpguard.stats().regions_disabled
+    event = guard.recorder.of("disabled", region)[0]
+    assert event.blocks == 1 and "no known cause" in event.reason
+    s = thpguard.stats()
+    assert hex(region.address) not in s.regions_disabled
+    assert list(s.blocks_disabled) == [hex(region.address)]
     assert guard.running
 
 

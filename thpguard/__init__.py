@@ -16,22 +16,35 @@ from .errors import (
     ThpguardError,
     UnsupportedError,
 )
-from .pagemap import Coverage
-from .region import POLICIES, CollapseResult, Region, alloc, regions
-# ``thpguard.guard`` is the function below; the module stays importable as
-# ``from thpguard.guard import ...``.
-from .guard import (
-    Event,
-    Guard,
-    HotBuffer,
-    HotReport,
-    Stats,
-    _install_from_environment,
-    guard,
-    hot,
-    install,
-    stats,
-)
+from .blocks import Coverage
+from .kernel import capabilities
+
+try:
+    from . import _native  # noqa: F401 - the compiled core everything below needs
+except ImportError as exc:  # not built, or built for another Python
+    _native_missing: "str | None" = (f"the native module is not built ({exc}); "
+                                     "reinstall thpguard")
+else:
+    _native_missing = None
+if _native_missing is None:
+    from .region import POLICIES, CollapseResult, Region, alloc, regions
+    from .events import Event
+    # ``thpguard.guard`` and ``thpguard.hot`` are the functions below; the
+    # modules stay importable as ``from thpguard.guard import ...``.
+    from .guard import Guard, guard, install
+    from .launch import _install_from_environment
+    from .hot import HotBuffer, HotReport, hot
+    from .stats import Stats, stats
+
+
+def __getattr__(name: str):
+    # Without the native module ``import thpguard`` still works, so that
+    # ``thpguard verify`` and capabilities() can say what is missing; the
+    # rest of the API raises instead of failing at import.
+    if _native_missing is not None and name in __all__:
+        raise UnsupportedError("native module", _native_missing)
+    raise AttributeError(f"module 'thpguard' has no attribute {name!r}")
+
 
 try:
     from ._version import version as __version__
@@ -56,6 +69,7 @@ __all__ = [
     "ThpguardError",
     "UnsupportedError",
     "alloc",
+    "capabilities",
     "errors",
     "guard",
     "hot",
@@ -65,5 +79,6 @@ __all__ = [
 ]
 
 # THPGUARD_GUARD=1 turns the guard on without code changes (docs/guard.rst).
-_install_from_environment()
+if _native_missing is None:
+    _install_from_environment()
 

@@ -20,6 +20,7 @@ STATUSES = (OK, WARN, FAIL, NA)
 MiB = 1024 * 1024
 CAP_SYS_NICE = 23
 CAP_SYS_PTRACE = 19
+CAP_DAC_READ_SEARCH = 2
 
 
 def fmt_bytes(n: Optional[int]) -> str:

@@ -17,13 +17,65 @@ import logging
 import os
 import sys
 import threading
-from typing import Callable, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _native
 
 log = logging.getLogger("thpguard")
 
 Callback = Optional[Callable[..., None]]
+
+
+class ProcessState:
+    """Everything a process owns that a child must not simply inherit.
+
+    Modules keep their per-process objects (counters, locks, caches, the
+    pagemap descriptor) here instead of in module globals: :meth:`get`
+    makes one on first use, and after ``fork()`` the child starts with what
+    each entry's ``inherit`` function makes of the parent's object, or with a
+    fresh one from ``factory`` (the default). Nothing else rebinds module
+    state across fork.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: Dict[str, Any] = {}
+        self._inherit: Dict[str, Optional[Callable[[Any], Any]]] = {}
+
+    def get(self, key: str, factory: Callable[[], Any],
+            inherit: Optional[Callable[[Any], Any]] = None) -> Any:
+        """This process's object under ``key``; made by ``factory`` on first use.
+
+        ``inherit(parent_object)`` gives the child's object after fork; without
+        it a child starts from ``factory()``.
+        """
+        try:
+            return self._items[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = factory()
+                self._inherit[key] = inherit
+            return self._items[key]
+
+    def _for_child(self) -> None:
+        # A lock another parent thread held at fork stays held forever in the
+        # child, where that thread does not exist: every entry is rebuilt.
+        self._lock = threading.Lock()
+        items, self._items = self._items, {}
+        for key, obj in items.items():
+            inherit = self._inherit.get(key)
+            if inherit is not None:
+                try:
+                    self._items[key] = inherit(obj)
+                except Exception:  # a fork hook must never break the fork itself
+                    log.exception("thpguard: per-process state %r not carried into the child", key)
+
+
+#: The one per-process state (see :class:`ProcessState`).
+state = ProcessState()
 
 _subscribers: Dict[str, Tuple[int, Callback, Callback, Callback]] = {}
 _lock = threading.Lock()
@@ -77,6 +129,7 @@ def _after_in_parent() -> None:
 def _after_in_child(late: bool = False) -> None:
     global _lock
     _lock = threading.Lock()  # another parent thread may have held it
+    state._for_child()
     if not late:
         _native.fork_claim()  # os.fork: this hook is the one handler
     for _, _, _, child in _ordered(reverse=True):
@@ -95,6 +148,52 @@ def check() -> bool:
     log.info("fork without Python's at-fork hooks noticed in pid %d", os.getpid())
     _after_in_child(late=True)
     return True
+
+
+def after_fork_returns(callback: Callable[[], None]) -> None:
+    """Call ``callback`` in the parent once ``fork()`` has returned to its caller.
+
+    For threads stopped before fork (the guard): Python 3.13 checks whether
+    the parent is multi-threaded, and warns, after the at-fork hooks have run
+    (Modules/posixmodule.c, warn_about_fork_with_threads), so a thread
+    started inside a hook would trigger the warning. A one-shot profile
+    function waits for the first event in the frame that called fork() (its
+    ``c_return``), runs ``callback`` and removes itself. Where a profiler is
+    already set, or the caller is unknown, ``callback`` runs at once.
+    """
+    frame = sys._getframe()
+    while frame is not None and frame.f_code is not _after_in_parent.__code__:
+        frame = frame.f_back
+    caller = frame.f_back if frame is not None else None
+    if caller is None or sys.getprofile() is not None:
+        callback()  # never displace a profiler (3.13 may then warn)
+        return
+
+    def profile(frame, event, arg):
+        at = caller
+        while at is not None and at is not frame:
+            at = at.f_back
+        if at is None:
+            return  # still inside the fork hooks
+        sys.setprofile(None)
+        callback()
+
+    sys.setprofile(profile)
+
+
+def wait_task_gone(tid: Optional[int]) -> None:
+    """Wait until the kernel has removed a joined thread.
+
+    ``Thread.join`` returns when the thread's Python code is done, a few
+    microseconds before the kernel task exits; forking in that window
+    forks a process that still has two threads.
+    """
+    if tid is None:
+        return
+    path = f"/proc/self/task/{tid}"
+    deadline = time.monotonic() + 1.0
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.00005)
 
 
 def generation() -> int:

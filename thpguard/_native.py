@@ -138,6 +138,23 @@ def pagemap_scan(fd: int, start: int, end: int) -> List[Tuple[int, int, int]]:
     return runs
 
 
+def huge_bytes(fd: int, start: int, end: int) -> Tuple[int, int]:
+    """``tg_huge_bytes``: (huge, present) bytes of ``[start, end)`` by the C core."""
+    huge = ffi.new("uint64_t *")
+    present = ffi.new("uint64_t *")
+    _check(lib.tg_huge_bytes(fd, start, end, huge, present), "tg_huge_bytes", start, end - start)
+    return huge[0], present[0]
+
+
+def block_counts(fd: int, start: int, end: int, pmd: int) -> Dict[str, int]:
+    """``tg_block_counts``: the C core's count of each block kind, and bytes."""
+    out = ffi.new("struct tg_block_counts *")
+    _check(lib.tg_block_counts(fd, start, end, pmd, out), "tg_block_counts",
+           start, end - start)
+    return {name: getattr(out, name) for name in
+            ("huge_bytes", "present_bytes", "huge", "zero", "split", "partial", "absent")}
+
+
 def collapse(addr: int, length: int, chunk: int, max_retries: int) -> List[int]:
     """MADV_COLLAPSE in ``chunk``-byte pieces; errno per chunk (0 = collapsed)."""
     if chunk <= 0:

@@ -1,9 +1,10 @@
 """Per-VMA huge-page coverage of any process, for ``thpguard status``,
 ``watch`` and ``guard``.
 
-PAGEMAP_SCAN on ``/proc/PID/pagemap`` (Linux 6.7) gives, per PMD-size block,
-whether it is PMD-mapped; without it, smaps ``AnonHugePages`` gives the
-PMD-mapped bytes per VMA and split blocks are unknown. Reading another
+PAGEMAP_SCAN on ``/proc/PID/pagemap`` (Linux 6.7), classified by the one
+block model (:mod:`thpguard.blocks`), gives each PMD-size block's kind;
+without it, smaps ``AnonHugePages`` gives the PMD-mapped bytes per VMA and
+split blocks are unknown. Reading another
 process needs ptrace read access (same user and dumpable, or root).
 """
 
@@ -12,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from . import _native, kernel
-
-SOURCE_PAGEMAP_SCAN = "pagemap_scan"
-SOURCE_SMAPS = "smaps"
+from .blocks import SOURCE_PAGEMAP_SCAN, SOURCE_SMAPS, BlockMap, classify
 
 
 _MARKER = "/memfd:" + _native.MARKER_PREFIX
@@ -55,9 +54,9 @@ class ProcessGone(Exception):
 
 @dataclasses.dataclass
 class VmaCoverage:
-    """Huge-page state of one VMA. Sizes in bytes. ``split_blocks`` are
-    the start addresses of PMD-size blocks that are fully present but not
-    PMD-mapped; None when only smaps was available."""
+    """Huge-page state of one VMA, from the one block model
+    (:mod:`thpguard.blocks`). Sizes in bytes. ``blocks`` is the per-block
+    detail, None when only smaps was available."""
 
     start: int
     end: int
@@ -65,9 +64,9 @@ class VmaCoverage:
     path: str
     thp_eligible: Optional[bool]
     advised: bool
-    pmd_mapped_bytes: int
+    huge_bytes: int
     present_bytes: Optional[int]
-    split_blocks: Optional[List[int]]
+    blocks: Optional[BlockMap]
     #: For a thpguard region (found by its marker page): its name, "" when
     #: unnamed; None for every other VMA.
     region: Optional[str] = None
@@ -76,18 +75,40 @@ class VmaCoverage:
     def size(self) -> int:
         return self.end - self.start
 
+    @property
+    def pmd_mapped_bytes(self) -> int:
+        """Deprecated name of ``huge_bytes``."""
+        return self.huge_bytes
+
+    @property
+    def split_block_addresses(self) -> Optional[List[int]]:
+        """Start addresses of the ``split`` blocks; None without detail."""
+        return None if self.blocks is None else list(self.blocks.split)
+
+    @property
+    def split_blocks(self) -> Optional[int]:
+        """Number of ``split`` blocks; None without detail."""
+        return None if self.blocks is None else len(self.blocks.split)
+
+    @property
+    def partial_blocks(self) -> Optional[int]:
+        """Number of ``partial`` blocks; None without detail."""
+        return None if self.blocks is None else len(self.blocks.partial)
+
     def as_dict(self) -> dict:
         return {
             "advised": self.advised,
             "end": self.end,
+            "huge_bytes": self.huge_bytes,
+            "partial_blocks": self.partial_blocks,
             "path": self.path,
             "perms": self.perms,
-            "pmd_mapped_bytes": self.pmd_mapped_bytes,
+            "pmd_mapped_bytes": self.huge_bytes,
             "present_bytes": self.present_bytes,
             "region": self.region,
             "size": self.size,
-            "split_blocks": None if self.split_blocks is None else len(self.split_blocks),
-            "split_block_addresses": None if self.split_blocks is None else list(self.split_blocks),
+            "split_blocks": self.split_blocks,
+            "split_block_addresses": self.split_block_addresses,
             "start": self.start,
             "thp_eligible": self.thp_eligible,
         }
@@ -105,42 +126,17 @@ class ProcessCoverage:
 
     def totals(self, only_eligible: bool = False) -> dict:
         vmas = [v for v in self.vmas if v.thp_eligible or not only_eligible]
-        split = None if self.source == SOURCE_SMAPS else sum(len(v.split_blocks or ()) for v in vmas)
+        detail = self.source != SOURCE_SMAPS
+        huge = sum(v.huge_bytes for v in vmas)
         return {
             "eligible_bytes": sum(v.size for v in vmas if v.thp_eligible),
-            "pmd_mapped_bytes": sum(v.pmd_mapped_bytes for v in vmas),
+            "huge_bytes": huge,
+            "partial_blocks": sum(v.partial_blocks or 0 for v in vmas) if detail else None,
+            "pmd_mapped_bytes": huge,
             "size": sum(v.size for v in vmas),
-            "split_blocks": split,
+            "split_blocks": sum(v.split_blocks or 0 for v in vmas) if detail else None,
             "vmas": len(vmas),
         }
-
-
-def _block_scan(fd: int, vma: kernel.Vma, pmd: int) -> Tuple[int, int, List[int]]:
-    """(PMD-mapped bytes, present bytes, split block starts) of one VMA."""
-    first = -(-vma.start // pmd) * pmd
-    blocks = {}  # block start -> [present, huge incl. zero page]
-    huge = present = 0
-    for lo, hi, cats in _native.pagemap_scan(fd, vma.start, vma.end):
-        is_present = cats & _native.PAGE_IS_PRESENT
-        is_huge = cats & _native.PAGE_IS_HUGE
-        if is_present:
-            present += hi - lo
-        if is_huge and not cats & _native.PAGE_IS_PFNZERO:
-            huge += hi - lo
-        if not is_present:
-            continue
-        at = max(lo, first)
-        while at < hi:
-            block = at - (at - first) % pmd
-            upto = min(hi, block + pmd)
-            entry = blocks.setdefault(block, [0, 0])
-            entry[0] += upto - at
-            if is_huge:
-                entry[1] += upto - at
-            at = upto
-    split = sorted(b for b, (p, h) in blocks.items()
-                   if b + pmd <= vma.end and p == pmd and h == 0)
-    return huge, present, split
 
 
 def _error(exc: OSError, pid: int, what: str) -> OSError:
@@ -186,16 +182,18 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
     try:
         for v in vmas:
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
-                              v.anon_huge_bytes or 0, v.rss, None, _marked_region(previous, v))
+                              v.huge_bytes or 0, v.rss, None, _marked_region(previous, v))
             previous = v
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:
-                    cov.pmd_mapped_bytes, cov.present_bytes, cov.split_blocks = _block_scan(fd, v, pmd)
+                    runs = _native.pagemap_scan(fd, v.start, v.end)
+                    cov.huge_bytes, cov.present_bytes, cov.blocks = classify(
+                        runs, v.start, v.end, pmd)
                 except OSError as exc:
                     if exc.errno == errno.ENOTTY:  # PAGEMAP_SCAN is Linux 6.7+
                         source = SOURCE_SMAPS
                         for c in out:
-                            c.split_blocks = None
+                            c.blocks = None
                     elif exc.errno == errno.ESRCH:
                         raise ProcessGone(pid) from None
                     elif exc.errno not in (errno.EINVAL, errno.EFAULT):
@@ -206,6 +204,6 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
             os.close(fd)
     if source == SOURCE_SMAPS:
         for c in out:
-            c.split_blocks = None
+            c.blocks = None
     return ProcessCoverage(int(pid) if str(pid).isdigit() else os.getpid(), name, source, pmd, out,
                            cgroup_of(pid, roots))

@@ -40,7 +40,7 @@ def _vma_of(address: int) -> Optional[kernel.Vma]:
 
 def _smaps_huge(address: int) -> Optional[int]:
     vma = _vma_of(address)
-    return None if vma is None else vma.anon_huge_bytes
+    return None if vma is None else vma.huge_bytes
 
 
 class _Child:

@@ -1,4 +1,4 @@
-"""The ``thpguard`` command: verify, status, watch, guard.
+"""The ``thpguard`` command: verify, status, watch, guard, run, agent.
 
 Human text goes to stdout, diagnostics to stderr. ``--json`` prints one
 object (``watch``, ``guard``: one object per line) with sorted keys and a
@@ -21,16 +21,14 @@ import argparse
 import errno
 import json
 import os
-import platform
 import re
-import select
 import signal
 import sys
 import time
 from typing import List, Optional
 
-from . import _checks, kernel
-from ._checks import FAIL, NA, OK, WARN, Check, HostContext, fmt_bytes
+from . import kernel
+from ._checks import fmt_bytes
 from .errors import ThpguardError
 
 # 2: every duration in seconds (``*_seconds``; was ``*_ms`` and ``ms``), ``time`` became
@@ -141,150 +139,10 @@ def _add_verify(sub) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
-def _unsupported_reason(roots: kernel.Roots) -> Optional[str]:
-    if platform.system() != "Linux":
-        return f"thpguard needs Linux, this is {platform.system()}"
-    if not os.path.isdir(os.path.join(roots.sys, kernel.THP_DIR)):
-        return f"this kernel has no transparent huge pages ({os.path.join(roots.sys, kernel.THP_DIR)} is missing)"
-    try:
-        from . import _native  # noqa: F401,PLC0415
-    except ImportError as exc:
-        return f"the native module is not built ({exc}); reinstall thpguard"
-    return None
-
-
-def _apply_fixes(checks: List[Check], quiet: bool) -> List[dict]:
-    applied = []
-    for c in checks:
-        if c.fix is None or c.status not in (WARN, FAIL):
-            continue
-        path, value = c.fix
-        try:
-            with open(path) as f:
-                before = kernel._bracketed(f.read())
-        except OSError:
-            before = None
-        entry = {"check": c.name, "path": path, "before": before, "value": value, "error": None}
-        try:
-            with open(path, "w") as f:
-                f.write(value + "\n")
-        except OSError as exc:
-            entry["error"] = exc.strerror or str(exc)
-            _err(f"--fix: could not write {value!r} to {path}: {entry['error']}")
-        else:
-            if not quiet:
-                print(f"fix: wrote {value} to {path} (was {before})")
-        applied.append(entry)
-    return applied
-
-
-def _verdict(checks: List[Check], unsupported: Optional[str]):
-    failed = [c for c in checks if c.status == FAIL]
-    warned = [c for c in checks if c.status == WARN]
-    if unsupported:
-        return VERDICT_UNSUPPORTED, EXIT_UNSUPPORTED, f"UNSUPPORTED: {unsupported}"
-    if failed:
-        names = ", ".join(c.title for c in failed)
-        first = next((c.advice for c in failed if c.advice), "")
-        line = f"NOT CERTAIN: {len(failed)} check(s) failed ({names})"
-        if first:
-            line += f"; first change: {first}"
-        return VERDICT_NOT_CERTAIN, EXIT_FAILED, line
-    extra = f", {len(warned)} warning(s)" if warned else ""
-    return (VERDICT_CERTAIN, EXIT_OK,
-            f"CERTAIN: this host keeps thpguard regions huge-page backed across fork{extra}")
-
-
-def _timings_text(c: Check) -> str:
-    t = (c.measurements or {}).get("timings", {})
-    names = [("alloc", "alloc"), ("fork", "fork"), ("split_write", "split"), ("write", "write"),
-             ("detect", "detect"), ("repair", "repair"), ("verify", "verify")]
-    return "  ".join(f"{label} {t[k + '_seconds'] * 1000:.2f}" for k, label in names
-                     if k + "_seconds" in t)
-
-
-def _print_verify_text(header: str, checks: List[Check], line: str, size: Optional[int]) -> None:
-    print(header)
-    width = max((len(c.title) for c in checks if not c.name.startswith("selftest_")), default=10)
-    for c in checks:
-        if c.name.startswith("selftest_"):
-            continue
-        print(f"  {c.status:<4}  {c.title:<{width}}  {c.detail}")
-        if c.advice and c.status in (WARN, FAIL):
-            print(f"  {'':<4}  {'':<{width}}  -> {c.advice}")
-    tests = [c for c in checks if c.name.startswith("selftest_")]
-    if tests:
-        print(f"self-test ({fmt_bytes(size)} region per policy; times in ms):")
-        for c in tests:
-            policy = c.name[len("selftest_"):]
-            text = _timings_text(c) if c.status == OK else c.detail
-            print(f"  {c.status:<4}  {policy:<8} {text}")
-    print(line)
-
-
 def _cmd_verify(args) -> int:
-    roots = kernel.Roots.from_env()
-    if args.fix and os.geteuid() != 0:
-        raise AccessError("verify --fix writes to /sys and must run as root; it changed nothing. "
-                         "Run it as root, or apply the advice by hand.")
-    if args.pid is not None and not os.path.exists(os.path.join(roots.proc, str(args.pid))):
-        raise AccessError(f"no process with PID {args.pid}")
-    started = time.perf_counter()
-    unsupported = _unsupported_reason(roots)
-    caps = kernel.capabilities(refresh=True, roots=roots)
-    ctx = HostContext(caps, roots, args.pid)
-    size = args.size or 4 * (caps.pmd_size or 2 * 1024 * 1024)
-    checks = _checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
-    fixes: List[dict] = []
-    if args.fix:
-        fixes = _apply_fixes(checks, args.quiet or args.json)
-        if fixes:
-            caps = kernel.capabilities(refresh=True, roots=roots)
-            ctx = HostContext(caps, roots, args.pid)
-            checks = _checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
-    if not unsupported and not args.skip_selftest:
-        ok, why = kernel.can_get_huge_pages(caps)
-        if ok:
-            from . import _selftest  # noqa: PLC0415 - imports the region layer
+    from ._cliverify import cmd_verify  # noqa: PLC0415
 
-            # Progress only for a person watching: never into JSON, a pipe or a log.
-            progress = sys.stderr.isatty() and not args.json and not args.quiet
-            for n, policy in enumerate(_selftest.POLICIES, 1):
-                if progress:
-                    print(f"\rself-test {n}/{len(_selftest.POLICIES)}: {policy} "
-                          f"({fmt_bytes(size)})...", end="", file=sys.stderr, flush=True)
-                checks.append(_selftest.run_policy(policy, size))
-            if progress:
-                print("\r\033[K", end="", file=sys.stderr, flush=True)
-        else:
-            checks.append(Check("selftest", "self-test", FAIL, f"not run: {why}"))
-    verdict, code, line = _verdict(checks, unsupported)
-    if any(f["error"] for f in fixes) and code == EXIT_OK:
-        code = EXIT_FAILED
-    elapsed = time.perf_counter() - started
-    if args.json:
-        _emit_json({
-            "capabilities": caps.as_dict(),
-            "checks": [c.as_dict() for c in checks],
-            "command": "verify",
-            "elapsed_seconds": round(elapsed, 3),
-            "exit_code": code,
-            "fixes": fixes,
-            "host": {"kernel_release": caps.kernel_release, "machine": caps.machine,
-                     "pid": args.pid if args.pid is not None else os.getpid()},
-            "selftest_size": None if args.skip_selftest or unsupported else size,
-            "thpguard_version": _version(),
-            "verdict": verdict,
-            "verdict_text": line,
-        })
-    elif args.quiet:
-        print(line)
-    else:
-        who = f"PID {args.pid}" if args.pid is not None else f"pid {os.getpid()}"
-        header = (f"thpguard verify: Linux {caps.kernel_release} {caps.machine}, {who}, "
-                  f"{elapsed:.2f} s")
-        _print_verify_text(header, checks, line, None if args.skip_selftest else size)
-    return code
+    return cmd_verify(args)
 
 
 # -- status -------------------------------------------------------------
@@ -311,6 +169,8 @@ def _add_status(sub) -> None:
                    help="write those metrics to PATH atomically (e.g. .../textfile/thpguard.prom)")
     p.add_argument("--prometheus-per-pid", action="store_true",
                    help="label the metrics with pid and VMA address too (new series at every restart)")
+    p.add_argument("--agent-state", metavar="PATH", default="/run/thpguard/agent.json", help="add the "
+                   "node agent's per-process rows from its state file (default: %(default)s, if it exists)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -330,7 +190,7 @@ def _scan_or_error(pid: int, errors: list):
 
 
 def _interesting(pc) -> bool:
-    return any(v.advised or v.pmd_mapped_bytes for v in pc.vmas)
+    return any(v.advised or v.huge_bytes for v in pc.vmas)
 
 
 _ANON_PATHS = ("", "[heap]")
@@ -338,7 +198,7 @@ _ANON_PATHS = ("", "[heap]")
 
 def _matters(v, pmd_size: int) -> bool:
     """Whether a VMA says anything about huge pages (what status lists without --all)."""
-    if getattr(v, "region", None) is not None or v.advised or v.pmd_mapped_bytes:
+    if getattr(v, "region", None) is not None or v.advised or v.huge_bytes:
         return True
     anonymous = v.path in _ANON_PATHS or v.path.startswith("[anon")
     return anonymous and v.size >= pmd_size
@@ -350,27 +210,29 @@ def _shown_vmas(pc, args) -> list:
             and (args.all or _matters(v, pc.pmd_size or 2 << 20))]
 
 
-def _print_process(pc, args) -> None:
+def _print_process(pc, args, agent_row: Optional[str] = None) -> None:
     t = pc.totals(args.only_eligible)
     split = "?" if t["split_blocks"] is None else t["split_blocks"]
     shown = _shown_vmas(pc, args)
     hidden = t["vmas"] - len(shown)
-    print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['pmd_mapped_bytes'])} PMD-mapped, "
+    print(f"PID {pc.pid} ({pc.name}): {fmt_bytes(t['huge_bytes'])} PMD-mapped, "
           f"{split} split block(s), {t['vmas']} VMAs [{pc.source}]"
           + (f"; {hidden} VMA(s) without huge-page interest hidden (--all shows them)" if hidden else ""))
+    if agent_row is not None:
+        print(agent_row)
     # [vsyscall] sits at ffffffffff600000: 16 hex digits where user space needs 12.
     digits = max([12] + [len(f"{v.end:x}") for v in shown])
     rng = 2 * digits + 1
     print(f"  {'range':<{rng}}  {'size':>7} {'elig':>4} {'adv':>3} {'pmd-mapped':>10} {'split':>5}  path")
     for v in shown:
         elig = {True: "yes", False: "no", None: "?"}[v.thp_eligible]
-        vsplit = "?" if v.split_blocks is None else len(v.split_blocks)
+        vsplit = "?" if v.split_blocks is None else v.split_blocks
         region = getattr(v, "region", None)
         path = v.path if region is None else f"* thpguard region {region!r}" if region else "* thpguard region"
         print(f"  {v.start:0{digits}x}-{v.end:0{digits}x}  {fmt_bytes(v.size):>7} {elig:>4} "
-              f"{'hg' if v.advised else '':>3} {fmt_bytes(v.pmd_mapped_bytes):>10} {vsplit:>5}  {path}")
+              f"{'hg' if v.advised else '':>3} {fmt_bytes(v.huge_bytes):>10} {vsplit:>5}  {path}")
     print(f"  {'total (all ' + str(t['vmas']) + ' VMAs)':<{rng}}  {fmt_bytes(t['size']):>7} {'':>4} {'':>3} "
-          f"{fmt_bytes(t['pmd_mapped_bytes']):>10} {split:>5}")
+          f"{fmt_bytes(t['huge_bytes']):>10} {split:>5}")
 
 
 def _cmd_status(args) -> int:
@@ -380,10 +242,13 @@ def _cmd_status(args) -> int:
     if not explicit:
         roots = kernel.Roots.from_env()
         pids = sorted(int(n) for n in os.listdir(roots.proc) if n.isdigit())
+    from ._cliagent import agent_line, agent_state  # noqa: PLC0415
+
+    agent_rows = agent_state(args.agent_state)
     found = []
     for pid in pids:
         pc = _scan_or_error(pid, errors if explicit else [])
-        if pc is not None and (explicit or _interesting(pc)):
+        if pc is not None and (explicit or _interesting(pc) or pc.pid in agent_rows):
             found.append(pc)
     if args.prometheus or args.prometheus_file:
         from . import metrics  # noqa: PLC0415 - only these flags need it
@@ -398,7 +263,7 @@ def _cmd_status(args) -> int:
             "command": "status",
             "errors": errors,
             "processes": [{
-                "cgroup": pc.cgroup, "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size,
+                "agent": agent_rows.get(pc.pid), "cgroup": pc.cgroup, "name": pc.name, "pid": pc.pid, "pmd_size": pc.pmd_size,
                 "source": pc.source,
                 "totals": pc.totals(args.only_eligible),
                 "vmas": [v.as_dict() for v in _shown_vmas(pc, args)],
@@ -406,7 +271,8 @@ def _cmd_status(args) -> int:
         })
     else:
         for pc in found:
-            _print_process(pc, args)
+            row = agent_rows.get(pc.pid)
+            _print_process(pc, args, None if row is None else agent_line(row))
         if not found and not errors:
             print("no process with huge-page VMAs found")
     for e in errors:
@@ -431,7 +297,7 @@ def _add_watch(sub) -> None:
 
 
 def _split_set(pc) -> set:
-    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_blocks or ())}
+    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_block_addresses or ())}
 
 
 def _cmd_watch(args) -> int:
@@ -466,11 +332,11 @@ def _cmd_watch(args) -> int:
                             "totals": t, "split": [hex(b) for b in new],
                             "repaired": [hex(b) for b in repaired]})
             else:
-                ratio = t["pmd_mapped_bytes"] / t["eligible_bytes"] if t["eligible_bytes"] else 0.0
+                ratio = t["huge_bytes"] / t["eligible_bytes"] if t["eligible_bytes"] else 0.0
                 split = "?" if t["split_blocks"] is None else t["split_blocks"]
                 events = "".join([f"  +{len(new)} split ({', '.join(hex(b) for b in new[:3])})" if new else "",
                                   f"  {len(repaired)} repaired" if repaired else ""])
-                print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['pmd_mapped_bytes'])} of "
+                print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['huge_bytes'])} of "
                       f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}",
                       flush=True)
             if args.count and samples >= args.count:
@@ -508,135 +374,10 @@ def _add_guard(sub) -> None:
     p.set_defaults(func=_cmd_guard)
 
 
-def _guard_preflight(pid: int) -> int:
-    """Check privileges before touching anything; return a pidfd."""
-    from . import _native  # noqa: PLC0415
-
-    roots = kernel.Roots.from_env()
-    if not os.path.exists(os.path.join(roots.proc, str(pid))):
-        raise AccessError(f"no process with PID {pid}")
-    nice = _checks.has_capability(_checks.CAP_SYS_NICE)
-    if nice is False:
-        raise AccessError(
-            f"guard needs CAP_SYS_NICE to call process_madvise(MADV_COLLAPSE) on PID {pid}, and this "
-            "process lacks it: run it as root, or with the capability "
-            "(systemd: AmbientCapabilities=CAP_SYS_NICE)")
-    try:
-        os.close(os.open(os.path.join(roots.proc, str(pid), "pagemap"), os.O_RDONLY))
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise AccessError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
-                             f"CAP_SYS_PTRACE): opening /proc/{pid}/pagemap failed with "
-                             f"{errno.errorcode[exc.errno]}") from None
-        raise AccessError(f"PID {pid}: {exc.strerror}") from None
-    try:
-        return _native.pidfd_open(pid)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            raise AccessError(f"no process with PID {pid}") from None
-        if exc.errno == errno.ENOSYS:
-            raise UnsupportedHostError("guard needs pidfd_open (Linux 5.3)") from None
-        raise AccessError(f"pidfd_open({pid}) failed: {exc.strerror or exc}") from None
-
-
-def _guard_pass(pid, pidfd, args, budget) -> dict:
-    from . import _native, _procmap  # noqa: PLC0415
-
-    pc = _procmap.scan_process(pid)
-    if pc.source != _procmap.SOURCE_PAGEMAP_SCAN:
-        raise UnsupportedHostError("guard needs PAGEMAP_SCAN (Linux 6.7) to find split blocks")
-    targets = [(b, v) for v in pc.vmas
-               if (v.advised or (args.all_eligible and v.thp_eligible))
-               for b in (v.split_blocks or ())]
-    repaired, failed = [], {}
-    pmd = pc.pmd_size
-    for block, _vma in targets:
-        budget.wait(pmd)
-        started = time.perf_counter()
-        try:
-            _native.process_madvise(pidfd, [(block, pmd)], _native.MADV_COLLAPSE)
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                raise AccessError(f"process_madvise(MADV_COLLAPSE) on PID {pid} was refused (EPERM): "
-                                 "guard needs CAP_SYS_NICE and ptrace access to it") from None
-            if exc.errno == errno.ESRCH:
-                raise _procmap.ProcessGone(pid) from None
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            failed[name] = failed.get(name, 0) + 1
-            continue
-        repaired.append({"address": block, "bytes": pmd,
-                         "seconds": round(time.perf_counter() - started, 6)})
-    return {"split_found": len(targets), "repaired": repaired, "failed": failed,
-            "vmas": sum(1 for v in pc.vmas if v.advised or (args.all_eligible and v.thp_eligible))}
-
-
-class _RateLimit:
-    """Token bucket: at most *rate* bytes per second, bursts of one second."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = max(1, rate)
-        self.tokens = float(self.rate)
-        self.last = time.monotonic()
-
-    def wait(self, amount: int) -> None:
-        while True:
-            now = time.monotonic()
-            self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= amount or amount > self.rate and self.tokens >= self.rate:
-                self.tokens -= amount
-                return
-            time.sleep((amount - self.tokens) / self.rate)
-
-
 def _cmd_guard(args) -> int:
-    from . import _procmap  # noqa: PLC0415
+    from ._cliguard import cmd_guard  # noqa: PLC0415
 
-    if args.rate <= 0:
-        # 0 became 1 byte/s in _RateLimit: one block, then weeks of waiting.
-        raise UsageError(f"--rate must be more than 0 bytes per second, got {args.rate}")
-    pidfd = _guard_preflight(args.pid)
-    budget = _RateLimit(args.rate)
-    total = passes = 0
-
-    def summary(event: str, text: str, code: int) -> int:
-        if args.json:
-            _emit_json({"command": "guard", "event": event, "exit_code": code, "passes": passes,
-                        "pid": args.pid, "repaired_blocks": total, "timestamp_seconds": time.time()})
-        else:
-            print(f"{text}; {total} block(s) repaired in {passes} pass(es)", flush=True)
-        return code
-
-    try:
-        while True:
-            try:
-                result = _guard_pass(args.pid, pidfd, args, budget)
-            except _procmap.ProcessGone:
-                return summary("exit", f"PID {args.pid} exited", EXIT_OK)
-            total += len(result["repaired"])
-            passes += 1
-            if args.json:
-                _emit_json(dict(result, command="guard", event="pass", pid=args.pid,
-                                timestamp_seconds=time.time()))
-            else:
-                for r in result["repaired"]:
-                    print(f"{time.strftime('%H:%M:%S')}  repaired {r['address']:#x} "
-                          f"({fmt_bytes(r['bytes'])}) in {r['seconds'] * 1000:.2f} ms", flush=True)
-                for name, n in result["failed"].items():
-                    print(f"{time.strftime('%H:%M:%S')}  {n} block(s) not repaired: {name} "
-                          "(retried next pass)", flush=True)
-            if args.once:
-                if not args.json and not result["split_found"]:
-                    print(f"PID {args.pid}: no split blocks in {result['vmas']} guarded VMA(s)")
-                return EXIT_FAILED if result["failed"] else EXIT_OK
-            # Sleep until the next pass, or wake at once when the process exits.
-            ready, _, _ = select.select([pidfd], [], [], args.interval)
-            if ready:
-                return summary("exit", f"PID {args.pid} exited", EXIT_OK)
-    except KeyboardInterrupt:
-        return summary("interrupted", f"interrupted: guarded PID {args.pid}", EXIT_INTERRUPTED)
-    finally:
-        os.close(pidfd)
+    return cmd_guard(args)
 
 
 # -- entry point --------------------------------------------------------
@@ -655,6 +396,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_watch(sub)
     _add_guard(sub)
     _add_run(sub)
+    from ._cliagent import add_agent  # noqa: PLC0415 - the node agent's flags and command
+    add_agent(sub)
     return p
 
 

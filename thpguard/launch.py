@@ -11,12 +11,20 @@ through a library); nothing is injected into other processes.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from thpguard.errors import InvalidArgumentError, InvalidTypeError
-from thpguard.guard import ENV_GUARD, ENV_GUARD_INTERVAL, _check_seconds
+from thpguard.guard import (
+    DEFAULT_INTERVAL,
+    ENV_GUARD,
+    ENV_GUARD_INTERVAL,
+    Guard,
+    _check_seconds,
+    install,
+)
 from thpguard.region import ENV_FORK_POLICY, _check_policy
 
 __all__ = ["ENV_GUARD", "ENV_GUARD_INTERVAL", "ENV_FORK_POLICY", "environment", "run"]
@@ -72,3 +80,37 @@ def run(
     if program is None:
         raise FileNotFoundError(2, f"program not found on PATH: {argv[0]}", argv[0])
     os.execve(program, argv, env)
+
+
+log = logging.getLogger("thpguard")
+
+# -- THPGUARD_GUARD at import ----------------------------------------------------------
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _install_from_environment() -> Optional[Guard]:
+    """Install the guard when ``THPGUARD_GUARD`` asks for it; never raises."""
+    raw = os.environ.get(ENV_GUARD, "").strip().lower()
+    if raw in _FALSE:
+        return None
+    if raw not in _TRUE:
+        log.error("%s=%r not understood: expected 1 or 0 (or true/false, yes/no, on/off); "
+                  "the guard stays off", ENV_GUARD, os.environ.get(ENV_GUARD))
+        return None
+    interval = DEFAULT_INTERVAL
+    raw_interval = os.environ.get(ENV_GUARD_INTERVAL, "").strip()
+    if raw_interval:
+        try:
+            interval = _check_seconds(ENV_GUARD_INTERVAL, float(raw_interval))
+        except ValueError as exc:
+            problem = str(exc) if isinstance(exc, InvalidArgumentError) else (
+                f"{ENV_GUARD_INTERVAL} must be a number of seconds, got {raw_interval!r}")
+            log.error("%s; using the default, %s s", problem, DEFAULT_INTERVAL)
+            interval = DEFAULT_INTERVAL
+    try:
+        return install(interval)
+    except Exception:  # the importing service must keep running
+        log.exception("could not install the guard from %s", ENV_GUARD)
+        return None

@@ -27,11 +27,9 @@ import threading
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from thpguard.errors import InvalidArgumentError, InvalidTypeError
-# thpguard.guard names the function guard(); import from the module itself.
-from thpguard.guard import REPAIRED, Event
-from thpguard.guard import guard as _installed_guard
-from thpguard.guard import install as _install
-from thpguard.guard import stats as _stats
+from thpguard import _fork, events
+from thpguard.events import REPAIRED, Event
+from thpguard.stats import stats as _stats
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -55,30 +53,20 @@ PREFIX = "thpguard"
 
 
 class _Latencies:
-    """A cumulative histogram of repair latencies for this process only."""
+    """A cumulative histogram of repair latencies for this process only
+    (per-process state: a forked child starts from zero, like stats())."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pid = os.getpid()
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.total = 0.0
 
-    def _mine(self) -> None:
-        # A forked child starts from zero, like thpguard.stats().
-        if self.pid != os.getpid():
-            self.lock = threading.Lock()
-            self.pid = os.getpid()
-            self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-            self.total = 0.0
-
     def observe(self, seconds: float) -> None:
-        self._mine()
         with self.lock:
             self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.total += seconds
 
     def snapshot(self) -> Tuple[List[Tuple[str, int]], float]:
-        self._mine()
         with self.lock:
             buckets, running = [], 0
             for bound, n in zip(LATENCY_BUCKETS + (math.inf,), self.counts):
@@ -87,38 +75,21 @@ class _Latencies:
             return buckets, self.total
 
 
-_latencies = _Latencies()
+def _latencies() -> _Latencies:
+    return _fork.state.get("metrics.latencies", _Latencies)
 
 
 def on_event(event: Event) -> None:
     """Feed one guard event into the latency histogram.
 
-    :func:`register`, and every scrape, chain this onto the installed
-    guard's ``on_event`` callback. Repairs made before that are counted
-    but not in the histogram; to include them, pass it yourself
-    (``thpguard.install(on_event=...)``, or call it from your own callback).
+    :func:`register` subscribes it to the event stream
+    (``thpguard.events.subscribe``), once, whether or not a guard is
+    installed yet. Repairs made before that are counted but not in the
+    histogram.
     """
     if event.kind == REPAIRED:
         for seconds in event.latencies:
-            _latencies.observe(seconds)
-
-
-def _chain_onto_guard() -> bool:
-    """Make the installed guard (if any) call :func:`on_event`; True if chained."""
-    current = _installed_guard()
-    if current is None:
-        return False
-    previous = current.on_event
-    if previous is on_event or getattr(previous, "_thpguard_metrics", False):
-        return True
-
-    def chained(event) -> None:
-        on_event(event)
-        previous(event)
-
-    chained._thpguard_metrics = True  # type: ignore[attr-defined]
-    _install(on_event=on_event if previous is None else chained)
-    return True
+            _latencies().observe(seconds)
 
 
 # -- the collector -----------------------------------------------------------
@@ -140,9 +111,6 @@ class ThpguardCollector:
         return list(self._families(None))
 
     def collect(self):
-        # A guard installed after register() gets the latency hook at the
-        # first scrape that sees it.
-        _chain_onto_guard()
         return list(self._families(_stats()))
 
     def _families(self, stats: Optional[Mapping[str, Any]]):
@@ -172,8 +140,8 @@ class ThpguardCollector:
         yield gauge("guarded_bytes", "Bytes of open thpguard regions.", guarded)
         yield gauge("huge_bytes", "Bytes of those regions mapped with PMD-size huge pages now.",
                     huge)
-        yield gauge("split_bytes", "Bytes of those regions that hold data but are not "
-                    "PMD-mapped now (split).", s.get("split_bytes"))
+        yield gauge("split_bytes", "Bytes of those regions in split blocks now (every page "
+                    "holds data, not PMD-mapped).", s.get("split_bytes"))
         yield gauge("coverage_ratio", "huge_bytes / guarded_bytes (1 when there is nothing "
                     "to guard).", huge / guarded if guarded else 1.0)
         yield gauge("guard_running", "1 while the guard thread runs in this process.",
@@ -198,7 +166,7 @@ class ThpguardCollector:
             "Seconds from the scan that saw a block split to its repair.",
         )
         if stats is not None:
-            buckets, total = _latencies.snapshot()
+            buckets, total = _latencies().snapshot()
             latency.add_metric([], buckets, total)
         yield latency
         yield from _region_families(p, stats is not None)
@@ -238,8 +206,8 @@ _register_lock = threading.Lock()
 def register(registry=None) -> ThpguardCollector:
     """Add the thpguard collector to ``registry`` (default: the global REGISTRY).
 
-    Idempotent per registry. Also chains :func:`on_event` onto the guard
-    installed now, if any, so repair latencies reach the histogram.
+    Idempotent per registry. Also subscribes :func:`on_event` to the event
+    stream, so repair latencies reach the histogram.
     Raises :class:`ImportError` without ``prometheus_client`` (install
     the ``prometheus`` extra).
     """
@@ -252,7 +220,7 @@ def register(registry=None) -> ThpguardCollector:
         ) from None
     if registry is None:
         registry = prometheus_client.REGISTRY
-    _chain_onto_guard()
+    events.subscribe(on_event)
     with _register_lock:
         collector = _registered.get(id(registry))
         if collector is None:
@@ -376,14 +344,14 @@ def textfile(
         "process_count": "Processes with these labels.",
         "process_bytes": "Bytes of the process's huge-page VMAs (advised or holding huge pages).",
         "process_huge_bytes": "Bytes of them mapped with PMD-size huge pages.",
-        "process_split_bytes": "Bytes of them holding data but split (not PMD-mapped).",
+        "process_split_bytes": "Bytes of them in split blocks (every page holds data, not PMD-mapped).",
         "process_coverage_ratio": "process_huge_bytes / process_bytes (1 when there are none).",
         "region_bytes": "Bytes of thpguard regions with this name.",
         "region_huge_bytes": "Bytes of those regions mapped with PMD-size huge pages.",
         "region_split_bytes": "Bytes of those regions holding data but split.",
         "vma_bytes": "Bytes of one VMA.",
         "vma_huge_bytes": "Bytes of one VMA mapped with PMD-size huge pages.",
-        "vma_split_bytes": "Bytes of one VMA holding data but split.",
+        "vma_split_bytes": "Bytes of one VMA in split blocks.",
     }
     # (metric, label items) -> value; added up where the labels repeat.
     values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}

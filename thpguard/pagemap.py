@@ -1,175 +1,154 @@
-"""Which parts of a range are PMD-mapped: PAGEMAP_SCAN, with an smaps fallback.
+"""Coverage of any range of any process: PAGEMAP_SCAN, with an smaps fallback.
 
-:func:`coverage` is the single source of truth every other layer uses. It
-asks the kernel each time (nothing is cached except the pagemap file
-descriptor, which is reopened after fork: an fd opened before fork keeps
-reading the parent's address space).
+:func:`coverage` asks the kernel each time and classifies the answer with
+the one block model (:mod:`thpguard.blocks`). Nothing is cached except this
+process's pagemap descriptor, which the fork layer's per-process state
+reopens in every child: an fd opened before fork keeps reading the parent's
+address space (``fs/proc/task_mmu.c`` binds the mm at open).
+
+A process that dropped privileges (``setuid()`` from root, as gunicorn
+``--user`` or uWSGI ``--uid`` workers do) or is not dumpable cannot open its
+own ``/proc/self/pagemap``: the file is then owned by root with mode 0400.
+The descriptor is opened eagerly (at import and in each new child, before
+a worker drops privileges), and kept across a later drop when that is
+sound: when the opener could not see page frame numbers (no
+``CAP_SYS_ADMIN``), or its user did not change. A descriptor opened by root
+is not kept across a change of user, because it would show the frame
+numbers to the unprivileged process. Where no descriptor can be had,
+coverage comes from ``/proc/self/smaps`` (always readable), without
+per-block detail, and a warning is logged once.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 from . import _fork, _native, kernel
+from .blocks import SOURCE_PAGEMAP_SCAN, SOURCE_SMAPS, Coverage, Run
 from .errors import InvalidArgumentError, InvalidTypeError, KernelCallError, kernel_error
+
+__all__ = ["Coverage", "coverage", "scan", "smaps_coverage", "runs", "SOURCE_PAGEMAP_SCAN",
+           "SOURCE_SMAPS"]
+
+log = logging.getLogger("thpguard")
 
 Pid = Union[int, str]
 
-SOURCE_PAGEMAP_SCAN = "pagemap_scan"
-SOURCE_SMAPS = "smaps"
-
-
-@dataclass(frozen=True)
-class Coverage:
-    """How much of a range the kernel maps with PMD-size huge pages.
-
-    All sizes are bytes. ``split_ranges`` lists ``(start, end)`` address
-    ranges, aligned to ``pmd_size``, that hold data but are not PMD-mapped
-    (split after fork, or never huge); it is None when the kernel offers no
-    per-range detail (no PAGEMAP_SCAN, Linux < 6.7: ``source == "smaps"``).
-    """
-
-    start: int
-    total_bytes: int
-    huge_bytes: int
-    present_bytes: int
-    split_ranges: Optional[Tuple[Tuple[int, int], ...]]
-    pmd_size: int
-    source: str
-
-    @property
-    def ratio(self) -> float:
-        """``huge_bytes / total_bytes`` (0.0 for an empty range)."""
-        return self.huge_bytes / self.total_bytes if self.total_bytes else 0.0
-
-    @property
-    def split_bytes(self) -> Optional[int]:
-        """Bytes in ``split_ranges``; None without per-range detail."""
-        if self.split_ranges is None:
-            return None
-        return sum(end - start for start, end in self.split_ranges)
-
-    @property
-    def split_blocks(self) -> Optional[int]:
-        """Number of PMD-size blocks in ``split_ranges``; None without detail."""
-        split = self.split_bytes
-        return None if split is None else split // self.pmd_size
-
-    @property
-    def complete(self) -> bool:
-        """True when every byte of the range is PMD-mapped."""
-        return self.huge_bytes == self.total_bytes
-
-    def as_dict(self) -> dict:
-        """A JSON-ready dict of every field and property."""
-        return {
-            "start": self.start,
-            "total_bytes": self.total_bytes,
-            "huge_bytes": self.huge_bytes,
-            "present_bytes": self.present_bytes,
-            "ratio": self.ratio,
-            "split_ranges": None if self.split_ranges is None else [list(r) for r in self.split_ranges],
-            "split_bytes": self.split_bytes,
-            "split_blocks": self.split_blocks,
-            "pmd_size": self.pmd_size,
-            "source": self.source,
-        }
+_CAP_SYS_ADMIN = 21
+_ADDRESS_LIMIT = 1 << 64
 
 
 class _PagemapFile:
-    """This process's /proc/self/pagemap fd, reopened in every new process."""
+    """This process's /proc/self/pagemap fd (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pid = -1
         self._fd = -1
+        self._pid = -1
         self._identity = None  # (st_dev, st_ino) of the fd we opened
-        self.scan_supported: Optional[bool] = None
+        self._opener_uid = -1
+        self._privileged = False
+        self.denied: Optional[str] = None  # why there is no fd, once refused
+        self._warned = False
 
-    def after_fork_in_child(self, late: bool = False) -> None:
-        # A parent thread may have held the lock at fork.
-        self._lock = threading.Lock()
-        # The inherited fd still reads the parent's mm (fs/proc/task_mmu.c
-        # binds the mm at open). Close it, unless the program has closed
-        # and reused that number already (possible when a fork that
-        # bypassed Python is noticed late): then it is not ours to close.
-        fd, self._fd, self._pid = self._fd, -1, -1
+    def for_child(self) -> "_PagemapFile":
+        """The child's file: the parent's fd reads the parent's mm; close it
+        unless the program has closed and reused that number already (a fork
+        that bypassed Python, noticed late): then it is not ours to close."""
+        fd = self._fd
         if fd >= 0:
             try:
                 st = os.fstat(fd)
             except OSError:
-                return
-            if (st.st_dev, st.st_ino) == self._identity:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == self._identity:
                 os.close(fd)
+        child = _PagemapFile()
+        child.open_quietly()
+        return child
+
+    def open_quietly(self) -> None:
+        with self._lock:
+            try:
+                self._open()
+            except OSError:
+                pass
+
+    def _open(self) -> None:
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                self.denied = (f"/proc/self/pagemap cannot be opened ({errno.errorcode[exc.errno]}: "
+                               "the process dropped privileges or is not dumpable)")
+            raise
+        st = os.fstat(fd)
+        self._fd, self._pid, self._identity = fd, os.getpid(), (st.st_dev, st.st_ino)
+        self._opener_uid = os.geteuid()
+        try:
+            cap = kernel.read_status("self", kernel.Roots()).cap_eff
+        except OSError:
+            cap = None
+        self._privileged = cap is None or bool(cap >> _CAP_SYS_ADMIN & 1)
+        self.denied = None
 
     def fd(self) -> int:
+        """The fd, or -1 where the process may not open its page map."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-                st = os.fstat(self._fd)
-                self._identity = (st.st_dev, st.st_ino)
-                self._pid = os.getpid()
+            if self._fd >= 0 and self._pid == os.getpid():
+                if not self._privileged or os.geteuid() == self._opener_uid:
+                    return self._fd
+                # Root's fd would show frame numbers after the drop.
+                os.close(self._fd)
+                self._fd = -1
+            try:
+                self._open()
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM):
+                    raise kernel_error(exc.errno, "open(/proc/self/pagemap)") from None
+                if not self._warned:
+                    self._warned = True
+                    log.warning("%s; coverage comes from /proc/self/smaps, without per-block "
+                                "detail", self.denied)
+                return -1
             return self._fd
 
 
-_self_pagemap = _PagemapFile()
-_fork.subscribe("pagemap", after_in_child=_self_pagemap.after_fork_in_child, order=100)
+def _self_pagemap() -> _PagemapFile:
+    return _fork.state.get("pagemap.file", _make_file, _PagemapFile.for_child)
+
+
+def _make_file() -> _PagemapFile:
+    f = _PagemapFile()
+    f.open_quietly()
+    return f
+
+
+def _scan_state() -> dict:
+    # Whether PAGEMAP_SCAN works on this kernel (None: not asked yet).
+    return _fork.state.get("pagemap.scan", lambda: {"supported": None}, dict)
 
 
 def scan_supported() -> Optional[bool]:
     """Whether PAGEMAP_SCAN works here: None until the first coverage()."""
-    return _self_pagemap.scan_supported
-
-
-def _merge_block_ranges(runs, start: int, end: int, pmd: int):
-    """Expand non-huge runs that hold data to PMD blocks, clip and merge."""
-    merged: List[List[int]] = []
-    for run_start, run_end in runs:
-        lo = max(start, run_start - (run_start - start) % pmd)
-        hi = min(end, run_end + (-(run_end - start)) % pmd)
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in merged)
+    return _scan_state()["supported"]
 
 
 def scan(fd: int, start: int, end: int, pmd: int) -> Coverage:
-    """Coverage of ``[start, end)`` from PAGEMAP_SCAN on an open pagemap fd.
-
-    Blocks are counted from ``start``, which should be PMD-aligned.
-    """
-    huge = present = 0
-    data_runs = []
-    for run_start, run_end, cats in _native.pagemap_scan(fd, start, end):
-        size = run_end - run_start
-        has_data = cats & (_native.PAGE_IS_PRESENT | _native.PAGE_IS_SWAPPED)
-        if cats & _native.PAGE_IS_PRESENT:
-            present += size
-        if cats & _native.PAGE_IS_HUGE and not cats & _native.PAGE_IS_PFNZERO:
-            huge += size
-        elif has_data and not cats & _native.PAGE_IS_PFNZERO:
-            data_runs.append((run_start, run_end))
-    return Coverage(
-        start=start,
-        total_bytes=end - start,
-        huge_bytes=huge,
-        present_bytes=present,
-        split_ranges=_merge_block_ranges(data_runs, start, end, pmd),
-        pmd_size=pmd,
-        source=SOURCE_PAGEMAP_SCAN,
-    )
+    """Coverage of ``[start, end)`` from PAGEMAP_SCAN on an open pagemap fd."""
+    return Coverage.from_runs(_native.pagemap_scan(fd, start, end), start, end, pmd)
 
 
 def smaps_coverage(start: int, end: int, pmd: int, pid: Pid = "self") -> Coverage:
     """Coverage of ``[start, end)`` from ``/proc/PID/smaps`` (no per-range detail).
 
     Sums ``AnonHugePages`` and ``Rss`` over the VMAs inside the range; a
-    thpguard region is one VMA, so this stays per region.
+    thpguard region is one VMA (or several, after a partial ``mprotect``),
+    so this stays per region.
     """
     huge = present = 0
     try:
@@ -206,37 +185,54 @@ def _check_arguments(start, end, pmd, pid) -> int:
     return pmd
 
 
-_ADDRESS_LIMIT = 1 << 64
+def runs(start: int, end: int, pid: Pid = "self", fd: Optional[int] = None) -> Optional[List[Run]]:
+    """PAGEMAP_SCAN runs of ``[start, end)``, or None where only smaps can
+    answer (no PAGEMAP_SCAN, or this process may not read its page map)."""
+    state = _scan_state()
+    if state["supported"] is False:
+        return None
+    own = pid == "self" or pid == os.getpid()
+    close = False
+    if fd is None and own:
+        fd = _self_pagemap().fd()
+        if fd < 0:
+            return None
+    elif fd is None:
+        try:
+            fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise kernel_error(exc.errno, f"open(/proc/{pid}/pagemap)") from None
+        close = True
+    try:
+        result = _native.pagemap_scan(fd, start, end)
+    except KernelCallError as exc:
+        if exc.errno != errno.ENOTTY:
+            raise
+        # PAGEMAP_SCAN arrived in Linux 6.7; older kernels answer ENOTTY.
+        state["supported"] = False
+        return None
+    finally:
+        if close:
+            os.close(fd)
+    state["supported"] = True
+    return result
 
 
 def coverage(start: int, end: int, pmd: Optional[int] = None, pid: Pid = "self") -> Coverage:
     """Coverage of ``[start, end)`` in process ``pid`` (default: this one).
 
-    Uses PAGEMAP_SCAN where the kernel has it (Linux 6.7), else smaps.
-    Reading another process needs ptrace read access; failures raise
-    :class:`~thpguard.errors.KernelCallError` (EACCES, EPERM, ESRCH, ...).
+    Uses PAGEMAP_SCAN where the kernel has it (Linux 6.7) and the page map
+    can be read, else smaps. Reading another process needs ptrace read
+    access; failures raise :class:`~thpguard.errors.KernelCallError`
+    (EACCES, EPERM, ESRCH, ...).
     """
     pmd = _check_arguments(start, end, pmd, pid)
-    if _self_pagemap.scan_supported is False:
+    found = runs(start, end, pid)
+    if found is None:
         return smaps_coverage(start, end, pmd, pid)
-    own = pid == "self" or pid == os.getpid()
-    try:
-        if own:
-            result = scan(_self_pagemap.fd(), start, end, pmd)
-        else:
-            try:
-                fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise kernel_error(exc.errno, f"open(/proc/{pid}/pagemap)") from None
-            try:
-                result = scan(fd, start, end, pmd)
-            finally:
-                os.close(fd)
-    except KernelCallError as exc:
-        if exc.errno != errno.ENOTTY:
-            raise
-        # PAGEMAP_SCAN arrived in Linux 6.7; older kernels answer ENOTTY.
-        _self_pagemap.scan_supported = False
-        return smaps_coverage(start, end, pmd, pid)
-    _self_pagemap.scan_supported = True
-    return result
+    return Coverage.from_runs(found, start, end, pmd)
+
+
+# Open now: a process that imports thpguard and then drops privileges keeps
+# a descriptor it may use (see the module docstring).
+_self_pagemap()

@@ -26,25 +26,35 @@ import errno
 import logging
 import mmap
 import os
-import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 from . import _fork, _native, kernel, pagemap
+from .blocks import Coverage
 from .errors import (
     HugePagesUnavailableError,
     InvalidArgumentError,
     InvalidTypeError,
     RegionClosedError,
     UnsupportedError,
-    kernel_error,
 )
-from .pagemap import Coverage
+from .backends import (
+    BACKENDS,
+    CopyMechanism,
+    ThpBackend,
+    _direct_cow_mode,
+    copy_mechanisms,
+    mechanism_for,
+    register_copy_mechanism,
+)
+from ._regions import _live, regions
+from .repair import RepairState
 
-__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions"]
+__all__ = ["POLICIES", "Region", "CollapseResult", "alloc", "regions", "ThpBackend",
+           "CopyMechanism", "copy_mechanisms", "register_copy_mechanism"]
 
 log = logging.getLogger("thpguard")
 
@@ -62,9 +72,6 @@ DEFAULT_COLLAPSE_RETRIES = 3
 _MAX_RETRIES = 1000  # EAGAIN retries per chunk; the C side takes an unsigned
 
 _PAGE = mmap.PAGESIZE
-_FALLBACK_PMD = 2 << 20
-_live: "weakref.WeakSet[Region]" = weakref.WeakSet()
-_live_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class CollapseResult:
     ``MADV_COLLAPSE``; ``collapsed_bytes`` of them are PMD-mapped after, by
     the kernel's own account. ``failures`` maps an errno to the number of
     chunks that failed with it. ``seconds`` is the wall time spent.
+    ``refused`` maps each block that answered EINVAL to the reason (a
+    mapping split by ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, ...).
     """
 
     attempted_bytes: int
@@ -82,6 +91,7 @@ class CollapseResult:
     failures: Dict[int, int]
     seconds: float
     coverage: Coverage
+    refused: Dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -90,20 +100,7 @@ class CollapseResult:
 
 
 def _collapse_known() -> bool:
-    global _COLLAPSE_KNOWN
-    if _COLLAPSE_KNOWN is None:
-        _COLLAPSE_KNOWN = _native.advice_known(_native.MADV_COLLAPSE)
-    return _COLLAPSE_KNOWN
-
-
-_COLLAPSE_KNOWN: Optional[bool] = None
-
-
-def _direct_cow_mode() -> Optional[str]:
-    """The kernel's direct-COW mode, or None where it lacks the feature."""
-    if not _native.advice_known(_native.MADV_THP_COW):
-        return None
-    return kernel.thp_cow_mode()
+    return kernel.registry.knows(_native.MADV_COLLAPSE)
 
 
 _NAME_MAX = 48
@@ -174,10 +171,10 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None) -> None:
-        # Without a known PMD size (no THP in this kernel) the region still
-        # works, on small pages, aligned as on x86-64.
-        self.pmd_size = kernel.pmd_size() or _FALLBACK_PMD
+                 name: Optional[str] = None, backend: str = "thp") -> None:
+        # The backend object owns mapping, coverage and repair (backends.py).
+        self._backend = BACKENDS[backend]()
+        self.pmd_size = self._backend.page_size()
         self.size = -(-size // self.pmd_size) * self.pmd_size
         self.fork = fork
         #: The name given to :func:`alloc`, or None; shown by ``thpguard status`` and in metrics.
@@ -193,30 +190,9 @@ class Region:
             if not ok:
                 raise HugePagesUnavailableError(reason)
 
-        err = _native.fault_take("map")
-        if err:
-            raise kernel_error(err, "mmap", (0, self.size))
-        # Python's mmap object owns the mapping: it refuses to close while a
-        # memoryview or numpy array still exports it (BufferError) and
-        # unmaps when the last reference goes. One page of slack either side
-        # of the aligned range keeps this region a VMA of its own.
-        span = self.size + self.pmd_size + _PAGE
-        if span > sys.maxsize:
-            # mmap.mmap would raise OverflowError; no address space is this big.
-            raise InvalidArgumentError(
-                f"size {size} bytes is larger than any mapping can be (at most "
-                f"{sys.maxsize - self.pmd_size - _PAGE} bytes)"
-            )
+        self._map, self.address = self._backend.map(self.size, self.pmd_size)
         try:
-            self._map = mmap.mmap(
-                -1, span, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except OSError as exc:
-            raise kernel_error(exc.errno, "mmap", (0, span)) from None
-        try:
-            base = _native.buffer_address(self._map)
-            self.address = -(-(base + _PAGE) // self.pmd_size) * self.pmd_size
-            self._offset = self.address - base
+            self._offset = self.address - _native.buffer_address(self._map)
             self._setup(populate, strict)
         except BaseException:
             self._map.close()
@@ -224,8 +200,9 @@ class Region:
             if forget is not None:
                 forget()  # else every later child reserves this stale range
             raise
-        with _live_lock:
-            _live.add(self)
+        live = _live()
+        with live.lock:
+            live.regions.add(self)
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
@@ -310,7 +287,7 @@ class Region:
         """Ask the kernel how much of the region is PMD-mapped right now."""
         self._require_open("measure coverage")
         _fork.check()
-        return pagemap.coverage(self.address, self.address + self.size, self.pmd_size)
+        return self._backend.coverage(self)
 
     def collapse(
         self,
@@ -320,10 +297,11 @@ class Region:
     ) -> CollapseResult:
         """Re-collapse the split blocks of the region into huge pages now.
 
-        Runs ``MADV_COLLAPSE`` (Linux 6.1) over the blocks that hold data
-        but are not PMD-mapped, ``chunk`` bytes per call, retrying EAGAIN up
-        to ``max_retries`` (0 to 1000) times, then rescans. Blocks never touched are
-        left alone. Raises :class:`~thpguard.errors.UnsupportedError` on
+        Runs ``MADV_COLLAPSE`` (Linux 6.1) over the blocks the block model
+        calls repairable (``split`` ones, and ``partial`` ones within
+        khugepaged's ``max_ptes_none``: see :mod:`thpguard.blocks`), ``chunk``
+        bytes per call, retrying EAGAIN up to ``max_retries`` (0 to 1000)
+        times, then rescans. Blocks never touched are left alone. Raises :class:`~thpguard.errors.UnsupportedError` on
         kernels without MADV_COLLAPSE. Each repair of a block shared with
         another process allocates a new 2 MiB page.
         """
@@ -348,40 +326,48 @@ class Region:
         chunk = max(self.pmd_size, min(self.size, chunk - chunk % self.pmd_size))
         started = time.perf_counter()
         before = self.coverage()
-        if before.split_ranges is not None:
-            targets = list(before.split_ranges)
-        else:
-            # No per-range detail (smaps): try every block on its own, so a
+        engine = self._backend.engine()
+        if before.blocks is None:
+            # No per-block detail (smaps): try every block on its own, so a
             # never-touched block (EINVAL) fails alone.
             chunk = self.pmd_size
-            targets = [(self.address, self.address + self.size)] if not before.complete else []
+        calls = engine.plan(RepairState(), before, self.address, self.size, self.size, chunk,
+                            time.monotonic())
         failures: Dict[int, int] = {}
-        attempted = 0
-        with self._lock:
-            # close() from another thread may have won the lock since the
-            # scan: the range may be unmapped, or mapped by someone else.
+        refused: Dict[int, str] = {}
+        results = engine.run(calls, self.pmd_size, max_retries, lock=self._lock,
+                             is_closed=lambda: self.closed)
+        if len(results) < len(calls):
+            # close() from another thread won the lock since the scan: the
+            # range may be unmapped, or mapped by someone else.
             self._require_open("collapse it")
-            for start, end in targets:
-                attempted += end - start
-                for err in _native.collapse(start, end - start, chunk, max_retries):
-                    if err:
-                        failures[err] = failures.get(err, 0) + 1
+        for start, length, errs, _ in results:
+            first = next((e for e in errs if e), 0)
+            if first:
+                failures[first] = failures.get(first, 0) + 1
+            if before.blocks is not None:
+                for i, err in enumerate(errs):
+                    if err == errno.EINVAL:
+                        block = start + i * self.pmd_size
+                        refused[block] = engine.diagnose(block, self.pmd_size, self.address,
+                                                         self.size)[1]
         after = self.coverage()
-        if before.split_ranges is None:
+        if before.blocks is None:
             failures.pop(errno.EINVAL, None)  # untouched blocks, expected here
         return CollapseResult(
-            attempted_bytes=attempted,
+            attempted_bytes=sum(length for _, length in calls),
             collapsed_bytes=max(0, after.huge_bytes - before.huge_bytes),
             failures=failures,
             seconds=time.perf_counter() - started,
             coverage=after,
+            refused=refused,
         )
 
     def populate(self) -> None:
         """Fault in every page of the region for writing, keeping its data.
 
         Never call it on a ``share`` region while a child shares it: the
-        kernel splits every shared block it touches (KERNEL-NOTES).
+        kernel splits every shared block it touches (:doc:`kernel-facts`).
         """
         self._require_open("populate it")
         _native.populate_write(self.address, self.size, _PAGE)
@@ -415,8 +401,9 @@ class Region:
             self._closed = True
         if self.fork == "private":
             self._forget_placeholder()
-        with _live_lock:
-            _live.discard(self)
+        live = _live()
+        with live.lock:
+            live.regions.discard(self)
 
     def __enter__(self) -> "Region":
         return self
@@ -434,9 +421,21 @@ class Region:
 
     # -- fork --------------------------------------------------------------
 
-    def _copy_into_own_pages(self) -> None:
-        with self._lock:
-            _native.copy_remap(self.address, self.size, self.pmd_size)
+    @property
+    def backend(self) -> str:
+        """The backend that maps this region (``"thp"``)."""
+        return self._backend.name
+
+    @property
+    def page_size(self) -> int:
+        """The huge page size this region is aligned to and backed by, in bytes."""
+        return self.pmd_size
+
+    @property
+    def copy_mode(self) -> Optional[str]:
+        """For ``fork="copy"``: the mechanism a fork now uses (``"kernel"``,
+        ``"eager"``, or one registered later); None for other policies."""
+        return mechanism_for(self).name if self.fork == "copy" else None
 
 
 def alloc(
@@ -446,6 +445,7 @@ def alloc(
     populate: bool = True,
     strict: bool = False,
     name: Optional[str] = None,
+    backend: str = "thp",
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
@@ -458,7 +458,9 @@ def alloc(
     ``Region.degraded`` and :meth:`Region.coverage` say so. ``name``
     (letters, digits and ``._-``, at most 48 characters) labels the region
     in ``thpguard status``, in metrics and in the message a child gets if it
-    touches a ``private`` region.
+    touches a ``private`` region. ``backend`` names what maps the region:
+    ``"thp"`` (anonymous transparent huge pages) in this version; other
+    backends register in :mod:`thpguard.backends`.
     """
     size = _check_size(size)
     name = _check_name(name)
@@ -466,102 +468,7 @@ def alloc(
     for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
-    return Region(size, fork, populate, strict, name)
-
-
-def regions() -> List[Region]:
-    """The open regions of this process."""
-    with _live_lock:
-        return [r for r in _live if not r.closed]
-
-
-# -- fork handling ------------------------------------------------------------
-
-_pending = threading.local()
-# Held from before fork() to after it, so forks from several threads run
-# one at a time: a child forked by another thread meanwhile would inherit
-# the hand-shake pipe and keep this parent waiting until it exits.
-_fork_serial = threading.Lock()
-
-
-def _before_fork() -> None:
-    """Prepare the `copy` hand-shake: a pipe the child closes when done."""
-    _fork_serial.acquire()
-    _pending.pipe = None
-    mode = None
-    targets = [r for r in regions() if r.fork == "copy"]
-    if targets:
-        mode = _direct_cow_mode()
-    targets = [r for r in targets if not (r.direct_cow and mode in ("always", "madvise"))]
-    if targets:
-        _pending.pipe = os.pipe()
-    _pending.targets = targets
-    _pending.prepared = True
-
-
-def _after_fork_in_parent() -> None:
-    pipe = getattr(_pending, "pipe", None)
-    _pending.pipe, _pending.targets = None, []  # hold no region alive
-    _pending.prepared = False
-    try:
-        if pipe is None:
-            return
-        read_end, write_end = pipe
-        os.close(write_end)
-        try:
-            # Until the child has copied, a write here would split the pages
-            # it still shares (DESIGN: the `copy` race); EOF if it dies.
-            while os.read(read_end, 64):
-                pass
-        finally:
-            os.close(read_end)
-    finally:
-        if _fork_serial.locked():
-            _fork_serial.release()
-
-
-def _after_fork_in_child(late: bool = False) -> None:
-    global _live_lock, _fork_serial
-    # A lock another parent thread held at fork stays held forever in the
-    # child, where that thread does not exist: start with fresh ones.
-    _live_lock = threading.Lock()
-    _fork_serial = threading.Lock()
-    for region in list(_live):
-        region._lock = threading.Lock()
-        if region.fork == "private" and not region._closed:
-            region._unmapped_here = True
-    pipe = getattr(_pending, "pipe", None)
-    targets = getattr(_pending, "targets", [])
-    prepared = getattr(_pending, "prepared", False)
-    _pending.pipe, _pending.targets, _pending.prepared = None, [], False
-    try:
-        if late or not prepared:
-            # The parent did not wait for us (a fork from C; or uWSGI's
-            # py-call-osafterfork, which runs the child's hooks but not the
-            # parent's before-fork ones), but copying still ends our
-            # sharing, so neither side splits from now on.
-            targets = [r for r in _live if r.fork == "copy" and not r.closed and not r.direct_cow]
-        if _fork.in_exec_child():
-            return
-        for region in targets:
-            if region.closed:
-                continue
-            try:
-                region._copy_into_own_pages()
-            except OSError as exc:
-                # The old mapping is untouched: data stays right, still shared.
-                log.error("copy policy: region %#x stays shared in pid %d: %s",
-                          region.address, os.getpid(), exc)
-    finally:
-        if pipe is not None:
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-
-_fork.subscribe(
-    "region",
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-    order=10,
-)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise InvalidArgumentError(
+            f"unknown backend {backend!r}; this build has {', '.join(sorted(BACKENDS))}")
+    return Region(size, fork, populate, strict, name, backend)

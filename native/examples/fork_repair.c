@@ -15,18 +15,6 @@
 
 #include "thpguard.h"
 
-static size_t pmd_size(void)
-{
-    unsigned long size = 2UL << 20;
-    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
-    if (f) {
-        if (fscanf(f, "%lu", &size) != 1)
-            size = 2UL << 20;
-        fclose(f);
-    }
-    return size;
-}
-
 /* The pagemap fd must be opened in the process it describes: one opened
  * before fork keeps reading the parent. */
 static int print_coverage(const char *who, char *addr, size_t len)
@@ -49,7 +37,7 @@ static int print_coverage(const char *who, char *addr, size_t len)
 
 int main(int argc, char **argv)
 {
-    size_t pmd = pmd_size();
+    size_t pmd = tg_pmd_size();
     size_t len = (argc > 1 ? strtoul(argv[1], NULL, 10) : 8) << 20;
     len = (len + pmd - 1) / pmd * pmd;
     void *region;

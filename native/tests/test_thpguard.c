@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "thpguard.h"
+#include "thpguard_testing.h"
 
 #define SKIP 77
 
@@ -31,17 +32,6 @@ static int failures;
 
 static size_t pmd;
 
-static void read_pmd_size(void)
-{
-    unsigned long size = 2UL << 20;
-    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
-    if (f) {
-        if (fscanf(f, "%lu", &size) != 1)
-            size = 2UL << 20;
-        fclose(f);
-    }
-    pmd = size;
-}
 
 static uint64_t huge_bytes(void *addr, size_t len)
 {
@@ -213,7 +203,7 @@ static void test_copy_remap_in_child(void)
 
 int main(void)
 {
-    read_pmd_size();
+    pmd = tg_pmd_size();
     if (tg_atfork_install() != 0) {
         perror("tg_atfork_install");
         return 1;

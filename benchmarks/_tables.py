@@ -1,0 +1,260 @@
+"""The memory under the service and snapshot benchmarks, one variant per
+mechanism, and what the kernel really maps there (smaps).
+
+Every variant is a private anonymous range of its own VMA, aligned to the
+PMD size, faulted in before any fork:
+
+``4k``
+    ``MADV_NOHUGEPAGE``: 4 KiB pages only, the floor.
+``thp``
+    ``MADV_HUGEPAGE`` and nothing else: what numpy gives a large array by
+    default. A write after fork splits the writer's 2 MiB block for good.
+``share+guard``
+    ``thpguard.alloc(fork="share")`` and the background guard: a write
+    splits, the guard collapses the block again in that process.
+``copy eager``
+    ``thpguard.alloc(fork="copy")`` with the copy made at fork: the child
+    copies the whole range into its own huge pages, the parent waits.
+``copy lazy``
+    ``copy`` with a lazy mechanism (the kernel's direct COW or userfaultfd
+    block copy): a 2 MiB block is copied on its first write.
+``hugetlb``
+    ``thpguard.alloc(backend="hugetlb")``: the reserved pool, never split.
+
+:func:`unavailable` says why a variant cannot run here (this thpguard or
+this host lacks it); nothing is hard-coded about which versions have what:
+it asks thpguard's own API.
+"""
+
+from __future__ import annotations
+
+import inspect
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+VARIANTS = ("4k", "thp", "share+guard", "copy eager", "copy lazy", "hugetlb")
+
+LABELS = {
+    "4k": "4 KiB pages (MADV_NOHUGEPAGE)",
+    "thp": "MADV_HUGEPAGE, no thpguard",
+    "share+guard": "thpguard share + guard",
+    "copy eager": "thpguard copy, eager (at fork)",
+    "copy lazy": "thpguard copy, lazy (on first write)",
+    "hugetlb": "thpguard hugetlb backend",
+}
+
+_PMD_FALLBACK = 2 << 20
+
+
+def pmd_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return _PMD_FALLBACK
+
+
+def _alloc_takes(name: str) -> bool:
+    import thpguard
+
+    try:
+        return name in inspect.signature(thpguard.alloc).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _capability_reason(*words: str) -> str:
+    """What ``thpguard.capabilities()`` says about a feature, if it exists."""
+    import thpguard
+
+    caps = getattr(thpguard, "capabilities", None)
+    if not callable(caps):
+        return ""
+    try:
+        found = caps()
+    except Exception as exc:  # a report, not a benchmark failure
+        return f"capabilities() failed: {exc}"
+    text = repr(found)
+    hits = [m.group(0) for w in words for m in re.finditer(rf"[^,;{{}}]*{re.escape(w)}[^,;{{}}]*", text)]
+    return "; ".join(dict.fromkeys(h.strip() for h in hits))[:300]
+
+
+def alloc_kwargs(variant: str) -> Dict[str, Any]:
+    """The ``thpguard.alloc`` keywords of a thpguard variant."""
+    if variant == "share+guard":
+        return {"fork": "share"}
+    if variant == "copy eager":
+        kwargs: Dict[str, Any] = {"fork": "copy"}
+        if _alloc_takes("copy_mode"):
+            kwargs["copy_mode"] = "eager"
+        return kwargs
+    if variant == "copy lazy":
+        return {"fork": "copy", "copy_mode": "lazy", "strict": True}
+    if variant == "hugetlb":
+        return {"fork": "share", "backend": "hugetlb", "strict": True}
+    raise ValueError(f"{variant!r} is not a thpguard variant")
+
+
+def unavailable(variant: str, size: int) -> Optional[str]:
+    """None if ``variant`` can run with a ``size``-byte table here, else why not.
+
+    Asks this thpguard: an ``alloc()`` keyword it does not take means the
+    mechanism is not in this version; a value it takes but refuses (an
+    exception) gives thpguard's reason (a backend this build lacks, an
+    empty hugetlb pool, userfaultfd not permitted).
+    """
+    if variant in ("4k", "thp"):
+        return None
+    import thpguard
+
+    if variant == "share+guard":
+        return None if callable(getattr(thpguard, "install", None)) else (
+            "this thpguard has no background guard (thpguard.install)")
+    if variant == "copy lazy" and not _alloc_takes("copy_mode"):
+        extra = _capability_reason("lazy", "userfault")
+        return "not available in this thpguard version: alloc() has no copy_mode, only the eager copy at fork" + (
+            f" ({extra})" if extra else "")
+    if variant == "hugetlb" and not _alloc_takes("backend"):
+        return "not available in this thpguard version: alloc() has no hugetlb backend"
+    probe = size if variant == "hugetlb" else pmd_size()
+    try:
+        region = thpguard.alloc(probe, **alloc_kwargs(variant))
+    except Exception as exc:
+        return f"not available here: {type(exc).__name__}: {exc}"
+    try:
+        if variant == "copy lazy" and getattr(region, "copy_mode", "lazy") == "eager":
+            return "not available here: copy_mode='lazy' gave the eager copy"
+        if variant == "hugetlb" and getattr(region, "backend", "hugetlb") != "hugetlb":
+            return f"not available here: got backend {region.backend!r}"
+    finally:
+        region.close()
+    return None
+
+
+@dataclass
+class Table:
+    """A variant's table: ``address``/``size`` (bytes) of its own VMA, a
+    writable ``view`` (memoryview), and ``mechanism`` (what thpguard says it
+    used, or the madvise advice)."""
+
+    variant: str
+    address: int
+    size: int
+    view: memoryview
+    mechanism: str
+    _keep: List[Any] = field(default_factory=list)
+
+
+def _buffer_address(buf) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def allocate(variant: str, size: int) -> Table:
+    """Map and fault in ``size`` bytes (a multiple of the PMD size) for
+    ``variant``; with ``share+guard`` the guard is installed too."""
+    if variant in ("4k", "thp"):
+        pmd = pmd_size()
+        # Private (the default MAP_SHARED would be shmem); the slack lets
+        # the range start on a PMD boundary, and the advice on exactly that
+        # range makes it a VMA of its own.
+        mm = mmap.mmap(-1, size + pmd, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        base = _buffer_address(mm)
+        offset = (-base) % pmd
+        advice = mmap.MADV_NOHUGEPAGE if variant == "4k" else mmap.MADV_HUGEPAGE
+        mm.madvise(advice, offset, size)
+        view = memoryview(mm)[offset:offset + size]
+        _touch(view)
+        name = "MADV_NOHUGEPAGE" if variant == "4k" else "MADV_HUGEPAGE"
+        return Table(variant, base + offset, size, view, name, [mm])
+    import thpguard
+
+    region = thpguard.alloc(size, **alloc_kwargs(variant))
+    keep: List[Any] = [region]
+    if variant == "share+guard":
+        keep.append(thpguard.install())
+    mechanism = variant
+    if variant.startswith("copy"):
+        mechanism = f"copy ({getattr(region, 'copy_mode', 'eager')})"
+    elif variant == "hugetlb":
+        mechanism = f"hugetlb ({getattr(region, 'page_size', 0) >> 20} MiB pages)"
+    return Table(variant, region.address, region.size, region.view(), mechanism, keep)
+
+
+def _touch(view: memoryview) -> None:
+    page = mmap.PAGESIZE
+    for off in range(0, len(view), page):
+        view[off] = 0
+
+
+# -- what the kernel maps ----------------------------------------------------
+
+_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
+
+
+def smaps_range(pid: int, start: int, end: int) -> Dict[str, int]:
+    """Bytes of ``AnonHugePages``, ``Rss``, ``Pss`` and ``Private_Hugetlb``
+    summed over the VMAs of ``pid`` that overlap ``[start, end)``
+    (ground truth from ``/proc/PID/smaps``). Empty when the process is gone."""
+    out = {"AnonHugePages": 0, "Rss": 0, "Pss": 0, "Private_Hugetlb": 0, "Shared_Hugetlb": 0}
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                m = _HEADER.match(line)
+                if m:
+                    lo, hi = int(m.group(1), 16), int(m.group(2), 16)
+                    inside = lo < end and hi > start
+                    continue
+                if inside:
+                    key, _, rest = line.partition(":")
+                    if key in out:
+                        out[key] += int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return out
+
+
+def huge_bytes(pid: int, start: int, end: int) -> int:
+    """Bytes of ``[start, end)`` that ``pid`` maps with huge pages (PMD THP or hugetlb)."""
+    found = smaps_range(pid, start, end)
+    return found.get("AnonHugePages", 0) + found.get("Private_Hugetlb", 0) + found.get("Shared_Hugetlb", 0)
+
+
+def pss(pid: int) -> int:
+    """Proportional set size of ``pid`` in bytes (smaps_rollup; 0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (all its threads) in seconds; 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    # Fields 14 and 15 of proc(5), counted after the ")" that ends the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> List[int]:
+    """The child pids of ``pid`` (/proc/PID/task/*/children)."""
+    out: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(p) for p in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return sorted(set(out))
