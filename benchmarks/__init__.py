@@ -14,10 +14,12 @@ whole services, several GiB, Redis, gunicorn and wrk) run only when named
 with ``--only``; a plain run is the seven component benchmarks.
 """
 
-from . import agent, alloc, coverage, forklat, overhead, pool, repair, service, snapshot, stall, tlb
+from . import (agent, alloc, coverage, forklat, hugetlb, overhead, pool, repair, service, snapshot,
+               stall, tlb)
 
 #: Every benchmark, in the order they run: module with NAME, TITLE, run().
-BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall, agent, service, snapshot, pool)
+BENCHMARKS = (repair, coverage, tlb, overhead, forklat, alloc, stall, agent, service, snapshot, pool,
+              hugetlb)
 
-#: What a run without ``--only`` runs.
+#: What a run without ``--only`` runs (hugetlb grows the host's pool: only when named).
 DEFAULT = (repair, coverage, tlb, overhead, forklat, alloc, stall)

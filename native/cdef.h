@@ -18,6 +18,8 @@
 #define TG_PAGE_IS_PFNZERO ...
 #define TG_PAGE_IS_HUGE ...
 #define TG_MAX_PLACEHOLDERS ...
+#define TG_MAP_HUGETLB ...
+#define TG_MAP_HUGE_SHIFT ...
 
 typedef int... pid_t;
 
@@ -65,6 +67,8 @@ int tg_pidfd_open(pid_t pid, int *fd);
 int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
                        size_t n, int advice, size_t *advised);
 int tg_copy_remap(void *addr, size_t len, size_t align);
+int tg_map_flags(void *addr, size_t len, int extra_flags, void **out);
+int tg_copy_remap_flags(void *addr, size_t len, int extra_flags);
 int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);
 int tg_map_marker(void *addr, size_t len, int fd);

@@ -435,6 +435,40 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
     return 0;
 }
 
+int tg_map_flags(void *addr, size_t len, int extra_flags, void **out)
+{
+    if (len == 0 || (extra_flags & MAP_NORESERVE)) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (fault_take(TG_FAULT_MAP))
+        return -1;
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | extra_flags | (addr ? MAP_FIXED : 0);
+    void *p = mmap(addr, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED)
+        return -1;
+    *out = p;
+    return 0;
+}
+
+int tg_copy_remap_flags(void *addr, size_t len, int extra_flags)
+{
+    void *fresh;
+    if (tg_map_flags(NULL, len, extra_flags, &fresh) != 0)
+        return -1;
+    memcpy(fresh, addr, len);
+    void *moved = MAP_FAILED;
+    if (!fault_take(TG_FAULT_MREMAP))
+        moved = mremap(fresh, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, addr);
+    if (moved == MAP_FAILED) {
+        int saved = errno;
+        munmap(fresh, len);
+        errno = saved;
+        return -1;
+    }
+    return 0;
+}
+
 struct placeholder {
     void *addr;
     size_t len;

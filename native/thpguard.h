@@ -139,6 +139,19 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
  * pages with another process. On failure the old range is untouched. */
 int tg_copy_remap(void *addr, size_t len, size_t align);
 
+/* hugetlb: MAP_HUGETLB and the page size as log2 << TG_MAP_HUGE_SHIFT. */
+#define TG_MAP_HUGETLB    0x40000
+#define TG_MAP_HUGE_SHIFT 26
+
+/* Map len bytes private anonymous with extra mmap flags (TG_MAP_HUGETLB |
+ * log2(size) << TG_MAP_HUGE_SHIFT), always with a reservation: never
+ * MAP_NORESERVE. A non-NULL addr maps there with MAP_FIXED. */
+int tg_map_flags(void *addr, size_t len, int extra_flags, void **out);
+
+/* Copy [addr, addr+len) into a fresh mapping made with extra_flags and
+ * move it over the old range (mremap), as tg_copy_remap does for THP. */
+int tg_copy_remap_flags(void *addr, size_t len, int extra_flags);
+
 /* Keep [addr, addr+len) reserved (PROT_NONE) in every child that fork()
  * creates, for ranges marked MADV_DONTFORK: otherwise the child's next
  * mmap could land in the hole and be unmapped later by the parent's

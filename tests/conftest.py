@@ -192,3 +192,75 @@ def region_factory(require_thp):
     for region in made:
         if not region.closed:
             region.close()
+
+
+# -- hugetlb pools ---------------------------------------------------------------------------
+
+HUGEPAGES = "/sys/kernel/mm/hugepages"
+
+
+def _nr_path(page_size):
+    return f"{HUGEPAGES}/hugepages-{page_size // 1024}kB/nr_hugepages"
+
+
+def _read_nr(page_size):
+    with open(_nr_path(page_size)) as f:
+        return int(f.read())
+
+
+def _write_nr(page_size, value):
+    with open(_nr_path(page_size), "w") as f:
+        f.write(f"{value}\n")
+
+
+@pytest.fixture
+def hugepool():
+    """``hugepool(pages, page_size=PMD)``: grow a hugetlb pool by ``pages``
+    free pages for this test; the pool is given back afterwards, even when
+    the test fails.
+
+    The pool is shared with everyone on the host: this only ever adds pages
+    and, at the end, removes the ones it added (never going below the count
+    found at the start). Skips where hugetlb or root is missing, or the
+    kernel could not find the memory; THPGUARD_REQUIRE_THP=1 fails instead.
+    Returns the pool (kernel.HugePool) after growing it.
+    """
+    grown = []  # (page_size, count before, pages added)
+
+    def fail_or_skip(why):
+        if REQUIRE_THP:
+            pytest.fail(f"hugetlb pool required (THPGUARD_REQUIRE_THP=1): {why}")
+        pytest.skip(why)
+
+    def reserve(pages, page_size=None):
+        page_size = page_size or kernel.pmd_size()
+        if page_size not in kernel.hugetlb_sizes():
+            fail_or_skip(f"no hugetlb pool of {page_size} bytes here")
+        pool = kernel.hugetlb_pool(page_size)
+        before = _read_nr(page_size)
+        want = before + max(0, pages - pool.available)
+        if want > before:
+            try:
+                _write_nr(page_size, want)
+            except OSError as exc:
+                fail_or_skip(f"cannot grow the hugetlb pool: {exc}")
+            grown.append((page_size, before, want - before))
+        pool = kernel.hugetlb_pool(page_size)
+        if pool.available < pages:
+            fail_or_skip(f"the kernel found {pool.available} of {pages} hugetlb pages")
+        return pool
+
+    try:
+        yield reserve
+    finally:
+        for page_size, before, added in reversed(grown):
+            now = _read_nr(page_size)
+            _write_nr(page_size, max(before, now - added))
+
+
+def hugetlb_vma(pid, start):
+    """(KernelPageSize, hugetlb bytes, VmFlags) of the VMA of ``pid`` at ``start``, from smaps."""
+    vma = smaps_vma(pid, start)
+    if vma is None:
+        return None
+    return vma.fields.get("KernelPageSize"), vma.hugetlb_bytes or 0, vma.vm_flags

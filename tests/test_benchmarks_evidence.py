@@ -194,15 +194,16 @@ def test_plot_draws_service_and_snapshot_panels(tmp_path):
 
 
 def test_entry_point_runs_end_to_end_benchmarks_only_when_named(capsys):
-    """--list names agent, service, snapshot and pool as --only ones; a plain run leaves them out."""
+    """--list names agent, service, snapshot, pool and hugetlb as --only ones; a plain run leaves them out."""
     from benchmarks import BENCHMARKS, DEFAULT
 
     assert entry.main(["--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("agent", "service", "snapshot", "pool"):
+    for name in ("agent", "service", "snapshot", "pool", "hugetlb"):
         assert f"{name} " in out
-    assert out.count("(only with --only)") == 4
-    assert {b.NAME for b in BENCHMARKS} - {b.NAME for b in DEFAULT} == {"agent", "service", "snapshot", "pool"}
+    assert out.count("(only with --only)") == 5
+    assert {b.NAME for b in BENCHMARKS} - {b.NAME for b in DEFAULT} == {"agent", "service", "snapshot", "pool",
+                                                                       "hugetlb"}
     _, selected = entry._parse([])
     assert [b.NAME for b in selected] == [b.NAME for b in DEFAULT]
     _, selected = entry._parse(["--only", "service,snapshot,pool"])

@@ -79,11 +79,12 @@ def test_table_puts_ratio_first_and_json_keeps_rows():
 
 
 def test_entry_point_lists_every_benchmark(capsys):
-    """--list names all ten benchmarks and exits 0."""
+    """--list names all eleven benchmarks and exits 0."""
     assert entry.main(["--list"]) == 0
     out = capsys.readouterr().out
     names = [b.NAME for b in BENCHMARKS]
-    assert names == ["repair", "coverage", "tlb", "overhead", "fork", "alloc", "stall", "agent", "service", "snapshot", "pool"]
+    assert names == ["repair", "coverage", "tlb", "overhead", "fork", "alloc", "stall", "agent", "service", "snapshot", "pool",
+                     "hugetlb"]
     for name in names:
         assert name in out
 

@@ -14,7 +14,7 @@ LAYERS = [
     {"backends", "_regions", "region"},
     {"_guardstate", "guard", "hot", "stats"},
     {"metrics", "launch", "numpy"},
-    {"_procmap", "_checks", "_selftest", "_cliguard", "_cliverify", "cli", "__main__",
+    {"_procmap", "_checks", "_hugechecks", "_selftest", "_cliguard", "_cliverify", "cli", "__main__",
      "agent", "_agentscan", "_agentconfig", "_agentops", "_agentmetrics", "_cliagent"},
 ]
 

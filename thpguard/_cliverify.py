@@ -8,7 +8,7 @@ import sys
 import time
 from typing import List, Optional
 
-from . import _checks, kernel
+from . import _checks, _hugechecks, kernel
 from ._checks import FAIL, OK, WARN, Check, HostContext, fmt_bytes
 from .cli import (
     EXIT_FAILED,
@@ -18,6 +18,7 @@ from .cli import (
     VERDICT_NOT_CERTAIN,
     VERDICT_UNSUPPORTED,
     AccessError,
+    UsageError,
     _emit_json,
     _err,
     _version,
@@ -117,14 +118,22 @@ def cmd_verify(args) -> int:
     caps = kernel.capabilities(refresh=True, roots=roots)
     ctx = HostContext(caps, roots, args.pid)
     size = args.size or 4 * (caps.pmd_size or 2 * 1024 * 1024)
-    checks = _checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
+    bad = _hugechecks.bad_args(caps, args.hugetlb_pool, args.hugetlb_page_size)
+    if bad:
+        raise UsageError(bad)
+
+    def all_checks():
+        return (_checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
+                + _hugechecks.hugetlb_checks(ctx, args.hugetlb_pool, args.hugetlb_page_size))
+
+    checks = all_checks()
     fixes: List[dict] = []
     if args.fix:
         fixes = _apply_fixes(checks, args.quiet or args.json)
         if fixes:
             caps = kernel.capabilities(refresh=True, roots=roots)
             ctx = HostContext(caps, roots, args.pid)
-            checks = _checks.host_checks(ctx, headroom=max(64 << 20, 2 * size))
+            checks = all_checks()
     if not unsupported and not args.skip_selftest:
         ok, why = kernel.can_get_huge_pages(caps)
         if ok:

@@ -32,6 +32,8 @@ PAGE_IS_PRESENT = lib.TG_PAGE_IS_PRESENT
 PAGE_IS_SWAPPED = lib.TG_PAGE_IS_SWAPPED
 PAGE_IS_PFNZERO = lib.TG_PAGE_IS_PFNZERO
 PAGE_IS_HUGE = lib.TG_PAGE_IS_HUGE
+MAP_HUGETLB = lib.TG_MAP_HUGETLB
+MAP_HUGE_SHIFT = lib.TG_MAP_HUGE_SHIFT
 
 ADVICE_NAMES: Dict[int, str] = {
     MADV_DONTFORK: "MADV_DONTFORK",
@@ -188,6 +190,21 @@ def process_madvise(pidfd: int, ranges: Sequence[Tuple[int, int]], advice: int) 
 
 def copy_remap(addr: int, length: int, align: int) -> None:
     _check(lib.tg_copy_remap(_ptr(addr), length, align), "copy and mremap", addr, length)
+
+
+def map_flags(addr: int, length: int, extra_flags: int) -> int:
+    """Map ``length`` bytes private anonymous with ``extra_flags`` (with a
+    reservation, never ``MAP_NORESERVE``); at ``addr`` (``MAP_FIXED``) unless 0."""
+    out = ffi.new("void **")
+    _check(lib.tg_map_flags(_ptr(addr) if addr else ffi.NULL, length, extra_flags, out),
+           "mmap", addr, length)
+    return int(ffi.cast("uintptr_t", out[0]))
+
+
+def copy_remap_flags(addr: int, length: int, extra_flags: int) -> None:
+    """Copy a range into a fresh mapping made with ``extra_flags`` and move it over."""
+    _check(lib.tg_copy_remap_flags(_ptr(addr), length, extra_flags),
+           "copy and mremap", addr, length)
 
 
 def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:

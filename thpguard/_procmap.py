@@ -3,7 +3,8 @@
 
 PAGEMAP_SCAN on ``/proc/PID/pagemap`` (Linux 6.7), classified by the one
 block model (:mod:`thpguard.blocks`), gives each PMD-size block's kind;
-without it, smaps ``AnonHugePages`` gives the PMD-mapped bytes per VMA and
+without it, smaps ``AnonHugePages`` (plus ``Private_Hugetlb`` and
+``Shared_Hugetlb`` for hugetlb mappings) gives the huge bytes per VMA and
 split blocks are unknown. Reading another
 process needs ptrace read access (same user and dumpable, or root).
 """
@@ -182,7 +183,8 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
     try:
         for v in vmas:
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
-                              v.huge_bytes or 0, v.rss, None, _marked_region(previous, v))
+                              (v.huge_bytes or 0) + (v.hugetlb_bytes or 0), v.rss, None,
+                              _marked_region(previous, v))
             previous = v
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:

@@ -14,8 +14,8 @@ import logging
 import os
 import threading
 import weakref
-from . import _fork
-from .backends import mechanism_for
+from . import _fork, _native, events
+from .backends import HugetlbCopy, become_thp, mechanism_for, pool_shortfall
 
 __all__ = ["regions"]
 
@@ -76,10 +76,103 @@ def _before_fork() -> None:
     fs.pending.pipe = None
     targets = [r for r in regions() if r.fork == "copy"]
     targets = [(r, mechanism_for(r)) for r in targets]
+    targets += _share_downgrades()
     if any(m.parent_waits(r) for r, m in targets):
         fs.pending.pipe = os.pipe()
     fs.pending.targets = targets
     fs.pending.prepared = True
+
+
+def _share_downgrades() -> list:
+    """hugetlb ``share`` regions this fork must copy into the child instead.
+
+    After fork, a write to a shared hugetlb page by either side copies the
+    whole page, and that copy needs a free pool page (Linux 6.18, measured):
+    a child that finds none dies of SIGBUS, and a parent that finds none
+    takes the page away from its children (they die of SIGBUS on their next
+    access). So before
+    the fork the populated pages of the ``share`` regions (what the fork
+    may have to copy), plus the pages the child takes for its ``copy`` and
+    ``wipe`` hugetlb regions, are held against the pages the pool and the
+    hugetlb cgroup can still give; where they do not cover them, the child copies
+    those regions into THP pages of its own while the parent waits (as
+    ``copy`` does): then no page is shared and nobody needs a pool page.
+    """
+    by_size: dict = {}
+    child_pages: dict = {}  # pool pages the child takes for copy and wipe regions
+    for r in regions():
+        if r.backend != "hugetlb":
+            continue
+        if r.fork == "share":
+            by_size.setdefault(r.page_size, []).append(r)
+        elif r.fork in ("copy", "wipe"):
+            child_pages[r.page_size] = child_pages.get(r.page_size, 0) + r.size // r.page_size
+    out = []
+    for page_size, group in by_size.items():
+        populated = []
+        for r in group:
+            try:
+                populated.append((r, r._backend.populated_pages(r)))
+            except OSError as exc:  # unknown: assume every page may be copied
+                log.warning("region %#x: could not count its pages: %s", r.address, exc)
+                populated.append((r, r.size // page_size))
+        shared = sum(n for _, n in populated)
+        # Each child still sharing these pages may copy each of them once more.
+        sharers = _children_sharing([r.address for r in group]) if shared else 0
+        need = shared * (1 + sharers) + child_pages.get(page_size, 0)
+        why = pool_shortfall(page_size, need) if shared else None
+        for r, n in populated:
+            r.fork_downgraded = None
+            if why is None or not n:
+                continue
+            r.fork_downgraded = (
+                f"fork copied this share region into the child (THP): writes to the {shared} "
+                f"shared pages (by this child and {sharers} earlier one(s) still sharing them) "
+                f"and the child's copy and wipe regions could need {need} pool pages: {why}")
+            log.error("hugetlb share region %#x: %s", r.address, r.fork_downgraded)
+            events.counters().add(hugetlb_fork_downgrades=1)
+            out.append((r, HugetlbCopy(pool=False)))
+    return out
+
+
+def _children_sharing(addresses) -> int:
+    """How many live children of this process (forked by any thread) still
+    map one of the hugetlb ranges starting at ``addresses`` (their maps);
+    0 where the kernel does not list children (CONFIG_PROC_CHILDREN)."""
+    pids: set = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(f.read().split())
+        except OSError:
+            continue
+    starts, count = set(addresses), 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any("anon_hugepage" in line and int(line.split("-", 1)[0], 16) in starts
+                       for line in f):
+                    count += 1
+        except (OSError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+    return count
+
+
+def _wipe_in_child(region) -> None:
+    """Map a fresh zeroed range over a hugetlb ``wipe`` region's placeholder:
+    hugetlb pages where the pool has them, else THP."""
+    backend = region._backend
+    try:
+        _native.map_flags(region.address, region.size, backend.flags())
+        return
+    except OSError as exc:
+        why = f"no hugetlb pages for the wiped copy in this child ({exc})"
+    _native.map_flags(region.address, region.size, 0)
+    become_thp(region, why)
 
 
 def _after_fork_in_parent() -> None:
@@ -106,10 +199,20 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child(late: bool = False) -> None:
     fs = _fork_state()  # made for this child by the fork layer
+    exec_child = _fork.in_exec_child()  # exec replaces the process: no work for it
     for region in list(_live().regions):
         region._lock = threading.Lock()
         if region.fork == "private" and not region._closed:
             region._unmapped_here = True
+        if region.fork == "wipe" and region.backend == "hugetlb" and not region._closed \
+                and not exec_child:
+            try:
+                _wipe_in_child(region)
+            except OSError as exc:
+                # The placeholder stays: any access fails loudly, never stale data.
+                log.error("wipe policy: region %#x has no mapping in pid %d: %s",
+                          region.address, os.getpid(), exc)
+                region._unmapped_here = True
     pipe = getattr(fs.pending, "pipe", None)
     targets = getattr(fs.pending, "targets", [])
     prepared = getattr(fs.pending, "prepared", False)
@@ -122,7 +225,7 @@ def _after_fork_in_child(late: bool = False) -> None:
             # sharing, so neither side splits from now on.
             targets = [(r, mechanism_for(r)) for r in _live().regions
                        if r.fork == "copy" and not r.closed]
-        if _fork.in_exec_child():
+        if exec_child:
             return
         for region, mechanism in targets:
             if region.closed:

@@ -135,7 +135,11 @@ def _add_verify(sub) -> None:
                    help="bytes per self-test region (default: 4 huge pages)")
     p.add_argument("--skip-selftest", action="store_true", help="host checks only, no live test")
     p.add_argument("--fix", action="store_true",
-                   help="as root, write the advised sysfs values (each change is printed)")
+                   help="as root, write the advised sysfs values, printing each (pools: only with --hugetlb-pool)")
+    p.add_argument("--hugetlb-pool", type=int, metavar="PAGES", default=None,
+                   help="check that the hugetlb pool holds PAGES free pages (with --fix: grow it)")
+    p.add_argument("--hugetlb-page-size", type=_size, metavar="SIZE", default=None,
+                   help="page size of --hugetlb-pool (default: the PMD size, 2M on x86-64)")
     p.set_defaults(func=_cmd_verify)
 
 

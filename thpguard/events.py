@@ -118,6 +118,7 @@ class Counters:
         self.repair_failures: Dict[str, int] = {}
         self.backoffs = 0
         self.forks_seen = 0
+        self.hugetlb_fork_downgrades = 0
         self.callback_errors = 0
 
     def add(self, **amounts) -> None:

@@ -297,6 +297,8 @@ class Guard:
         for region in regions:
             if stop.is_set():
                 break
+            if not region.repairable:
+                continue  # hugetlb: never split, nothing to repair
             st = state_of(region)
             cov = scan(region, st, self._engine, now)
             if cov is None:

@@ -155,6 +155,10 @@ class ThpguardCollector:
         yield counter("repair_seconds", "Seconds spent in MADV_COLLAPSE.",
                       s.get("repair_seconds"))
         yield counter("forks", "fork() calls made by this process.", s.get("forks_seen"))
+        yield counter("hugetlb_fork_downgrades",
+                      "hugetlb share regions a fork copied into the child because the pool "
+                      "could not cover the copies a shared write would need.",
+                      s.get("hugetlb_fork_downgrades"))
         failures = CounterMetricFamily(
             f"{p}_repair_failures", "Block repairs that failed, by errno.", labels=["errno"]
         )

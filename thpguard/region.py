@@ -1,19 +1,17 @@
 """Huge-page regions that survive fork: :func:`alloc` and :class:`Region`.
 
-A region is private anonymous memory, aligned to the PMD size, advised
-``MADV_HUGEPAGE`` and kept in a VMA of its own. Its fork policy says what a
-child of ``fork()`` gets:
+A region is private anonymous memory in a VMA of its own, on THP
+(``MADV_HUGEPAGE``, PMD-aligned) or hugetlb pages (the backend). Its fork
+policy says what a child of ``fork()`` gets:
 
 ``share``
-    the same data, copy-on-write; a write splits the writer's 2 MiB block,
-    which :meth:`Region.collapse` (or the guard) repairs.
+    the same data, copy-on-write; on THP a write splits the writer's 2 MiB
+    block, which :meth:`Region.collapse` (or the guard) repairs.
 ``copy``
-    the same data in the child's own huge pages at once: the child copies
-    the region into fresh huge pages and moves them over the old range, and
-    the parent waits for that copy, so nobody splits afterwards. Where the
-    kernel has the direct-COW flag, the kernel copies on write instead.
+    the same data in the child's own huge pages at once (the child copies,
+    the parent waits), or, with the direct-COW flag, copied on write.
 ``wipe``
-    a zero-filled range that keeps ``MADV_HUGEPAGE`` (``MADV_WIPEONFORK``).
+    a zero-filled range (``MADV_WIPEONFORK``; emulated on hugetlb).
 ``private``
     nothing: the range is not mapped in the child (``MADV_DONTFORK``). A
     view made before fork and touched in the child is a SIGSEGV, which the
@@ -28,7 +26,6 @@ import mmap
 import os
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -44,6 +41,9 @@ from .errors import (
 from .backends import (
     BACKENDS,
     CopyMechanism,
+    check_page_size,
+    keep_out_of_child,
+    make_hugetlb,
     ThpBackend,
     _direct_cow_mode,
     copy_mechanisms,
@@ -171,21 +171,26 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None, backend: str = "thp") -> None:
-        # The backend object owns mapping, coverage and repair (backends.py).
-        self._backend = BACKENDS[backend]()
-        self.pmd_size = self._backend.page_size()
-        self.size = -(-size // self.pmd_size) * self.pmd_size
+                 name: Optional[str] = None, backend: object = "thp") -> None:
+        # The backend (a registered name, or an object) owns mapping, coverage, repair.
+        self._backend = BACKENDS[backend]() if isinstance(backend, str) else backend
+        # The block model's block size, whatever the backend's page size.
+        self.pmd_size = ThpBackend().page_size()
+        self.size = -(-size // self.page_size) * self.page_size
         self.fork = fork
         #: The name given to :func:`alloc`, or None; shown by ``thpguard status`` and in metrics.
         self.name = name
         self.degraded: Optional[str] = None
+        #: Why ``auto`` or ``strict=False`` chose this backend, else None.
+        self.backend_reason: Optional[str] = None
+        #: hugetlb ``share``: why the last fork copied it into the child, else None.
+        self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
         self._closed = False
         self._unmapped_here = False
         self._lock = threading.Lock()
 
-        if strict:
+        if strict and self.backend == "thp":
             ok, reason = kernel.can_get_huge_pages()
             if not ok:
                 raise HugePagesUnavailableError(reason)
@@ -193,7 +198,8 @@ class Region:
         self._map, self.address = self._backend.map(self.size, self.pmd_size)
         try:
             self._offset = self.address - _native.buffer_address(self._map)
-            self._setup(populate, strict)
+            setup = getattr(self._backend, "setup", None)
+            setup(self, populate) if setup else self._setup(populate, strict)
         except BaseException:
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
@@ -203,6 +209,11 @@ class Region:
         live = _live()
         with live.lock:
             live.regions.add(self)
+
+    @property
+    def repairable(self) -> bool:
+        """False where splits cannot happen (hugetlb): the guard skips it."""
+        return getattr(self._backend, "repairable", True)
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
@@ -222,12 +233,7 @@ class Region:
         if self.fork == "wipe":
             _native.madvise(addr, size, _native.MADV_WIPEONFORK)
         elif self.fork == "private":
-            _native.madvise(addr, size, _native.MADV_DONTFORK)
-            _native.placeholder_add(addr, size, self.name)
-            # A region dropped without close() takes its reservation along.
-            self._forget_placeholder = weakref.finalize(
-                self, _native.placeholder_remove, addr
-            )
+            keep_out_of_child(self)
         elif _direct_cow_mode() is not None:
             try:
                 _native.madvise(addr, size, _native.MADV_THP_COW)
@@ -399,8 +405,9 @@ class Region:
                         "memoryview.release()) and close again"
                     ) from None
             self._closed = True
-        if self.fork == "private":
-            self._forget_placeholder()
+        forget = getattr(self, "_forget_placeholder", None)
+        if forget is not None:
+            forget()
         live = _live()
         with live.lock:
             live.regions.discard(self)
@@ -415,21 +422,23 @@ class Region:
         state = "closed" if self.closed else "open"
         return (
             f"<thpguard.Region {state}{'' if self.name is None else ' ' + repr(self.name)} "
-            f"address={self.address:#x} size={self.size} "
-            f"fork={self.fork!r}{' direct_cow' if self.direct_cow else ''}>"
+            f"address={self.address:#x} size={self.size} fork={self.fork!r} "
+            f"backend={self.backend!r} page_size={self.page_size}"
+            f"{' direct_cow' if self.direct_cow else ''}>"
         )
 
     # -- fork --------------------------------------------------------------
 
     @property
     def backend(self) -> str:
-        """The backend that maps this region (``"thp"``)."""
+        """What backs the region's pages: ``"thp"`` or ``"hugetlb"``."""
         return self._backend.name
 
     @property
     def page_size(self) -> int:
-        """The huge page size this region is aligned to and backed by, in bytes."""
-        return self.pmd_size
+        """The page size backing this region, in bytes: the PMD size for
+        THP, the pool's page size for hugetlb (2 MiB or 1 GiB)."""
+        return self._backend.page_size()
 
     @property
     def copy_mode(self) -> Optional[str]:
@@ -443,32 +452,45 @@ def alloc(
     *,
     fork: Optional[str] = None,
     populate: bool = True,
-    strict: bool = False,
+    strict: Optional[bool] = None,
     name: Optional[str] = None,
     backend: str = "thp",
+    page_size: Optional[int] = None,
 ) -> Region:
     """Allocate a huge-page region of at least ``size`` bytes.
 
-    ``size`` is rounded up to the PMD size (2 MiB on x86-64). ``fork`` is the
-    fork policy: ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``; when
-    None, :func:`default_policy` (``THPGUARD_FORK_POLICY``, else ``share``).
-    ``populate`` faults every page in now, as huge pages. With ``strict``,
-    :class:`~thpguard.errors.HugePagesUnavailableError` is raised where huge
-    pages cannot be had; otherwise the region works on small pages and
-    ``Region.degraded`` and :meth:`Region.coverage` say so. ``name``
-    (letters, digits and ``._-``, at most 48 characters) labels the region
-    in ``thpguard status``, in metrics and in the message a child gets if it
-    touches a ``private`` region. ``backend`` names what maps the region:
-    ``"thp"`` (anonymous transparent huge pages) in this version; other
-    backends register in :mod:`thpguard.backends`.
+    ``size`` is rounded up to the page size (the PMD size, 2 MiB on x86-64,
+    for THP; ``page_size`` for hugetlb). ``fork`` is the fork policy:
+    ``"share"``, ``"copy"``, ``"wipe"`` or ``"private"``; when None,
+    :func:`default_policy` (``THPGUARD_FORK_POLICY``, else ``share``).
+    ``populate`` faults every page in now. ``name`` (letters, digits and
+    ``._-``, at most 48 characters) labels the region in ``thpguard
+    status``, in metrics and in the message a child gets if it touches a
+    ``private`` region.
+
+    ``backend`` (:attr:`Region.backend`): ``"thp"`` (default), transparent
+    huge pages, repaired; with ``strict``,
+    :class:`~thpguard.errors.HugePagesUnavailableError` where they cannot
+    be had, else small pages, as ``Region.degraded`` says. ``"hugetlb"``:
+    pages of the pool of ``page_size`` bytes (default the PMD size),
+    reserved at mapping time, never split; ``strict`` defaults to True and
+    raises with the command that grows the pool, ``strict=False`` falls
+    back to THP. ``"auto"``: hugetlb when the pool holds the region, else
+    THP. See :doc:`hugetlb`.
     """
     size = _check_size(size)
     name = _check_name(name)
     fork = default_policy() if fork is None else _check_policy(fork)
+    if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
+        raise InvalidArgumentError(f"unknown backend {backend!r}; this build has "
+                                   f"{', '.join(sorted((*BACKENDS, 'auto')))}")
+    if strict is None:
+        strict = backend == "hugetlb"
     for arg, value in (("populate", populate), ("strict", strict)):
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise InvalidArgumentError(
-            f"unknown backend {backend!r}; this build has {', '.join(sorted(BACKENDS))}")
+    if backend in ("hugetlb", "auto"):
+        return make_hugetlb(lambda strict_, backend_: Region(
+            size, fork, populate, strict_, name, backend_), size, backend, strict, page_size)
+    check_page_size(backend, page_size)
     return Region(size, fork, populate, strict, name, backend)

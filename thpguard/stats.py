@@ -37,6 +37,9 @@ class Stats(dict):
     the reason that block answered EINVAL (such as a mapping split by
     ``mprotect`` or ``mlock``): it is tried again after 10 s and the rest of
     its region is still repaired; ``forks_seen`` forks made by this process;
+    ``hugetlb_fork_downgrades`` hugetlb ``share`` regions a fork copied into
+    the child because the pool could not cover the copies a shared write
+    would need (see ``Region.fork_downgraded``);
     ``callback_errors`` exceptions raised by the ``on_event`` callback.
     """
 
@@ -99,6 +102,7 @@ def stats() -> Stats:
             blocks_disabled={hex(block): reason for r, st in states if not r.closed
                              for block, (until, reason) in st.blocked.items()},
             forks_seen=c.forks_seen,
+            hugetlb_fork_downgrades=c.hugetlb_fork_downgrades,
             callback_errors=c.callback_errors,
         )
 

@@ -17,6 +17,9 @@ One module per concern:
     ``/proc/PID/smaps``, ``status``, ``/proc/vmstat``, ``buddyinfo``.
 ``cgroup``
     the memory cgroup of a process, v1 or v2.
+``hugetlb``
+    the hugetlb pools per size and NUMA node, overcommit, the hugetlb
+    cgroup limit of a process, 1 GiB page support.
 ``features``
     the capability registry (``registry``, :func:`capabilities`):
     functional probes through the private native module, once, cached.
@@ -35,6 +38,20 @@ from .features import (
     capabilities,
     registry,
     thp_disable_flags,
+)
+from .hugetlb import (
+    GIGANTIC,
+    HugePool,
+    HugetlbCgroup,
+    NodePool,
+    cpu_has_gigantic_pages,
+    default_hugetlb_size,
+    gigantic_supported,
+    hugetlb_cgroup,
+    hugetlb_meminfo,
+    hugetlb_pool,
+    hugetlb_pools,
+    hugetlb_sizes,
 )
 from .procfs import (
     BuddyZone,
@@ -86,4 +103,16 @@ __all__ = [
     "THP_DIR",
     "KHUGEPAGED_FIELDS",
     "_bracketed",
+    "GIGANTIC",
+    "HugePool",
+    "HugetlbCgroup",
+    "NodePool",
+    "cpu_has_gigantic_pages",
+    "default_hugetlb_size",
+    "gigantic_supported",
+    "hugetlb_cgroup",
+    "hugetlb_meminfo",
+    "hugetlb_pool",
+    "hugetlb_pools",
+    "hugetlb_sizes",
 ]

@@ -21,6 +21,7 @@ import threading
 from typing import Any, Dict, Optional, Tuple
 
 from ._files import Roots, _roots
+from .hugetlb import GIGANTIC, cpu_has_gigantic_pages, hugetlb_sizes
 from .procfs import read_status
 from .sysfs import kernel_release, khugepaged_settings, mthp_sizes, pmd_size, thp_mode
 
@@ -66,6 +67,12 @@ class Capabilities:
     populate_write: Feature
     process_madvise: Feature
     direct_cow: Feature
+    #: hugetlb page sizes this kernel has pools for (bytes, ascending).
+    hugetlb_sizes: Tuple[int, ...] = ()
+    #: whether hugetlb pages can be mapped at all (the PMD-size pool exists).
+    hugetlb: Feature = Feature(False, "not probed")
+    #: whether 1 GiB hugetlb pages are possible (sysfs pool and CPU pdpe1gb).
+    hugetlb_gigantic: Feature = Feature(False, "not probed")
 
     @property
     def thp_disabled_completely(self) -> bool:
@@ -82,6 +89,8 @@ class Capabilities:
         return {
             "collapse": self.collapse,
             "direct_cow": self.direct_cow,
+            "hugetlb": self.hugetlb,
+            "hugetlb_gigantic": self.hugetlb_gigantic,
             "pagemap_scan": self.pagemap_scan,
             "populate_write": self.populate_write,
             "process_madvise": self.process_madvise,
@@ -94,6 +103,7 @@ class Capabilities:
             "defrag": self.defrag,
             "enabled": self.enabled,
             "features": {k: v.as_dict() for k, v in sorted(self.features.items())},
+            "hugetlb_sizes": list(self.hugetlb_sizes),
             "kernel_release": self.kernel_release,
             "khugepaged": dict(sorted(self.khugepaged.items())),
             "machine": self.machine,
@@ -352,7 +362,41 @@ def _probe(r: Roots, native: Any, why: str) -> Capabilities:
         thp_disable=thp_disable,
         status_thp_enabled=status_thp,
         **feats,
+        **_hugetlb_fields(r, native, why),
     )
+
+
+def _hugetlb_fields(r: Roots, native: Any, why: str) -> Dict[str, Any]:
+    sizes, basic, gig = _hugetlb_features(r)
+    if native is None:  # regions need the native layer, whatever the pools say
+        basic = gig = Feature(False, why)
+    return {"hugetlb_sizes": sizes, "hugetlb": basic, "hugetlb_gigantic": gig}
+
+
+def _hugetlb_features(r: Roots) -> Tuple[Tuple[int, ...], Feature, Feature]:
+    sizes = tuple(hugetlb_sizes(r))
+    if not sizes:
+        none = Feature(False, "kernel has no hugetlb pools (no /sys/kernel/mm/hugepages)")
+        return sizes, none, none
+    pmd = pmd_size(r)
+    if pmd in sizes:
+        basic = Feature(True, f"pools of {', '.join(_fmt(s) for s in sizes)}")
+    else:
+        basic = Feature(False, "no hugetlb pool of the PMD size")
+    cpu = cpu_has_gigantic_pages(r)
+    if GIGANTIC not in sizes:
+        gig = Feature(False, "kernel has no 1 GiB pool (hugepages-1048576kB)"
+                      + ("; the CPU lacks pdpe1gb" if cpu is False else ""))
+    elif cpu is False:
+        gig = Feature(False, "the CPU lacks pdpe1gb")
+    else:
+        gig = Feature(True, "1 GiB pool present" + (", CPU has pdpe1gb" if cpu else ""))
+    return sizes, basic, gig
+
+
+def _fmt(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB" if size >= 1 << 20 \
+        else f"{size >> 10} KiB"
 
 
 def can_get_huge_pages(caps: Optional[Capabilities] = None,

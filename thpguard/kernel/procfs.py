@@ -43,6 +43,15 @@ class Vma:
         return self.fields.get("AnonHugePages")
 
     @property
+    def hugetlb_bytes(self) -> Optional[int]:
+        """hugetlb bytes mapped (``Private_Hugetlb`` + ``Shared_Hugetlb``),
+        None where smaps has neither field."""
+        private, shared = self.fields.get("Private_Hugetlb"), self.fields.get("Shared_Hugetlb")
+        if private is None and shared is None:
+            return None
+        return (private or 0) + (shared or 0)
+
+    @property
     def anon_huge_bytes(self) -> Optional[int]:
         """Deprecated name of ``huge_bytes`` (after the smaps field)."""
         return self.huge_bytes
