@@ -523,7 +523,9 @@ static void segv_chain(int sig, siginfo_t *info, void *uctx)
         prev->sa_sigaction(sig, info, uctx);
     } else if (prev->sa_handler == SIG_IGN && info->si_code <= 0) {
         return; /* a sent SIGSEGV, ignored; a fault cannot be ignored (it would recur) */
-    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL) {
+    } else if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL
+               && prev->sa_handler != SIG_IGN) {
+        /* SIG_IGN is (void (*)(int))1: a fault under it takes the default action below. */
         prev->sa_handler(sig);
     } else {
         /* Default action: put it back; a fault re-executes the instruction
@@ -610,10 +612,13 @@ static void segv_update(void)
         if (sigaction(SIGSEGV, &sa, &segv_previous) == 0)
             segv_installed = 1;
     } else if (!n_placeholders && segv_installed) {
-        /* Someone installed a handler after ours: leave the chain alone. */
+        /* Someone installed a handler after ours: leave the chain alone, and
+         * stay installed, since it may chain to us; installing again over it
+         * would make it our previous handler and its previous us, a loop. */
         if (current == 1)
             sigaction(SIGSEGV, &segv_previous, NULL);
-        segv_installed = 0;
+        if (current != -1)
+            segv_installed = 0;
     }
 }
 

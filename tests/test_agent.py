@@ -294,6 +294,14 @@ def test_config_schema_errors():
             from_mapping(bad)
 
 
+@pytest.mark.parametrize("bad", [{"interval": float("inf")}, {"interval": float("nan")}, {"interval": 1e308},
+                                 {"cpu": float("nan")}, {"stall_share": float("nan")}])
+def test_config_non_finite_numbers_are_errors(bad):
+    """NaN, Infinity (JSON allows both) or an interval no clock can sleep are config errors, not a crash later."""
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        from_mapping(bad)
+
+
 def test_config_file_toml_and_json(tmp_path):
     """The same keys load from TOML and from JSON; --check prints the result."""
     toml = tmp_path / "agent.toml"

@@ -619,3 +619,49 @@ def test_verify_ctrl_c_exits_130(require_thp):
         pytest.skip("verify finished before the signal")
     assert v.returncode == 130, (out, err)
     assert "interrupted during verify" in err and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def _zombie():
+    """A child that exited and was not reaped yet (its PID exists, its memory does not)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(500):
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        yield pid
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("command", ["status", "watch", "guard"])
+def test_zombie_and_kernel_thread_exit_3(capsys, command):
+    """A zombie or a kernel thread (PID 2) has no memory to show: exit 3 with a message, no traceback."""
+    extra = {"watch": ["--count", "1"], "guard": ["--once"]}.get(command, [])
+    with _zombie() as zpid:
+        for pid in (zpid, 2):
+            code, out, err = run(capsys, command, str(pid), *extra)
+            assert code == cli.EXIT_NO_ACCESS, (pid, out, err)
+            assert "Traceback" not in err and str(pid) in err
+
+
+
+@pytest.mark.parametrize("argv", [["watch", "1", "--interval", "inf"], ["watch", "1", "--interval", "1e308"],
+                                  ["guard", "1", "--interval", "inf"], ["watch", "1", "--count", "-1"]])
+def test_unusable_intervals_and_counts_are_usage_errors(capsys, argv):
+    """An interval no clock can sleep (inf, 1e308) or a negative count is a usage error, not a traceback later."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err
+
+
+
+def test_prometheus_file_unwritable_is_a_message(capsys, tmp_path):
+    """--prometheus-file in a missing directory or onto a directory says so (exit 2), no traceback, no temp file."""
+    for path in (tmp_path / "missing" / "x.prom", tmp_path):
+        code, out, err = run(capsys, "status", str(os.getpid()), "--prometheus-file", str(path))
+        assert code == cli.EXIT_USAGE and "Traceback" not in err and str(path) in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -69,9 +69,11 @@ def test_run_sets_checked_environment():
     (["--fork-policy", "bogus", "--", "true"], 2, "unknown fork policy"),
     (["--interval", "-1", "--", "true"], 2, "interval must be between"),
     (["--", "no-such-program-here"], 127, "not found on PATH"),
+    (["--", "/nonexistent/program"], 127, "/nonexistent/program: No such file"),
+    (["--", "/etc/passwd"], 126, "/etc/passwd: Permission denied"),
     ([], 2, "no command given"),
 ])
 def test_run_bad_input(args, code, message):
-    """thpguard run refuses bad settings and missing programs with a message and exit code."""
+    """thpguard run refuses bad settings, missing and unrunnable programs with a message and exit code."""
     done = _thpguard("run", *args)
     assert done.returncode == code and message in done.stderr

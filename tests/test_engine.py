@@ -344,6 +344,18 @@ def test_verify_without_native_module_is_unsupported(argv):
         assert "UNSUPPORTED: the native module is not built" in done.stdout
 
 
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json", "1"], ["watch", "--count", "1", "1"],
+                                  ["guard", "--once", "1"], ["run", "--", "true"]])
+def test_other_commands_without_native_module_exit_4(argv):
+    """status, watch, guard and run without the native extension say so and exit 4, no traceback."""
+    from thpguard import cli
+
+    done = subprocess.run([sys.executable, "-c", _NO_NATIVE.format(argv=argv)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == cli.EXIT_UNSUPPORTED, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "native module is not built" in done.stderr
+
+
 def test_api_without_native_module_raises_unsupported():
     """import thpguard works without the extension; alloc() raises UnsupportedError."""
     code = ("import sys; sys.modules['thpguard._cffi'] = None; import thpguard\n"

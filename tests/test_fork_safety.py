@@ -117,3 +117,19 @@ def test_errors_survive_pickling(exc):
     assert type(copy) is type(exc) and str(copy) == str(exc)
     for field in ("errno", "operation", "range", "reason", "setting", "feature"):
         assert getattr(copy, field, None) == getattr(exc, field, None)
+
+
+def test_pagemap_fd_closed_and_reused_behind_our_back(require_thp, tmp_path):
+    """After the program closes every fd (a daemonizing closerange) and reuses the number, coverage
+    still comes from PAGEMAP_SCAN on a fresh fd, and the program's file is never ioctl'd or closed."""
+    region = thpguard.alloc(2 * MiB)
+    assert region.coverage().source == "pagemap_scan"
+    fd = pagemap._self_pagemap().fd()
+    os.close(fd)
+    with open(tmp_path / "app.log", "w") as app:
+        assert app.fileno() == fd
+        cov = region.coverage()
+        assert cov.source == "pagemap_scan" and cov.complete
+        app.write("still open")
+    assert (tmp_path / "app.log").read_text() == "still open"
+    region.close()

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -412,3 +414,31 @@ def test_real_prctl_except_advised(require_thp):
         raise
     assert raw == 3 and status_enabled is True
     assert collapse and ok, reason
+
+
+FD_STARVED_PROBE = r"""
+import os, resource, thpguard
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(64, hard), hard))
+junk = []
+try:
+    while True:
+        junk.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+starved = thpguard.capabilities()
+for fd in junk:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+after = thpguard.capabilities()
+print(starved.collapse.available, after.collapse.available, after.pagemap_scan.available)
+"""
+
+
+def test_capabilities_probed_without_file_descriptors_are_not_cached():
+    """A probe that ran out of file descriptors is asked again later, not remembered for the process's life."""
+    truth = kernel.capabilities(refresh=True)
+    done = subprocess.run([sys.executable, "-c", FD_STARVED_PROBE], capture_output=True, text=True,
+                          timeout=120)
+    starved, collapse, scan = done.stdout.split()
+    assert (collapse, scan) == (str(truth.collapse.available), str(truth.pagemap_scan.available)), done.stderr

@@ -3,10 +3,13 @@ designed, but first says which region, which policy and what to use instead;
 other segmentation faults keep going to the handler installed before."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 
 def _run(script: str) -> subprocess.CompletedProcess:
@@ -99,3 +102,35 @@ def test_handler_comes_back_after_a_reset():
     """)
     assert done.stdout.split() == [str(int(signal.SIGSEGV))]
     assert "touched the thpguard region 'later'" in done.stderr
+
+
+def test_ignored_sigsegv_fault_dies_where_it_faulted():
+    """With SIGSEGV ignored before, a real fault dies at its own address (not a jump to SIG_IGN's 0x1)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace to see the fault addresses the kernel reports")
+    script = textwrap.dedent("""
+        import ctypes, signal, thpguard
+        signal.signal(signal.SIGSEGV, signal.SIG_IGN)
+        r = thpguard.alloc(2 << 20, fork="private")
+        ctypes.string_at(16)
+    """)
+    done = subprocess.run([strace, "-f", "-e", "trace=none", "-e", "signal=SIGSEGV", "-qq",
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    faults = [line for line in done.stderr.splitlines() if "si_addr=" in line]
+    assert faults and "+++ killed by SIGSEGV" in done.stderr, done.stderr
+    assert all("si_addr=0x10}" in line for line in faults), faults
+
+
+def test_real_fault_after_a_chaining_handler_and_a_new_region_dies_once():
+    """A handler installed over ours (faulthandler), then a new private region: a real fault dies, no endless loop."""
+    done = _run("""
+        import ctypes, faulthandler, thpguard
+        first = thpguard.alloc(2 << 20, fork="private")
+        faulthandler.enable()          # saves our handler as the one to chain to
+        first.close()
+        later = thpguard.alloc(2 << 20, fork="private")
+        ctypes.string_at(16)
+    """)
+    assert done.returncode == -signal.SIGSEGV, done.stderr[-2000:]
+    assert done.stderr.count("Fatal Python error: Segmentation fault") == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -271,3 +273,73 @@ def test_multiprocessing_fork_start_method(policies):
         _MP_POLICIES = None
     assert not any(results), results
     _assert_parent_intact(policies)
+
+
+INTERRUPTED_COPY_FORK = r"""
+import os, signal, sys, time
+os.register_at_fork(after_in_child=lambda: time.sleep(1.0))   # runs before thpguard's copy
+import thpguard
+
+thpguard.install(interval=0.01)
+r = thpguard.alloc(8 << 20, fork="copy")
+
+def interrupt(sig, frame):
+    at = frame
+    while at is not None and at.f_code.co_name != "_after_fork_in_parent":
+        at = at.f_back
+    if at is None:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)   # not waiting for the copy yet
+        return
+    print("interrupted the copy wait", flush=True)
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+signal.setitimer(signal.ITIMER_REAL, 0)
+os.waitpid(pid, 0)
+print("guard_running", thpguard.stats()["guard_running"], flush=True)
+"""
+
+
+def test_ctrl_c_while_a_fork_waits_for_the_copy_keeps_the_guard(require_thp):
+    """Ctrl-C during the parent's wait for a `copy` child still restarts the guard after fork."""
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_COPY_FORK], capture_output=True,
+                          text=True, timeout=120)
+    assert "interrupted the copy wait" in done.stdout, done.stderr
+    assert "guard_running True" in done.stdout, (done.stdout, done.stderr)
+
+
+CLOSE_WHILE_FORKING = r"""
+import os, threading, time, thpguard
+stop = False
+def churn(policy):
+    while not stop:
+        thpguard.alloc(2 << 20, fork=policy, populate=False).close()
+threads = [threading.Thread(target=churn, args=(p,)) for p in ("copy", "private")]
+for t in threads:
+    t.start()
+deadline, forks, failed = time.monotonic() + 4, 0, []
+while time.monotonic() < deadline:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    forks += 1
+    if status:
+        failed.append(status)
+stop = True
+for t in threads:
+    t.join()
+print(forks, failed)
+"""
+
+
+def test_fork_while_other_threads_close_copy_regions():
+    """A copy region closed by another thread during fork is never copied in the child (it faulted there)."""
+    done = subprocess.run([sys.executable, "-c", CLOSE_WHILE_FORKING], capture_output=True, text=True,
+                          timeout=120)
+    forks, failed = done.stdout.split(" ", 1)
+    assert int(forks) > 0 and failed.strip() == "[]", done.stdout + done.stderr[-1500:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -462,3 +464,42 @@ def test_cli_arguments(capsys, command, pid, value):
         code = exc.code
     capsys.readouterr()
     assert code in (0, 1, 2, 3, 4), (argv, code)
+
+
+MAP_COUNT_FULL = r"""
+import thpguard
+regions = []
+try:
+    while True:
+        regions.append(thpguard.alloc(2 << 20, populate=False))
+except thpguard.KernelCallError as exc:
+    print(len(regions), exc)
+"""
+
+
+def test_alloc_at_max_map_count_says_so():
+    """At vm.max_map_count mappings, alloc() names the limit instead of a bare EAGAIN/ENOMEM."""
+    with open("/proc/sys/vm/max_map_count") as f:
+        if int(f.read()) > 70000:
+            pytest.skip("vm.max_map_count is raised here: reaching it takes too long")
+    done = subprocess.run([sys.executable, "-c", MAP_COUNT_FULL], capture_output=True, text=True,
+                          timeout=300)
+    assert "vm.max_map_count" in done.stdout, done.stdout + done.stderr
+
+
+PRIVATE_FULL = r"""
+import os, thpguard
+regions = []
+try:
+    while True:
+        regions.append(thpguard.alloc(2 << 20, fork="private", populate=False))
+except thpguard.KernelCallError as exc:
+    print(len(regions), exc)
+"""
+
+
+def test_too_many_private_regions_says_the_limit():
+    """Past the native table of private regions, alloc() names the limit and what to do, not a bare ENOSPC."""
+    done = subprocess.run([sys.executable, "-c", PRIVATE_FULL], capture_output=True, text=True,
+                          timeout=300)
+    assert "at most 4096 open fork='private' regions" in done.stdout, done.stdout + done.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -83,7 +84,7 @@ def parse_size(value: Any, key: str) -> int:
 
 
 def _number(value: Any, key: str, low: float, high: Optional[float] = None, *, open_low: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     bad = value <= low if open_low else value < low
     if bad or (high is not None and value > high):
@@ -148,7 +149,7 @@ def from_mapping(data: Dict[str, Any], base: Optional[AgentConfig] = None) -> Ag
     cfg = dataclasses.replace(base or AgentConfig())
     cfg.select = dataclasses.replace(cfg.select)
     if "interval" in data:
-        cfg.interval = _number(data["interval"], "interval", 0.0)
+        cfg.interval = _number(data["interval"], "interval", 0.0, 365 * 86400.0)
     if "rate" in data:
         cfg.rate = parse_size(data["rate"], "rate")
         if cfg.rate <= 0:

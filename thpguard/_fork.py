@@ -114,16 +114,26 @@ def _run(callback: Callback, **kwargs) -> None:
         log.exception("thpguard fork callback %r failed", callback)
 
 
+def _run_all(callbacks, **kwargs) -> None:
+    # Ctrl-C inside one hook (the `copy` wait) must not skip the others (the
+    # guard's restart): every hook runs, then the first interruption goes on.
+    interrupted: Optional[BaseException] = None
+    for callback in callbacks:
+        if callback:
+            try:
+                _run(callback, **kwargs)
+            except BaseException as exc:
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
 def _before() -> None:
-    for _, before, _, _ in _ordered(reverse=False):
-        if before:
-            _run(before)
+    _run_all(before for _, before, _, _ in _ordered(reverse=False))
 
 
 def _after_in_parent() -> None:
-    for _, _, parent, _ in _ordered(reverse=True):
-        if parent:
-            _run(parent)
+    _run_all(parent for _, _, parent, _ in _ordered(reverse=True))
 
 
 def _after_in_child(late: bool = False) -> None:
@@ -132,9 +142,7 @@ def _after_in_child(late: bool = False) -> None:
     state._for_child()
     if not late:
         _native.fork_claim()  # os.fork: this hook is the one handler
-    for _, _, _, child in _ordered(reverse=True):
-        if child:
-            _run(child, late=late)
+    _run_all((child for _, _, _, child in _ordered(reverse=True)), late=late)
 
 
 def check() -> bool:

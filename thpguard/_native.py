@@ -15,7 +15,7 @@ import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ._cffi import ffi, lib
-from .errors import InvalidArgumentError, kernel_error
+from .errors import InvalidArgumentError, KernelCallError, kernel_error
 
 MADV_DONTFORK = lib.TG_MADV_DONTFORK
 MADV_DOFORK = lib.TG_MADV_DOFORK
@@ -210,7 +210,12 @@ def copy_remap_flags(addr: int, length: int, extra_flags: int) -> None:
 def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:
     """Reserve the range in every child; ``name`` is shown if a child touches it."""
     label = (name or "").encode("utf-8", "replace")[: lib.TG_PLACEHOLDER_NAME_MAX - 1]
-    _check(lib.tg_placeholder_add(_ptr(addr), length, label), "placeholder_add", addr, length)
+    if lib.tg_placeholder_add(_ptr(addr), length, label) != 0:
+        if ffi.errno == _errno.ENOSPC:
+            raise KernelCallError(_errno.ENOSPC, "placeholder_add", (addr, length),
+                                  f"a process holds at most {lib.TG_MAX_PLACEHOLDERS} open "
+                                  "fork='private' regions; close some, or use fewer larger ones")
+        _check(-1, "placeholder_add", addr, length)
 
 
 #: memfd name prefix of the marker page in front of each region: maps show

@@ -174,7 +174,8 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
             fd = os.open(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid), "pagemap"),
                          os.O_RDONLY | os.O_CLOEXEC)
             source = SOURCE_PAGEMAP_SCAN
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
+            # ESRCH here: a zombie or a kernel thread, which has no memory map.
             raise ProcessGone(pid) from None
         except OSError as exc:
             raise _error(exc, pid, "the page map") from None

@@ -139,7 +139,7 @@ class ThpBackend:
             mapping = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
-            raise kernel_error(exc.errno, "mmap", (0, span)) from None
+            raise kernel.map_count_error(exc) or kernel_error(exc.errno, "mmap", (0, span)) from None
         base = _native.buffer_address(mapping)
         return mapping, -(-(base + _PAGE) // pmd) * pmd
 

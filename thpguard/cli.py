@@ -107,14 +107,24 @@ def _pid(text: str) -> int:
     return int(text)
 
 
+_MAX_SECONDS = 365 * 86400.0  # time.sleep() and select() overflow on inf or 1e308
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0 < value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds (at most {_MAX_SECONDS:.0f}), got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of samples (0 or more), got {text!r}")
+    return int(text)
 
 
 # -- verify -------------------------------------------------------------
@@ -259,7 +269,11 @@ def _cmd_status(args) -> int:
 
         text = metrics.textfile(found, per_pid=args.prometheus_per_pid)
         if args.prometheus_file:
-            metrics.write_textfile(args.prometheus_file, text)
+            try:
+                metrics.write_textfile(args.prometheus_file, text)
+            except OSError as exc:
+                raise UsageError(f"cannot write metrics to {args.prometheus_file}: "
+                                 f"{exc.strerror or exc}") from None
         else:
             sys.stdout.write(text)
     elif args.json:
@@ -295,7 +309,7 @@ def _add_watch(sub) -> None:
                        epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     p.add_argument("pid", type=_pid, metavar="PID")
     p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between samples")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
+    p.add_argument("--count", type=_count, default=0, metavar="N", help="stop after N samples (default 0: no limit)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, one per line")
     p.set_defaults(func=_cmd_watch)
 
@@ -315,6 +329,9 @@ def _cmd_watch(args) -> int:
                 pc = _procmap.scan_process(args.pid)
             except _procmap.ProcessGone:
                 if samples == 0:
+                    if os.path.exists(f"/proc/{args.pid}"):
+                        raise AccessError(f"PID {args.pid} has no memory to watch (a kernel thread, "
+                                          "or a zombie)") from None
                     raise AccessError(f"no process with PID {args.pid}") from None
                 if args.json:
                     _emit_json({"command": "watch", "event": "exit", "pid": args.pid, "samples": samples,
@@ -427,9 +444,13 @@ def _cmd_run(args) -> int:
     except ThpguardError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    except FileNotFoundError as exc:
-        _err(str(exc.strerror or exc))
-        return 127
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) not in what:
+            what = f"{exc.filename}: {what}"
+        _err(what)
+        # As shells do: 127 not found, 126 found but not runnable (no x bit, not a program).
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     return EXIT_OK  # not reached: run() execs or raises
 
 
@@ -450,6 +471,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "message": str(exc), "pid": getattr(args, "pid", None),
                         "timestamp_seconds": time.time()})
         return exc.exit_code
+    except ImportError:
+        try:
+            from . import _native  # noqa: F401,PLC0415 - the usual cause
+        except ImportError as exc:
+            _err(f"{args.command}: the native module is not built ({exc}); reinstall thpguard")
+            return EXIT_UNSUPPORTED
+        raise
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # past verify's progress line and the echoed ^C

@@ -96,9 +96,18 @@ class _PagemapFile:
         self._privileged = cap is None or bool(cap >> _CAP_SYS_ADMIN & 1)
         self.denied = None
 
+    def _still_ours(self) -> bool:
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
     def fd(self) -> int:
         """The fd, or -1 where the process may not open its page map."""
         with self._lock:
+            if self._fd >= 0 and self._pid == os.getpid() and not self._still_ours():
+                self._fd = -1  # closed behind our back (closerange), maybe reused: not ours
             if self._fd >= 0 and self._pid == os.getpid():
                 if not self._privileged or os.geteuid() == self._opener_uid:
                     return self._fd

@@ -200,11 +200,14 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
-        except BaseException:
+        except BaseException as exc:
+            full = kernel.map_count_error(exc)  # at vm.max_map_count: say so, not "EAGAIN"
             self._map.close()
             forget = getattr(self, "_forget_placeholder", None)
             if forget is not None:
                 forget()  # else every later child reserves this stale range
+            if full is not None:
+                raise full from None
             raise
         live = _live()
         with live.lock:
@@ -390,6 +393,7 @@ class Region:
         with self._lock:
             if self._closed:
                 return
+            self._closed = True  # first: a fork meanwhile must not copy a range being unmapped
             try:
                 self._map.close()
             except BufferError:
@@ -399,12 +403,12 @@ class Region:
                     # unmaps the reservation once they are gone.
                     pass
                 else:
+                    self._closed = False
                     raise BufferError(
                         "cannot close the region: memoryviews or arrays made from "
                         "region.view() still use it; release them (del, or "
                         "memoryview.release()) and close again"
                     ) from None
-            self._closed = True
         forget = getattr(self, "_forget_placeholder", None)
         if forget is not None:
             forget()

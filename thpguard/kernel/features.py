@@ -298,6 +298,8 @@ class CapabilityRegistry:
             if not refresh and r in self._cache:
                 return self._cache[r]
         caps = _probe(r, *self.native())
+        if _out_of_descriptors():
+            return caps  # its reads and probes failed with EMFILE: ask again next time
         with self._lock:
             self._cache[r] = caps
         return caps
@@ -328,6 +330,14 @@ def capabilities(refresh: bool = False, roots: Optional[Roots] = None) -> Capabi
     module every feature reads as unavailable, with the reason.
     """
     return registry.get(refresh, roots)
+
+
+def _out_of_descriptors() -> bool:
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.errno in (_errno.EMFILE, _errno.ENFILE)
+    return False
 
 
 def _probe(r: Roots, native: Any, why: str) -> Capabilities:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno as _errno
 import os
 import re
 from typing import Dict, List, Optional
 
+from ..errors import KernelCallError
 from ._files import Roots, _int, _pid_dir, _read, _roots, _warn_once
 from .sysfs import pmd_size
 
@@ -205,3 +207,33 @@ def free_huge_bytes(roots: Optional[Roots] = None, huge_size: Optional[int] = No
             if o >= order:
                 total += count * (page << o)
     return total
+
+
+def map_count_hint(roots: Optional[Roots] = None) -> str:
+    """A hint when this process is at ``vm.max_map_count`` mappings, else "".
+
+    At that limit ``mmap`` fails with ENOMEM and a ``madvise`` that would
+    split a mapping with EAGAIN, which alone reads as "retry".
+    """
+    r = _roots(roots)
+    limit = _int(_read(os.path.join(r.proc, "sys", "vm", "max_map_count"), quiet=True))
+    try:
+        with open(os.path.join(r.proc, "self", "maps"), "rb") as f:
+            count = sum(1 for _ in f)
+    except OSError:
+        return ""
+    if limit is None or count + 8 < limit:
+        return ""
+    return (f"this process has {count} mappings and vm.max_map_count is {limit}: close "
+            "regions (each takes up to 3 mappings) or raise the vm.max_map_count sysctl")
+
+
+def map_count_error(exc: BaseException) -> Optional[KernelCallError]:
+    """``exc`` (ENOMEM or EAGAIN from mmap/madvise) restated with :func:`map_count_hint`,
+    or None when it is another error or the process is not at the limit."""
+    if not isinstance(exc, OSError) or exc.errno not in (_errno.EAGAIN, _errno.ENOMEM):
+        return None
+    hint = map_count_hint()
+    if not hint:
+        return None
+    return KernelCallError(exc.errno, getattr(exc, "operation", "mmap"), getattr(exc, "range", None), hint)
