@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         f"defrag={_choice(host['thp']['defrag'])}, load {host['loadavg']}"
     )
     print(
-        f"ratios: medians of {settings.reps} interleaved repetitions after {settings.warmup} warm-up round(s)",
+        f"ratios: medians of {settings.reps} interleaved repetitions after {settings.warmup} warm-up round(s)"
+        " (where a benchmark's line says rounds=N: N rounds and its own warm-up)",
         flush=True,
     )
     print(flush=True)

@@ -41,8 +41,10 @@ def plot(document: dict, path: str) -> None:
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 5.4 * rows), squeeze=False)
     host = document["host"]
+    # One panel is half as wide: the title takes two lines there, or it is cut at both edges.
     fig.suptitle(
-        f"thpguard {document['thpguard']}, Linux {host['kernel']}, {host['cpu']} x{host['cpus']}, "
+        f"thpguard {document['thpguard']}, Linux {host['kernel']}, {host['cpu']} x{host['cpus']},"
+        f"{' ' if cols > 1 else chr(10)}"
         f"{document['date'][:10]}{' (quick)' if document.get('quick') else ''}, "
         f"load {host.get('loadavg', '?').split(' ')[0]} at start, {document.get('loadavg_end', '?').split(' ')[0]} at end",
         fontsize=9,
@@ -165,6 +167,8 @@ def _ratio_bars(ax, variants, metrics, title, ylabel, extra_label=None) -> None:
             label += "\n" + extra_label(v)
         labels.append(label)
     ax.set_xticks(range(len(shown)))
+    # Bars set the limits: without this a last variant that is not available sits on the edge.
+    ax.set_xlim(-0.6, len(shown) - 0.4)
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

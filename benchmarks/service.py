@@ -21,6 +21,7 @@ master and workers (the memory each mechanism costs).
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import _tables
-from ._harness import GiB, Result, Settings, fmt_bytes, interleave, median, mem_available, now, paired, percentile
+from ._harness import GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, mem_available, now, paired, percentile
 
 NAME = "service"
 TITLE = "a pre-forking web service (gunicorn --preload, 2 workers): requests/s and latency"
@@ -268,6 +269,9 @@ def _fmt_us(us: float) -> str:
 
 
 def run(settings: Settings) -> Result:
+    if importlib.util.find_spec("gunicorn") is None:
+        # Else the first server dies at start-up and the benchmark fails with its log tail.
+        raise Skipped("gunicorn is not installed in this Python: pip install -e '.[bench]'")
     size = settings.pick(1 * GiB, 4 * GiB)
     lookups = 10_000
     write_every = 4

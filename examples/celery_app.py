@@ -25,7 +25,7 @@ import thpguard
 HOT_BYTES = int(os.environ.get("HOT_BYTES", 16 << 20))
 QUEUE_DIR = os.environ.get("CELERY_QUEUE_DIR", "/tmp/thpguard-celery")
 
-for sub in ("out", "processed", "results"):
+for sub in ("out", "processed", "results", "control"):
     os.makedirs(os.path.join(QUEUE_DIR, sub), exist_ok=True)
 
 app = Celery("celery_app")
@@ -35,6 +35,8 @@ app.conf.update(
         "data_folder_in": os.path.join(QUEUE_DIR, "out"),
         "data_folder_out": os.path.join(QUEUE_DIR, "out"),
         "data_folder_processed": os.path.join(QUEUE_DIR, "processed"),
+        # Otherwise kombu keeps its exchange table in ./control, wherever the worker starts.
+        "control_folder": os.path.join(QUEUE_DIR, "control"),
     },
     result_backend="file://" + os.path.join(QUEUE_DIR, "results"),
     worker_prefetch_multiplier=1,  # one task per pool process at a time

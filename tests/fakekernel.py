@@ -7,6 +7,7 @@ management (tests that need that run against the real kernel).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import textwrap
 
@@ -76,7 +77,8 @@ class FakeTree:
                     self.write(f"{self.thp}/khugepaged/{name}", f"{value}\n")
         self.write(f"{self.proc}/sys/kernel/osrelease", "6.18.0-fake\n")
         self.write(f"{self.proc}/vmstat", "nr_free_pages 100\nthp_fault_alloc 5\nthp_split_pmd 2\n"
-                                          "thp_collapse_alloc 1\n")
+                                          "thp_collapse_alloc 1\n"
+                   + ("thp_cow_alloc 0\nthp_cow_fallback 0\n" if thp_cow is not None else ""))
         self.buddyinfo([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
         self.process("self")
 
@@ -122,7 +124,10 @@ class FakeNative:
     MADV_THP_COW = 257
 
     def __init__(self, known=(14, 23, 25), collapse_errno=0, scan_errno=0, thp_disable=0,
-                 pidfd_errno=0):
+                 pidfd_errno=0, tc_tree=None):
+        # tc_tree: a FakeTree whose smaps for "self" shows the tc VmFlag on
+        # what MADV_THP_COW advised, as the thp_cow patch's kernel does.
+        self.tc_tree = tc_tree
         self.known = set(known)
         self.collapse_errno = collapse_errno
         self.scan_errno = scan_errno
@@ -151,6 +156,15 @@ class FakeNative:
     def madvise(self, addr, length, advice):
         if advice == self.MADV_COLLAPSE and self.collapse_errno:
             raise OSError(self.collapse_errno, os.strerror(self.collapse_errno))
+        if advice == self.MADV_THP_COW:
+            if advice not in self.known:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            if self.tc_tree is not None:
+                self.tc_tree.process("self", smaps=(
+                    f"{addr:x}-{addr + length:x} rw-p 00000000 00:00 0\n"
+                    f"Size:               {length // 1024} kB\n"
+                    "AnonHugePages:         0 kB\n"
+                    "VmFlags: rd wr mr mw me ac tc\n"))
 
     def collapse(self, addr, length, chunk, retries):
         return [self.collapse_errno]

@@ -302,6 +302,22 @@ def test_config_non_finite_numbers_are_errors(bad):
         from_mapping(bad)
 
 
+def test_config_file_that_is_no_regular_file_or_huge_is_an_error(tmp_path):
+    """A config that is /dev/zero, a FIFO (via a symlink too) or huge is a clear error, never a hang."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    (tmp_path / "link.toml").symlink_to(fifo)
+    (tmp_path / "zero.toml").symlink_to("/dev/zero")
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 200_000)
+    for path, word in ((fifo, "regular"), (tmp_path / "link.toml", "regular"),
+                       (tmp_path / "zero.toml", "regular"), (big, "larger")):
+        with pytest.raises(ConfigError, match=word):
+            load(str(path))
+    r = agent_cli("--config", str(tmp_path / "zero.toml"), "--check")
+    assert r.returncode == 2 and "regular file" in r.stderr
+
+
 def test_config_file_toml_and_json(tmp_path):
     """The same keys load from TOML and from JSON; --check prints the result."""
     toml = tmp_path / "agent.toml"

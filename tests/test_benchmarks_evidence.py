@@ -193,6 +193,54 @@ def test_plot_draws_service_and_snapshot_panels(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypatch):
+    """``--only pool`` draws one panel: the long host title still fits its width."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from benchmarks import plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    pool = [{"variant": "4k", "label": _tables.LABELS["4k"], "available": True,
+             "lookups_ratio": [1.0], "pss_ratio": [1.0], "worker_huge_after": 0.0},
+            {"variant": "hugetlb", "label": _tables.LABELS["hugetlb"], "available": False, "reason": "no"}]
+    doc = {
+        "thpguard": "0.1.0.dev267+g37587b6ee", "date": "2026-12-01T10:00:00", "quick": True,
+        "loadavg_end": "15.84 14.08 13.99",
+        "host": {"kernel": "6.18.44-fc-v669", "cpu": "Intel(R) Xeon(R) Processor", "cpus": 2,
+                 "loadavg": "12.66 13.35 13.77 20/193 6981"},
+        "results": [{"name": "pool", "skipped": None, "series": {"variants": pool}}],
+    }
+    plot.plot(doc, str(tmp_path / "pool.png"))
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for text in fig.texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
+
+
+def test_service_without_gunicorn_is_skipped_with_the_install_command(monkeypatch):
+    """Installed with only the bench extra of an older checkout, gunicorn is missing:
+    the service benchmark says so instead of failing with a dead server's log."""
+    from benchmarks._harness import Settings, Skipped
+
+    real = service.importlib.util.find_spec
+    monkeypatch.setattr(service.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gunicorn" else real(name, *a))
+    with pytest.raises(Skipped, match=r"gunicorn is not installed.*\[bench\]"):
+        service.run(Settings.make(True))
+
+
+def test_header_defers_to_a_benchmarks_own_rounds(capsys, monkeypatch):
+    """service, snapshot and pool run rounds=N without a warm-up round: the run's
+    header must not claim its default repetitions and warm-up for them."""
+    monkeypatch.setattr(entry, "DEFAULT", [])
+    assert entry.main([]) == 0
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ratios:")]
+    assert header and "rounds=N" in header[0]
+
+
 def test_entry_point_runs_end_to_end_benchmarks_only_when_named(capsys):
     """--list names agent, service, snapshot, pool and hugetlb as --only ones; a plain run leaves them out."""
     from benchmarks import BENCHMARKS, DEFAULT

@@ -148,6 +148,16 @@ def test_no_thp_is_unsupported(fake, capsys):
     assert by_name(doc)["thp_enabled"]["status"] == "fail"
 
 
+def test_missing_native_module_advises_a_build(fake, capsys):
+    """Without the native module, the feature checks advise a rebuild, not a newer kernel."""
+    fake()
+    kernel.registry.set_native(None, "native module not available (x)")
+    _, doc, _ = verify_json(capsys, "--skip-selftest")
+    checks = by_name(doc)
+    for name in ("collapse", "pagemap_scan", "populate_write", "process_madvise"):
+        assert "reinstall thpguard" in checks[name]["advice"] and "Linux" not in checks[name]["advice"]
+
+
 def test_prctl_disabled_fails(fake, capsys):
     """A THP-disabled process (prctl returns 1) fails; except-advised (3) passes."""
     fake(native=FakeNative(thp_disable=1, collapse_errno=errno.EINVAL))
@@ -489,6 +499,13 @@ def test_help_shows_defaults_and_exit_codes(capsys):
     assert cli.main(["guard", "--help"]) == 0
     out = capsys.readouterr().out
     assert "(default: 1.0)" in out and "130 interrupted" in " ".join(out.split())
+
+
+def test_run_help_shows_defaults_and_exit_codes(capsys):
+    """run --help names its defaults and its own exit codes (127: program not found)."""
+    assert cli.main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default share)" in out and "(default 0.05)" in out and "127 COMMAND not found" in out
 
 
 @pytest.mark.parametrize("command", ["watch", "guard"])

@@ -201,3 +201,4 @@ def test_subprocess_does_not_trigger_copy(region_factory, tmp_path):
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     assert int(seen.read_text()) == region.size  # still shared: nothing copied
     assert checksum(region.view()) == expected and region.coverage().complete
+

@@ -482,5 +482,52 @@ def test_share_counts_children_that_still_share(hugepool, pmd2m):
             assert os.WEXITSTATUS(status) == 0
         for fd in (go_r, go_w, ready_r, ready_w):
             os.close(fd)
-        assert downgraded and "1 earlier one(s)" in downgraded
+        assert downgraded and "1 other process(es)" in downgraded
+        assert _pages_ok(r, 1)
+
+
+def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepool, pmd2m):
+    """A child touching share pages the parent never faulted needs pool pages too: no SIGBUS."""
+    pool = hugepool(2)
+    if pool.available != 2:
+        pytest.skip("someone else's free pages are in the pool")
+    with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share", populate=False) as r:
+        assert kernel.hugetlb_pool(MB2).available == 0  # both pages reserved, none faulted
+        pid = os.fork()
+        if pid == 0:
+            _fill(r, 3)
+            os._exit(0 if _pages_ok(r, 3) else 4)
+        status = _wait(pid)
+        assert not os.WIFSIGNALED(status), f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        assert os.WEXITSTATUS(status) == 0
+        assert r.fork_downgraded
+        _fill(r, 5)
+        assert _pages_ok(r, 5) and hugetlb_vma("self", r.address)[1] == r.size
+
+
+def test_share_counts_the_parent_when_a_child_forks_again(hugepool, pmd2m):
+    """A grandchild forked from a share region shares the pages with child and parent: no SIGBUS."""
+    pool = hugepool(4)
+    if pool.available != 4:
+        pytest.skip("someone else's free pages are in the pool")
+    with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
+        _fill(r, 1)  # the pool has 2 free pages: room for one more copy, not two
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            grandchild = os.fork()
+            if grandchild == 0:
+                _fill(r, 5)
+                os._exit(0 if _pages_ok(r, 5) else 4)
+            _fill(r, 6)
+            os.write(write_end, str(_wait(grandchild)).encode())
+            os._exit(0 if _pages_ok(r, 6) else 4)
+        os.close(write_end)
+        with os.fdopen(read_end) as f:
+            grand_status = int(f.read())
+        status = _wait(pid)
+        for who, st in (("child", status), ("grandchild", grand_status)):
+            assert not os.WIFSIGNALED(st), f"{who} killed by {signal.Signals(os.WTERMSIG(st)).name}"
+            assert os.WEXITSTATUS(st) == 0, who
         assert _pages_ok(r, 1)

@@ -74,6 +74,19 @@ def test_fix_never_grows_a_pool_unless_asked(fake, capsys, monkeypatch):
     assert checks["hugetlb_pool_pmd"]["status"] == "warn"  # the fake kernel frees nothing
 
 
+def test_fix_never_grows_a_pool_beyond_the_available_memory(fake, capsys, monkeypatch):
+    """--hugetlb-pool asking for more than MemAvailable fails with no fix: the kernel would take all memory."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    _pool(fake, MB2, 1, 1, 0, 0, 0)
+    fake.write(os.path.join(fake.proc, "meminfo"), "MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n")
+    code, checks, doc = verify(capsys, "--fix", "--hugetlb-pool", "100000000")
+    c = checks["hugetlb_pool_pmd"]
+    assert nr(fake, MB2) == 1 and doc["fixes"] == []
+    assert c["status"] == "fail" and c["fix"] is None and "MemAvailable" in c["detail"]
+    code, checks, doc = verify(capsys, "--fix", "--hugetlb-pool", "4")
+    assert nr(fake, MB2) == 4  # 6 MiB more fits in 4 GiB
+
+
 def test_wanted_pages_and_bad_page_size(fake, capsys):
     """--hugetlb-pool sets what the pool must hold; an unknown page size is a usage error."""
     _pool(fake, MB2, 2, 2, 0, 0, 0)

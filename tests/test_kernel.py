@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from thpguard import kernel
+from thpguard import _checks, _cliverify, kernel
 from fakekernel import SMAPS_ANON, SMAPS_FILE, FakeNative, FakeTree
 
 MiB = 1024 * 1024
@@ -276,13 +276,47 @@ def test_capabilities_prctl_disabled(tmp_path, monkeypatch):
 
 
 def test_capabilities_direct_cow(tmp_path, monkeypatch):
-    """thp_cow sysfs plus MADV_THP_COW known makes direct_cow available with its mode."""
+    """thp_cow sysfs, MADV_THP_COW setting the tc VmFlag and thp_cow_* counters
+    make direct_cow available with its mode."""
     t = FakeTree(tmp_path, thp_cow="madvise")
-    use_native(monkeypatch, FakeNative(known=(14, 23, 25, 257)))
+    use_native(monkeypatch, FakeNative(known=(14, 23, 25, 257), tc_tree=t))
     c = kernel.capabilities(roots=t.roots)
     assert c.direct_cow.available and "madvise" in c.direct_cow.reason and c.thp_cow == "madvise"
+    assert kernel.direct_cow_interface(t.roots, refresh=True).available
     t.set_mode("thp_cow", "never")
-    assert not kernel.capabilities(refresh=True, roots=t.roots).direct_cow.available
+    c = kernel.capabilities(refresh=True, roots=t.roots)
+    assert not c.direct_cow.available and c.direct_cow.reason == "thp_cow is never"
+    check = _checks.check_direct_cow(_checks.HostContext(c, t.roots))
+    assert check.status == _checks.WARN and check.fix == (os.path.join(t.thp, "thp_cow"), "madvise")
+
+
+@pytest.mark.parametrize("what", ["no tc VmFlag", "no counters"])
+def test_capabilities_other_thp_cow_is_not_direct_cow(tmp_path, monkeypatch, what):
+    """A kernel with its own thp_cow file and another meaning for advice 257
+    (no tc VmFlag, or no thp_cow_* counters) is never taken for direct COW,
+    and verify --fix does not write its thp_cow."""
+    t = FakeTree(tmp_path, thp_cow="never")
+    if what == "no tc VmFlag":
+        native = FakeNative(known=(14, 23, 25, 257))
+        expected = "tc VmFlag"
+    else:
+        native = FakeNative(known=(14, 23, 25, 257), tc_tree=t)
+        t.write(f"{t.proc}/vmstat", "thp_fault_alloc 5\nthp_split_pmd 2\n")
+        expected = "thp_cow_*"
+    use_native(monkeypatch, native)
+    c = kernel.capabilities(roots=t.roots)
+    assert not c.direct_cow.available
+    assert "not the direct-COW interface" in c.direct_cow.reason and expected in c.direct_cow.reason
+    assert not kernel.direct_cow_interface(t.roots, refresh=True).available
+    check = _checks.check_direct_cow(_checks.HostContext(c, t.roots))
+    assert check.status == _checks.NA and check.fix is None
+    # Even handed a fix for it, --fix refuses to write that file.
+    path = os.path.join(t.thp, "thp_cow")
+    planted = _checks.Check("direct_cow", "direct COW", _checks.WARN, "x", "y", (path, "madvise"))
+    entries = _cliverify._apply_fixes([planted], True, t.roots)
+    assert entries and "not the direct-COW interface" in entries[0]["error"]
+    with open(path) as f:
+        assert kernel._bracketed(f.read()) == "never"
 
 
 def test_capabilities_without_native(tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ class PolicySet:
 
 
 def _check_policies(policies: PolicySet, expect_fill: int = FILL, write: bool = True):
-    """In a child: each policy gave what DESIGN promises, by ground truth."""
+    """In a child: each policy gave what docs/policies.rst promises, by ground truth."""
     from conftest import smaps_vma
 
     problems = []

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import stat
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import InvalidArgumentError
@@ -217,12 +219,27 @@ def _parse_toml(text: str, path: str) -> Dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+#: A config file is a few hundred bytes; /dev/zero or a huge file is an error, not a read forever.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load(path: str, base: Optional[AgentConfig] = None) -> AgentConfig:
     """Read and validate the config file at *path* (TOML, or JSON if it ends
     in ``.json``). Raises :class:`ConfigError` saying what is wrong."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        # O_NONBLOCK: a FIFO would otherwise block the agent (and a SIGHUP
+        # reload) until something writes to it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"the config file {path} is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"the config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

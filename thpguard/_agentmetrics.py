@@ -23,7 +23,7 @@ def _prometheus():
         from prometheus_client import core  # noqa: PLC0415
     except ImportError:
         raise UnsupportedError("prometheus", "the metrics endpoint needs prometheus_client: "
-                                             "pip install 'thpguard[prometheus]'") from None
+                                             "pip install prometheus_client (the prometheus extra)") from None
     return prometheus_client, core
 
 

@@ -143,9 +143,18 @@ def check_khugepaged(ctx: HostContext) -> Check:
     return Check("khugepaged", title, OK, "; ".join(parts))
 
 
+# The registry's reason when it could not import the native module: then no
+# kernel upgrade helps, a build does.
+_NATIVE_MISSING = "native module not available"
+_NATIVE_ADVICE = ("reinstall thpguard where a C compiler and the Python headers are present "
+                  "(Debian: apt-get install gcc python3-dev)")
+
+
 def _feature_check(name, title, feature, missing_status, advice) -> Check:
     if feature.available:
         return Check(name, title, OK, feature.reason)
+    if feature.reason.startswith(_NATIVE_MISSING):
+        advice = _NATIVE_ADVICE
     return Check(name, title, missing_status, feature.reason, advice)
 
 
@@ -179,6 +188,10 @@ def check_direct_cow(ctx: HostContext) -> Check:
     if c.direct_cow.available:
         return Check("direct_cow", title, OK, c.direct_cow.reason)
     if c.thp_cow == "never":
+        ident = kernel.direct_cow_interface(ctx.roots)
+        if not ident.available:
+            # Another kernel's thp_cow: not ours to switch.
+            return Check("direct_cow", title, NA, c.direct_cow.reason + "; re-collapse instead")
         path = ctx.thp_path("thp_cow")
         return Check("direct_cow", title, WARN, "thp_cow=never: writes after fork split huge pages",
                      f"echo madvise > {path}", (path, "madvise"))

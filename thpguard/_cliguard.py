@@ -46,6 +46,9 @@ def _guard_preflight(pid: int) -> int:
             raise AccessError(f"guard needs ptrace read access to PID {pid} (same user and dumpable, or "
                              f"CAP_SYS_PTRACE): opening /proc/{pid}/pagemap failed with "
                              f"{errno.errorcode[exc.errno]}") from None
+        if exc.errno == errno.ESRCH and os.path.exists(os.path.join(roots.proc, str(pid))):
+            raise AccessError(f"PID {pid} has no user memory (a kernel thread, or a zombie): "
+                              "nothing to guard") from None
         raise AccessError(f"PID {pid}: {exc.strerror}") from None
     try:
         return _native.pidfd_open(pid)

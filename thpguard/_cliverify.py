@@ -37,7 +37,7 @@ def _unsupported_reason(roots: kernel.Roots) -> Optional[str]:
     return None
 
 
-def _apply_fixes(checks: List[Check], quiet: bool) -> List[dict]:
+def _apply_fixes(checks: List[Check], quiet: bool, roots: Optional[kernel.Roots] = None) -> List[dict]:
     applied = []
     for c in checks:
         if c.fix is None or c.status not in (WARN, FAIL):
@@ -49,6 +49,15 @@ def _apply_fixes(checks: List[Check], quiet: bool) -> List[dict]:
         except OSError:
             before = None
         entry = {"check": c.name, "path": path, "before": before, "value": value, "error": None}
+        if os.path.basename(path) == "thp_cow":
+            # Only the interface thpguard knows: another kernel's thp_cow
+            # file may mean something else entirely.
+            ident = kernel.direct_cow_interface(roots, refresh=True)
+            if not ident.available:
+                entry["error"] = f"not the direct-COW interface thpguard knows ({ident.reason}); left unchanged"
+                _err(f"--fix: did not write {value!r} to {path}: {entry['error']}")
+                applied.append(entry)
+                continue
         try:
             with open(path, "w") as f:
                 f.write(value + "\n")
@@ -129,7 +138,7 @@ def cmd_verify(args) -> int:
     checks = all_checks()
     fixes: List[dict] = []
     if args.fix:
-        fixes = _apply_fixes(checks, args.quiet or args.json)
+        fixes = _apply_fixes(checks, args.quiet or args.json, roots)
         if fixes:
             caps = kernel.capabilities(refresh=True, roots=roots)
             ctx = HostContext(caps, roots, args.pid)

@@ -36,6 +36,16 @@ def check_pool(ctx: HostContext, pool: kernel.HugePool, wanted: Optional[int]) -
         if pool.available >= wanted:
             return Check(_name(ctx, pool.page_size), title, OK, detail + f"; holds {wanted} pages")
         target = str(pool.total + wanted - pool.available)
+        grow = (wanted - pool.available) * pool.page_size
+        avail = _mem_available(ctx)
+        if avail is not None and grow > avail:
+            # The kernel would take every free page it finds for the pool,
+            # starving everything else on the host: no fix is offered.
+            return Check(_name(ctx, pool.page_size), title, FAIL,
+                         detail + f"; {wanted} pages wanted, {fmt_bytes(grow)} more than now "
+                         f"but only {fmt_bytes(avail)} of memory is available (MemAvailable)",
+                         f"ask for fewer pages, or free memory first; growing the pool this "
+                         f"much would leave nothing for the rest of the host")
         return Check(_name(ctx, pool.page_size), title, WARN,
                      detail + f"; {wanted} pages wanted",
                      f"echo {target} > {path} (as root; at boot: hugepages= on the kernel "
@@ -45,6 +55,18 @@ def check_pool(ctx: HostContext, pool: kernel.HugePool, wanted: Optional[int]) -
                      detail + "; hugetlb regions of this size fall back to THP or fail",
                      f"to reserve N pages: echo N > {path}")
     return Check(_name(ctx, pool.page_size), title, OK, detail)
+
+
+def _mem_available(ctx: HostContext) -> Optional[int]:
+    """MemAvailable of ``/proc/meminfo`` in bytes, None where unknown."""
+    try:
+        with open(os.path.join(ctx.roots.proc, "meminfo")) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_gigantic(ctx: HostContext) -> Check:

@@ -87,12 +87,13 @@ def _share_downgrades() -> list:
     """hugetlb ``share`` regions this fork must copy into the child instead.
 
     After fork, a write to a shared hugetlb page by either side copies the
-    whole page, and that copy needs a free pool page (Linux 6.18, measured):
+    whole page, and that copy needs a free pool page, as does the child's
+    first touch of a page the parent never faulted (Linux 6.18, measured):
     a child that finds none dies of SIGBUS, and a parent that finds none
     takes the page away from its children (they die of SIGBUS on their next
     access). So before
-    the fork the populated pages of the ``share`` regions (what the fork
-    may have to copy), plus the pages the child takes for its ``copy`` and
+    the fork the pages of the ``share`` regions (what the fork may have to
+    copy or fault), plus the pages the child takes for its ``copy`` and
     ``wipe`` hugetlb regions, are held against the pages the pool and the
     hugetlb cgroup can still give; where they do not cover them, the child copies
     those regions into THP pages of its own while the parent waits (as
@@ -109,15 +110,13 @@ def _share_downgrades() -> list:
             child_pages[r.page_size] = child_pages.get(r.page_size, 0) + r.size // r.page_size
     out = []
     for page_size, group in by_size.items():
-        populated = []
-        for r in group:
-            try:
-                populated.append((r, r._backend.populated_pages(r)))
-            except OSError as exc:  # unknown: assume every page may be copied
-                log.warning("region %#x: could not count its pages: %s", r.address, exc)
-                populated.append((r, r.size // page_size))
+        # Every page counts, populated or not: the child has no reservation
+        # (the parent owns it), so its first touch of a page the parent never
+        # faulted takes a fresh pool page too, or dies of SIGBUS (measured).
+        populated = [(r, r.size // page_size) for r in group]
         shared = sum(n for _, n in populated)
-        # Each child still sharing these pages may copy each of them once more.
+        # Each process still sharing these pages (children, grandchildren, the
+        # parent that forked us) may copy each of them once more.
         sharers = _children_sharing([r.address for r in group]) if shared else 0
         need = shared * (1 + sharers) + child_pages.get(page_size, 0)
         why = pool_shortfall(page_size, need) if shared else None
@@ -127,38 +126,70 @@ def _share_downgrades() -> list:
                 continue
             r.fork_downgraded = (
                 f"fork copied this share region into the child (THP): writes to the {shared} "
-                f"shared pages (by this child and {sharers} earlier one(s) still sharing them) "
+                f"shared pages (by this child and {sharers} other process(es) still sharing them) "
                 f"and the child's copy and wipe regions could need {need} pool pages: {why}")
             log.error("hugetlb share region %#x: %s", r.address, r.fork_downgraded)
+            try:
+                # The child's copy reads every page: fault the missing ones in
+                # here, from the parent's reservation (a read never copies a
+                # page an earlier child shares), or the child's read of them
+                # needs a pool page it cannot have.
+                _native.madvise(r.address, r.size, _native.MADV_POPULATE_READ)
+            except OSError as exc:
+                log.error("hugetlb share region %#x: could not fault it in: %s", r.address, exc)
             events.counters().add(hugetlb_fork_downgrades=1)
             out.append((r, HugetlbCopy(pool=False)))
     return out
 
 
 def _children_sharing(addresses) -> int:
-    """How many live children of this process (forked by any thread) still
-    map one of the hugetlb ranges starting at ``addresses`` (their maps);
-    0 where the kernel does not list children (CONFIG_PROC_CHILDREN)."""
-    pids: set = set()
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids.update(f.read().split())
-        except OSError:
-            continue
-    starts, count = set(addresses), 0
-    for pid in pids:
+    """How many other live processes of this process's fork family (its
+    descendants, and its ancestors that still map the ranges with theirs)
+    map one of the hugetlb ranges starting at ``addresses`` (their maps):
+    a grandchild shares the pages as much as a child does; 0 where the
+    kernel does not list children (CONFIG_PROC_CHILDREN)."""
+    starts = set(addresses)
+
+    def maps_one(pid) -> bool:
         try:
             with open(f"/proc/{pid}/maps") as f:
-                if any("anon_hugepage" in line and int(line.split("-", 1)[0], 16) in starts
-                       for line in f):
-                    count += 1
+                return any("anon_hugepage" in line and int(line.split("-", 1)[0], 16) in starts
+                           for line in f)
         except (OSError, ValueError):
-            continue  # exited meanwhile, or not ours to read
+            return False  # exited meanwhile, or not ours to read
+
+    def children(pid) -> set:
+        out: set = set()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return out
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out.update(int(c) for c in f.read().split())
+            except (OSError, ValueError):
+                continue
+        return out
+
+    me = top = os.getpid()
+    while True:  # climb to the oldest ancestor still mapping the pages
+        try:
+            with open(f"/proc/{top}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if ppid <= 1 or not maps_one(ppid):
+            break
+        top = ppid
+    count, seen, todo = 0, {top}, [top]
+    while todo:
+        pid = todo.pop()
+        if pid != me and maps_one(pid):
+            count += 1
+        for c in children(pid) - seen:
+            seen.add(c)
+            todo.append(c)
     return count
 
 

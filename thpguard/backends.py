@@ -1,7 +1,8 @@
 """Backends and copy mechanisms: the parts of a region that differ per mechanism.
 
-A ``ThpBackend`` owns how a region is mapped, measured and repaired
-(a hugetlb backend gives the same methods). A :class:`CopyMechanism` says
+A ``ThpBackend`` owns how a region is mapped, measured and repaired;
+``HugetlbBackend`` gives the same methods for hugetlbfs pages, and
+another backend plugs in with :func:`register_backend`. A :class:`CopyMechanism` says
 how a ``fork="copy"`` region gets its own pages in a child; mechanisms are
 tried in order (``copy_mechanisms()``) and new ones (userfaultfd lazy
 copy) plug in with :func:`register_copy_mechanism`.
@@ -32,10 +33,15 @@ FALLBACK_PMD = 2 << 20
 
 
 def _direct_cow_mode() -> Optional[str]:
-    """The kernel's direct-COW mode, or None where it lacks the feature."""
+    """The kernel's direct-COW mode, or None where it lacks the feature (or
+    has a ``thp_cow`` that is not the interface thpguard knows)."""
     if not kernel.registry.knows(_native.MADV_THP_COW):
         return None
-    return kernel.capabilities().thp_cow
+    if not kernel.direct_cow_interface().available:
+        return None
+    # Read now, not from the cached capabilities: thp_cow may have changed
+    # since (a child forked after `echo never` must copy for itself).
+    return kernel.thp_cow_mode()
 
 
 class CopyMechanism:
@@ -105,8 +111,8 @@ class ThpBackend:
     ``name`` is what :attr:`thpguard.Region.backend` shows.
 
     A backend owns how a region is mapped, measured and repaired; the region
-    layer keeps policies, views and lifetime. Other backends (hugetlb) give
-    the same methods.
+    layer keeps policies, views and lifetime. ``HugetlbBackend``, and any
+    backend registered with :func:`register_backend`, gives the same methods.
     """
 
     name = "thp"

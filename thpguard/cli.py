@@ -5,14 +5,15 @@ object (``watch``, ``guard``: one object per line) with sorted keys and a
 ``schema_version``; every duration in it is in seconds, named ``*_seconds``.
 Exit codes (each a distinct cause a script can test):
 
-== ==========================================================================
-0  fine
-1  a check failed, or a repair did not take
-2  usage error (bad arguments)
-3  no such process, or no permission (privilege, ptrace access, not root)
-4  unsupported host (not Linux, no THP, native module missing, no PAGEMAP_SCAN)
+=== =========================================================================
+0   fine
+1   a check failed, or a repair did not take
+2   usage error (bad arguments)
+3   no such process, or no permission (privilege, ptrace access, not root)
+4   unsupported host (not Linux, no THP, native module missing, no PAGEMAP_SCAN)
+126 ``run``: the program cannot be executed; 127 ``run``: it was not found
 130 interrupted (Ctrl-C), after printing what was done
-== ==========================================================================
+=== =========================================================================
 """
 
 from __future__ import annotations
@@ -427,10 +428,12 @@ def _add_run(sub) -> None:
                        description="Execute COMMAND with THPGUARD_GUARD=1 (and the other settings) in "
                                    "its environment, checked first. Only programs that import "
                                    "thpguard are affected.",
+                       epilog="exit status: COMMAND's own once it runs (it replaces thpguard, same PID); "
+                              "2 a bad setting; 126 COMMAND not executable; 127 COMMAND not found on PATH.",
                        formatter_class=_HelpFormatter)
     p.add_argument("--no-guard", action="store_true", help="set THPGUARD_GUARD=0 instead of 1")
-    p.add_argument("--interval", type=float, metavar="S", help="guard interval in seconds")
-    p.add_argument("--fork-policy", metavar="POLICY", help="default fork policy for alloc()")
+    p.add_argument("--interval", type=float, metavar="S", help="guard interval in seconds (default 0.05)")
+    p.add_argument("--fork-policy", metavar="POLICY", help="default fork policy for alloc() (default share)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=_cmd_run)
 

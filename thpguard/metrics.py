@@ -5,7 +5,7 @@
 coverage ratio, splits, repairs, repair failures by errno, and a histogram
 of repair latency (seconds from the scan that saw a block split to its
 repair, fed by the guard's events). It needs the ``prometheus`` extra
-(``pip install 'thpguard[prometheus]'``).
+(``prometheus_client``).
 
 :func:`textfile` formats the coverage of any processes in the
 node_exporter textfile-collector format (what ``thpguard status
@@ -220,7 +220,7 @@ def register(registry=None) -> ThpguardCollector:
     except ImportError:
         raise ImportError(
             "thpguard.metrics.register needs prometheus_client: "
-            "pip install 'thpguard[prometheus]'"
+            "pip install prometheus_client (the prometheus extra)"
         ) from None
     if registry is None:
         registry = prometheus_client.REGISTRY

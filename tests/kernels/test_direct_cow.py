@@ -6,6 +6,7 @@ skip elsewhere, or fail when THPGUARD_REQUIRE_DIRECT_COW=1 (the matrix sets
 it in that guest).
 """
 
+import ctypes
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from conftest import checksum, smaps_huge_bytes
 
 import thpguard
-from thpguard import kernel
+from thpguard import _fork, kernel
 
 MiB = 1 << 20
 THP_COW = "/sys/kernel/mm/transparent_hugepage/thp_cow"
@@ -123,4 +124,32 @@ def test_thp_cow_never_falls_back_to_repair(direct_cow, region_factory, pmd):
 
     assert _fork_and_write(region, pmd, expected, split_then_repaired) == 0
     region.collapse()
+    assert _all_huge(region)
+
+
+def test_late_fork_copies_direct_cow_region_under_never(direct_cow, region_factory, pmd):
+    """A fork that bypasses Python's hooks, under thp_cow=never: the child's late
+    fork handling copies a direct-COW `copy` region itself (the kernel will not),
+    so the child's writes keep every block huge and the parent's data stays."""
+    region = region_factory(4 * MiB, fork="copy")
+    assert region.direct_cow
+    expected = _fill(region)
+    with open(THP_COW, "w") as f:
+        f.write("never")
+    libc_fork = ctypes.PyDLL(None).fork  # PyDLL keeps the GIL: no Python hook runs
+    pid = libc_fork()
+    if pid == 0:
+        code = 1
+        try:
+            _fork.check()  # the late path: after_in_child(late=True)
+            view = region.view()
+            same = checksum(view) == expected
+            _write_every_block(region, pmd, 0, 0xAA)
+            code = 0 if same and _all_huge(region) else 1
+            view.release()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the late child split (not copied) or saw wrong data"
+    assert checksum(region.view()) == expected
     assert _all_huge(region)

@@ -36,6 +36,7 @@ from .features import (
     Feature,
     can_get_huge_pages,
     capabilities,
+    direct_cow_interface,
     registry,
     thp_disable_flags,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "khugepaged_settings",
     "thp_mode",
     "thp_cow_mode",
+    "direct_cow_interface",
     "kernel_release",
     "read_smaps",
     "read_vmstat",

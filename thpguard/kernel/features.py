@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ._files import Roots, _roots
 from .hugetlb import GIGANTIC, cpu_has_gigantic_pages, hugetlb_sizes
-from .procfs import read_status
+from .procfs import read_smaps, read_status, read_vmstat
 from .sysfs import kernel_release, khugepaged_settings, mthp_sizes, pmd_size, thp_mode
 
 # include/uapi/linux/prctl.h (6.18): PR_GET_THP_DISABLE returns "1 | flags".
@@ -150,10 +150,15 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
     elif thp_cow is None or not cow_known:
         feats["direct_cow"] = Feature(False, "kernel has only half of direct COW (thp_cow sysfs %s, MADV_THP_COW %s)"
                                       % ("present" if thp_cow else "missing", "known" if cow_known else "unknown"))
-    elif thp_cow == "never":
-        feats["direct_cow"] = Feature(False, "thp_cow is never")
     else:
-        feats["direct_cow"] = Feature(True, f"thp_cow={thp_cow}, MADV_THP_COW known")
+        ident = _direct_cow_identity(n, roots)
+        if not ident.available:
+            feats["direct_cow"] = Feature(False, "a thp_cow switch and advice 257 are there, but not the "
+                                                 f"direct-COW interface thpguard knows: {ident.reason}")
+        elif thp_cow == "never":
+            feats["direct_cow"] = Feature(False, "thp_cow is never")
+        else:
+            feats["direct_cow"] = Feature(True, f"thp_cow={thp_cow}, MADV_THP_COW sets the tc VmFlag")
 
     collapse_known = known(n.MADV_COLLAPSE)
     addr = None
@@ -175,6 +180,40 @@ def _probe_features(native, pmd: Optional[int], thp_disable: Optional[int], thp_
             except OSError:
                 pass
     return feats
+
+
+def _direct_cow_identity(n, roots: Roots) -> Feature:
+    """Whether ``thp_cow`` and advice 257 are the direct-COW interface
+    thpguard knows: ``MADV_THP_COW`` (257) on a private anonymous page sets
+    the ``tc`` VmFlag in smaps, and ``/proc/vmstat`` has the ``thp_cow_*``
+    counters. A kernel with its own ``thp_cow`` file and another meaning for
+    257 fails this, so it is never taken for direct COW."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        addr = n.map_aligned(page, page)
+    except OSError as exc:
+        return Feature(False, f"could not map a probe page: {os.strerror(exc.errno) if exc.errno else exc}")
+    try:
+        try:
+            n.madvise(addr, page, n.MADV_THP_COW)
+        except OSError as exc:
+            return Feature(False, "advice 257 on private anonymous memory fails with "
+                                  f"{_errno.errorcode.get(exc.errno, exc.errno)}")
+        try:
+            vma = next((v for v in read_smaps("self", roots) if v.start <= addr < v.end), None)
+        except OSError as exc:
+            return Feature(False, f"cannot read smaps to check the tc VmFlag: {exc.strerror or exc}")
+        if vma is None or "tc" not in vma.vm_flags:
+            return Feature(False, "advice 257 does not set the tc VmFlag in smaps")
+    finally:
+        try:
+            n.unmap(addr, page)
+        except OSError:
+            pass
+    counters = sorted(k for k in read_vmstat(roots) if k.startswith("thp_cow_"))
+    if not counters:
+        return Feature(False, "/proc/vmstat has no thp_cow_* counters")
+    return Feature(True, "advice 257 sets the tc VmFlag; /proc/vmstat counts " + ", ".join(counters))
 
 
 def _probe_collapse(n, addr, size, collapse_known, thp_disable) -> Feature:
@@ -257,6 +296,7 @@ class CapabilityRegistry:
         self._lock = threading.Lock()
         self._cache: Dict[Roots, Capabilities] = {}
         self._advice: Dict[int, bool] = {}
+        self._identity: Dict[Roots, Feature] = {}
         self._native: Any = None
         self._native_reason = ""
         self._injected = False
@@ -278,6 +318,7 @@ class CapabilityRegistry:
             self._native, self._native_reason, self._injected = native, reason, True
             self._cache.clear()
             self._advice.clear()
+            self._identity.clear()
 
     def reset(self) -> None:
         """Back to the real native layer, nothing cached."""
@@ -285,12 +326,14 @@ class CapabilityRegistry:
             self._native, self._native_reason, self._injected = None, "", False
             self._cache.clear()
             self._advice.clear()
+            self._identity.clear()
 
     def clear(self) -> None:
         """Forget the cached results; the next call probes again."""
         with self._lock:
             self._cache.clear()
             self._advice.clear()
+            self._identity.clear()
 
     def get(self, refresh: bool = False, roots: Optional[Roots] = None) -> Capabilities:
         r = _roots(roots)
@@ -303,6 +346,23 @@ class CapabilityRegistry:
         with self._lock:
             self._cache[r] = caps
         return caps
+
+    def direct_cow_interface(self, refresh: bool = False, roots: Optional[Roots] = None) -> Feature:
+        """See :func:`direct_cow_interface` (cached per pair of roots)."""
+        r = _roots(roots)
+        with self._lock:
+            if not refresh and r in self._identity:
+                return self._identity[r]
+        native, why = self.native()
+        if native is None:
+            found = Feature(False, why)
+        elif thp_mode("thp_cow", r) is None:
+            found = Feature(False, "no transparent_hugepage/thp_cow in sysfs")
+        else:
+            found = _direct_cow_identity(native, r)
+        with self._lock:
+            self._identity[r] = found
+        return found
 
     def knows(self, advice: int) -> bool:
         """True if the running kernel knows the madvise ``advice`` (cached)."""
@@ -330,6 +390,17 @@ def capabilities(refresh: bool = False, roots: Optional[Roots] = None) -> Capabi
     module every feature reads as unavailable, with the reason.
     """
     return registry.get(refresh, roots)
+
+
+def direct_cow_interface(roots: Optional[Roots] = None, refresh: bool = False) -> Feature:
+    """Whether this kernel has the direct-COW interface thpguard drives
+    (``thp_cow`` in sysfs, and ``MADV_THP_COW`` that sets the ``tc`` VmFlag
+    with ``thp_cow_*`` counters in ``/proc/vmstat``), whatever the mode.
+
+    Probed once (a scratch page, one ``madvise``, one smaps read) and cached
+    unless *refresh*; ``verify --fix`` asks it before it writes ``thp_cow``.
+    """
+    return registry.direct_cow_interface(refresh, roots)
 
 
 def _out_of_descriptors() -> bool:
