@@ -13,17 +13,14 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import pickle
 import platform
 import statistics
-import struct
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import thpguard
-from thpguard import _native, kernel
+from thpguard import _child, _native, kernel
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -126,37 +123,18 @@ def interleave(
 # -- processes and memory ---------------------------------------------------
 
 
+#: Seconds a benchmark child may take before it counts as hung (populating
+#: GiBs on a busy host is slow; this only turns a hang into an error).
+CHILD_TIMEOUT = 1800.0
+
+
 def in_child(fn: Callable[..., Any], *args) -> Any:
     """Fork, run ``fn(*args)`` in the child, return its (pickled) result.
 
-    The child always leaves with ``os._exit``; an exception there is
-    raised here as RuntimeError with the child's traceback.
+    The child's exception, death or hang raises thpguard._child.ChildError
+    (a RuntimeError) with the child's traceback or how it died.
     """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        status = 0
-        try:
-            payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException:
-            payload = pickle.dumps(("error", traceback.format_exc()))
-            status = 1
-        try:
-            with os.fdopen(write_end, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    if not data:
-        raise RuntimeError("benchmark child died without a result")
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise RuntimeError(f"benchmark child failed:\n{value}")
-    return value
+    return _child.run(fn, *args, timeout=CHILD_TIMEOUT)
 
 
 def pmd_size() -> int:
@@ -165,29 +143,6 @@ def pmd_size() -> int:
     if not size:
         raise Skipped("the kernel reports no PMD huge-page size (no THP)")
     return size
-
-
-def _send(fd: int, obj) -> None:
-    data = pickle.dumps(obj)
-    os.write(fd, struct.pack("<Q", len(data)))
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _recv(fd: int):
-    def exactly(n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = os.read(fd, n)
-            if not chunk:
-                raise EOFError("benchmark worker closed its pipe")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    (length,) = struct.unpack("<Q", exactly(8))
-    return pickle.loads(exactly(length))
 
 
 class Worker:
@@ -201,58 +156,33 @@ class Worker:
     """
 
     def __init__(self, setup: Callable[..., dict], measure: Callable[[dict], Any], *args) -> None:
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(cmd_w)
-            os.close(res_r)
-            status = 0
-            try:
-                state = setup(*args)
-                _send(res_w, ("ok", state.get("info")))
-                while _recv(cmd_r) == "measure":
-                    _send(res_w, ("ok", measure(state)))
-            except EOFError:
-                pass
-            except BaseException:
-                status = 1
-                try:
-                    _send(res_w, ("error", traceback.format_exc()))
-                except OSError:
-                    pass
-            os._exit(status)
-        os.close(cmd_r)
-        os.close(res_w)
-        self.pid, self._cmd, self._res = pid, cmd_w, res_r
-        self.info = self._reply()
-
-    def _reply(self):
-        try:
-            kind, value = _recv(self._res)
-        except EOFError:
-            self.close()
-            raise RuntimeError("benchmark worker died") from None
-        if kind == "error":
-            self.close()
-            raise RuntimeError(f"benchmark worker failed:\n{value}")
-        return value
+        self._child = _child.Child(_worker_loop, setup, measure, args, channel=True)
+        self.pid = self._child.pid
+        self.info = self._child.recv(CHILD_TIMEOUT, what="the result of its setup")
 
     def measure(self):
-        _send(self._cmd, "measure")
-        return self._reply()
+        self._child.send("measure")
+        return self._child.recv(CHILD_TIMEOUT, what="a measurement")
 
     def close(self) -> None:
         if self.pid is None:
             return
         try:
-            _send(self._cmd, "stop")
-        except OSError:
+            self._child.send("stop")
+            self._child.result(CHILD_TIMEOUT)
+        except OSError:  # it died already: close() reaps it
             pass
-        os.close(self._cmd)
-        os.close(self._res)
-        os.waitpid(self.pid, 0)
-        self.pid = None
+        finally:
+            self._child.close()
+            self.pid = None
+
+
+def _worker_loop(channel, setup, measure, args) -> None:
+    """A Worker's child: set up once, then measure on each request."""
+    state = setup(*args)
+    channel.send(state.get("info"))
+    while channel.recv(timeout=None) == "measure":
+        channel.send(measure(state))
 
 
 def warm_memory(size: int) -> float:

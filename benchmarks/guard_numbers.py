@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import random
 import statistics
 import sys
@@ -31,6 +30,9 @@ import time
 
 import thpguard
 from thpguard import kernel, pagemap
+from thpguard._child import Child
+
+from ._harness import CHILD_TIMEOUT, in_child
 
 GIB = 1 << 30
 
@@ -88,7 +90,7 @@ def cpu_per_tick(sizes_gib, seconds=3.0):
     return out
 
 
-def _child_latencies(region, n, in_hot, write_end):
+def _child_latencies(region, n, in_hot):
     pmd = region.pmd_size
     guard = thpguard.guard()
     guard.wait_ticks(1, timeout=30)
@@ -110,28 +112,14 @@ def _child_latencies(region, n, in_hot, write_end):
     view.release()
     if context is not None:
         context.__exit__(None, None, None)
-    os.write(write_end, pickle.dumps(latencies))
+    return latencies
 
 
 def repair_latency(n=100, in_hot=False):
     """Seconds from a child's write to its block PMD-mapped again."""
     guard = thpguard.install(interval=0.05)
     region = thpguard.alloc(n * kernel.pmd_size())
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 0
-        try:
-            os.close(read_end)
-            _child_latencies(region, n, in_hot, write_end)
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        latencies = pickle.loads(f.read())
-    os.waitpid(pid, 0)
+    latencies = in_child(_child_latencies, region, n, in_hot)
     region.close()
     guard.stop()
     return {
@@ -145,35 +133,33 @@ def repair_latency(n=100, in_hot=False):
     }
 
 
+def _split_then_repair(channel, region, blocks):
+    pmd = region.pmd_size
+    view = region.view()
+    for b in range(blocks):
+        view[b * pmd] = 1
+    view.release()
+    channel.send("split")  # split, not repaired
+    channel.recv(timeout=None)
+    guard = thpguard.install(interval=0.01)
+    while not region.coverage().complete:
+        guard.wait_ticks(1, timeout=30)
+    channel.send("repaired")
+    channel.recv(timeout=None)
+
+
 def repair_memory(blocks=32):
     """Pss of a shared region in parent + child: split versus repaired."""
     region = thpguard.alloc(64 * kernel.pmd_size())
     pmd = region.pmd_size
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            view = region.view()
-            for b in range(blocks):
-                view[b * pmd] = 1
-            view.release()
-            os.write(ready_w, b"s")  # split, not repaired
-            os.read(go_r, 1)
-            guard = thpguard.install(interval=0.01)
-            while not region.coverage().complete:
-                guard.wait_ticks(1, timeout=30)
-            os.write(ready_w, b"r")  # repaired
-            os.read(go_r, 1)
-        finally:
-            os._exit(0)
-    os.read(ready_r, 1)
-    split_total = region_pss(os.getpid(), region) + region_pss(pid, region)
-    os.write(go_w, b"g")
-    os.read(ready_r, 1)
-    repaired_total = region_pss(os.getpid(), region) + region_pss(pid, region)
-    os.write(go_w, b"g")
-    os.waitpid(pid, 0)
+    with Child(_split_then_repair, region, blocks, channel=True) as child:
+        child.recv(CHILD_TIMEOUT, what="its blocks split")
+        split_total = region_pss(os.getpid(), region) + region_pss(child.pid, region)
+        child.send("repair")
+        child.recv(CHILD_TIMEOUT, what="its blocks repaired")
+        repaired_total = region_pss(os.getpid(), region) + region_pss(child.pid, region)
+        child.send("exit")
+        child.result(CHILD_TIMEOUT)
     region.close()
     return {
         "blocks": blocks,

@@ -10,7 +10,6 @@ for it to repair what the writes split.
 
 import os
 import sys
-import time
 
 import thpguard
 import thpguard.numpy
@@ -26,9 +25,10 @@ pid = os.fork()
 if pid == 0:
     table[:: region.pmd_size] = 1  # one byte per block: splits each shared block
     written = region.coverage()
-    deadline = time.monotonic() + (5 if guard else 0)
-    while time.monotonic() < deadline and not region.coverage().complete:
-        time.sleep(0.01)
+    for _ in range(600 if guard else 0):  # guard ticks, bounded so that a bug cannot hang it
+        if region.coverage().complete:
+            break
+        guard.wait_ticks(1, timeout=60)
     # The guard may repair before `written` is measured: its counter tells.
     split = not written.complete or thpguard.stats()["splits_detected"] > 0
     print(f"child: split {split}, coverage {region.coverage().ratio:.2f} after waiting",

@@ -1,4 +1,4 @@
-"""uWSGI without ``py-call-osafterfork``: start the guard in each worker.
+"""uWSGI without ``py-call-uwsgi-fork-hooks``: start the guard in each worker.
 
 uWSGI then forks its workers from C and Python's at-fork hooks never run.
 A guard thread running in the master at that moment could hold the GIL

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
+import time
 import zlib
 
 import pytest
 
 import thpguard
-from thpguard import kernel
+from thpguard import _child, kernel
 
 REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
 
@@ -101,35 +102,80 @@ def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
-def run_in_child(fn, *args):
-    """Fork, run ``fn(*args)`` in the child and return what it returned.
+#: Seconds a test waits for a condition before it fails. Long on purpose:
+#: a deadline only turns a hang into a failure (other work may be slowing
+#: this host down), it never decides whether something was fast enough.
+WAIT = 60.0
 
-    The child pickles its result (or its exception) through a pipe and
-    always leaves with os._exit, so pytest never runs twice.
+
+def wait_until(predicate, what: str, timeout: float = WAIT, poll: float = 0.01):
+    """Poll ``predicate()`` until it returns something true, and return that.
+
+    Fails the test, naming ``what`` was awaited (a string, or a callable
+    that returns one when the wait failed), after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what() if callable(what) else what}")
+        time.sleep(poll)
+
+
+def assert_smaps_huge(region) -> None:
+    """The kernel's smaps shows all of ``region`` mapped by huge pages in this process."""
+    end = region.address + region.size
+    huge = smaps_huge_bytes(os.getpid(), region.address, end)
+    assert huge == region.size, f"smaps: {huge} of {region.size} bytes huge"
+
+
+def wait_repaired(guard, region, what: str = "the guard to repair the region",
+                  timeout: float = WAIT) -> None:
+    """Wait, tick by tick, until ``region`` is fully PMD-mapped again, then
+    for the end of one more tick, so the guard's counters include the repair;
+    then check smaps agrees.
+
+    Fails the test naming ``what`` after ``timeout`` seconds, or at once when
+    the guard stops ticking.
+    """
+    deadline = time.monotonic() + timeout
+    while not region.coverage().complete:
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what} ({region.coverage()})")
+        assert guard.wait_ticks(1, timeout=timeout), f"the guard stopped ticking ({what})"
+    assert guard.wait_ticks(1, timeout=timeout), f"the guard stopped ticking ({what})"
+    # The kernel's own account agrees (smaps, not thpguard's reading of it).
+    assert_smaps_huge(region)
+
+
+@contextlib.contextmanager
+def sharer():
+    """A child that keeps sharing every region until the block ends.
+
+    It blocks on a pipe (never on a timer), so a write inside the block
+    always finds the pages shared.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(read_end)
-        status = 0
+        os.close(write_end)
         try:
-            payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException as exc:  # report everything to the parent
-            payload = pickle.dumps(("error", repr(exc)))
-            status = 1
-        try:
-            with os.fdopen(write_end, "wb") as f:
-                f.write(payload)
+            os.read(read_end, 1)
         finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"child failed: {value}")
-    return value
+            os._exit(0)
+    os.close(read_end)
+    try:
+        yield pid
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+
+
+#: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):
+#: the child's exception, death or hang fails the test with what happened.
+run_in_child = _child.run
 
 
 @pytest.fixture

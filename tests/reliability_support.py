@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import atexit
 import collections
+import errno
 import json
 import os
-import pickle
-import signal
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from thpguard import _native, pagemap
+from conftest import WAIT, sharer
+from thpguard import _child, _native, pagemap
 from thpguard.errors import RegionClosedError
 
 #: What the reliability tests did (rounds, faults injected, inputs tried),
@@ -80,94 +80,41 @@ def check_stripe(stripe: np.ndarray, base: np.ndarray, lo: int, hi: int) -> str:
 def split_here(region, pmd: int, blocks: int) -> None:
     """Split the first ``blocks`` PMD blocks of ``region`` in this process.
 
-    A child shares the region while this process writes one byte per
-    block (the kernel splits the writer's PMD), then exits: the blocks stay
-    PTE-mapped here until collapsed.
+    A child shares the region (it waits on a pipe, not on a timer) while
+    this process writes one byte per block (the kernel splits the writer's
+    PMD), then exits: the blocks stay PTE-mapped here until collapsed.
     """
-    sharer = os.fork()
-    if sharer == 0:
-        time.sleep(30)
-        os._exit(0)
-    try:
+    with sharer():
         view = region.view()
         for b in range(blocks):
             view[b * pmd] = (view[b * pmd] + 1) & 0xFF
         view.release()
-    finally:
-        os.kill(sharer, 9)
-        os.waitpid(sharer, 0)
 
 
-def run_child(fn, *args, timeout: float = 30.0, send=None):
-    """Fork; in the child run ``fn(*args)`` (and ``fn(*args, received)`` when
-    ``send`` is given: the parent computes ``send()`` after the fork and
-    passes it down a pipe). Returns what ``fn`` returned.
+def collapse_until_whole(region, timeout: float = WAIT):
+    """``region.collapse()`` again while the kernel refuses blocks only for
+    the moment, until the region is whole or ``timeout`` seconds passed;
+    the last CollapseResult.
 
-    A child that does not finish within ``timeout`` seconds is killed and
-    the test fails: a hang after fork is a bug (a lock held across fork).
+    Transient: EAGAIN (another process or thread, such as a repair thread
+    collapsing the same shared pages, holds a page lock) and ENOMEM (no free
+    2 MiB page at that instant: this host's memory is shared). The guard
+    retries those on a later tick; a test that repairs by hand does the same.
     """
-    result_r, result_w = os.pipe()
-    down_r, down_w = os.pipe() if send is not None else (None, None)
-    pid = os.fork()
-    if pid == 0:
-        status = 0
-        try:
-            os.close(result_r)
-            if send is not None:
-                os.close(down_w)
-                with os.fdopen(down_r, "rb") as f:
-                    received = pickle.loads(f.read())
-                payload = pickle.dumps(("ok", fn(*args, received)))
-            else:
-                payload = pickle.dumps(("ok", fn(*args)))
-        except BaseException as exc:  # report everything to the parent
-            import traceback
-
-            payload = pickle.dumps(("error", f"{exc!r}\n{traceback.format_exc()}"))
-            status = 1
-        try:
-            with os.fdopen(result_w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(status)
-    os.close(result_w)
-    if send is not None:
-        os.close(down_r)
-        with os.fdopen(down_w, "wb") as f:
-            f.write(pickle.dumps(send()))
-    return finish_child(pid, result_r, timeout)
-
-
-def finish_child(pid: int, read_fd: int, timeout: float):
-    """Read the child's pickled result from ``read_fd`` and reap it."""
     deadline = time.monotonic() + timeout
-    chunks = []
-    os.set_blocking(read_fd, False)
-    try:
-        while True:
-            try:
-                data = os.read(read_fd, 1 << 16)
-            except BlockingIOError:
-                data = None
-            if data:
-                chunks.append(data)
-                continue
-            if data == b"":
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail(f"child {pid} hung for {timeout} s after fork")
-            time.sleep(0.002)
-    finally:
-        os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    if not chunks:
-        pytest.fail(f"child {pid} died without a result (wait status {status:#x})")
-    kind, value = pickle.loads(b"".join(chunks))
-    if kind == "error":
-        pytest.fail(f"child {pid} failed: {value}")
-    return value
+    while True:
+        result = region.collapse()
+        if (result.coverage.complete or time.monotonic() > deadline
+                or not set(result.failures) <= {errno.EAGAIN, errno.ENOMEM}):
+            return result
+        time.sleep(0.001)
+
+
+#: Fork; in the child run ``fn(*args)`` (``fn(*args, received)`` with
+#: ``send``: the parent computes ``send()`` after the fork and passes it
+#: down). A child that gives no result within ``timeout`` seconds is killed
+#: and the test fails: a hang after fork is a bug (a lock held across fork).
+run_child = _child.run
 
 
 @pytest.fixture

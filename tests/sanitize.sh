@@ -19,6 +19,9 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/thpguard-sanitize.XXXXXX")
 logs="$scratch/logs"
 mkdir -p "$logs"
 trap 'rm -rf "$scratch"' EXIT
+# Ended by a signal (tests/under-load.sh stops it so), still clean up.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # A copy of the tracked sources (and this tree's local changes).
 git ls-files -z --cached --others --exclude-standard \

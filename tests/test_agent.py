@@ -404,7 +404,9 @@ def test_metrics_per_pid_only_when_asked(require_agent, victims):
         agent.run_pass()
         fams = {f.name: f for f in AgentCollector(agent).collect()}
         labels = fams["thpguard_agent_repaired_bytes"].samples[0].labels
-        assert ("pid" in labels) is per_pid and labels["comm"] == "python"
+        with open(f"/proc/{v.pid}/comm") as f:  # python or python3, as the suite was started
+            comm = f.read().strip()
+        assert ("pid" in labels) is per_pid and labels["comm"] == comm
         assert fams["thpguard_agent_anon_bytes"].samples[0].value > 0  # gauges: as of the last scan
         for t in list(agent.tracked.values()):
             t.close()

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from thpguard import cli, kernel
 from fakekernel import FakeNative, FakeTree
-from conftest import run_in_child, smaps_vma
+from conftest import run_in_child, smaps_vma, wait_until
 
 MiB = 1024 * 1024
 SCHEMA = pathlib.Path(__file__).resolve().parent.parent / "docs" / "verify-schema.json"
@@ -314,7 +315,7 @@ def test_verify_pid_inherited_prctl(capsys):
         _libc().prctl(41, 1, 0, 0, 0)
 
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess,sys; p=subprocess.Popen(['sleep','30']); "
+        [sys.executable, "-c", "import subprocess,sys; p=subprocess.Popen(['sleep','infinity']); "
                                "print(p.pid, flush=True); sys.stdin.read(); p.kill(); p.wait()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=disable)
     try:
@@ -326,7 +327,7 @@ def test_verify_pid_inherited_prctl(capsys):
         assert f"ancestor PID {parent.pid}" in c["detail"] and "PR_THP_DISABLE_EXCEPT_ADVISED" in c["advice"]
     finally:
         parent.stdin.close()
-        parent.wait(timeout=10)
+        parent.wait(timeout=60)
 
 
 def test_verify_pid_missing(capsys):
@@ -363,7 +364,7 @@ def split_target(size=8 * MiB):
         yield p.pid, addr, size, pmd
     finally:
         p.stdin.close()
-        p.wait(timeout=10)
+        p.wait(timeout=60)
 
 
 def test_status_shows_split(require_thp, capsys):
@@ -552,7 +553,7 @@ def test_guard_ctrl_c_prints_summary_and_exits_130(require_thp):
         pytest.skip("guard needs CAP_SYS_NICE")
     with split_target() as (pid, addr, size, pmd):
         g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--interval", "0.05"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
         first = g.stdout.readline()  # the first repair: the guard is past its set-up
         g.send_signal(2)
         out, err = g.communicate(timeout=60)
@@ -567,7 +568,7 @@ def test_guard_json_ctrl_c_summary(require_thp):
         pytest.skip("guard needs CAP_SYS_NICE")
     with split_target() as (pid, addr, size, pmd):
         g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--json",
-                              "--interval", "0.05"], stdout=subprocess.PIPE, text=True)
+                              "--interval", "0.05"], stdout=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
         first = json.loads(g.stdout.readline())
         g.send_signal(2)
         out, _ = g.communicate(timeout=60)
@@ -596,7 +597,7 @@ def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
     """SIGINT to watch prints how many samples it took and exits 130."""
     with split_target() as (pid, addr, size, pmd):
         w = subprocess.Popen([sys.executable, "-m", "thpguard", "watch", str(pid), "--interval", "0.05"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
         first = w.stdout.readline()
         w.send_signal(2)
         out, err = w.communicate(timeout=60)
@@ -604,11 +605,33 @@ def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
     assert w.returncode == 130 and f"sample(s) of PID {pid}" in out, (out, err)
 
 
+def _sigint_default():
+    """preexec_fn for a child the test sends SIGINT: Python turns SIGINT into
+    KeyboardInterrupt only if it was not ignored at start, and a shell starts
+    its background jobs with it ignored (CI, tests/under-load.sh)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _anon_huge_bytes(pid):
+    """AnonHugePages of ``pid`` (smaps_rollup), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def test_verify_ctrl_c_exits_130(require_thp):
     """SIGINT during verify's self-test exits 130 with a one-line message, no traceback."""
     v = subprocess.Popen([sys.executable, "-m", "thpguard", "verify", "--size", "256M"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+    # Not a fixed pause (a slow start would take the signal during import):
+    # the signal goes once the self-test has huge pages mapped (its region).
+    wait_until(lambda: v.poll() is not None or _anon_huge_bytes(v.pid) > 0,
+               "verify's self-test to map its region")
     v.send_signal(2)
     out, err = v.communicate(timeout=120)
     if v.returncode == 0:

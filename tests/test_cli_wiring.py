@@ -3,11 +3,12 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest import smaps_huge_bytes
 from thpguard import cli
+from thpguard._child import Child
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 MiB = 1 << 20
@@ -21,26 +22,22 @@ def _samples(text):
     }
 
 
+def _split_first_block_and_wait(channel, region):
+    region.view()[0] = 1  # split one block in the child
+    channel.send("split")
+    channel.recv(timeout=None)  # until the parent is done (or kills it)
+
+
 def test_status_prometheus_reports_split(region_factory, pmd, capsys):
     """status --prometheus prints this process's huge and split bytes as the kernel maps them."""
     region = region_factory(8 * MiB)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        region.view()[0] = 1  # split one block in the child
-        os.write(write_end, b"x")
-        time.sleep(30)  # killed by the parent
-        os._exit(0)
-    os.close(write_end)
-    try:
-        os.read(read_end, 1)
+    with Child(_split_first_block_and_wait, region, channel=True) as child:
+        child.recv(what="its split")
+        pid = child.pid
+        end = region.address + region.size
+        assert smaps_huge_bytes(pid, region.address, end) == region.size - pmd  # ground truth
         assert cli.main(["status", "--prometheus", "--prometheus-per-pid", str(pid)]) == 0
         samples = _samples(capsys.readouterr().out)
-    finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        os.close(read_end)
     assert samples[("thpguard_process_split_bytes", str(pid))] == pmd
     assert samples[("thpguard_process_huge_bytes", str(pid))] >= region.size - pmd
 

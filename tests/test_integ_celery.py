@@ -1,9 +1,12 @@
 """celery's prefork pool: each pool process's splits are repaired.
 
-A real ``celery worker --pool=prefork`` runs examples/celery_app.py with a
+A real ``celery worker --pool=prefork`` runs examples/celery_app.py (through
+tests/celery_probe.py, which only adds a task for the test) with a
 filesystem broker (no broker service): the main worker process allocates
 the hot buffer at import and the pool forks its processes from it, as in
-production. Tasks write one byte each; the test reads every pool process's
+production. One ``pin`` task per pool process reaches each of them (a
+pinned process takes no other task until released) and writes one byte
+with its guard paused; the test reads every pool process's
 /proc/PID/smaps: the write split a block there, and the guard, restarted
 in each pool process by the at-fork hooks, collapses it again.
 """
@@ -12,16 +15,16 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pytest
 
-from integ_servers import _stop, children, huge_bytes
+from integ_servers import _stop, huge_bytes, pin_workers, wait_for_workers, wait_huge
 
 pytest.importorskip("celery")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 POOL = 3
 DEADLINE = 60.0
 
@@ -32,11 +35,11 @@ def celery_worker(require_thp, tmp_path):
 
     env = dict(os.environ, THPGUARD_GUARD="1", THPGUARD_GUARD_INTERVAL="1.0",
                HOT_BYTES=str(8 << 20), CELERY_QUEUE_DIR=str(tmp_path / "queue"),
-               PYTHONPATH=EXAMPLES + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=os.pathsep.join([EXAMPLES, TESTS, os.environ.get("PYTHONPATH", "")]))
     log_path = tmp_path / "worker.log"
     with open(log_path, "w+b") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool=prefork",
+            [sys.executable, "-m", "celery", "-A", "celery_probe", "worker", "--pool=prefork",
              f"--concurrency={POOL}", "--loglevel=INFO", "--without-gossip", "--without-mingle",
              "--without-heartbeat"],
             cwd=EXAMPLES, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -66,31 +69,21 @@ def test_each_pool_process_is_repaired(celery_worker):
     proc, app = celery_worker
     first = app.state.delay().get(timeout=DEADLINE)
     start, size = first["address"], first["size"]
-    pool = set(children(proc.pid))
-    assert len(pool) == POOL, pool
+    pool = set(wait_for_workers(proc.pid, POOL))
     assert first["pid"] in pool and first["guard_running"]
     # The main worker process allocated the buffer and never writes it.
     assert huge_bytes(proc.pid, start, start + size) == size
 
-    split = {}
-    deadline = time.monotonic() + DEADLINE
-    n = 0
-    while set(split) < pool and time.monotonic() < deadline:
-        # Tasks that hold their process a little reach every pool process.
-        results = [app.write.delay(n + k, 0.3) for k in range(POOL)]
-        for r in results:
-            reply = r.get(timeout=DEADLINE)
-            split.setdefault(reply["pid"], huge_bytes(reply["pid"], start, start + size))
-        n += POOL
-    assert set(split) == pool, f"not every pool process ran a write: {sorted(split)}"
-    assert any(huge < size for huge in split.values()), split  # at least one split was seen
+    # Each pool process, pinned with its guard paused, has written one byte
+    # of a block: its smaps shows the split, which the guard has not seen yet.
+    def send_pin(folder):
+        return app.app.send_task("celery_probe.pin", args=[folder, 0]).get(timeout=4 * DEADLINE)
 
-    repaired = {}
-    deadline = time.monotonic() + 20.0
-    while time.monotonic() < deadline and len(repaired) < POOL:
-        for pid in pool - set(repaired):
-            if huge_bytes(pid, start, start + size) == size:
-                repaired[pid] = True
-        time.sleep(0.1)
-    assert set(repaired) == pool, f"pool processes still split: {sorted(pool - set(repaired))}"
+    with pin_workers(sorted(pool), send_pin, DEADLINE) as reports:
+        split = {pid: huge_bytes(pid, start, start + size) for pid in pool}
+        assert all(r["guard_running"] for r in reports.values()), reports
+    assert all(split[pid] == size - reports[pid]["pmd_size"] for pid in pool), split
+    # Released, each pool process's guard runs again and repairs its split.
+    repaired = wait_huge(sorted(pool), start, size, DEADLINE)
+    assert repaired == {pid: size for pid in pool}, f"pool processes still split: {repaired}"
     assert huge_bytes(proc.pid, start, start + size) == size

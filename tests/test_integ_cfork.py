@@ -1,6 +1,6 @@
 """Forks made from C, which skip Python's at-fork hooks, are still handled.
 
-uWSGI (without py-call-osafterfork) forks its workers from C; so does a C
+uWSGI (without py-call-uwsgi-fork-hooks) forks its workers from C; so does a C
 extension calling fork(). thpguard's native pthread_atfork counter lets the
 child notice on its first thpguard call: the guard restarts there and
 ``copy`` regions are made the child's own.
@@ -13,11 +13,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from integ_servers import children, free_port, get, get_many, huge_bytes, serve
+from integ_servers import ANY_PORT, get, huge_bytes, pin_every_worker, serve, wait_for_workers, wait_huge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -26,21 +25,21 @@ UWSGI = shutil.which("uwsgi", path=os.path.dirname(sys.executable)) or shutil.wh
 WORKERS = 2
 
 
-def _uwsgi(mode, port):
+def _uwsgi(mode):
     """argv and environment for uWSGI in one of the two documented setups."""
     env = dict(os.environ, THPGUARD_GUARD_INTERVAL="1.0", HOT_BYTES=str(8 << 20),
                PYTHONPATH=os.pathsep.join([EXAMPLES, TESTS]))
     env.pop("THPGUARD_GUARD", None)
     if mode in ("ini", "ini-uid"):
-        # examples/uwsgi.ini, on a free port: Python's fork hooks run.
+        # examples/uwsgi.ini, on a port the kernel picks: Python's fork hooks run.
         env["THPGUARD_GUARD"] = "1"
         argv = [UWSGI, "--ini", os.path.join(EXAMPLES, "uwsgi.ini"),
-                "--workers", str(WORKERS), "--http-socket", f"127.0.0.1:{port}",
+                "--workers", str(WORKERS), "--http-socket", ANY_PORT,
                 "--module", "probe_app:application"]
     else:
         # Forks from C only; the guard starts in each worker (uwsgi_guard.py).
         argv = [UWSGI, "--master", "--workers", str(WORKERS), "--enable-threads",
-                "--import", "uwsgi_guard", "--http-socket", f"127.0.0.1:{port}",
+                "--import", "uwsgi_guard", "--http-socket", ANY_PORT,
                 "--module", "probe_app:application"]
     if mode == "ini-uid":
         # Privileges dropped (--uid): no process may open its own page map.
@@ -58,63 +57,42 @@ def test_uwsgi_workers_are_repaired(require_thp, mode):
         pytest.skip("needs uWSGI (pip install pyuwsgi)")
     if mode == "ini-uid" and os.geteuid() != 0:
         pytest.skip("--uid needs uWSGI started as root")
-    port = free_port()
-    argv, env = _uwsgi(mode, port)
-    with serve(argv, port, env=env, cwd=TESTS) as master:
+    argv, env = _uwsgi(mode)
+    with serve(argv, env=env, cwd=TESTS) as (master, port):
         _check_workers(master, port, python_hooks=mode != "fork-from-c",
                        copies_checked=mode != "ini-uid")
 
 
 def _check_workers(master, port, python_hooks, copies_checked=True):
-    deadline = time.monotonic() + 20.0
-    while len(children(master.pid)) < WORKERS and time.monotonic() < deadline:
-        time.sleep(0.1)
-    workers = set(children(master.pid))
-    assert len(workers) == WORKERS
+    workers = set(wait_for_workers(master.pid, WORKERS))
     state = get(port, "/state")
     start, size = state["address"], state["size"]
 
-    seen, before, copies = {}, {}, {}
-    started = time.monotonic()
-    for n in range(40):
-        if len(seen) == len(before) == len(copies) == WORKERS or time.monotonic() - started > 30:
-            break
-        # Concurrent requests that hold their worker a while reach every worker.
-        for hooks in get_many(port, ["/hooks?hold=0.2"] * WORKERS):
-            seen[hooks["pid"]] = hooks
-        # Each worker's smaps is read as soon as its write is answered: the
-        # guard ticks only once a second here.
-        for reply, huge in get_many(port, [f"/write?block={n}&hold=0.2"] * WORKERS,
-                                    then=lambda r: huge_bytes(r["pid"], start, start + size)):
-            before.setdefault(reply["pid"], huge)
-        for copy in get_many(port, ["/copywrite?hold=0.2"] * WORKERS):
-            copies[copy["pid"]] = copy
-    assert set(seen) == set(before) == set(copies) == workers
-    for hooks in seen.values():
-        assert hooks["python_hooks_ran"] == python_hooks
-        assert hooks["fork_generation"] == 1  # the native pthread_atfork counter
-
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline:
-        if all(huge_bytes(pid, start, start + size) == size for pid in workers):
-            break
-        time.sleep(0.1)
-    after = {pid: huge_bytes(pid, start, start + size) for pid in workers}
+    # Each worker, pinned with its guard paused, has written one byte of a
+    # block and of its copy region: smaps shows the split (the guard has not
+    # seen it yet) and the copy whole.
+    with pin_every_worker(port, sorted(workers)) as reports:
+        before = {pid: huge_bytes(pid, start, start + size) for pid in workers}
+        copies = {pid: huge_bytes(pid, r["copy_address"], r["copy_address"] + r["copy_size"])
+                  for pid, r in reports.items()}
+    for pid, r in reports.items():
+        assert r["python_hooks_ran"] == python_hooks, r
+        assert r["fork_generation"] == 1, r  # the native pthread_atfork counter
+        assert r["guard_running"], r
+        assert before[pid] == size - r["pmd_size"], (pid, before)
+        # The copy region was copied in each worker before its write: no split.
+        # (Not under --master-as-root, where the copy region is still found
+        # split in the workers: a uWSGI fork path of its own, not covered here.)
+        assert copies[pid] == r["copy_size"] or not copies_checked, (pid, copies)
+    # Released, each worker's guard runs again and repairs its split.
+    after = wait_huge(sorted(workers), start, size)
     assert after == {pid: size for pid in workers}, (before, after)
-    assert any(before[pid] < size for pid in workers), before
-    # The copy region was copied in each worker before its write: no split.
-    # (Not under --master-as-root, where the copy region is still found
-    # split in the workers: a uWSGI fork path of its own, not covered here.)
-    for pid in workers if copies_checked else ():
-        assert huge_bytes(pid, copy["address"], copy["address"] + copy["size"]) == copy["size"]
-    states = [get(port, "/state") for _ in range(6)]
-    assert all(s["guard_running"] for s in states), states
     assert huge_bytes(master.pid, start, start + size) == size
 
 
 RAW_FORK = textwrap.dedent(
     """
-    import ctypes, os, sys
+    import ctypes, os, sys, time
     import thpguard
     from thpguard import kernel
 
@@ -142,11 +120,14 @@ RAW_FORK = textwrap.dedent(
             assert current.running, "guard not restarted"
             copied.view()[0] = 1
             assert huge(copied) == copied.size, "copy region split in the child"
-            shared.view()[0] = 1
-            seen_split = huge(shared) < shared.size  # unless the guard was quicker
-            assert current.wait_ticks(3, timeout=10)
+            with current.paused():  # the split stays until the guard runs again
+                shared.view()[0] = 1
+                assert huge(shared) == shared.size - shared.pmd_size, "no split to repair"
+            deadline = time.monotonic() + 60  # only ends a hang
+            while huge(shared) < shared.size and time.monotonic() < deadline:
+                assert current.wait_ticks(1, timeout=60), "the guard stopped ticking"
             assert huge(shared) == shared.size, "split not repaired"
-            assert seen_split or thpguard.stats()["splits_detected"] >= 1
+            assert thpguard.stats()["splits_detected"] >= 1
             print("child ok", late, flush=True)
             code = 0
         except BaseException:

@@ -83,7 +83,7 @@ def test_install_then_link_against_shared_library(tmp_path):
          f"-L{lib}", f"-Wl,-rpath,{lib}", "-lthpguard"],
         check=True, timeout=60,
     )
-    out = subprocess.run([str(tmp_path / "prog")], capture_output=True, text=True, timeout=10)
+    out = subprocess.run([str(tmp_path / "prog")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.split() == ["1", "1"], out
 
 

@@ -6,12 +6,11 @@ import errno
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 import thpguard
-from conftest import run_in_child, smaps_huge_bytes
+from conftest import run_in_child, smaps_huge_bytes, wait_repaired
 import json
 
 from thpguard import _procmap, cli, pagemap
@@ -47,10 +46,8 @@ def _split_repair_scrape(region, inject_enomem: int, register_first: bool = Fals
     if inject_enomem:
         thpguard._native.fault_inject("collapse", errno.ENOMEM, inject_enomem)
     region.view()[0] = 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not region.coverage().complete:
-        guard.wait_ticks(1, timeout=1)
-    guard.wait_ticks(1, timeout=5)  # the repairing tick has counted and emitted
+    # Then one more tick: the repairing tick has counted and emitted.
+    wait_repaired(guard, region, "the guard to repair the child's split")
     huge = smaps_huge_bytes(os.getpid(), region.address, region.address + region.size)
     return scrape(registry), huge, dict(thpguard.stats())
 

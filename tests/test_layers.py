@@ -7,7 +7,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "thpguard"
 
 # Bottom first; a module may import only from its own layer or below.
 LAYERS = [
-    {"errors", "_native", "_cffi", "_version"},
+    {"errors", "_native", "_cffi", "_version", "_child"},
     {"_fork"},
     {"kernel"},
     {"blocks", "pagemap", "events", "repair"},

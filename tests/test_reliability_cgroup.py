@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
-import signal
 import time
 
 import pytest
 
 import thpguard
+from thpguard._child import Child
 
-from conftest import REQUIRE_THP, checksum
+from conftest import REQUIRE_THP, WAIT, checksum
 from reliability_support import COUNTS
 
 NAME = f"thpguard-test-{os.getpid()}"
@@ -75,7 +74,8 @@ class MemoryCgroup:
 
     def remove(self) -> None:
         """rmdir, retried: the kernel frees an emptied cgroup asynchronously."""
-        for _ in range(200):
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
             try:
                 os.rmdir(self.path)
                 return
@@ -132,57 +132,38 @@ def memory_cgroup(require_thp):
         group.remove()
 
 
-def _send(fd, obj):
-    data = pickle.dumps(obj)
-    os.write(fd, len(data).to_bytes(4, "little") + data)
-
-
-def _recv(fd, timeout=60.0):
-    """One message from ``_send``; a child's error fails the test."""
-    import select
-
-    buf = b""
+def _until(predicate, timeout=WAIT):
+    """In the child: poll ``predicate`` until true or ``timeout`` seconds
+    passed (then the parent's checks say what was missing)."""
     deadline = time.monotonic() + timeout
-    while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "little"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            pytest.fail("no message from the other process in time")
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            pytest.fail("the other process died (pipe closed)")
-        buf += chunk
-    msg = pickle.loads(buf[4:])
-    if isinstance(msg, tuple) and msg and msg[0] == "error":
-        pytest.fail(f"child failed: {msg[1]}")
-    return msg
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
-def _child(region, pmd, cmd_r, res_w, repairer):
+def _child(channel, region, pmd, repairer):
     """Runs inside the cgroup: split, repair under the limit, then above it.
 
     ``repairer`` "collapse" calls Region.collapse(); "guard" leaves the
     repairs to the background guard and reads its events and stats.
     """
     view = region.view()
-    _recv(cmd_r)  # moved into the cgroup
+    channel.recv(timeout=None)  # moved into the cgroup
     events = []
     if repairer == "guard":
         guard = thpguard.install(interval=0.01, backoff_initial=0.02, backoff_max=0.1,
                                  on_event=events.append)
-        guard.wait_ticks(3, timeout=10)
+        assert guard.wait_ticks(3, timeout=WAIT), "the guard did not tick"
     # Warm up the code paths (and their copy-on-write heap pages) before
     # the limit is set, so the limited phase allocates little but THPs.
     region.coverage()
     region.collapse()
-    _send(res_w, "warm")
-    _recv(cmd_r)  # limit set
+    channel.send("warm")
+    channel.recv(timeout=None)  # limit set
     for off in range(0, region.size, pmd):
         view[off] ^= 0x5A  # splits each shared block in this process
     expected = checksum(view)
     if repairer == "guard":
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and sum(e.kind == "backoff" for e in events) < 3:
-            time.sleep(0.01)
+        _until(lambda: sum(e.kind == "backoff" for e in events) >= 3)
         failures = {}
         for e in events:
             if e.kind == "failed":
@@ -197,17 +178,15 @@ def _child(region, pmd, cmd_r, res_w, repairer):
         report = (limited.failures,)
     limited_cov = region.coverage()
     intact_limited = checksum(view) == expected
-    _send(res_w, (report, limited_cov.split_blocks, intact_limited))
-    _recv(cmd_r)  # limit raised
+    channel.send((report, limited_cov.split_blocks, intact_limited))
+    channel.recv(timeout=None)  # limit raised
     if repairer == "guard":
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not region.coverage().complete:
-            time.sleep(0.01)
+        _until(lambda: region.coverage().complete)
         failures = {}
     else:
         failures = region.collapse(chunk=pmd).failures
     intact_raised = checksum(view) == expected
-    _send(res_w, (failures, region.coverage().complete, intact_raised))
+    channel.send((failures, region.coverage().complete, intact_raised))
 
 
 @pytest.mark.parametrize("repairer", ["collapse", "guard"])
@@ -224,33 +203,15 @@ def test_repairs_fail_under_memory_limit_then_succeed(memory_cgroup, pmd, repair
     for b in range(blocks):
         view[b * pmd : (b + 1) * pmd] = bytes([b + 7]) * pmd
     parent_sum = checksum(view)
-    cmd_r, cmd_w = os.pipe()
-    res_r, res_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(cmd_w)
-            os.close(res_r)
-            _child(region, pmd, cmd_r, res_w, repairer)
-            status = 0
-        except BaseException as exc:
-            try:
-                _send(res_w, ("error", repr(exc)))
-            except OSError:
-                pass
-        finally:
-            os._exit(status)
-    os.close(cmd_r)
-    os.close(res_w)
+    child = Child(_child, region, pmd, repairer, channel=True)
     try:
-        memory_cgroup.add(pid)
-        _send(cmd_w, "go")
-        assert _recv(res_r) == "warm"
+        memory_cgroup.add(child.pid)
+        child.send("go")
+        assert child.recv(what="its warm-up") == "warm"
         failcnt = memory_cgroup.read("failcnt")
         memory_cgroup.set_limit(memory_cgroup.read("usage") + HEADROOM)
-        _send(cmd_w, "go")
-        report, split_blocks, intact = _recv(res_r)
+        child.send("go")
+        report, split_blocks, intact = child.recv(what="its repairs under the limit")
         failures = report[0]
         COUNTS["cgroup_limited_repairs"] += sum(failures.values())
         assert intact, "data changed while repairs failed"
@@ -265,18 +226,12 @@ def test_repairs_fail_under_memory_limit_then_succeed(memory_cgroup, pmd, repair
             assert sum(stats_failures.values()) >= sum(failures.values())
         assert memory_cgroup.read("failcnt") > failcnt, "the kernel saw the limit hit"
         memory_cgroup.set_limit(1 << 30)
-        _send(cmd_w, "go")
-        failures, complete, intact = _recv(res_r)
+        child.send("go")
+        failures, complete, intact = child.recv(what="its repairs after the limit was raised")
         assert failures == {} and complete and intact
-        _, status = os.waitpid(pid, 0)
-        pid = 0
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        child.result()  # it exited cleanly
         assert checksum(view) == parent_sum
     finally:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(cmd_w)
-        os.close(res_r)
+        child.close()
         view.release()
         region.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,11 +14,12 @@ import thpguard
 from thpguard import _native
 from thpguard.errors import ThpguardError
 
-from conftest import checksum
+from conftest import WAIT, assert_smaps_huge, checksum, wait_until
 from reliability_support import (
     COUNTS,
     N_WRITERS,
     Workload,
+    collapse_until_whole,
     inject,
     no_faults,  # noqa: F401
     run_child,
@@ -69,15 +69,6 @@ def guard():
         g.stop()
 
 
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
 @pytest.mark.parametrize("err", [errno.ENOMEM, errno.EBUSY])
 def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guard, err):
     """ENOMEM/EBUSY from MADV_COLLAPSE: the guard reports a failed event
@@ -88,7 +79,9 @@ def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guar
     inject("collapse", err, 3)
     split_here(region, pmd, 4)
     before = checksum(region.view())
-    assert _wait(lambda: region.coverage().complete), guard.recorder.kinds(region)
+    wait_until(lambda: region.coverage().complete,
+               lambda: f"the guard to repair after the faults (events: {guard.recorder.kinds(region)})")
+    assert_smaps_huge(region)
     backoffs = guard.recorder.of("backoff", region)
     assert len(backoffs) == 3
     delays = [e.delay for e in backoffs]
@@ -111,7 +104,8 @@ def test_guard_persistent_eagain_backs_off(region_factory, pmd):
         region = region_factory(2 * pmd)
         inject("collapse", errno.EAGAIN, 6)
         split_here(region, pmd, 1)
-        assert _wait(lambda: region.coverage().complete)
+        wait_until(lambda: region.coverage().complete, "the guard to repair the split")
+        assert_smaps_huge(region)
         backoffs = recorder.of("backoff", region)
         assert backoffs and "EAGAIN" in backoffs[0].reason
     finally:
@@ -125,7 +119,7 @@ def test_guard_disables_block_on_einval(region_factory, pmd, guard):
     region = region_factory(2 * pmd)
     inject("collapse", errno.EINVAL, 1)
     split_here(region, pmd, 1)
-    assert _wait(lambda: guard.recorder.of("disabled", region))
+    wait_until(lambda: guard.recorder.of("disabled", region), "a disabled event for the region")
     event = guard.recorder.of("disabled", region)[0]
     assert event.blocks == 1 and "no known cause" in event.reason
     s = thpguard.stats()
@@ -140,11 +134,12 @@ def test_guard_survives_scan_failures(region_factory, pmd, guard):
     region = region_factory(2 * pmd)
     scan_failures = thpguard.stats().scan_failures
     inject("scan", errno.EIO, 5)
-    assert guard.wait_ticks(8, timeout=10)
+    assert guard.wait_ticks(8, timeout=WAIT), "the guard stopped ticking"
     _native.fault_clear()
     assert thpguard.stats().scan_failures > scan_failures
     split_here(region, pmd, 2)
-    assert _wait(lambda: region.coverage().complete)
+    wait_until(lambda: region.coverage().complete, "the guard to repair the split")
+    assert_smaps_huge(region)
     assert guard.running
 
 
@@ -165,9 +160,9 @@ def test_guard_repairs_under_concurrent_writers_and_forks(region_factory, pmd, p
         for _ in range(rounds):
             work.resume()
             lo = list(work.done)
-            complete, _ = run_child(_child_round, work, lo,
-                                    send=lambda: list(work.started), timeout=60)
-            assert complete
+            complete, failures = run_child(_child_round, work, lo,
+                                           send=lambda: list(work.started))
+            assert complete, f"the child could not repair: {failures}"
             work.pause()
             work.check_exact()
             COUNTS["integrity_rounds"] += 1
@@ -175,7 +170,7 @@ def test_guard_repairs_under_concurrent_writers_and_forks(region_factory, pmd, p
     finally:
         work.close()
         g.stop()
-    region.collapse()
+    collapse_until_whole(region)
     assert region.coverage().complete
 
 
@@ -202,7 +197,7 @@ def test_fork_storm_with_guard_and_busy_threads(region_factory, pmd, request, si
     try:
         work.resume()
         for _ in range(forks):
-            running, got = run_child(_guard_child, region, timeout=30)
+            running, got = run_child(_guard_child, region)
             assert running and got == expected
             assert g.running
         work.pause()

@@ -71,6 +71,7 @@ class _ForkState:
         child = _ForkState()
         child.pending.pipe = getattr(self.pending, "pipe", None)
         child.pending.targets = getattr(self.pending, "targets", [])
+        child.pending.prepared = getattr(self.pending, "prepared", False)
         return child
 
 
@@ -89,6 +90,7 @@ def _before_fork() -> None:
     if any(m.parent_waits(r) for r, m in targets):
         fs.pending.pipe = os.pipe()
     fs.pending.targets = targets
+    fs.pending.prepared = True
 
 
 def _share_downgrades() -> list:
@@ -220,6 +222,7 @@ def _after_fork_in_parent() -> None:
     limit = backends.copy_wait_limit([r for r, m in getattr(fs.pending, "targets", [])
                                       if m.parent_waits(r)])
     fs.pending.pipe, fs.pending.targets = None, []  # hold no region alive
+    fs.pending.prepared = False
     try:
         if pipe is None:
             return
@@ -256,10 +259,13 @@ def _after_fork_in_child(late: bool = False) -> None:
                 region._unmapped_here = True
     pipe = getattr(fs.pending, "pipe", None)
     targets = getattr(fs.pending, "targets", [])
-    fs.pending.pipe, fs.pending.targets = None, []
+    prepared = getattr(fs.pending, "prepared", False)
+    fs.pending.pipe, fs.pending.targets, fs.pending.prepared = None, [], False
     try:
-        if late:
-            # The parent did not wait for us, but copying still ends our
+        if late or not prepared:
+            # The parent did not wait for us (a fork from C; or uWSGI's
+            # py-call-osafterfork, which runs the child's hooks but not the
+            # parent's before-fork ones), but copying still ends our
             # sharing, so neither side splits from now on.
             targets = [(r, mechanism_for(r)) for r in _live().regions
                        if r.fork == "copy" and not r.closed]
