@@ -78,6 +78,8 @@ def test_fix_never_grows_a_pool_unless_asked(fake, capsys, monkeypatch):
 def test_fix_never_grows_a_pool_beyond_the_available_memory(fake, capsys, monkeypatch):
     """--hugetlb-pool asking for more than MemAvailable fails with no fix: the kernel would take all memory."""
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # --fix refuses fake roots (it writes only the real /sys): let it write this tree.
+    monkeypatch.setattr(kernel.Roots, "is_real", property(lambda self: True))
     _pool(fake, MB2, 1, 1, 0, 0, 0)
     fake.write(os.path.join(fake.proc, "meminfo"), "MemTotal: 8388608 kB\nMemAvailable: 4194304 kB\n")
     code, checks, doc = verify(capsys, "--fix", "--hugetlb-pool", "100000000")
