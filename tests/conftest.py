@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import zlib
 
@@ -264,3 +265,10 @@ def hugetlb_vma(pid, start):
     if vma is None:
         return None
     return vma.fields.get("KernelPageSize"), vma.hugetlb_bytes or 0, vma.vm_flags
+
+
+def sigint_default():
+    """preexec_fn for a child the test sends SIGINT: Python turns SIGINT into
+    KeyboardInterrupt only if it was not ignored at start, and a shell starts
+    its background jobs with it ignored (CI, tests/under-load.sh)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -91,9 +91,11 @@ def test_redis_heap_back_to_huge_pages_after_bgsave(redis_server, record_propert
 
     agent = _start_agent(server.pid)
     try:
-        # The heap was never advised (THP madvise mode): the agent makes it huge first.
+        # The heap was never advised (THP madvise mode): the agent makes it huge first. Not all
+        # of it: blocks the allocator left partly empty are never collapsed (they would grow
+        # Redis), and how many there are depends on the allocator's layout (86-95 % seen).
         _, resident = _redis.heap_coverage(server.pid)
-        samples, reached = _redis.sample_until(server.pid, LIMIT, target=int(0.9 * resident), step=0.5,
+        samples, reached = _redis.sample_until(server.pid, LIMIT, target=int(0.8 * resident), step=0.5,
                                                stop_at_target=True)
         assert reached is not None, f"the agent did not collapse the heap: {samples[-3:]}"
         time.sleep(2 * 0.5)  # one more pass for the stragglers

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from thpguard import cli, kernel
 from fakekernel import FakeNative, FakeTree
-from conftest import run_in_child, smaps_vma, wait_until
+from conftest import run_in_child, sigint_default, smaps_vma, wait_until
 
 MiB = 1024 * 1024
 SCHEMA = pathlib.Path(__file__).resolve().parent.parent / "docs" / "verify-schema.json"
@@ -553,7 +552,7 @@ def test_guard_ctrl_c_prints_summary_and_exits_130(require_thp):
         pytest.skip("guard needs CAP_SYS_NICE")
     with split_target() as (pid, addr, size, pmd):
         g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--interval", "0.05"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
         first = g.stdout.readline()  # the first repair: the guard is past its set-up
         g.send_signal(2)
         out, err = g.communicate(timeout=60)
@@ -568,7 +567,7 @@ def test_guard_json_ctrl_c_summary(require_thp):
         pytest.skip("guard needs CAP_SYS_NICE")
     with split_target() as (pid, addr, size, pmd):
         g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--json",
-                              "--interval", "0.05"], stdout=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+                              "--interval", "0.05"], stdout=subprocess.PIPE, text=True, preexec_fn=sigint_default)
         first = json.loads(g.stdout.readline())
         g.send_signal(2)
         out, _ = g.communicate(timeout=60)
@@ -597,19 +596,12 @@ def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
     """SIGINT to watch prints how many samples it took and exits 130."""
     with split_target() as (pid, addr, size, pmd):
         w = subprocess.Popen([sys.executable, "-m", "thpguard", "watch", str(pid), "--interval", "0.05"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
         first = w.stdout.readline()
         w.send_signal(2)
         out, err = w.communicate(timeout=60)
     assert "PMD-mapped" in first, err
     assert w.returncode == 130 and f"sample(s) of PID {pid}" in out, (out, err)
-
-
-def _sigint_default():
-    """preexec_fn for a child the test sends SIGINT: Python turns SIGINT into
-    KeyboardInterrupt only if it was not ignored at start, and a shell starts
-    its background jobs with it ignored (CI, tests/under-load.sh)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _anon_huge_bytes(pid):
@@ -627,7 +619,7 @@ def _anon_huge_bytes(pid):
 def test_verify_ctrl_c_exits_130(require_thp):
     """SIGINT during verify's self-test exits 130 with a one-line message, no traceback."""
     v = subprocess.Popen([sys.executable, "-m", "thpguard", "verify", "--size", "256M"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     # Not a fixed pause (a slow start would take the signal during import):
     # the signal goes once the self-test has huge pages mapped (its region).
     wait_until(lambda: v.poll() is not None or _anon_huge_bytes(v.pid) > 0,

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import thpguard
-from conftest import WAIT, direct_cow_active, sharer
+from conftest import WAIT, direct_cow_active, sharer, sigint_default
 
 from reliability_support import COUNTS, N_WRITERS, Workload, run_child, scale, sized
 
@@ -317,7 +317,7 @@ def test_ctrl_c_while_a_fork_waits_for_the_copy_keeps_the_guard(require_thp):
     """Ctrl-C during the parent's wait for a `copy` child still restarts the
     guard after fork, and the interruption reaches the caller of fork()."""
     done = subprocess.run([sys.executable, "-c", INTERRUPTED_COPY_FORK], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, preexec_fn=sigint_default)
     assert "interrupted the copy wait" in done.stdout, done.stderr
     assert "delivered after fork" in done.stdout, (done.stdout, done.stderr)
     assert "guard_running True" in done.stdout, (done.stdout, done.stderr)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import sigint_default
 from reliability_support import children
 
 # A region whose copy takes long enough for a signal to land inside it:
@@ -90,7 +91,7 @@ def test_signal_during_copy_fork(require_collapse, who, signame):
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, who, signame, str(SIZE), str(w)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            pass_fds=(w,))
+                            pass_fds=(w,), preexec_fn=sigint_default)
     os.close(w)
     try:
         assert proc.stdout.readline().strip() == "forking"
