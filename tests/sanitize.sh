@@ -51,7 +51,9 @@ case "$where" in
     "$scratch"/*) ;;
     *) echo "sanitize: imported $where, not the instrumented build" >&2; exit 1 ;;
 esac
-if ! nm -D "$where" | grep -q __asan_; then
+# grep reads all of nm's output: with -q it could stop early and nm's SIGPIPE
+# would fail the pipeline (pipefail) on an instrumented build.
+if ! nm -D "$where" | grep __asan_ >/dev/null; then
     echo "sanitize: $where is not instrumented" >&2
     exit 1
 fi
