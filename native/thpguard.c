@@ -416,13 +416,10 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
 
 /* ---- fork policies ------------------------------------------------------ */
 
-int tg_copy_remap(void *addr, size_t len, size_t align)
+/* Copy len bytes at addr into fresh and move fresh over addr; on failure
+ * fresh is unmapped and addr left untouched. */
+static int copy_over(void *fresh, void *addr, size_t len)
 {
-    void *fresh;
-    if (tg_map_aligned(len, align, &fresh) != 0)
-        return -1;
-    /* Advise before the first touch so the faults below allocate PMD THPs. */
-    madvise(fresh, len, TG_MADV_HUGEPAGE);
     memcpy(fresh, addr, len);
     void *moved = MAP_FAILED;
     if (!fault_take(TG_FAULT_MREMAP))
@@ -434,6 +431,16 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
         return -1;
     }
     return 0;
+}
+
+int tg_copy_remap(void *addr, size_t len, size_t align)
+{
+    void *fresh;
+    if (tg_map_aligned(len, align, &fresh) != 0)
+        return -1;
+    /* Advise before the first touch so the faults below allocate PMD THPs. */
+    madvise(fresh, len, TG_MADV_HUGEPAGE);
+    return copy_over(fresh, addr, len);
 }
 
 int tg_map_flags(void *addr, size_t len, int extra_flags, void **out)
@@ -457,17 +464,7 @@ int tg_copy_remap_flags(void *addr, size_t len, int extra_flags)
     void *fresh;
     if (tg_map_flags(NULL, len, extra_flags, &fresh) != 0)
         return -1;
-    memcpy(fresh, addr, len);
-    void *moved = MAP_FAILED;
-    if (!fault_take(TG_FAULT_MREMAP))
-        moved = mremap(fresh, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, addr);
-    if (moved == MAP_FAILED) {
-        int saved = errno;
-        munmap(fresh, len);
-        errno = saved;
-        return -1;
-    }
-    return 0;
+    return copy_over(fresh, addr, len);
 }
 
 struct placeholder {
