@@ -348,6 +348,7 @@ int tg_collapse(void *addr, size_t len, size_t chunk, unsigned max_retries,
     }
     int last_err = 0;
     size_t i = 0;
+    tg__copy_unprotect_split((uintptr_t)addr, len);
     for (size_t off = 0; off < len; off += chunk, i++) {
         size_t this_len = len - off < chunk ? len - off : chunk;
         int err = 0;

@@ -513,3 +513,91 @@ def test_host_without_lazy_copy_falls_back(require_thp, caplog):
             thpguard.alloc(4 * MiB, fork="copy", copy_mode="lazy")
     finally:
         kernel.registry.reset()
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def _pool_mappings(pool_bytes):
+    """Anonymous mappings of exactly ``pool_bytes`` flagged dontfork ("dc")."""
+    return [v for v in kernel.read_smaps("self", kernel.Roots())
+            if v.end - v.start == pool_bytes and "dc" in v.vm_flags]
+
+
+def test_handler_stops_with_the_last_region(require_userfault, pmd):
+    """The handler thread and its pool exist while a copy region does, stop
+    when the last one closes, and start again with the next."""
+    def child():
+        before = _threads()
+        first = thpguard.alloc(4 * pmd, fork="copy", copy_mode="lazy")
+        second = thpguard.alloc(4 * pmd, fork="copy", copy_mode="lazy")
+        with_regions = _threads()
+        pools = len(_pool_mappings(4 * pmd))
+        first.close()
+        one_left = _threads()
+        second.close()
+        after = _threads()
+        pools_after = len(_pool_mappings(4 * pmd))
+        stats = _native.copy_stats()
+        again = thpguard.alloc(2 * pmd, fork="copy", copy_mode="lazy")
+        view = again.view()
+        view[0] = 1
+        restarted = _threads()
+        view.release()
+        again.close()
+        return (before, with_regions, pools, one_left, after, pools_after, stats["pool_ready"],
+                restarted, _threads())
+
+    (before, with_regions, pools, one_left, after, pools_after, ready, restarted,
+     final) = run_in_child(child)
+    assert with_regions == before + 1 and one_left == before + 1
+    assert pools == 1
+    assert after == before and pools_after == 0 and ready == 0
+    assert restarted == before + 1 and final == before
+
+
+def test_child_pool_ready_at_fork(copy_region, pmd):
+    """A child's pool has a block before its code runs, so its first write
+    is a copy from the pool, not a block faulted in the fault path."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    view = region.view()
+    view[0] = view[0]  # the parent's pool is filled meanwhile
+    view.release()
+
+    def child():
+        ready = _native.copy_stats()["pool_ready"]
+        view = region.view()
+        view[pmd] = 0x51
+        view.release()
+        stats = _native.copy_stats()
+        return ready, stats["copies"], stats["inline_allocs"], region.coverage().complete
+
+    ready, copies, inline, complete = run_in_child(child)
+    assert ready >= 1 and copies == 1 and inline == 0 and complete
+    assert checksum(region.view()) == expected
+
+
+def test_collapse_of_protected_split_block(copy_region, pmd, require_collapse):
+    """A protected block split by a partial mprotect keeps the write-protect
+    marker on its small pages, which MADV_COLLAPSE refuses (EINVAL); the
+    repair drops the marker first, so collapse() makes it huge again."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        at = region.address + pmd
+        assert libc.mprotect(at, 4096, mmap.PROT_READ) == 0
+        assert libc.mprotect(at, 4096, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        split = region.coverage().huge_bytes
+        result = region.collapse()
+        return split, result.failures, result.refused, result.coverage.complete, \
+            checksum(region.view())
+
+    split, failures, refused, complete, sums = run_in_child(child)
+    assert split == region.size - pmd
+    assert failures == {} and refused == {} and complete
+    assert sums == expected and checksum(region.view()) == expected
