@@ -601,3 +601,72 @@ def test_collapse_of_protected_split_block(copy_region, pmd, require_collapse):
     assert split == region.size - pmd
     assert failures == {} and refused == {} and complete
     assert sums == expected and checksum(region.view()) == expected
+
+
+def test_emptied_block_read_only_stays_small_and_guard_says_why(copy_region, pmd, require_collapse):
+    """An emptied block read while the region is read-only fills with 4 KiB
+    zero pages (UFFDIO_MOVE moves only between writable mappings), and
+    MADV_COLLAPSE refuses it in a userfaultfd mapping: collapse() names
+    that cause, and the block collapses once every page was written."""
+    region = copy_region(8 * MiB)
+    _fill(region)
+
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        at = region.address + pmd
+        _native.madvise(at, pmd, 4)  # MADV_DONTNEED
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ) == 0
+        view = region.view()
+        zeros = bytes(view[pmd : 2 * pmd]) == bytes(pmd)
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        small = region.coverage().huge_bytes
+        view[pmd] = 1
+        refused = region.collapse().refused
+        for off in range(pmd, 2 * pmd, 4096):
+            view[off] = 2
+        view.release()
+        return zeros, small, refused, region.collapse().coverage.complete
+
+    zeros, small, refused, complete = run_in_child(child)
+    assert zeros and small == region.size - pmd
+    assert list(refused) == [region.address + pmd]
+    assert "userfaultfd" in refused[region.address + pmd] and "zero page" in refused[region.address + pmd]
+    assert complete
+
+
+def test_guard_names_the_userfaultfd_cause(copy_region, pmd, require_collapse):
+    """The guard meets the block above (EBUSY from MADV_COLLAPSE): it names
+    the userfaultfd cause for that block and does not back off the region
+    as if the memory cgroup were full; the block is repaired once written."""
+    from conftest import wait_until
+
+    region = copy_region(8 * MiB)
+    _fill(region)
+
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _native.madvise(region.address + pmd, pmd, 4)  # MADV_DONTNEED
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ) == 0
+        view = region.view()
+        bytes(view[pmd : 2 * pmd])
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        view[pmd] = 1
+        events = []
+        thpguard.install(on_event=events.append, interval=0.05)
+        guard = thpguard.guard()
+        wait_until(lambda: any(e.kind == "disabled" for e in events), "the guard to give the cause")
+        reasons = [e.reason for e in events if e.kind == "disabled"]
+        backoffs = [e.reason for e in events if e.kind == "backoff"]
+        for off in range(pmd, 2 * pmd, 4096):
+            view[off] = 2
+        view.release()
+        result = region.collapse()
+        guard.stop()
+        return reasons, backoffs, result.coverage.complete
+
+    reasons, backoffs, complete = run_in_child(child)
+    assert reasons and all("userfaultfd" in r for r in reasons), reasons
+    assert backoffs == []
+    assert complete

@@ -82,7 +82,9 @@ class CollapseResult:
     the kernel's own account. ``failures`` maps an errno to the number of
     chunks that failed with it. ``seconds`` is the wall time spent.
     ``refused`` maps each block that answered EINVAL to the reason (a
-    mapping split by ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, ...).
+    mapping split by ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, ...), and
+    each block of a mapping registered with userfaultfd that answered EBUSY
+    (empty or zero pages, see :doc:`copy`).
     """
 
     attempted_bytes: int
@@ -359,10 +361,14 @@ class Region:
                 failures[first] = failures.get(first, 0) + 1
             if before.blocks is not None:
                 for i, err in enumerate(errs):
+                    block = start + i * self.pmd_size
                     if err == errno.EINVAL:
-                        block = start + i * self.pmd_size
                         refused[block] = engine.diagnose(block, self.pmd_size, self.address,
                                                          self.size)[1]
+                    elif err == errno.EBUSY:
+                        busy = engine.userfault_reason(block, self.pmd_size)
+                        if busy is not None:
+                            refused[block] = busy
         after = self.coverage()
         if before.blocks is None:
             failures.pop(errno.EINVAL, None)  # untouched blocks, expected here

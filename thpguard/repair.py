@@ -320,8 +320,30 @@ class RepairEngine:
             what = "the region" if whole else f"block {block:#x}"
             return whole, (f"{what} is marked MADV_NOHUGEPAGE; madvise(MADV_HUGEPAGE) "
                            "it again, then use it in hot() to resume repairs")
+        busy = self.userfault_reason(block, pmd, vmas)
+        if busy is not None:
+            return False, busy
         return False, (f"MADV_COLLAPSE answers EINVAL for block {block:#x} "
                        "(no known cause: THP not allowed there)")
+
+    def userfault_reason(self, block: int, pmd: int,
+                         vmas: Optional[List[kernel.Vma]] = None) -> Optional[str]:
+        """Why a block of a mapping registered with userfaultfd refuses
+        MADV_COLLAPSE (EBUSY on Linux 6.18, EINVAL for a page still marked
+        write-protected), or None if its mapping is not registered."""
+        if vmas is None:
+            try:
+                vmas = [v for v in self.target.mappings() if v.start < block + pmd and v.end > block]
+            except OSError:
+                return None
+        if len(vmas) != 1 or not {"um", "uw"} & set(vmas[0].vm_flags):
+            return None
+        # mm/khugepaged.c: in a mapping registered with userfaultfd an empty
+        # or zero-page entry refuses the collapse.
+        return (f"block {block:#x} is in a mapping registered with userfaultfd (a fork='copy' "
+                "region with copy_mode 'userfault', or another user of userfaultfd), and "
+                "MADV_COLLAPSE refuses such a block while any of its pages is empty or the "
+                "shared zero page (read, never written): writing those pages lets it collapse")
 
     def recheck_disabled(self, st: RepairState, block: int, pmd: int, address: int, size: int,
                          now: float, recheck: float) -> bool:
@@ -362,6 +384,7 @@ class RepairEngine:
         latencies: List[float] = []
         fatal: Optional[int] = None
         einval: List[int] = []
+        busy: List[int] = []
         enomem: List[int] = []
         smaps_ok = smaps_einval = 0
         for start, length, errs, spent in results:
@@ -385,6 +408,11 @@ class RepairEngine:
                     smaps_einval += 1  # a block never touched, or THP not allowed here
                 elif err == _errno.EINVAL:
                     einval.append(block)
+                elif err == _errno.EBUSY and self.userfault_reason(block, pmd) is not None:
+                    # Not the memory cgroup: this block waits for its empty
+                    # pages to be written; the other blocks go on.
+                    busy.append(block)
+                    done.failures["EBUSY"] = done.failures.get("EBUSY", 0) + 1
                 else:
                     done.failures[errname(err)] = done.failures.get(errname(err), 0) + 1
                     if err == _errno.ENOMEM:
@@ -398,8 +426,9 @@ class RepairEngine:
         holes = self._holes(enomem, pmd)
         if len(holes) < len(enomem):
             fatal = fatal or _errno.ENOMEM  # short of memory: back off
-        if einval or holes:
-            self._refused(st, einval + holes, pmd, address, size, now, policy.recheck, whole=smaps)
+        if einval or holes or busy:
+            self._refused(st, einval + holes + busy, pmd, address, size, now, policy.recheck,
+                          whole=smaps)
         self._backoff(st, address, policy, fatal, done)
         return done
 
