@@ -270,6 +270,11 @@ int tg_copy_set_method(int method);
  * the first fault. */
 int tg_copy_set_pool(size_t blocks);
 
+/* Pool blocks a child fills in the at-fork handler, before any of its code
+ * runs (0..TG_COPY_POOL_MAX, default 1; never more than the pool keeps);
+ * its handler thread fills the rest. */
+int tg_copy_set_child_prefill(size_t blocks);
+
 /* ---- process switches ------------------------------------------------- */
 
 /* Raw prctl(PR_GET_THP_DISABLE) result. */

@@ -114,13 +114,14 @@ static _Atomic int arm_errno;
  * mapping (MADV_DONTFORK: children make their own), one slot per block.
  * At most pool_target blocks are kept, and never more than the registered
  * regions have blocks; a child fills TG_COPY_CHILD_PREFILL of them in the
- * at-fork handler, before its code runs, and its handler the rest. */
+ * at-fork handler (child_prefill), before its code runs, and its handler
+ * the rest. */
 static char *pool;
 static size_t pool_slots;
 static unsigned char pool_ready[TG_COPY_POOL_MAX];
 static size_t pool_target = 4;
 static size_t registered_blocks;
-#define TG_COPY_CHILD_PREFILL 1
+static size_t child_prefill = 1;
 
 static struct tg_copy_stats stats;
 #define COUNT(field) __atomic_fetch_add(&stats.field, 1, __ATOMIC_RELAXED)
@@ -828,6 +829,18 @@ int tg_copy_set_pool(size_t blocks)
     return rc;
 }
 
+int tg_copy_set_child_prefill(size_t blocks)
+{
+    if (blocks > TG_COPY_POOL_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
+    pthread_mutex_lock(&op_lock);
+    child_prefill = blocks;
+    pthread_mutex_unlock(&op_lock);
+    return 0;
+}
+
 /* Called by tg_collapse before MADV_COLLAPSE: the kernel refuses small
  * pages that carry the write-protect marker (EINVAL), which a block split
  * while protected (a partial mprotect or MADV_DONTNEED) keeps until each
@@ -921,7 +934,7 @@ void tg__copy_child(void)
     /* A first write right after fork finds a block ready; the handler
      * fills the rest of the pool as soon as it runs. */
     if (pagemap_fd >= 0 && !atomic_load(&arm_errno))
-        for (size_t i = 0; i < TG_COPY_CHILD_PREFILL && pool_count() < pool_want(); i++)
+        for (size_t i = 0; i < child_prefill && pool_count() < pool_want(); i++)
             pool_refill_one();
     if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler() != 0) {
         if (!atomic_load(&arm_errno))

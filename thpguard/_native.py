@@ -268,6 +268,11 @@ def copy_set_pool(blocks: int) -> None:
     _check(lib.tg_copy_set_pool(blocks), "copy pool")
 
 
+def copy_set_child_prefill(blocks: int) -> None:
+    """Pool blocks a child fills before its code runs (``tg_copy_set_child_prefill``)."""
+    _check(lib.tg_copy_set_child_prefill(blocks), "copy child prefill")
+
+
 def map_flags(addr: int, length: int, extra_flags: int) -> int:
     """Map ``length`` bytes private anonymous with ``extra_flags`` (with a
     reservation, never ``MAP_NORESERVE``); at ``addr`` (``MAP_FIXED``) unless 0."""
