@@ -244,10 +244,10 @@ def run(settings: Settings) -> Result:
     for name in list(METHODS) + ["move, burst"]:
         per = [s["per_block_s"] for s in samples[name]]
         cov = min(s["coverage"] for s in samples[name])
-        fallbacks = sum(s["stats"]["fallbacks"] for s in samples[name])
+        fallbacks = sum(s["stats"]["cow_fallbacks"] for s in samples[name])
         inline = median([s["stats"]["inline_allocs"] for s in samples[name]])
         res.add(f"first write, {name}", paired(per, base), "time per block vs THP fault + memcpy",
-                f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} fallbacks, "
+                f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} left to the kernel COW, "
                 f"{inline:.0f} blocks faulted in the fault path)",
                 f"{median(base) * 1e3:.3f} ms")
     for n in PREFILLS:

@@ -74,7 +74,7 @@ struct tg_copy_stats {
     uint64_t copies;
     uint64_t reuses;
     uint64_t missing_fills;
-    uint64_t fallbacks;
+    uint64_t cow_fallbacks;
     uint64_t inline_allocs;
     uint64_t copy_ns;
     uint64_t regions;

@@ -233,7 +233,7 @@ struct tg_copy_stats {
     uint64_t copies;        /* blocks copied into a new huge page */
     uint64_t reuses;        /* blocks no longer shared: unprotected only */
     uint64_t missing_fills; /* empty blocks filled with a zeroed huge page */
-    uint64_t fallbacks;     /* blocks left to the kernel's COW (they split) */
+    uint64_t cow_fallbacks; /* blocks left to the kernel's COW (they split) */
     uint64_t inline_allocs; /* pool empty: a block was faulted in the fault */
     uint64_t copy_ns;       /* time spent copying, in nanoseconds */
     uint64_t regions;       /* registered regions */

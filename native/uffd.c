@@ -407,7 +407,7 @@ static void wake_range(uintptr_t addr, size_t len)
  * fault then splits the block, as without thpguard; the guard repairs. */
 static void fall_back(uintptr_t blk)
 {
-    COUNT(fallbacks);
+    COUNT(cow_fallbacks);
     protect_range(uffd, blk, block, 0);
 }
 
@@ -477,7 +477,7 @@ static void resolve_write(uintptr_t blk)
          * the collapse then copies the rest into a new huge page. */
         __atomic_fetch_add((volatile char *)blk, 0, __ATOMIC_RELAXED);
         if (madvise((void *)blk, block, TG_MADV_COLLAPSE) != 0)
-            COUNT(fallbacks);
+            COUNT(cow_fallbacks);
         else
             COUNT(copies);
         wake_range(blk, block);
@@ -515,7 +515,7 @@ static void resolve_write(uintptr_t blk)
             struct u_copy cp = {.dst = blk, .src = (uintptr_t)fresh, .len = block};
             ioctl(uffd, U_IOC_COPY, &cp);
             madvise(fresh, block, MADV_DONTNEED);
-            COUNT(fallbacks);
+            COUNT(cow_fallbacks);
             wake_range(blk, block);
             return;
         }
@@ -580,11 +580,14 @@ static void *handler_main(void *arg)
     /* uffd and stop_fd stay open until this thread has been joined. */
     int fd = uffd;
     struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    int refill_failed = 0;
     for (;;) {
         pthread_mutex_lock(&op_lock);
         int idle_work = !stopping && !pool_full();
         pthread_mutex_unlock(&op_lock);
-        int n = poll(pfd, 2, idle_work ? 0 : -1);
+        /* A refill that failed (no huge page to be had) is tried again
+         * 100 ms later, not in a busy loop. */
+        int n = poll(pfd, 2, idle_work ? (refill_failed ? 100 : 0) : -1);
         if (n < 0 && errno != EINTR)
             break;
         if (n > 0 && (pfd[1].revents & POLLIN))
@@ -592,7 +595,7 @@ static void *handler_main(void *arg)
         if (n == 0 && idle_work) {
             pthread_mutex_lock(&op_lock);
             if (!stopping)
-                pool_refill_one();
+                refill_failed = !pool_refill_one();
             pthread_mutex_unlock(&op_lock);
             continue;
         }
@@ -737,6 +740,8 @@ static void stop_handler(void)
     stop_fd = -1;
     close(uffd);
     uffd = -1;
+    close(pagemap_fd);
+    pagemap_fd = -1;
     pool_free();
     pthread_mutex_unlock(&op_lock);
 }
@@ -889,6 +894,9 @@ void tg__copy_child(void)
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     op_lock = fresh;
     life_lock = fresh;
+    if (pagemap_fd >= 0)
+        close(pagemap_fd);  /* reads the parent's mm, not ours */
+    pagemap_fd = -1;
     if (uffd < 0)
         return;
     /* The parent's fds, pool and handler are the parent's (a write to its
@@ -900,9 +908,6 @@ void tg__copy_child(void)
     stop_fd = -1;
     stopping = 0;
     handler_running = 0;
-    if (pagemap_fd >= 0)
-        close(pagemap_fd);  /* reads the parent's mm, not ours */
-    pagemap_fd = -1;
     pool = NULL;  /* MADV_DONTFORK: not mapped here */
     pool_slots = 0;
     memset(pool_ready, 0, sizeof(pool_ready));

@@ -65,7 +65,7 @@ COPY_METHODS: Dict[int, str] = {
 }
 
 _COPY_STATS_FIELDS = (
-    "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "fallbacks",
+    "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "cow_fallbacks",
     "inline_allocs", "copy_ns", "regions", "pool_ready",
 )
 
@@ -249,6 +249,7 @@ def copy_stats() -> Dict[str, object]:
     out = ffi.new("struct tg_copy_stats *")
     _check(lib.tg_copy_stats(out), "copy stats")
     stats: Dict[str, object] = {name: int(getattr(out, name)) for name in _COPY_STATS_FIELDS}
+    stats["fallbacks"] = stats["cow_fallbacks"]  # the old name: kept through 0.1, gone in 0.2
     stats["method"] = COPY_METHODS.get(out.method)
     stats["arm_errno"] = out.arm_errno
     return stats
