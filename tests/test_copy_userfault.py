@@ -683,3 +683,51 @@ def test_guard_names_the_userfaultfd_cause(copy_region, pmd, require_collapse):
     assert reasons and all("userfaultfd" in r for r in reasons), reasons
     assert backoffs == []
     assert complete
+
+
+_SECCOMP_SCRIPT = r"""
+import ctypes, logging, struct, sys
+# A seccomp filter that refuses userfaultfd(2) and /dev/userfaultfd's
+# USERFAULTFD_IOC_NEW with EPERM (x86_64 numbers), installed before thpguard
+# is imported: the kernel, not a stand-in, says no.
+def ins(code, jt, jf, k):
+    return struct.pack("HBBI", code, jt, jf, k)
+LD, JEQ, RET = 0x20, 0x15, 0x06
+ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1
+prog = b"".join([
+    ins(LD, 0, 0, 4), ins(JEQ, 0, 5, 0xC000003E),        # arch x86_64, else allow
+    ins(LD, 0, 0, 0), ins(JEQ, 4, 0, 323),               # userfaultfd: refuse
+    ins(JEQ, 0, 2, 16),                                  # ioctl, else allow
+    ins(LD, 0, 0, 24), ins(JEQ, 1, 0, 0xAA00),           # USERFAULTFD_IOC_NEW: refuse
+    ins(RET, 0, 0, ALLOW), ins(RET, 0, 0, EPERM),
+])
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+fbuf = ctypes.create_string_buffer(fprog)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+assert libc.prctl(38, 1, 0, 0, 0) == 0                   # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.addressof(fbuf), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+import thpguard
+from thpguard import kernel
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+print("FEATURE", kernel.capabilities().copy_userfault.available)
+region = thpguard.alloc(4 << 20, fork="copy")
+print("MODE", region.copy_mode)
+print("REASON", region.copy_fallback_reason)
+"""
+
+
+def test_seccomp_without_userfaultfd_auto_falls_back(require_thp, tmp_path):
+    """A seccomp filter that refuses userfaultfd: auto copies eagerly and
+    logs why (the kernel refuses, nothing is mocked)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the filter uses x86_64 syscall numbers")
+    script = tmp_path / "seccomp.py"
+    script.write_text(_SECCOMP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "FEATURE False" in out.stdout
+    assert "MODE eager" in out.stdout
+    assert "EPERM" in out.stdout
+    assert "LOG copy region" in out.stdout and "copies eagerly at fork" in out.stdout
