@@ -115,13 +115,14 @@ static _Atomic int arm_errno;
  * At most pool_target blocks are kept, and never more than the registered
  * regions have blocks; a child fills TG_COPY_CHILD_PREFILL of them in the
  * at-fork handler (child_prefill), before its code runs, and its handler
- * the rest. */
+ * the rest once the child has taken a block (pool_active). */
 static char *pool;
 static size_t pool_slots;
 static unsigned char pool_ready[TG_COPY_POOL_MAX];
 static size_t pool_target = 4;
 static size_t registered_blocks;
 static size_t child_prefill = 1;
+static int pool_active;       /* 0 in a child until it first takes a block */
 
 static struct tg_copy_stats stats;
 #define COUNT(field) __atomic_fetch_add(&stats.field, 1, __ATOMIC_RELAXED)
@@ -247,10 +248,18 @@ static int block_is_huge(uintptr_t addr)
     return huge == block;
 }
 
-/* How many blocks the pool keeps ready now. */
-static size_t pool_want(void)
+/* How many blocks the pool can hold for the registered regions. */
+static size_t pool_cap(void)
 {
     return registered_blocks < pool_target ? registered_blocks : pool_target;
+}
+
+/* How many blocks the handler keeps ready now: none in a child that has
+ * not written yet (its prefilled block waits for the first write; a child
+ * that only reads, or execs, zeroes no more). */
+static size_t pool_want(void)
+{
+    return pool_active ? pool_cap() : 0;
 }
 
 static size_t pool_count(void)
@@ -326,6 +335,7 @@ static int pool_full(void)
 /* A ready slot, or NULL: then one is made in the fault path (counted). */
 static char *pool_take(size_t *slot_out)
 {
+    pool_active = 1;
     for (int pass = 0; pass < 2; pass++) {
         if (pool) {
             for (size_t i = 0; i < pool_slots; i++) {
@@ -674,6 +684,7 @@ static int ensure_handler(void)
         return -1;
     }
     uffd = fd;
+    pool_active = 1;  /* the process that made the region fills its pool now */
     if (start_handler() != 0) {
         int saved = errno;
         close(fd);
@@ -894,6 +905,7 @@ void tg__copy_child(void)
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     op_lock = fresh;
     life_lock = fresh;
+    pool_active = 0;
     if (pagemap_fd >= 0)
         close(pagemap_fd);  /* reads the parent's mm, not ours */
     pagemap_fd = -1;
@@ -939,7 +951,7 @@ void tg__copy_child(void)
     /* A first write right after fork finds a block ready; the handler
      * fills the rest of the pool as soon as it runs. */
     if (pagemap_fd >= 0 && !atomic_load(&arm_errno))
-        for (size_t i = 0; i < child_prefill && pool_count() < pool_want(); i++)
+        for (size_t i = 0; i < child_prefill && pool_count() < pool_cap(); i++)
             pool_refill_one();
     if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler() != 0) {
         if (!atomic_load(&arm_errno))

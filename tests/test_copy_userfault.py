@@ -572,7 +572,13 @@ def test_handler_stops_with_the_last_region(require_userfault, pmd):
 
 def test_child_pool_ready_at_fork(copy_region, pmd):
     """A child's pool has a block before its code runs, so its first write
-    is a copy from the pool, not a block faulted in the fault path."""
+    is a copy from the pool, not a block faulted in the fault path; a child
+    that has not written keeps that one block only, and its handler fills
+    the pool after the first write."""
+    import time
+
+    from conftest import wait_until
+
     region = copy_region(8 * MiB)
     expected = _fill(region)
     view = region.view()
@@ -581,14 +587,17 @@ def test_child_pool_ready_at_fork(copy_region, pmd):
 
     def child():
         ready = _native.copy_stats()["pool_ready"]
+        time.sleep(0.1)
+        idle = _native.copy_stats()["pool_ready"]
         view = region.view()
         view[pmd] = 0x51
         view.release()
         stats = _native.copy_stats()
-        return ready, stats["copies"], stats["inline_allocs"], region.coverage().complete
+        wait_until(lambda: _native.copy_stats()["pool_ready"] == 4, "the child's pool to fill")
+        return ready, idle, stats["copies"], stats["inline_allocs"], region.coverage().complete
 
-    ready, copies, inline, complete = run_in_child(child)
-    assert ready >= 1 and copies == 1 and inline == 0 and complete
+    ready, idle, copies, inline, complete = run_in_child(child)
+    assert ready == 1 and idle == 1 and copies == 1 and inline == 0 and complete
     assert checksum(region.view()) == expected
 
 
