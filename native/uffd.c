@@ -110,7 +110,9 @@ static int stopping;          /* set under op_lock before stop_fd is written */
 static _Atomic int arm_errno;
 
 /* Pre-faulted huge pages, taken by the handler and refilled by it when no
- * fault is waiting, so the fault path neither allocates nor zeroes. One
+ * fault is waiting, so the fault path neither allocates nor zeroes. Only
+ * the handler thread touches the pool while it runs (the child's at-fork
+ * handler before it starts, stop_handler after it ended). One
  * mapping (MADV_DONTFORK: children make their own), one slot per block.
  * At most pool_target blocks are kept, and never more than the registered
  * regions have blocks; a child fills TG_COPY_CHILD_PREFILL of them in the
@@ -603,10 +605,11 @@ static void *handler_main(void *arg)
         if (n > 0 && (pfd[1].revents & POLLIN))
             break;  /* the last region closed: tg_copy_unregister joins us */
         if (n == 0 && idle_work) {
-            pthread_mutex_lock(&op_lock);
-            if (!stopping)
-                refill_failed = !pool_refill_one();
-            pthread_mutex_unlock(&op_lock);
+            /* Without op_lock: only this thread touches the pool while it
+             * runs, and a fork (whose prepare handler takes op_lock) must
+             * not wait for a refill, which can take milliseconds when the
+             * CPUs are busy and this thread is not scheduled. */
+            refill_failed = !pool_refill_one();
             continue;
         }
         if (n <= 0 || !(pfd[0].revents & POLLIN))
