@@ -128,8 +128,11 @@ def copy_stats() -> Dict[str, object]:
     ``inline_allocs``: blocks faulted in inside a write fault because the
     pool of pre-faulted blocks was empty; ``missing_fills``: empty blocks
     filled with a zeroed huge page; ``copy_ns``: nanoseconds spent copying;
-    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``; ``arm_errno``:
-    nonzero when this process could not arm its regions at fork (they then
-    behave like ``share``).
+    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``, None while no
+    ``copy`` region is open (the handler is stopped); ``regions``: ``copy``
+    regions registered; ``pool_ready``: pre-faulted blocks waiting (at most
+    4, 8 MiB); ``arm_errno``: nonzero when this process could not arm its
+    regions at fork (they then behave like ``share``). Counters survive the
+    handler's stop and restart within a process.
     """
     return _native.copy_stats()
