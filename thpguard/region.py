@@ -81,10 +81,9 @@ class CollapseResult:
     ``MADV_COLLAPSE``; ``collapsed_bytes`` of them are PMD-mapped after, by
     the kernel's own account. ``failures`` maps an errno to the number of
     chunks that failed with it. ``seconds`` is the wall time spent.
-    ``refused`` maps each block that answered EINVAL to the reason (a
-    mapping split by ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, ...), and
-    each block of a mapping registered with userfaultfd that answered EBUSY
-    (empty or zero pages, see :doc:`copy`).
+    ``refused`` maps each block that answered EINVAL (or EBUSY in a
+    userfaultfd mapping: :doc:`copy`) to the reason (a mapping split by
+    ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, empty pages, ...).
     """
 
     attempted_bytes: int
@@ -362,13 +361,9 @@ class Region:
             if before.blocks is not None:
                 for i, err in enumerate(errs):
                     block = start + i * self.pmd_size
-                    if err == errno.EINVAL:
-                        refused[block] = engine.diagnose(block, self.pmd_size, self.address,
-                                                         self.size)[1]
-                    elif err == errno.EBUSY:
-                        busy = engine.userfault_reason(block, self.pmd_size)
-                        if busy is not None:
-                            refused[block] = busy
+                    why = engine.refusal(err, block, self.pmd_size, self.address, self.size)
+                    if why:
+                        refused[block] = why
         after = self.coverage()
         if before.blocks is None:
             failures.pop(errno.EINVAL, None)  # untouched blocks, expected here

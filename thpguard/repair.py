@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
-from . import _native, kernel, pagemap
+from . import _native, _refusals, kernel, pagemap
 from .blocks import Coverage
 from .events import BACKOFF, DISABLED, FAILED, REPAIRED, SPLIT, Event, counters, emit, errname
 
@@ -296,54 +296,20 @@ class RepairEngine:
 
     def diagnose(self, block: int, pmd: int, address: int, size: int) -> Tuple[bool, str]:
         """Why MADV_COLLAPSE answers EINVAL (or ENOMEM, for a hole) on
-        ``block``: (whole range?, reason)."""
-        if self.target.thp_disabled():
-            return True, ("THP is disabled for this process by prctl(PR_SET_THP_DISABLE); "
-                          "clear it, or set it with PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18)")
-        try:
-            vmas = [v for v in self.target.mappings() if v.start < block + pmd and v.end > block]
-            gap = kernel.first_gap([(v.start, v.end) for v in vmas], block, block + pmd)
-        except OSError:
-            vmas, gap = [], None
-        if gap is not None:
-            return False, (f"block {block:#x} has a hole at {gap[0]:#x}-{gap[1]:#x}: that part was "
-                           "unmapped by code outside thpguard, and a huge page cannot span a hole")
-        if len(vmas) > 1:
-            parts = ", ".join(
-                f"{v.start:#x}-{v.end:#x} {v.perms}{' mlocked' if 'lo' in v.vm_flags else ''}"
-                for v in vmas)
-            return False, (f"block {block:#x} spans {len(vmas)} mappings ({parts}): part of it was "
-                           "mprotect()ed or mlock()ed, and a huge page cannot cross mappings; undo "
-                           "that to have it repaired")
-        if len(vmas) == 1 and "nh" in vmas[0].vm_flags:
-            whole = vmas[0].start <= address and vmas[0].end >= address + size
-            what = "the region" if whole else f"block {block:#x}"
-            return whole, (f"{what} is marked MADV_NOHUGEPAGE; madvise(MADV_HUGEPAGE) "
-                           "it again, then use it in hot() to resume repairs")
-        busy = self.userfault_reason(block, pmd, vmas)
-        if busy is not None:
-            return False, busy
-        return False, (f"MADV_COLLAPSE answers EINVAL for block {block:#x} "
-                       "(no known cause: THP not allowed there)")
+        ``block``: (whole range?, reason); found by ``_refusals.py``."""
+        return _refusals.diagnose(self.target, block, pmd, address, size)
 
-    def userfault_reason(self, block: int, pmd: int,
-                         vmas: Optional[List[kernel.Vma]] = None) -> Optional[str]:
-        """Why a block of a mapping registered with userfaultfd refuses
-        MADV_COLLAPSE (EBUSY on Linux 6.18, EINVAL for a page still marked
-        write-protected), or None if its mapping is not registered."""
-        if vmas is None:
-            try:
-                vmas = [v for v in self.target.mappings() if v.start < block + pmd and v.end > block]
-            except OSError:
-                return None
-        if len(vmas) != 1 or not {"um", "uw"} & set(vmas[0].vm_flags):
-            return None
-        # mm/khugepaged.c: in a mapping registered with userfaultfd an empty
-        # or zero-page entry refuses the collapse.
-        return (f"block {block:#x} is in a mapping registered with userfaultfd (a fork='copy' "
-                "region with copy_mode 'userfault', or another user of userfaultfd), and "
-                "MADV_COLLAPSE refuses such a block while any of its pages is empty or the "
-                "shared zero page (read, never written): writing those pages lets it collapse")
+    def refusal(self, err: int, block: int, pmd: int, address: int, size: int) -> Optional[str]:
+        """The cause of ``block``'s refusal with ``err``: EINVAL always has
+        one; EBUSY only in a userfaultfd mapping (else the memory cgroup)."""
+        if err == _errno.EINVAL:
+            return self.diagnose(block, pmd, address, size)[1]
+        return self.userfault_reason(block, pmd) if err == _errno.EBUSY else None
+
+    def userfault_reason(self, block: int, pmd: int) -> Optional[str]:
+        """Why a block of a userfaultfd-registered mapping refuses
+        MADV_COLLAPSE (EBUSY), or None if its mapping is not registered."""
+        return _refusals.userfault_reason(self.target, block, pmd)
 
     def recheck_disabled(self, st: RepairState, block: int, pmd: int, address: int, size: int,
                          now: float, recheck: float) -> bool:
@@ -409,9 +375,7 @@ class RepairEngine:
                 elif err == _errno.EINVAL:
                     einval.append(block)
                 elif err == _errno.EBUSY and self.userfault_reason(block, pmd) is not None:
-                    # Not the memory cgroup: this block waits for its empty
-                    # pages to be written; the other blocks go on.
-                    busy.append(block)
+                    busy.append(block)  # not the memory cgroup: no back-off for the range
                     done.failures["EBUSY"] = done.failures.get("EBUSY", 0) + 1
                 else:
                     done.failures[errname(err)] = done.failures.get(errname(err), 0) + 1
