@@ -56,6 +56,9 @@ def userfault_reason(target, block: int, pmd: int) -> Optional[str]:
     """Why a block of a mapping registered with userfaultfd refuses
     MADV_COLLAPSE (EBUSY on Linux 6.18; EINVAL for a page still marked
     write-protected), or None if its mapping is not registered."""
+    possible = getattr(target, "userfault_possible", None)
+    if possible is not None and not possible():
+        return None
     try:
         return _userfault(block, _vmas(target, block, pmd))
     except OSError:

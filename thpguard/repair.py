@@ -59,6 +59,12 @@ class LocalTarget:
     def mappings(self) -> List[kernel.Vma]:
         return kernel.read_smaps("self", kernel.Roots())
 
+    def userfault_possible(self) -> bool:
+        """Whether this process has thpguard copy regions registered with
+        userfaultfd; asks the native core, without reading /proc (an EBUSY
+        may come from a full memory cgroup, where reading smaps allocates)."""
+        return bool(_native.copy_stats()["regions"])
+
     def thp_disabled(self) -> bool:
         try:
             value = _native.thp_disable_get()
