@@ -184,7 +184,7 @@ class Guard:
         """Stop the guard thread for the block, then start it again.
 
         Use it around a ``fork()`` that bypasses Python's at-fork hooks (a
-        C extension, uWSGI without ``py-call-osafterfork``): a thread that
+        C extension, uWSGI without ``py-call-uwsgi-fork-hooks``): a thread that
         runs during such a fork can leave CPython's own GIL mutex locked in
         the child, which then hangs. The guard stays installed, so a child
         forked inside the block starts its own guard on its first thpguard
