@@ -181,23 +181,28 @@ def _child_view(r):
 
 
 def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
-    """copy: the child owns hugetlb pages of its own from fork on (its smaps, the pool's free count)."""
+    """copy: the child owns hugetlb pages of its own from fork on (its smaps: Private_Hugetlb).
+
+    Not the pool's free count: other processes on the host use the same pool.
+    """
     hugepool(4)  # 2 for the parent, 2 for the child's copy
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="copy") as r:
         _fill(r, 100)
-        free = meminfo()["HugePages_Free"]
 
         def child():
             info = _child_view(r)
             info["ok"] = _pages_ok(r, 100)
-            info["free"] = meminfo()["HugePages_Free"]
+            vma = smaps_vma("self", r.address)
+            info["private"] = vma.fields.get("Private_Hugetlb")
+            info["shared"] = vma.fields.get("Shared_Hugetlb")
             _fill(r, 200)  # its own pages: the parent keeps 100
             return info
 
         info = run_in_child(child)
         assert info["ok"] and info["backend"] == "hugetlb"
         assert info["page"] == MB2 and info["hugetlb"] == r.size
-        assert info["free"] == free - 2
+        # The child's pages are its own (mapped once: private), not the parent's.
+        assert (info["private"], info["shared"]) == (r.size, 0), info
         assert _pages_ok(r, 100)
 
 
