@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 import thpguard
-from thpguard import _child, kernel
+from thpguard import _checks, _child, kernel
 
 REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
 
@@ -66,6 +66,18 @@ def require_collapse(require_thp):
     feature = kernel.capabilities().collapse
     if not feature.available:
         pytest.skip(f"needs MADV_COLLAPSE to repair splits: {feature.reason}")
+
+
+@pytest.fixture
+def require_agent(require_collapse):
+    """Skip where the agent cannot work: it needs PAGEMAP_SCAN (6.7), process_madvise
+    with MADV_COLLAPSE (6.1) and CAP_SYS_NICE."""
+    caps = kernel.capabilities()
+    for name in ("pagemap_scan", "process_madvise"):
+        if not caps.features[name].available:
+            pytest.skip(f"the agent needs {name}: {caps.features[name].reason}")
+    if not _checks.has_capability(_checks.CAP_SYS_NICE):
+        pytest.skip("the agent needs CAP_SYS_NICE (run the tests as root)")
 
 
 @pytest.fixture
