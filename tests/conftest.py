@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 import zlib
 
@@ -12,6 +13,11 @@ import pytest
 
 import thpguard
 from thpguard import _checks, _child, kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from benchmarks._hostlock import hugetlb_pool_lock  # noqa: E402
 
 REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
 
@@ -241,6 +247,8 @@ def hugepool():
     Returns the pool (kernel.HugePool) after growing it.
     """
     grown = []  # (page_size, count before, pages added)
+    lock = contextlib.ExitStack()  # holds the host's pool lock once taken
+    lock_held = []
 
     def fail_or_skip(why):
         if REQUIRE_THP:
@@ -251,6 +259,10 @@ def hugepool():
         page_size = page_size or kernel.pmd_size()
         if page_size not in kernel.hugetlb_sizes():
             fail_or_skip(f"no hugetlb pool of {page_size} bytes here")
+        if not lock_held:
+            # Another suite or a benchmark on this host takes turns with us.
+            lock.enter_context(hugetlb_pool_lock())
+            lock_held.append(True)
         pool = kernel.hugetlb_pool(page_size)
         before = _read_nr(page_size)
         want = before + max(0, pages - pool.available)
@@ -277,6 +289,7 @@ def hugepool():
             # pages meanwhile (a floor at `before` would then keep theirs).
             now = _read_nr(page_size)
             _write_nr(page_size, max(0, now - added))
+        lock.close()
 
 
 def hugetlb_vma(pid, start):
