@@ -7,7 +7,9 @@ descending order, mirroring them.
 
 SIGINT and SIGTERM that arrive while the hooks run (the parent waiting
 for a ``copy`` child, the child copying) are held: Python handlers for them
-are replaced by a recorder for the duration, every callback finishes, and
+are replaced by a recorder from the first ``before`` callback to the last
+``after_*`` callback, in the parent and in the child (which inherits the
+recorder), every callback finishes, and
 the signals are sent again to the forking thread once ``os.fork()`` has
 returned, so ``KeyboardInterrupt`` (or the program's own handler) comes
 from the line that called it. CPython ignores exceptions raised inside
@@ -22,7 +24,6 @@ these hooks. The native ``pthread_atfork`` handler counts every fork, so
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -71,7 +72,7 @@ class ProcessState:
                 self._inherit[key] = inherit
             return self._items[key]
 
-    def _for_child(self) -> None:
+    def _for_child(self, caught: Optional[List[int]] = None) -> None:
         # A lock another parent thread held at fork stays held forever in the
         # child, where that thread does not exist: every entry is rebuilt.
         self._lock = threading.Lock()
@@ -81,6 +82,11 @@ class ProcessState:
             if inherit is not None:
                 try:
                     self._items[key] = inherit(obj)
+                except KeyboardInterrupt:
+                    if caught is None:
+                        raise
+                    if signal.SIGINT not in caught:  # delivered after fork() returns
+                        caught.append(signal.SIGINT)
                 except Exception:  # a fork hook must never break the fork itself
                     log.exception("thpguard: per-process state %r not carried into the child", key)
 
@@ -158,80 +164,110 @@ def _deliver_after_return(signums: List[int], caller) -> None:
     threading.Thread(target=deliver, name="thpguard-fork-signal", daemon=True).start()
 
 
-@contextlib.contextmanager
-def _signals_held(caller) -> Iterator[List[int]]:
-    """Record SIGINT/SIGTERM instead of running their Python handlers while
-    the block runs; re-send them once fork() returned to ``caller``.
+class _Held:
+    """SIGINT/SIGTERM recorded instead of handled during one fork."""
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []
+        self.saved: Dict[int, Any] = {}
+
+    def record(self, signum, frame) -> None:
+        if signum not in self.caught:
+            self.caught.append(signum)
+
+
+_holding = threading.local()
+
+
+def _hold() -> _Held:
+    """Record SIGINT/SIGTERM instead of running their Python handlers from
+    now until :func:`_release`, in this process and (inherited with the
+    handlers) in the child.
 
     Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
     outside Python are not touched; in a thread that may not set handlers
     (not the main one) nothing is held.
     """
-    caught: List[int] = []
-    saved = {}
-
-    def record(signum, frame) -> None:
-        if signum not in caught:
-            caught.append(signum)
-
+    held = _Held()
+    _holding.held = held
     try:
         for signum in _HELD_SIGNALS:
             old = signal.getsignal(signum)
             if callable(old):
-                signal.signal(signum, record)
-                saved[signum] = old
+                signal.signal(signum, held.record)
+                held.saved[signum] = old
     except ValueError:  # signal.signal only works in the main thread
         pass
-    try:
-        yield caught
-    finally:
-        # Restore last: a signal between here and fork()'s return would run
-        # its handler inside this hook, where CPython drops the exception.
-        for signum, old in saved.items():
-            signal.signal(signum, old)
-        if caught:
-            _deliver_after_return(caught, caller)
+    return held
+
+
+def _release(caller) -> None:
+    """Restore the handlers :func:`_hold` replaced and re-send what was
+    recorded once fork() has returned to ``caller``."""
+    held = getattr(_holding, "held", None)
+    _holding.held = None
+    if held is None:
+        return
+    # Restore last: a signal between here and fork()'s return would run its
+    # handler inside this hook, where CPython drops the exception.
+    for signum, old in held.saved.items():
+        signal.signal(signum, old)
+    if held.caught:
+        _deliver_after_return(list(held.caught), caller)
 
 
 def _run_all(callbacks, **kwargs) -> None:
-    # Ctrl-C inside one `before` hook must not skip the others (the region
-    # layer's fork lock, the guard's stop): every hook runs, then the first
-    # interruption goes on. The after-fork hooks hold the signals instead.
-    interrupted: Optional[BaseException] = None
     for callback in callbacks:
         if callback:
-            try:
-                _run(callback, **kwargs)
-            except BaseException as exc:
-                interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
+            _run(callback, **kwargs)
 
 
 def _before() -> None:
-    _run_all(before for _, before, _, _ in _ordered(reverse=False))
+    # Held from the first before-fork callback to the last after-fork one,
+    # in both processes: CPython reports an exception raised in any at-fork
+    # hook as "Exception ignored" and drops it (and the signal with it).
+    held = None
+    try:
+        held = _hold()
+        _run_all((before for _, before, _, _ in _ordered(reverse=False)), caught=held.caught)
+    except KeyboardInterrupt:  # SIGINT before the recorder was in place
+        held = getattr(_holding, "held", None)
+        if held is None:
+            _holding.held = held = _Held()
+        if signal.SIGINT not in held.caught:
+            held.caught.append(signal.SIGINT)
 
 
 def _after_in_parent() -> None:
-    with _signals_held(sys._getframe(1)) as caught:
+    held = getattr(_holding, "held", None) or _hold()  # a fork whose before hook did not run
+    try:
         for _, _, parent, _ in _ordered(reverse=True):
             if parent:
-                _run(parent, caught)
+                _run(parent, held.caught)
+    finally:
+        _release(sys._getframe(1))
 
 
 def _after_in_child(late: bool = False) -> None:
     global _lock
-    _lock = threading.Lock()  # another parent thread may have held it
-    state._for_child()
+    held = None
     if not late:
-        _native.fork_claim()  # os.fork: this hook is the one handler
-    # os.fork: the caller of this hook called fork(); late: check() runs
-    # outside any fork hook, so its callbacks may raise as usual.
-    held = contextlib.nullcontext([]) if late else _signals_held(sys._getframe(1))
-    with held as caught:
+        # The child inherits the recorder as its handler; what the parent
+        # recorded before fork() is the parent's to deliver.
+        held = getattr(_holding, "held", None) or _hold()
+        held.caught.clear()
+    try:
+        _lock = threading.Lock()  # another parent thread may have held it
+        state._for_child(None if late else held.caught)
+        if not late:
+            _native.fork_claim()  # os.fork: this hook is the one handler
+        # late: check() runs outside any fork hook, so its callbacks may raise as usual.
         for _, _, _, child in _ordered(reverse=True):
             if child:
-                _run(child, caught if not late else None, late=late)
+                _run(child, held.caught if not late else None, late=late)
+    finally:
+        if not late:
+            _release(sys._getframe(1))
 
 
 def check() -> bool:
