@@ -5,14 +5,14 @@ themselves, so the order of fork work is decided in one place: ``before``
 callbacks run in ascending ``order``, the ``after_*`` callbacks in
 descending order, mirroring them.
 
-SIGINT and SIGTERM that arrive while the hooks run (the parent waiting
-for a ``copy`` child, the child copying) are held: Python handlers for them
+Signals with a Python handler (SIGINT, SIGTERM, a SIGALRM of
+``signal.setitimer``...) that arrive while the hooks run (the parent
+waiting for a ``copy`` child, the child copying) are held: their handlers
 are replaced by a recorder from the first ``before`` callback to the last
 ``after_*`` callback, in the parent and in the child (which inherits the
-recorder), every callback finishes, and
-the signals are sent again to the forking thread once ``os.fork()`` has
-returned, so ``KeyboardInterrupt`` (or the program's own handler) comes
-from the line that called it. CPython ignores exceptions raised inside
+recorder), every callback finishes, and the signals are sent again to the
+forking thread once ``os.fork()`` has returned, so ``KeyboardInterrupt``
+(or the program's own handler) comes from the line that called it. CPython ignores exceptions raised inside
 at-fork hooks ("Exception ignored in"), so raising there would lose the
 signal and skip the callbacks after it.
 
@@ -124,7 +124,9 @@ def _ordered(reverse: bool):
     return [s for _, s in sorted(_subscribers.items(), key=lambda kv: kv[1][0], reverse=reverse)]
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Every signal a Python handler may take: its handler would run (and may
+# raise) inside a hook, between two steps of the fork's work.
+_HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def _run(callback: Callback, caught: Optional[List[int]] = None, **kwargs) -> None:
@@ -165,24 +167,63 @@ def _deliver_after_return(signums: List[int], caller) -> None:
 
 
 class _Held:
-    """SIGINT/SIGTERM recorded instead of handled during one fork."""
+    """Signals recorded instead of handled during one fork.
+
+    Its :meth:`record` stands in for the Python handlers from the first
+    before-fork callback until fork() has returned to its caller and the
+    caller has moved on (stored the pid): until then a signal is recorded,
+    after it the real handlers are put back and the signal goes to its
+    own handler. Putting them back inside a hook would leave a window where
+    a signal runs its real handler there (a periodic SIGALRM hits it).
+    """
 
     def __init__(self) -> None:
         self.caught: List[int] = []
         self.saved: Dict[int, Any] = {}
+        self.released = False  # the last after-fork callback is done
+        self.caller = None  # the frame that called os.fork()
+        self.lasti = -1
+
+    def _inside(self, frame) -> bool:
+        if not self.released:
+            return True
+        caller = self.caller
+        if caller is None or caller.f_lasti != self.lasti:
+            return False
+        at = frame
+        while at is not None and at is not caller:
+            at = at.f_back
+        return at is not None  # still in the fork's call, before its pid is stored
 
     def record(self, signum, frame) -> None:
-        if signum not in self.caught:
-            self.caught.append(signum)
+        if self._inside(frame):
+            if signum not in self.caught:
+                self.caught.append(signum)
+                if self.released:  # between the last hook and fork()'s return
+                    _deliver_after_return([signum], self.caller)
+            return
+        self.restore()
+        handler = self.saved.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    def restore(self) -> None:
+        """Put the real handlers back where this recorder still stands."""
+        for signum, old in self.saved.items():
+            try:
+                if signal.getsignal(signum) == self.record:
+                    signal.signal(signum, old)
+            except ValueError:  # not the main thread
+                return
 
 
 _holding = threading.local()
 
 
 def _hold() -> _Held:
-    """Record SIGINT/SIGTERM instead of running their Python handlers from
-    now until :func:`_release`, in this process and (inherited with the
-    handlers) in the child.
+    """Record signals instead of running their Python handlers from now
+    until fork() has returned (:func:`_release`), in this process and
+    (inherited with the handlers) in the child.
 
     Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
     outside Python are not touched; in a thread that may not set handlers
@@ -193,6 +234,9 @@ def _hold() -> _Held:
     try:
         for signum in _HELD_SIGNALS:
             old = signal.getsignal(signum)
+            earlier = getattr(old, "__self__", None)
+            if isinstance(earlier, _Held):  # an earlier fork's recorder, not put back yet
+                old = earlier.saved.get(signum, signal.SIG_DFL)
             if callable(old):
                 signal.signal(signum, held.record)
                 held.saved[signum] = old
@@ -202,18 +246,67 @@ def _hold() -> _Held:
 
 
 def _release(caller) -> None:
-    """Restore the handlers :func:`_hold` replaced and re-send what was
-    recorded once fork() has returned to ``caller``."""
+    """End the hooks' hold: re-send what was recorded, and put the real
+    handlers back, once fork() has returned to ``caller`` and it moved on."""
     held = getattr(_holding, "held", None)
     _holding.held = None
     if held is None:
         return
-    # Restore last: a signal between here and fork()'s return would run its
-    # handler inside this hook, where CPython drops the exception.
-    for signum, old in held.saved.items():
-        signal.signal(signum, old)
+    held.caller = caller
+    held.lasti = caller.f_lasti if caller is not None else -1
+    held.released = True
     if held.caught:
         _deliver_after_return(list(held.caught), caller)
+    _when_returned(caller, restore=held.restore)
+
+
+# -- after fork() returned ----------------------------------------------------
+
+_post = threading.local()  # this thread's work for after fork() returns
+
+
+def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
+                   restore: Optional[Callable[[], None]] = None) -> None:
+    """Run ``callback`` at the first profile event in ``caller`` (fork()'s
+    c_return) and ``restore`` at the first one after ``caller`` moved past
+    the call (its pid stored). At once where the caller is unknown or
+    another profiler is set (never displaced)."""
+    current = sys.getprofile()
+    if caller is None or (current is not None and current is not _profile) or (
+            getattr(_post, "caller", None) not in (None, caller)):
+        if callback is not None:
+            callback()
+        if restore is not None:
+            restore()
+        return
+    _post.caller = caller
+    _post.lasti = caller.f_lasti
+    if callback is not None:
+        _post.callbacks = getattr(_post, "callbacks", []) + [callback]
+    if restore is not None:
+        _post.restore = restore
+    sys.setprofile(_profile)
+
+
+def _profile(frame, event, arg) -> None:
+    caller = _post.caller
+    callbacks = getattr(_post, "callbacks", [])
+    if callbacks:
+        at = caller
+        while at is not None and at is not frame:
+            at = at.f_back
+        if at is None:
+            return  # still inside the fork hooks
+        _post.callbacks = []
+        for callback in callbacks:
+            callback()
+    restore = getattr(_post, "restore", None)
+    if restore is not None and caller.f_lasti == _post.lasti:
+        return  # fork() returned, its pid not yet stored
+    sys.setprofile(None)
+    _post.caller = _post.restore = None
+    if restore is not None:
+        restore()
 
 
 def _run_all(callbacks, **kwargs) -> None:
@@ -297,21 +390,7 @@ def after_fork_returns(callback: Callable[[], None]) -> None:
     frame = sys._getframe()
     while frame is not None and frame.f_code is not _after_in_parent.__code__:
         frame = frame.f_back
-    caller = frame.f_back if frame is not None else None
-    if caller is None or sys.getprofile() is not None:
-        callback()  # never displace a profiler (3.13 may then warn)
-        return
-
-    def profile(frame, event, arg):
-        at = caller
-        while at is not None and at is not frame:
-            at = at.f_back
-        if at is None:
-            return  # still inside the fork hooks
-        sys.setprofile(None)
-        callback()
-
-    sys.setprofile(profile)
+    _when_returned(frame.f_back if frame is not None else None, callback=callback)
 
 
 def wait_task_gone(tid: Optional[int]) -> None:
