@@ -181,6 +181,7 @@ class _Held:
         self.caught: List[int] = []
         self.saved: Dict[int, Any] = {}
         self.released = False  # the last after-fork callback is done
+        self.finishing = False  # finish() will run once fork() returned
         self.caller = None  # the frame that called os.fork()
         self.lasti = -1
 
@@ -199,7 +200,7 @@ class _Held:
         if self._inside(frame):
             if signum not in self.caught:
                 self.caught.append(signum)
-                if self.released:  # between the last hook and fork()'s return
+                if self.released and not self.finishing:  # between the last hook and fork()'s return
                     _deliver_after_return([signum], self.caller)
             return
         self.restore()
@@ -215,6 +216,14 @@ class _Held:
                     signal.signal(signum, old)
             except ValueError:  # not the main thread
                 return
+
+    def finish(self) -> None:
+        """Once fork() returned and its pid is stored, in the forking thread:
+        put the real handlers back, then raise what was recorded, in one C
+        call (their handlers run next; one that raises leaves the others
+        pending, as CPython does)."""
+        self.restore()
+        list(map(signal.raise_signal, self.caught))
 
 
 _holding = threading.local()
@@ -254,10 +263,14 @@ def _release(caller) -> None:
         return
     held.caller = caller
     held.lasti = caller.f_lasti if caller is not None else -1
+    held.finishing = _can_wait(caller) and _when_returned(caller, restore=held.finish)
     held.released = True
-    if held.caught:
-        _deliver_after_return(list(held.caught), caller)
-    _when_returned(caller, restore=held.restore)
+    if not held.finishing:
+        # No profile function to finish with (another profiler, or no
+        # caller): the handlers go back now, and a thread re-sends.
+        held.restore()
+        if held.caught:
+            _deliver_after_return(list(held.caught), caller)
 
 
 # -- after fork() returned ----------------------------------------------------
@@ -265,20 +278,26 @@ def _release(caller) -> None:
 _post = threading.local()  # this thread's work for after fork() returns
 
 
+def _can_wait(caller) -> bool:
+    """Whether :func:`_when_returned` can wait for ``caller`` (known, and
+    no other profiler set in this thread)."""
+    current = sys.getprofile()
+    return caller is not None and (current is None or current is _profile) and (
+        getattr(_post, "caller", None) in (None, caller))
+
+
 def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
-                   restore: Optional[Callable[[], None]] = None) -> None:
+                   restore: Optional[Callable[[], None]] = None) -> bool:
     """Run ``callback`` at the first profile event in ``caller`` (fork()'s
     c_return) and ``restore`` at the first one after ``caller`` moved past
-    the call (its pid stored). At once where the caller is unknown or
-    another profiler is set (never displaced)."""
-    current = sys.getprofile()
-    if caller is None or (current is not None and current is not _profile) or (
-            getattr(_post, "caller", None) not in (None, caller)):
+    the call (its pid stored); True. At once where the caller is unknown or
+    another profiler is set (never displaced); False."""
+    if not _can_wait(caller):
         if callback is not None:
             callback()
         if restore is not None:
             restore()
-        return
+        return False
     _post.caller = caller
     _post.lasti = caller.f_lasti
     if callback is not None:
@@ -286,6 +305,7 @@ def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
     if restore is not None:
         _post.restore = restore
     sys.setprofile(_profile)
+    return True
 
 
 def _profile(frame, event, arg) -> None:
