@@ -127,6 +127,22 @@ def test_close_unmaps_a_region_after_mprotect_is_undone(region_factory, caplog):
     assert not [r for r in caplog.records if r.levelno == logging.ERROR]
 
 
+@pytest.mark.parametrize("advice", ["DONTFORK", "NOHUGEPAGE"])
+def test_close_unmaps_a_region_advised_in_part(region_factory, caplog, advice):
+    """madvise() on one block of a region (fork or huge page advice) splits
+    its VMA into pieces that differ in that flag only: still all the
+    region's, unmapped by close() without an ERROR."""
+    region = region_factory(8 << 20)
+    code = {"DONTFORK": 10, "NOHUGEPAGE": 15}[advice]
+    _native.madvise(region.address + region.pmd_size, region.pmd_size, code)
+    assert (region.address, region.address + region.size) not in _maps()
+    lo, hi = region.address, region.address + region.size
+    with caplog.at_level(logging.ERROR, logger="thpguard"):
+        region.close()
+    assert _unmapped(lo, hi)
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+
+
 def test_region_stays_huge_and_one_vma(region_factory):
     """The mapping that refuses merges is still one VMA over exactly the
     region, and populating it still gives PMD-mapped blocks (PAGEMAP_SCAN)."""

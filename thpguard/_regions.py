@@ -368,7 +368,8 @@ def unmap_region(region) -> None:
 # mprotect(), mlock() or madvise() on part of it (soft-dirty does not stop a
 # merge). Any other difference, or none at all, between two pieces that
 # touch means one of them is another mapping.
-_PIECE_FLAGS = frozenset({"rd", "wr", "ex", "lo", "lf", "sd", "hg", "nh", "mg"})
+_PIECE_FLAGS = frozenset({"rd", "wr", "ex", "lo", "lf", "sd", "hg", "nh", "mg", "dc", "dd", "wf",
+                          "sr", "rr"})
 
 
 def outside_change(region) -> Optional[str]:
