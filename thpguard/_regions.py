@@ -409,7 +409,7 @@ def outside_change(region) -> Optional[str]:
             return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
                     "mapped there after outside code unmapped part of the region")
     lazy = region.fork == "copy" and mechanism_for(region).name == "userfault"
-    if not region._unmergeable or lazy:
+    if not getattr(region, "_unmergeable", False) or lazy:  # set by Region._setup (THP)
         return None
     fixed = {frozenset(set(v.vm_flags) - _PIECE_FLAGS) for v in pieces}
     if len(fixed) > 1:

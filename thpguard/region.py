@@ -197,7 +197,6 @@ class Region:
 
         self._map, self.address = self._backend.map(self.size, self.pmd_size)
         self._advised = False  # MADV_HUGEPAGE taken: smaps shows hg on its VMAs
-        self._unmergeable = False  # its VMA never merges with a neighbour's (tg_map_unmergeable)
         try:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
@@ -223,17 +222,12 @@ class Region:
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
-        try:
-            # A mapping that outside code later puts into a hole of the range
-            # then stays a VMA of its own, even with the region's flags, so
-            # close() can tell it apart (_regions.outside_change).
-            _native.map_unmergeable(addr, size)
-            self._unmergeable = True
+        try:  # what outside code maps into a hole stays a VMA apart (outside_change)
+            self._unmergeable = _native.map_unmergeable(addr, size) is None
         except OSError as exc:
             log.debug("region %#x keeps its plain mapping: %s", addr, exc)
         try:
-            # The slack page just below the region becomes a named marker,
-            # so `thpguard status` of this process can tell the region apart.
+            # The slack page below the region: a named marker for `thpguard status`.
             _native.map_marker(addr - _PAGE, _PAGE, self.name)
         except OSError as exc:
             log.debug("no marker page for region %#x: %s", addr, exc)
