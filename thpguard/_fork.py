@@ -339,6 +339,7 @@ def _before() -> None:
     # Held from the first before-fork callback to the last after-fork one,
     # in both processes: CPython reports an exception raised in any at-fork
     # hook as "Exception ignored" and drops it (and the signal with it).
+    _holding.entered = True
     held = None
     try:
         held = _hold()
@@ -351,7 +352,16 @@ def _before() -> None:
             held.caught.append(signal.SIGINT)
 
 
+def _before_again() -> None:
+    # A signal that arrived just before fork() runs its handler on entry to
+    # the first hook, before any code of it; if that raised, CPython dropped
+    # the exception and skipped the hook: run it now (this hook runs next).
+    if not getattr(_holding, "entered", False):
+        _before()
+
+
 def _after_in_parent() -> None:
+    _holding.entered = False
     held = getattr(_holding, "held", None) or _hold()  # a fork whose before hook did not run
     try:
         for _, _, parent, _ in _ordered(reverse=True):
@@ -363,6 +373,7 @@ def _after_in_parent() -> None:
 
 def _after_in_child(late: bool = False) -> None:
     global _lock
+    _holding.entered = False
     held = None
     if not late:
         # The child inherits the recorder as its handler; what the parent
@@ -451,6 +462,7 @@ def in_exec_child() -> bool:
 
 _native.atfork_install()
 _native.fork_claim()  # nothing to handle for forks made before import
+os.register_at_fork(before=_before_again)  # before callbacks run last registered first
 os.register_at_fork(
     before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
 )
