@@ -19,11 +19,14 @@ interleaved round by round:
     ``alloc(size)`` of a populated region: hugetlb 2 MiB against THP.
 
 The hugetlb pool is grown for the run by exactly the pages it needs and
-given back afterwards (never below the count found at the start).
+given back afterwards; the steps hold the host's pool lock meanwhile, so a
+test suite on the same host waits instead of taking the pages
+(benchmarks/_hostlock.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -32,6 +35,7 @@ from thpguard import _native, kernel
 
 from . import _cbench
 from ._harness import GiB, MiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired
+from ._hostlock import hugetlb_pool_lock
 
 NAME = "hugetlb"
 TITLE = "hugetlb against THP and 4 KiB pages: pointer chasing, fork per policy, allocation"
@@ -46,13 +50,14 @@ class _Pool:
 
     def __init__(self, page_size: int, pages: int) -> None:
         self.path = _NR.format(page_size // 1024)
-        self.page_size, self.pages, self.added, self.before = page_size, pages, 0, 0
+        self.page_size, self.pages, self.added = page_size, pages, 0
+        self.lock = contextlib.ExitStack()  # the host's pool lock (tests and benchmarks take turns)
 
     def __enter__(self) -> bool:
-        pool = kernel.hugetlb_pool(self.page_size)
-        if pool is None:
+        if kernel.hugetlb_pool(self.page_size) is None:
             return False
-        self.before = pool.total
+        self.lock.enter_context(hugetlb_pool_lock())
+        pool = kernel.hugetlb_pool(self.page_size)
         missing = max(0, self.pages - pool.available)
         if missing:
             try:
@@ -64,11 +69,14 @@ class _Pool:
         return kernel.hugetlb_pool(self.page_size).available >= self.pages
 
     def __exit__(self, *exc) -> None:
-        if self.added:
-            with open(self.path) as f:
-                now_total = int(f.read())
-            with open(self.path, "w") as f:
-                f.write(str(max(self.before, now_total - self.added)))
+        try:
+            if self.added:
+                with open(self.path) as f:
+                    now_total = int(f.read())
+                with open(self.path, "w") as f:
+                    f.write(str(max(0, now_total - self.added)))
+        finally:
+            self.lock.close()
 
 
 class _Small:
