@@ -81,9 +81,8 @@ class CollapseResult:
     ``MADV_COLLAPSE``; ``collapsed_bytes`` of them are PMD-mapped after, by
     the kernel's own account. ``failures`` maps an errno to the number of
     chunks that failed with it. ``seconds`` is the wall time spent.
-    ``refused`` maps each block that answered EINVAL (or EBUSY in a
-    userfaultfd mapping: :doc:`copy`) to the reason (a mapping split by
-    ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, empty pages, ...).
+    ``refused`` maps each refused block (EINVAL; EBUSY in a userfaultfd
+    mapping, :doc:`copy`) to its cause (``mprotect``, ``MADV_NOHUGEPAGE``, ...).
     """
 
     attempted_bytes: int
