@@ -120,6 +120,7 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
             finally:
                 os._exit(status)
         fork_end = lib.tgb_now_ns()
+        downgraded = table.fork_downgraded
         monitor.child = pid
         while True:
             serve(0.02)
@@ -147,7 +148,7 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
             written = 0
     batches = [(starts[i], lats[i]) for i in range(count)]
     return {
-        "variant": variant, "mechanism": table.mechanism, "build_s": built,
+        "variant": variant, "mechanism": table.mechanism, "build_s": built, "fork_downgraded": downgraded,
         "snapshot_status": status, "snapshot_bytes": written,
         "fork_start_ns": fork_start, "fork_end_ns": fork_end, "child_exit_ns": child_exit, "end_ns": end,
         "batch_ops": BATCH, "batches": batches, "thread_cpu_s": cpu,
@@ -244,24 +245,18 @@ def run(settings: Settings) -> Result:
     if settings.max_bytes is not None and size > settings.max_bytes:
         res.skipped = f"the {fmt_bytes(size)} table is above --max-gib"
         return res
-    runnable, missing = [], {}
-    for variant in _tables.VARIANTS:
-        reason = _tables.unavailable(variant, size)
-        need = 2 * size + 2 * GiB  # the store's table, what the child copies or shares, headroom
-        if reason is None and mem_available() < need:
-            reason = f"left out: needs about {fmt_bytes(need)} available, {fmt_bytes(mem_available())} is"
-        if reason:
-            missing[variant] = reason
-        else:
-            runnable.append(variant)
-    if "4k" not in runnable:
-        res.skipped = f"the 4 KiB baseline cannot run: {missing.get('4k')}"
+    # The store's table, what the child copies or shares, headroom; hugetlb
+    # takes its pool (grown per run), outside this.
+    chosen = _tables.choose(res, size, lambda v: (0 if v == "hugetlb" else 2 * size) + 2 * GiB)
+    if chosen is None:
         return res
+    runnable, missing = chosen
     directory = tempfile.mkdtemp(prefix="thpguard-bench-snapshot-", dir=_snapshot_dir(size))
     res.params["snapshot to"] = f"a file in {os.path.dirname(directory)}"
     try:
         raw = interleave(
-            {v: (lambda v=v: in_child(_store, v, size, before_s, after_s, directory, max_after_s)) for v in runnable},
+            {v: (lambda v=v: _tables.run_variant(v, size, 1, lambda: in_child(
+                _store, v, size, before_s, after_s, directory, max_after_s))) for v in runnable},
             reps, warmup=0,
         )
     finally:
@@ -281,13 +276,12 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
 
     series = []
     for v in _tables.VARIANTS:
-        label = _tables.LABELS[v]
         if v in missing:
-            res.add(label, None, "", missing[v])
-            series.append({"variant": v, "label": label, "available": False, "reason": missing[v]})
+            _tables.not_available(res, series, v, missing[v])
             continue
         if v not in figures:
             continue
+        label = _tables.label_of(v, res.samples["runs"][v], res)
         if v == "4k":
             res.add(f"{label}: the baseline", None, "",
                     f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/CPU-s during, "
@@ -337,6 +331,7 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
             "extra_bytes": col(v, "extra_bytes"),
             "back_to_huge_s": backs,
             "huge_at_exit": col(v, "huge_at_exit"),
+            "downgraded_runs": len(_tables.downgrades(res.samples["runs"][v])),
         })
         res.notes.append(
             f"{label} [{res.samples['runs'][v][0]['mechanism']}]: table PMD-mapped {median(col(v, 'huge_before')):.0%} "
