@@ -1,6 +1,6 @@
 """10. multiprocessing workers that only read a table shared at fork.
 
-The parent builds a float32 table (512 MiB quick, 2 GiB full) in each
+The parent builds a float32 table (256 MiB quick, 2 GiB full) in each
 memory variant of ``_tables`` and starts a ``multiprocessing`` pool (the
 ``fork`` start method, 2 workers) whose tasks only read it: dependent
 random lookups for a fixed time. Nobody writes, so nothing splits: this
@@ -82,9 +82,9 @@ def _one(variant: str, size: int, seconds: float) -> dict:
 
 
 def run(settings: Settings) -> Result:
-    size = settings.pick(512 * MiB, 2 * GiB)
+    size = settings.pick(256 * MiB, 2 * GiB)
     seconds = settings.pick(1.0, 3.0)
-    reps = settings.pick(3, 5)
+    reps = settings.pick(2, 5)
     res = Result(NAME, TITLE, params={
         "table": f"{fmt_bytes(size)} float32, read only after fork",
         "pool": f"multiprocessing fork context, {WORKERS} workers, {seconds:.0f} s of dependent lookups each",
