@@ -280,6 +280,32 @@ def pss(pid: int) -> int:
     return 0
 
 
+def _rollup(pid: int) -> Dict[str, int]:
+    """``Pss``, ``Private_Hugetlb`` and ``Shared_Hugetlb`` of ``pid`` in
+    bytes (smaps_rollup); empty when the process is gone."""
+    out: Dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Hugetlb", "Shared_Hugetlb"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def footprint(pids: List[int]) -> int:
+    """Bytes of memory the processes ``pids`` use between them: the sum of
+    their PSS, plus the hugetlb pages they map, which smaps counts outside
+    Rss and Pss: each one's private pages, and the shared ones once (the
+    most any of them maps shared). That is exact for a process and its
+    children, where every page still shared is mapped by the parent."""
+    found = [_rollup(pid) for pid in pids]
+    return (sum(r.get("Pss", 0) + r.get("Private_Hugetlb", 0) for r in found)
+            + max((r.get("Shared_Hugetlb", 0) for r in found), default=0))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` (all its threads) in seconds; 0 when gone."""
     try:

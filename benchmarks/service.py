@@ -214,7 +214,7 @@ def _memory(server: Server, info: dict) -> dict:
         "worker_huge": workers,
         "worker_hugetlb": {pid: _tables.hugetlb_bytes(pid, start, end) / info["size"] for pid in server.workers},
         "min_worker_huge": min(workers.values()) if workers else float("nan"),
-        "pss_bytes": _tables.pss(server.proc.pid) + sum(_tables.pss(p) for p in server.workers),
+        "pss_bytes": _tables.footprint([server.proc.pid] + server.workers),
         "master_huge": _tables.huge_bytes(server.proc.pid, start, end) / info["size"],
     }
 
@@ -341,7 +341,7 @@ def _summarise(res: Result, samples: Dict[str, List[dict]], runnable: List[str],
         if v == "4k":
             res.add(f"{label}: the baseline", None, "",
                     f"{median(rps[v]):.0f} req/s, {median(per_cpu[v]):.0f} per worker CPU-s, p50 {_fmt_us(median(p50[v]))}, p99 {_fmt_us(median(p99[v]))}, "
-                    f"PSS {fmt_bytes(median(pss[v]))}")
+                    f"memory {fmt_bytes(median(pss[v]))}")
         per_round = [r / b for r, b in zip(rps[v], rps["4k"])]
         if v != "4k":
             _variant_rows(res, v, label, rps, p50, p99, pss)
@@ -386,5 +386,5 @@ def _variant_rows(res: Result, v: str, label: str, rps, p50, p99, pss) -> None:
             _fmt_us(median(p50[v])), _fmt_us(median(p50["4k"])))
     res.add(f"{label}: p99", paired(p99[v], p99["4k"]), f"latency {v}/4k",
             _fmt_us(median(p99[v])), _fmt_us(median(p99["4k"])))
-    res.add(f"{label}: PSS, master + workers", paired(pss[v], pss["4k"]), f"memory {v}/4k",
+    res.add(f"{label}: memory (PSS + hugetlb), master + workers", paired(pss[v], pss["4k"]), f"memory {v}/4k",
             fmt_bytes(median(pss[v])), fmt_bytes(median(pss["4k"])))

@@ -56,7 +56,9 @@ def _stream(view: memoryview, path: str) -> None:
 
 
 class _Monitor(threading.Thread):
-    """Samples (t, huge bytes of the table, store PSS, child PSS) every 0.1 s."""
+    """Samples every 0.1 s: (t, huge bytes of the table, the store's memory,
+    what the child adds to it), memory as :func:`_tables.footprint` counts
+    it (PSS, and hugetlb pages, which PSS leaves out)."""
 
     def __init__(self, table: _tables.Table) -> None:
         super().__init__(daemon=True)
@@ -70,8 +72,9 @@ class _Monitor(threading.Thread):
         start, end = self.table.address, self.table.address + self.table.size
         while not self._done.is_set():
             child = self.child
-            self.samples.append((now(), _tables.huge_bytes(me, start, end), _tables.pss(me),
-                                 _tables.pss(child) if child else 0))
+            mine = _tables.footprint([me])
+            self.samples.append((now(), _tables.huge_bytes(me, start, end), mine,
+                                 _tables.footprint([me, child]) - mine if child else 0))
             self._done.wait(_SAMPLE_S)
 
     def stop(self) -> None:
@@ -292,7 +295,7 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
                                 ("during_wall_ops_per_s", "wall-clock throughput during", "ops"),
                                 ("during_p99_us", "p99 batch latency during", "us"),
                                 ("fork_ms", "fork() pause", "ms"),
-                                ("extra_bytes", "extra memory (PSS)", "bytes")):
+                                ("extra_bytes", "extra memory (PSS + hugetlb)", "bytes")):
             value, base = median(col(v, key)), median(col("4k", key))
             if unit == "ops":
                 unit_text = "M ops/s" if "wall" in key else "M ops/CPU-s"
