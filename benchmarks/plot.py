@@ -6,12 +6,13 @@ whiskers from the lowest to the highest round. Memory is PSS plus the
 hugetlb pages (which PSS leaves out).
 
 ``python -m benchmarks.plot RESULTS.json OUT.png`` redraws it from the JSON
-that ``python -m benchmarks --json`` wrote. Needs matplotlib (the ``bench``
+that ``python -m benchmarks --json`` wrote (``RESULTS.json.gz`` too). Needs matplotlib (the ``bench``
 extra).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
@@ -306,7 +307,8 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         print("usage: python -m benchmarks.plot RESULTS.json OUT.png", file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
+    opener = gzip.open if argv[0].endswith(".gz") else open
+    with opener(argv[0], "rt") as f:
         plot(json.load(f), argv[1])
     return 0
 
