@@ -63,7 +63,8 @@ def plot(document: dict, path: str) -> None:
         draw(ax, result)
     for ax in flat[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
+    # Below the figure's title: with three rows of panels it would cover the first row's titles.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (5.4 * rows)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -171,7 +172,7 @@ def _ratio_bars(ax, variants, metrics, title, better, extra_label=None) -> None:
     is "higher" or "lower": all metrics of one panel go the same way."""
     shown = [v for v in variants if v["variant"] != "4k"]
     width = 0.8 / len(metrics)
-    tops = [1.0]
+    tops, bottoms = [1.0], [1.0]
     for k, (key, name) in enumerate(metrics):
         xs, mids, lows, highs = [], [], [], []
         for i, v in enumerate(shown):
@@ -191,6 +192,7 @@ def _ratio_bars(ax, variants, metrics, title, better, extra_label=None) -> None:
             ax.annotate(f"{mid:.2f}", xy=(x, mid + high), xytext=(0, 2), textcoords="offset points",
                         ha="center", va="bottom", fontsize=6.5, rotation=90 if len(metrics) > 2 else 0)
             tops.append(mid + high)
+            bottoms.append(max(mid - low, 1e-3))
     ax.axhline(1.0, color="black", linewidth=0.9, linestyle="--", zorder=0,
                label="baseline: 4 KiB pages (MADV_NOHUGEPAGE) = 1")
     labels = []
@@ -208,8 +210,14 @@ def _ratio_bars(ax, variants, metrics, title, better, extra_label=None) -> None:
     arrow = "\u2191" if better == "higher" else "\u2193"
     ax.set_ylabel(f"ratio to 4 KiB pages, same round\n{arrow} {better} is better", fontsize=8)
     ax.set_title(title + f" ({better} is better)", fontsize=9)
-    # Head room above the tallest whisker for the legend.
-    ax.set_ylim(0, max(tops) * 1.35)
+    if max(tops) > 8:
+        # One variant tens of times the baseline would flatten the others:
+        # a log axis keeps every ratio readable (2x and 0.5x equally far from 1).
+        ax.set_yscale("log")
+        ax.set_ylim(min(bottoms) * 0.5, max(tops) * 6)
+    else:
+        # Head room above the tallest whisker for the legend.
+        ax.set_ylim(0, max(tops) * 1.35)
     ax.legend(fontsize=7, loc="upper left", ncol=2, frameon=False)
 
 
