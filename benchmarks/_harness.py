@@ -10,6 +10,7 @@ kept for the JSON output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -21,6 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import thpguard
 from thpguard import _child, _native, kernel
+
+from ._hostlock import hugetlb_pool_lock
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -210,8 +213,9 @@ _NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages"
 
 class PoolGrowth:
     """Grow a hugetlb pool until ``pages`` of it are free; give back what
-    was added on exit (never below the count found on entry, so pages
-    another process added meanwhile stay).
+    was added on exit. From entry to exit it holds the host's hugetlb pool
+    lock (``_hostlock``), so the tests and other benchmarks that grow a pool
+    wait instead of taking the pages this run was promised.
 
     ``with PoolGrowth(page_size, pages) as ok``: ``ok`` is True when the
     pool has ``pages`` free pages. With ``keep_free`` (bytes) the pool never
@@ -223,13 +227,14 @@ class PoolGrowth:
     def __init__(self, page_size: int, pages: int, keep_free: Optional[int] = None) -> None:
         self.path = _NR_HUGEPAGES.format(page_size // 1024)
         self.page_size, self.pages, self.keep_free = page_size, pages, keep_free
-        self.added, self.before, self.free = 0, 0, 0
+        self.added, self.free = 0, 0
+        self.lock = contextlib.ExitStack()
 
     def __enter__(self) -> bool:
-        pool = kernel.hugetlb_pool(self.page_size)
-        if pool is None:
+        if kernel.hugetlb_pool(self.page_size) is None:
             return False
-        self.before = pool.total
+        self.lock.enter_context(hugetlb_pool_lock())
+        pool = kernel.hugetlb_pool(self.page_size)
         missing = max(0, self.pages - pool.available)
         if missing and self.keep_free is not None:
             missing = min(missing, max(0, (mem_available() - self.keep_free) // self.page_size))
@@ -245,11 +250,14 @@ class PoolGrowth:
         return self.free >= self.pages
 
     def __exit__(self, *exc) -> None:
-        if self.added:
-            with open(self.path) as f:
-                now_total = int(f.read())
-            with open(self.path, "w") as f:
-                f.write(str(max(self.before, now_total - self.added)))
+        try:
+            if self.added:
+                with open(self.path) as f:
+                    now_total = int(f.read())
+                with open(self.path, "w") as f:
+                    f.write(str(max(0, now_total - self.added)))
+        finally:
+            self.lock.close()
 
 
 def loadavg() -> List[float]:

@@ -19,7 +19,9 @@ interleaved round by round:
     ``alloc(size)`` of a populated region: hugetlb 2 MiB against THP.
 
 The hugetlb pool is grown for the run by exactly the pages it needs and
-given back afterwards (never below the count found at the start).
+given back afterwards; the steps hold the host's pool lock meanwhile, so a
+test suite on the same host waits instead of taking the pages
+(benchmarks/_hostlock.py).
 """
 
 from __future__ import annotations

@@ -114,6 +114,7 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
                        size_t n, int advice, size_t *advised);
 int tg_copy_remap(void *addr, size_t len, size_t align);
 int tg_map_flags(void *addr, size_t len, int extra_flags, void **out);
+int tg_map_unmergeable(void *addr, size_t len);
 int tg_copy_remap_flags(void *addr, size_t len, int extra_flags);
 int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);

@@ -139,6 +139,18 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
  * pages with another process. On failure the old range is untouched. */
 int tg_copy_remap(void *addr, size_t len, size_t align);
 
+/* Replace the (mapped, fresh) range [addr, addr+len) by a private anonymous
+ * mapping that a mapping placed next to it later never merges with: it is
+ * made elsewhere, given its anon_vma by one write fault (the page is dropped
+ * again) and moved over addr with mremap(MREMAP_FIXED), which keeps the page
+ * offset of a VMA that has an anon_vma (Linux copy_vma()). Anonymous VMAs
+ * merge only where their page offsets continue each other, and a fresh
+ * mapping's offset is its address's, so memory that outside code maps into
+ * a hole of the range stays a VMA of its own, even with the same flags.
+ * Pieces of the range split off by mprotect() or mlock() keep continuing
+ * offsets and merge back. On failure addr is untouched. */
+int tg_map_unmergeable(void *addr, size_t len);
+
 /* hugetlb: MAP_HUGETLB and the page size as log2 << TG_MAP_HUGE_SHIFT. */
 #define TG_MAP_HUGETLB    0x40000
 #define TG_MAP_HUGE_SHIFT 26

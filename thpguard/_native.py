@@ -277,6 +277,12 @@ def map_flags(addr: int, length: int, extra_flags: int) -> int:
     return int(ffi.cast("uintptr_t", out[0]))
 
 
+def map_unmergeable(addr: int, length: int) -> None:
+    """Replace the fresh range by a mapping that a later neighbour mapping
+    never merges with (``tg_map_unmergeable``)."""
+    _check(lib.tg_map_unmergeable(_ptr(addr), length), "mmap and mremap", addr, length)
+
+
 def copy_remap_flags(addr: int, length: int, extra_flags: int) -> None:
     """Copy a range into a fresh mapping made with ``extra_flags`` and move it over."""
     _check(lib.tg_copy_remap_flags(_ptr(addr), length, extra_flags),

@@ -184,7 +184,7 @@ class Guard:
         """Stop the guard thread for the block, then start it again.
 
         Use it around a ``fork()`` that bypasses Python's at-fork hooks (a
-        C extension, uWSGI without ``py-call-osafterfork``): a thread that
+        C extension, uWSGI without ``py-call-uwsgi-fork-hooks``): a thread that
         runs during such a fork can leave CPython's own GIL mutex locked in
         the child, which then hangs. The guard stays installed, so a child
         forked inside the block starts its own guard on its first thpguard
@@ -215,7 +215,14 @@ class Guard:
             # Thread.start() returns before the new thread has registered
             # itself under threading's internal lock; a fork that bypasses
             # Python in that window would leave the lock held in the child.
-            ready.wait(_JOIN_TIMEOUT)
+            # So wait as long as it takes (a busy machine may not schedule
+            # the thread for a while), unless the thread is already gone.
+            warned = False
+            while not ready.wait(_JOIN_TIMEOUT) and self._thread.is_alive():
+                if not warned:
+                    log.warning("the guard thread has not started after %g s; "
+                                "still waiting", _JOIN_TIMEOUT)
+                    warned = True
 
     def _halt(self) -> None:
         thread, stop = self._thread, self._stop_event
@@ -226,10 +233,17 @@ class Guard:
         with self._tick_done:
             self._tick_done.notify_all()
         if thread is not threading.current_thread():
+            # Never go on (to a fork) with the thread alive: wait until it
+            # is gone. A tick is bounded (the repair checks the stop event
+            # between blocks), but a busy machine may take long over one.
+            warned = False
             thread.join(_JOIN_TIMEOUT)
-            if thread.is_alive():
-                log.error("the guard thread did not stop within %.0f s", _JOIN_TIMEOUT)
-                return
+            while thread.is_alive():
+                if not warned:
+                    log.warning("the guard thread has not stopped after %g s; "
+                                "still waiting for its tick to end", _JOIN_TIMEOUT)
+                    warned = True
+                thread.join(_JOIN_TIMEOUT)
             _fork.wait_task_gone(thread.native_id)
         self._thread = self._stop_event = None
 

@@ -222,9 +222,12 @@ class Region:
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
+        try:  # what outside code maps into a hole stays a VMA apart (outside_change)
+            self._unmergeable = _native.map_unmergeable(addr, size) is None
+        except OSError as exc:
+            log.debug("region %#x keeps its plain mapping: %s", addr, exc)
         try:
-            # The slack page just below the region becomes a named marker,
-            # so `thpguard status` of this process can tell the region apart.
+            # The slack page below the region: a named marker for `thpguard status`.
             _native.map_marker(addr - _PAGE, _PAGE, self.name)
         except OSError as exc:
             log.debug("no marker page for region %#x: %s", addr, exc)
