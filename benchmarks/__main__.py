@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import sys
 import traceback
@@ -26,7 +27,7 @@ def _parse(argv):
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (about 2 minutes)")
     parser.add_argument("--only", metavar="NAME[,NAME]", help=f"run only these: {', '.join(names)}")
-    parser.add_argument("--json", metavar="PATH", help="write every raw sample, the host and the versions here")
+    parser.add_argument("--json", metavar="PATH", help="write every raw sample, the host and the versions here (gzip-compressed if PATH ends in .gz)")
     parser.add_argument("--plot", metavar="PATH", help="write the PNG plot here (needs matplotlib)")
     parser.add_argument(
         "--max-gib", type=float, metavar="N", help="leave out region sizes above N GiB (shared hosts)"
@@ -103,7 +104,9 @@ def main(argv=None) -> int:
         "results": [r.as_dict() for r in results],
     }
     if args.json:
-        with open(args.json, "w") as f:
+        # A full snapshot run keeps millions of batch latencies: .gz keeps them small.
+        opener = gzip.open if args.json.endswith(".gz") else open
+        with opener(args.json, "wt") as f:
             json.dump(document, f, indent=1, sort_keys=True)
         print(f"raw samples written to {args.json}")
     if args.plot:

@@ -26,7 +26,6 @@ test suite on the same host waits instead of taking the pages
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 
@@ -35,48 +34,13 @@ from thpguard import _native, kernel
 
 from . import _cbench
 from ._harness import GiB, MiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired
-from ._hostlock import hugetlb_pool_lock
+from ._harness import PoolGrowth as _Pool
 
 NAME = "hugetlb"
 TITLE = "hugetlb against THP and 4 KiB pages: pointer chasing, fork per policy, allocation"
 
 POLICIES = ("share", "copy", "wipe", "private")
 _SEED = 0x6875676574
-_NR = "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages"
-
-
-class _Pool:
-    """Grow a hugetlb pool by what a step needs; give it back on exit."""
-
-    def __init__(self, page_size: int, pages: int) -> None:
-        self.path = _NR.format(page_size // 1024)
-        self.page_size, self.pages, self.added = page_size, pages, 0
-        self.lock = contextlib.ExitStack()  # the host's pool lock (tests and benchmarks take turns)
-
-    def __enter__(self) -> bool:
-        if kernel.hugetlb_pool(self.page_size) is None:
-            return False
-        self.lock.enter_context(hugetlb_pool_lock())
-        pool = kernel.hugetlb_pool(self.page_size)
-        missing = max(0, self.pages - pool.available)
-        if missing:
-            try:
-                with open(self.path, "w") as f:
-                    f.write(str(pool.total + missing))
-            except OSError:
-                return False
-            self.added = missing
-        return kernel.hugetlb_pool(self.page_size).available >= self.pages
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self.added:
-                with open(self.path) as f:
-                    now_total = int(f.read())
-                with open(self.path, "w") as f:
-                    f.write(str(max(0, now_total - self.added)))
-        finally:
-            self.lock.close()
 
 
 class _Small:

@@ -289,3 +289,62 @@ def test_lazy_copy_and_hugetlb_rows_are_asked_of_thpguard(monkeypatch):
     lazy = _tables.unavailable("copy lazy", 4 * MiB)
     assert lazy.startswith("not available here") and "no lazy here: the reason" in lazy
     assert "no hugetlb here" in _tables.unavailable("hugetlb", 4 * MiB)
+
+
+def _share_table_forks(size: int, children: int) -> dict:
+    """In a fresh process: a hugetlb share table, ``children`` forks that
+    keep sharing it, what smaps says each child maps from the pool."""
+    table = _tables.allocate("hugetlb", size)
+    hold_r, hold_w = os.pipe()
+    pids = []
+    try:
+        for _ in range(children):
+            pid = os.fork()
+            if pid == 0:
+                os.close(hold_w)
+                os.read(hold_r, 1)
+                os._exit(0)
+            pids.append(pid)
+        end = table.address + size
+        me = os.getpid()
+        return {"downgraded": table.fork_downgraded,
+                "pss": _tables.pss(me) + sum(_tables.pss(p) for p in pids),
+                "footprint": _tables.footprint([me] + pids),
+                "children_hugetlb": [_tables.hugetlb_bytes(p, table.address, end) for p in pids],
+                "children_thp": [_tables.smaps_range(p, table.address, end).get("AnonHugePages", 0)
+                                 for p in pids]}
+    finally:
+        os.close(hold_w)
+        for pid in pids:
+            os.waitpid(pid, 0)
+
+
+def test_hugetlb_variant_sizes_the_pool_its_forks_need(hugepool):
+    """With the pool hugetlb_pool_pages() asks for, two children that keep
+    sharing the table are not downgraded: both map it from the pool (smaps)."""
+    from benchmarks._harness import in_child
+
+    size = 8 * MiB
+    hugepool(_tables.hugetlb_pool_pages(size, 2))
+    found = _tables.run_variant("hugetlb", size, 2, lambda: in_child(_share_table_forks, size, 2))
+    assert found["pool"]["covered"] and found["loadavg"]
+    assert found["downgraded"] is None
+    assert found["children_hugetlb"] == [size, size]
+    assert found["children_thp"] == [0, 0]
+    # smaps leaves hugetlb pages out of PSS; footprint() counts the shared table once.
+    assert found["pss"] + size <= found["footprint"] < found["pss"] + 2 * size
+
+
+def test_a_downgraded_hugetlb_run_is_named_so():
+    """A run whose share fork thpguard downgraded is labelled as such, with
+    thpguard's reason in a note, not presented as hugetlb."""
+    from benchmarks._harness import Result
+
+    res = Result("service", "t")
+    runs = [{"fork_downgraded": None, "pool": {"pages_needed": 20, "pages_free": 20}},
+            {"fork_downgraded": "fork copied this share region into the child (THP): too few pages",
+             "pool": {"pages_needed": 20, "pages_free": 12}}]
+    label = _tables.label_of("hugetlb", runs, res)
+    assert "DOWNGRADED" in label and "1 of 2" in label
+    assert any("too few pages" in n and "12 of the 20" in n for n in res.notes)
+    assert _tables.label_of("hugetlb", runs[:1], res) == _tables.LABELS["hugetlb"]
