@@ -32,6 +32,10 @@ _STATE: Dict[str, object] = {}
 def _work(seconds: float) -> dict:
     """A pool task: dependent lookups for ``seconds``; lookups/s, and what
     smaps says of this worker's copy of the table."""
+    # Each worker takes exactly one task: it waits here until every other
+    # worker has one too (on a busy host one worker could otherwise take
+    # them all, and the run would measure a single worker).
+    _STATE["barrier"].wait(timeout=120)
     ffi, lib = _cbench.load()
     table = _STATE["table"]
     pointer = ffi.cast("float *", ffi.from_buffer(table.view))
@@ -64,6 +68,7 @@ def _one(variant: str, size: int, seconds: float) -> dict:
     lib.tgb_fill_index_f32(ffi.cast("float *", ffi.from_buffer(table.view)), table.size // 4)
     _STATE["table"] = table
     ctx = multiprocessing.get_context("fork")
+    _STATE["barrier"] = ctx.Barrier(WORKERS)  # inherited by the workers at fork
     t0 = now()
     with ctx.Pool(WORKERS) as pool:
         # A trivial task per worker: the pool is up once each has answered.
