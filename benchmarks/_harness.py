@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import thpguard
 from thpguard import _child, _native, kernel
@@ -206,6 +206,38 @@ def warm_memory(size: int) -> float:
     finally:
         _native.unmap(addr, size)
     return now() - started
+
+
+def warm_hugetlb_pool(page_size: int) -> Tuple[int, float]:
+    """Touch every free, unreserved page of the ``page_size`` hugetlb pool
+    once; (pages touched, seconds taken).
+
+    Pages just added to a pool come from free memory the host may no
+    longer back (see :func:`warm_memory`): the first touch of each costs
+    what a cold page does. A hugetlb mapping of the free pages, populated
+    and unmapped, leaves them in the pool, backed: a timed step that takes
+    pages from the pool afterwards gets warm ones. Returns (0, 0.0) where
+    there is no such pool or no free page, or when another process took
+    pages between the count and the mapping (nothing is left mapped).
+    """
+    started = now()
+    pool = kernel.hugetlb_pool(page_size)
+    pages = max(0, pool.free - pool.reserved) if pool else 0
+    if not pages:
+        return 0, 0.0
+    length = pages * page_size
+    flags = _native.MAP_HUGETLB | ((page_size.bit_length() - 1) << _native.MAP_HUGE_SHIFT)
+    try:
+        addr = _native.map_flags(0, length, flags)
+    except OSError:
+        return 0, now() - started
+    try:
+        _native.populate_write(addr, length, page_size)
+    except OSError:
+        pages = 0
+    finally:
+        _native.unmap(addr, length)
+    return pages, now() - started
 
 
 _NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages"

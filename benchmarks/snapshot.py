@@ -29,7 +29,8 @@ import time
 from typing import Dict, List, Optional
 
 from . import _cbench, _tables
-from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired, percentile
+from ._harness import (GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired,
+                       percentile, pmd_size, warm_hugetlb_pool, warm_memory)
 
 NAME = "snapshot"
 TITLE = "an in-memory store that forks to write a snapshot while it keeps serving"
@@ -112,6 +113,17 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
     cpu = {"start": time.thread_time()}
     try:
         serve(before_s)
+        before_end = lib.tgb_now_ns()
+        cpu["before_end"] = time.thread_time()
+        # Warm memory for what the snapshot allocates, right before the
+        # fork and alike in every variant: the copies of written blocks
+        # (at most the table) come from free memory, and hugetlb's from
+        # its pool, whose freshly added pages are cold until touched.
+        warm = {"hugetlb_pages": 0, "hugetlb_s": 0.0}
+        if variant == "hugetlb":
+            warm["hugetlb_pages"], warm["hugetlb_s"] = warm_hugetlb_pool(pmd_size())
+        warm["bytes"] = size
+        warm["s"] = warm_memory(size)
         cpu["fork"] = time.thread_time()
         fork_start = lib.tgb_now_ns()
         pid = os.fork()
@@ -153,6 +165,7 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
     return {
         "variant": variant, "mechanism": table.mechanism, "build_s": built, "fork_downgraded": downgraded,
         "snapshot_status": status, "snapshot_bytes": written,
+        "before_end_ns": before_end, "warm": warm,
         "fork_start_ns": fork_start, "fork_end_ns": fork_end, "child_exit_ns": child_exit, "end_ns": end,
         "batch_ops": BATCH, "batches": batches, "thread_cpu_s": cpu,
         # monitor times are perf_counter seconds; keep them relative to the fork
@@ -166,15 +179,18 @@ def summarise_run(run: dict) -> dict:
     """Phase figures of one run: ops/s and p99 batch latency before, during
     and after the snapshot, the fork pause, extra memory, time back to huge."""
     fork0, fork1, exit_ns, end_ns = run["fork_start_ns"], run["fork_end_ns"], run["child_exit_ns"], run["end_ns"]
+    # Runs that warm memory before the fork end the "before" phase where
+    # the warming starts: it is neither serving nor the snapshot.
+    before_end = run.get("before_end_ns", fork0)
     phases = {"before": [], "during": [], "after": []}
     first = run["batches"][0][0] if run["batches"] else fork0
     for start, lat in run["batches"]:
         phase = "before" if start < fork0 else "during" if start < exit_ns else "after"
         phases[phase].append(lat)
-    bounds = {"before": (first, fork0), "during": (fork0, exit_ns), "after": (exit_ns, end_ns)}
+    bounds = {"before": (first, before_end), "during": (fork0, exit_ns), "after": (exit_ns, end_ns)}
     out: Dict[str, float] = {}
     cpu = run.get("thread_cpu_s") or {}
-    cpu_bounds = {"before": ("start", "fork"), "during": ("fork", "exit"), "after": ("exit", "end")}
+    cpu_bounds = {"before": ("start", "before_end" if "before_end" in cpu else "fork"), "during": ("fork", "exit"), "after": ("exit", "end")}
     for phase, lats in phases.items():
         lo, hi = bounds[phase]
         wall = (hi - lo) / 1e9
@@ -193,7 +209,9 @@ def summarise_run(run: dict) -> dict:
     offset = run["clock_offset_s"]
     t_fork, t_exit = fork0 / 1e9 + offset, exit_ns / 1e9 + offset
     size = run["table_bytes"]
-    pre = [s for s in run["monitor"] if s[0] < t_fork]
+    # The baseline is the store before the warming, which maps and frees
+    # memory of its own.
+    pre = [s for s in run["monitor"] if s[0] < before_end / 1e9 + offset]
     during = [s for s in run["monitor"] if t_fork <= s[0] < t_exit and s[3]]
     base_pss = pre[-1][2] if pre else float("nan")
     out["huge_before"] = pre[-1][1] / size if pre else float("nan")
@@ -339,5 +357,17 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
         res.notes.append(
             f"{label} [{res.samples['runs'][v][0]['mechanism']}]: table PMD-mapped {median(col(v, 'huge_before')):.0%} "
             f"before the fork, {median(col(v, 'huge_at_exit')):.0%} at worst until the child exited; snapshot took "
-            f"{median(col(v, 'snapshot_s')):.2f} s")
+            f"{median(col(v, 'snapshot_s')):.2f} s" + _warm_note(res.samples["runs"][v]))
     res.series["variants"] = series
+
+
+def _warm_note(runs: List[dict]) -> str:
+    """How the memory the snapshot allocates was warmed before the fork."""
+    warms = [r["warm"] for r in runs if r.get("warm")]
+    if not warms:
+        return ""
+    text = f"; warmed {fmt_bytes(warms[0]['bytes'])} of free memory before the fork in {median([w['s'] for w in warms]):.1f} s"
+    if any(w["hugetlb_pages"] for w in warms):
+        text += (f" and {median([w['hugetlb_pages'] for w in warms]):.0f} free hugetlb pool pages in "
+                 f"{median([w['hugetlb_s'] for w in warms]):.1f} s")
+    return text
