@@ -147,6 +147,39 @@ def test_snapshot_phases_memory_and_time_back_to_huge():
     assert kept["back_to_huge_s"] == 0.0 and not kept["split_seen"]
 
 
+def test_snapshot_before_phase_ends_where_the_warming_starts():
+    """A run that warms memory before its fork: the warming (1.5 to 2 s,
+    the store's memory up by what it maps) counts in no phase, and the
+    extra memory is measured against the store before it."""
+    ns = 1_000_000_000
+    run = _fake_run(lambda t: 100 if t < 2 or t >= 4.5 else 40)
+    run["batches"] = [b for b in run["batches"] if not 1.5 * ns <= b[0] < 2 * ns]
+    run["before_end_ns"] = 3 * ns // 2
+    run["thread_cpu_s"] = {"start": 0.0, "before_end": 0.75, "fork": 1.0, "exit": 1.5, "end": 3.5}
+    run["monitor"] = [(t, h, p + (5000 if 1.5 <= t < 2 else 0), c) for t, h, p, c in run["monitor"]]
+    fig = snapshot.summarise_run(run)
+    assert fig["before_wall_ops_per_s"] == pytest.approx(15 * 1000 / 1.5)
+    assert fig["before_ops_per_s"] == pytest.approx(15 * 1000 / 0.75)
+    assert fig["during_ops_per_s"] == pytest.approx(20 * 1000 / 0.5)
+    assert fig["extra_bytes"] == 700
+    assert fig["huge_before"] == 1.0
+
+
+def test_warm_hugetlb_pool_leaves_the_pages_in_the_pool(hugepool):
+    """The free pages are mapped, touched and unmapped: the pool keeps
+    them (sysfs counts), free and unreserved as before."""
+    from benchmarks._harness import warm_hugetlb_pool
+    from thpguard import kernel
+
+    pmd = kernel.pmd_size()
+    hugepool(4)
+    before = kernel.hugetlb_pool(pmd)
+    pages, seconds = warm_hugetlb_pool(pmd)
+    after = kernel.hugetlb_pool(pmd)
+    assert pages >= 4 and seconds > 0
+    assert (after.total, after.free, after.reserved) == (before.total, before.free, before.reserved)
+
+
 def test_unavailable_variants_keep_their_row():
     """A variant the host lacks is a row that says why, not a missing row."""
     from benchmarks._harness import Result
