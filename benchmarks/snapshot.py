@@ -8,6 +8,15 @@ that streams the whole table to a file (in a temp dir, deleted after) and
 goes on serving while the child writes. Each run is a fresh store process
 for one variant of ``_tables``; the variants interleave, rotating.
 
+Right before the fork the store warms what the snapshot will allocate
+(:func:`_harness.warm_memory`), alike in every variant: as many bytes of
+free memory as the table has (the most the copies of written pages or
+blocks can take), and for hugetlb every free page of its grown pool
+(:func:`_harness.warm_hugetlb_pool`), where its copies come from. On a
+host that hands free memory back (free page reporting) a first touch of
+it costs 10-20x a warm one; without this the variants that copy during
+the snapshot would measure the host. The warming is in no phase.
+
 Per phase (``before`` the fork, ``during`` the snapshot, ``after`` the
 child exited) the store records the latency of every batch of operations;
 a thread samples every 0.1 s what smaps says of the table (PMD-mapped
