@@ -103,10 +103,33 @@ def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
+def _time_scale() -> float:
+    raw = os.environ.get("THPGUARD_TEST_TIME_SCALE", "1")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 1000:
+        raise pytest.UsageError(
+            f"THPGUARD_TEST_TIME_SCALE={raw!r}: expected a number from 1 to 1000 "
+            "(how many times slower than a bare host this run may be)")
+    return value
+
+
+#: THPGUARD_TEST_TIME_SCALE (default 1): how many times slower than a bare
+#: host this run may be. It multiplies every deadline of the suite (WAIT,
+#: the children's default wait, the fork tests' alarm) and nothing else: the
+#: tests wait on conditions, and a deadline only bounds a hang. The kernel
+#: matrix's guests set it (tests/kernels/guest.sh), since under qemu's
+#: software emulation they run 10 to 50 times slower than the host.
+TIME_SCALE = _time_scale()
+
 #: Seconds a test waits for a condition before it fails. Long on purpose:
 #: a deadline only turns a hang into a failure (other work may be slowing
 #: this host down), it never decides whether something was fast enough.
-WAIT = 60.0
+WAIT = 60.0 * TIME_SCALE
+# Children the tests fork (run_in_child, Child) wait as long.
+_child.DEFAULT_TIMEOUT = WAIT
 
 
 def wait_until(predicate, what: str, timeout: float = WAIT, poll: float = 0.01):

@@ -16,7 +16,7 @@ import time
 import warnings
 
 import pytest
-from conftest import (WAIT, checksum, has_pagemap_scan, run_in_child, sharer, smaps_huge_bytes,
+from conftest import (TIME_SCALE, WAIT, checksum, has_pagemap_scan, run_in_child, sharer, smaps_huge_bytes,
                       wait_repaired, wait_until)
 
 import thpguard
@@ -58,7 +58,7 @@ def deadline():
         raise AssertionError("timed out: deadlock?")
 
     old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(120)
+    signal.alarm(int(120 * TIME_SCALE))
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
@@ -273,7 +273,7 @@ def test_fork_outside_python_is_noticed(split_and_repair, region_factory, runnin
         reaped = False
         try:
             # Well inside the deadline fixture's alarm, so the kill below runs.
-            if not select.select([read_end], [], [], 60)[0]:
+            if not select.select([read_end], [], [], WAIT)[0]:
                 raise AssertionError("the child forked outside Python hangs")
             with os.fdopen(read_end, "rb") as f:
                 result = pickle.loads(f.read())
@@ -569,7 +569,7 @@ def test_callback_errors_are_counted_not_fatal(split_and_repair, region_factory,
 def run_python(code, **env):
     full = dict(os.environ, **env)
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=WAIT)
 
 
 def test_environment_installs_the_guard():

@@ -6,6 +6,11 @@
 
 cd "$THPG_REPO" || { echo "THPG:error:cannot enter $THPG_REPO"; exit 3; }
 export TMPDIR=/tmp HOME=/tmp PYTHONDONTWRITEBYTECODE=1 THPGUARD_REQUIRE_THP=1
+# qemu without KVM emulates the CPU (TCG): 10-50x slower than the host, on a
+# host that is busy too. The tests wait on conditions; this stretches only
+# their deadlines (tests/conftest.py, TIME_SCALE), which bound hangs.
+export THPGUARD_TEST_TIME_SCALE="${THPG_TIME_SCALE:-10}"
+echo "THPG:time_scale:$THPGUARD_TEST_TIME_SCALE"
 case "$THPG_KERNEL" in *thp_cow) export THPGUARD_REQUIRE_DIRECT_COW=1 ;; esac
 PY=$THPG_PYTHON
 THP=/sys/kernel/mm/transparent_hugepage
