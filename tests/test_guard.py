@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -285,6 +286,35 @@ def test_fork_outside_python_is_noticed(split_and_repair, region_factory, runnin
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
     assert result == dict(ok=True, running=True, forks=_fork.generation() + 1, repairs=1)
+    assert running_guard.running
+
+
+def test_a_tick_longer_than_the_stop_wait_does_not_stop_the_guard(split_and_repair, region_factory,
+                                                                   running_guard, pmd, monkeypatch, caplog):
+    """A tick that outlasts stopping's wait (one smaps read or collapse, slow under emulation):
+    the guard waits for that thread before starting the next, and keeps ticking after the pause."""
+    guard_module = sys.modules["thpguard.guard"]
+
+    monkeypatch.setattr(guard_module, "_JOIN_TIMEOUT", 0.05)
+    monkeypatch.setattr(guard_module, "_STOP_LIMIT", 0.1)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(event):  # called in the guard thread, inside its tick
+        if event.kind == "split" and not entered.is_set():
+            entered.set()
+            release.wait(WAIT)
+
+    region = region_factory(2 * pmd)
+    thpguard.install(on_event=slow)
+    with sharer():
+        region.view()[0] = 1
+        assert entered.wait(WAIT), "the guard did not see the split"
+        with running_guard.paused():
+            # Stopping gave up after _STOP_LIMIT: the thread is still in its tick.
+            assert any("did not stop" in r.getMessage() for r in caplog.records)
+            monkeypatch.setattr(guard_module, "_STOP_LIMIT", WAIT)
+            release.set()
+        wait_repaired(running_guard, region)
     assert running_guard.running
 
 

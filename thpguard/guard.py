@@ -65,6 +65,11 @@ _SMAPS_CPU_SHARE = 0.05
 _MIN_INTERVAL = 0.001
 _MAX_INTERVAL = 3600.0
 _JOIN_TIMEOUT = 5.0
+#: How long stopping the guard waits, at most, for the thread to end its
+#: tick: one smaps read or MADV_COLLAPSE call runs to its end (seconds on a
+#: slow or emulated machine); a fork while the thread runs could leave its
+#: locks held in the child.
+_STOP_LIMIT = 120.0
 
 
 def _check_seconds(name: str, value: object, low: float = _MIN_INTERVAL,
@@ -203,8 +208,15 @@ class Guard:
 
     def _start(self) -> None:
         with self._lock:
-            if self.running:
+            if self.running and not self._stop_event.is_set():
                 return
+            if self._thread is not None:
+                # A thread told to stop that was still in its tick when
+                # _halt gave up waiting: it ends after that tick, and with
+                # no thread after it the guard would stop for good.
+                self._halt()
+                if self._thread is not None:
+                    return  # still in its tick (logged); the next start tries again
             self._stop_event = threading.Event()
             ready = threading.Event()
             self._thread = threading.Thread(
@@ -228,7 +240,11 @@ class Guard:
         if thread is not threading.current_thread():
             thread.join(_JOIN_TIMEOUT)
             if thread.is_alive():
-                log.error("the guard thread did not stop within %.0f s", _JOIN_TIMEOUT)
+                log.warning("the guard thread is still in its tick after %.0f s; waiting up to "
+                            "%.0f s for it to stop", _JOIN_TIMEOUT, _STOP_LIMIT)
+                thread.join(_STOP_LIMIT - _JOIN_TIMEOUT)
+            if thread.is_alive():
+                log.error("the guard thread did not stop within %.0f s", _STOP_LIMIT)
                 return
             _fork.wait_task_gone(thread.native_id)
         self._thread = self._stop_event = None
