@@ -67,6 +67,10 @@ if [ "$THPG_PYTEST" = 1 ]; then
     echo "THPG:pytest_seconds:$(awk -v s="$start" '{print $1 - s}' /proc/uptime)"
     # 5 (no tests collected) is a failure too: the host checks the count.
 fi
+# --copy-compare (patched kernel): the lazy copy mechanisms side by side.
+if [ "$THPG_COPYCMP" = 1 ]; then
+    echo "THPG:copycmp:$("$PY" tests/kernels/copycmp.py 2>/tmp/copycmp.err || tail -n 1 /tmp/copycmp.err)"
+fi
 # The patch's kselftest (patched kernel only); last, since it mounts cgroup2.
 if [ -n "$THPG_KSELFTEST" ]; then
     start=$(cut -d' ' -f1 /proc/uptime)
