@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pytest
+
+from conftest import WAIT, wait_until
 
 from thpguard import _checks, kernel
 from thpguard._agentconfig import AgentConfig, ConfigError, Selection, from_mapping, load
@@ -345,17 +349,44 @@ def test_sighup_reloads_and_sigterm_summarises(require_agent, victims, tmp_path,
     p = subprocess.Popen([sys.executable, "-m", "thpguard", "agent", "--log-format", "json",
                           "--config", str(conf), "--metrics", "127.0.0.1:0"],
                          stderr=subprocess.PIPE, text=True)
+    # The agent's log lines, read as they come (a thread: a read must not
+    # block the test past its deadline); None once stderr is closed.
+    lines, err_lines = queue.Queue(), []
+
+    def read_log():
+        for line in p.stderr:
+            err_lines.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+
+    def next_event(event, level=None):
+        """The agent's next log event named ``event`` (at ``level``), within WAIT s."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"waited {WAIT:g} s for the agent's {event!r} event; "
+                            f"its log: {''.join(err_lines)[-2000:]}")
+            if line is None:
+                pytest.fail(f"the agent ended before its {event!r} event: {''.join(err_lines)[-2000:]}")
+            if line.startswith("{"):
+                e = json.loads(line)
+                if e["event"] == event and (level is None or e["level"] == level):
+                    return e
+
     try:
-        start = {}
-        while start.get("event") != "start":
-            start = json.loads(p.stderr.readline())
+        start = next_event("start")  # logged once the signal handlers are in place
         port = int(start["metrics"].rsplit(":", 1)[1])
         conf.write_text(f"interval = 0.2\nmin_process_bytes = 0\n[select]\npids = [{v.pid}]\n")
         p.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while v.huge_bytes() < v.whole_blocks(pmd) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert v.huge_bytes() == v.whole_blocks(pmd)
+        next_event("reload", "info")
+        wait_until(lambda: v.huge_bytes() == v.whole_blocks(pmd),
+                   lambda: f"the agent to repair the victim ({v.huge_bytes()} of "
+                           f"{v.whole_blocks(pmd)} bytes huge)", poll=0.1)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         line = next(ln for ln in text.splitlines() if ln.startswith("thpguard_agent_repaired_bytes_total{"))
         assert 'comm="python' in line and 'cgroup="' in line and "pid=" not in line
@@ -363,9 +394,13 @@ def test_sighup_reloads_and_sigterm_summarises(require_agent, victims, tmp_path,
         assert not re.search(r'pid="', text)
         conf.write_text("interval = [\n")
         p.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        # Not a fixed pause: a SIGTERM that arrived with the SIGHUP still
+        # pending would stop the agent before it reread the file.
+        next_event("reload", "error")
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=30)
+        p.wait(timeout=WAIT)
+        reader.join(WAIT)
+        err = "".join(err_lines)
     finally:
         if p.poll() is None:
             p.kill()

@@ -25,8 +25,10 @@ from thpguard.guard import state_of
 from conftest import (
     has_pagemap_scan,
     run_in_child,
+    sharer,
     smaps_huge_bytes,
     smaps_vma,
+    wait_until,
 )
 
 MADV_DONTNEED = 4
@@ -111,20 +113,14 @@ def test_split_blocks_is_a_count_in_every_type(split_and_repair, region_factory,
     """split_blocks is an int in Coverage and in status's VMA; the addresses
     have their own name; huge bytes are called huge_bytes in both."""
     region = region_factory(2 * pmd)
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(30)
-        os._exit(0)
-    try:
+    with sharer():  # shares until the block ends: the write splits
         region.view()[pmd] = 1
         cov = region.coverage()
         vma = _status_vma(region.address)
+        assert smaps_huge_bytes(os.getpid(), region.address, region.address + 2 * pmd) == pmd
         assert cov.split_blocks == vma.split_blocks == 1
         assert vma.split_block_addresses == [region.address + pmd]
         assert cov.huge_bytes == vma.huge_bytes == vma.as_dict()["huge_bytes"] == pmd
-    finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
 
 
 # -- EINVAL scoped to the block ----------------------------------------------------------------
@@ -146,25 +142,21 @@ def test_einval_on_one_block_keeps_the_region_repaired(split_and_repair, require
         # AddressSanitizer intercepts mlock() and does nothing (tests/sanitize.sh).
         pytest.skip(f"{how}() did not change the mapping here")
     guard = thpguard.install(interval=0.01)
-    sharer = os.fork()
-    if sharer == 0:
-        time.sleep(30)
-        os._exit(0)
     view = region.view()
     try:
-        view[2 * pmd] = 1  # fork splits elsewhere in the region
-        view[3 * pmd] = 1
-
         def truth():
             return sum(v.huge_bytes or 0 for v in kernel.read_smaps()
                        if region.address <= v.start and v.end <= region.address + region.size)
 
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if hex(region.address + pmd) in thpguard.stats().blocks_disabled and \
-                    truth() == 3 * pmd:
-                break
-            time.sleep(0.02)
+        with sharer():  # shares until the block ends: the writes split
+            with guard.paused():
+                view[2 * pmd] = 1  # fork splits elsewhere in the region
+                view[3 * pmd] = 1
+                assert truth() == pmd, "the writes did not split blocks 2 and 3"
+            wait_until(lambda: hex(region.address + pmd) in thpguard.stats().blocks_disabled
+                       and truth() == 3 * pmd,
+                       lambda: f"the guard to disable the {how} block and repair the others "
+                               f"(stats {thpguard.stats()}, {truth()} bytes huge)")
         s = thpguard.stats()
         reason = s.blocks_disabled.get(hex(region.address + pmd), "")
         assert "mprotect()ed or mlock()ed" in reason and "spans 3 mappings" in reason, s
@@ -172,8 +164,6 @@ def test_einval_on_one_block_keeps_the_region_repaired(split_and_repair, require
         assert truth() == 3 * pmd  # every block but the mprotect/mlock one
     finally:
         del view
-        os.kill(sharer, 9)
-        os.waitpid(sharer, 0)
         guard.stop()
         if how == "mlock":
             libc.munlock(ctypes.c_void_p(page), 4096)
@@ -186,19 +176,15 @@ def test_collapse_names_the_cause_of_einval(split_and_repair, require_scan, regi
     """Region.collapse() reports which block refused and why."""
     region = region_factory(2 * pmd)
     page = region.address + 8192
-    pid = os.fork()
-    if pid == 0:
-        time.sleep(30)
-        os._exit(0)
     try:
-        region.view()[0] = 1
-        assert libc.mprotect(ctypes.c_void_p(page), 4096, 1) == 0
-        result = region.collapse()
-        assert list(result.refused) == [region.address]
-        assert "spans 3 mappings" in result.refused[region.address]
+        with sharer():  # shares until the block ends: the write splits
+            region.view()[0] = 1
+            assert not region.coverage().complete, "the write did not split the block"
+            assert libc.mprotect(ctypes.c_void_p(page), 4096, 1) == 0
+            result = region.collapse()
+            assert list(result.refused) == [region.address]
+            assert "spans 3 mappings" in result.refused[region.address]
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
         libc.mprotect(ctypes.c_void_p(page), 4096, 3)
 
 
@@ -259,20 +245,24 @@ import thpguard
 region = thpguard.alloc({2 * pmd})
 g = thpguard.install(interval=0.01)
 os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+r, w = os.pipe()
 pid = os.fork()
-if pid == 0:
-    time.sleep(30); os._exit(0)
-region.view()[0] = 1
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline and not region.coverage().complete:
-    time.sleep(0.02)
-print(region.coverage().complete, region.coverage().source,
+if pid == 0:  # shares the region until the parent closes the pipe
+    os.close(w); os.read(r, 1); os._exit(0)
+os.close(r)
+with g.paused():  # the split stays until the guard runs again
+    region.view()[0] = 1
+    split = not region.coverage().complete
+deadline = time.monotonic() + 60  # only ends a hang
+while not region.coverage().complete and time.monotonic() < deadline:
+    g.wait_ticks(1, timeout=60)
+print(split, region.coverage().complete, region.coverage().source,
       stream.getvalue().count("/proc/self/pagemap cannot be opened"))
-os.kill(pid, 9)
+os.close(w); os.waitpid(pid, 0)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "smaps", "1"], done.stdout + done.stderr
+    assert done.stdout.split() == ["True", "True", "smaps", "1"], done.stdout + done.stderr
 
 
 # -- capability registry, native contract, verify ---------------------------------------------

@@ -289,33 +289,53 @@ def test_fork_outside_python_is_noticed(split_and_repair, region_factory, runnin
     assert running_guard.running
 
 
-def test_a_tick_longer_than_the_stop_wait_does_not_stop_the_guard(split_and_repair, region_factory,
-                                                                   running_guard, pmd, monkeypatch, caplog):
-    """A tick that outlasts stopping's wait (one smaps read or collapse, slow under emulation):
-    the guard waits for that thread before starting the next, and keeps ticking after the pause."""
-    guard_module = sys.modules["thpguard.guard"]
-
+def test_pause_waits_for_a_tick_longer_than_the_join_timeout(split_and_repair, region_factory,
+                                                             running_guard, pmd, caplog,
+                                                             monkeypatch):
+    """A tick that outlasts the join timeout (here an event listener, which runs in the
+    guard thread, holds it) delays paused() and fork until the thread is gone: never
+    does the block (or a fork) run with the guard thread alive. One warning says so."""
+    guard_module = sys.modules["thpguard.guard"]  # thpguard.guard is also the function
     monkeypatch.setattr(guard_module, "_JOIN_TIMEOUT", 0.05)
-    monkeypatch.setattr(guard_module, "_STOP_LIMIT", 0.1)
-    entered, release = threading.Event(), threading.Event()
+    caplog.set_level(logging.WARNING, logger="thpguard")
+    region = region_factory(4 * pmd)
+    in_tick, release, ticking = threading.Event(), threading.Event(), []
 
-    def slow(event):  # called in the guard thread, inside its tick
-        if event.kind == "split" and not entered.is_set():
-            entered.set()
-            release.wait(WAIT)
+    def slow_listener(event):
+        if event.kind == "split" and not in_tick.is_set():
+            ticking.append(threading.current_thread())
+            in_tick.set()
+            release.wait(WAIT)  # the tick goes on once the test says so
 
-    region = region_factory(2 * pmd)
-    thpguard.install(on_event=slow)
-    with sharer():
-        region.view()[0] = 1
-        assert entered.wait(WAIT), "the guard did not see the split"
+    thpguard.install(on_event=slow_listener)
+    seen_inside = []
+
+    def pause():
         with running_guard.paused():
-            # Stopping gave up after _STOP_LIMIT: the thread is still in its tick.
-            assert any("did not stop" in r.getMessage() for r in caplog.records)
-            monkeypatch.setattr(guard_module, "_STOP_LIMIT", WAIT)
-            release.set()
-        wait_repaired(running_guard, region)
-    assert running_guard.running
+            seen_inside.append((thread.is_alive(),
+                                os.path.exists(f"/proc/self/task/{thread.native_id}")))
+
+    try:
+        with sharer():
+            region.view()[0] = 1
+            assert in_tick.wait(WAIT), "the guard never saw the split"
+        thread = ticking[0]
+        assert thread is running_guard._thread
+        pauser = threading.Thread(target=pause)
+        pauser.start()
+        wait_until(lambda: any("has not stopped" in r.getMessage() for r in caplog.records),
+                   "the warning that the guard thread has not stopped yet")
+        # Well past the join timeout: the pause still waits for the tick.
+        assert seen_inside == [] and thread.is_alive() and pauser.is_alive()
+    finally:
+        release.set()
+    pauser.join(WAIT)
+    assert not pauser.is_alive(), "paused() never returned"
+    assert seen_inside == [(False, False)], seen_inside
+    warned = [r for r in caplog.records if "has not stopped" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, warned
+    assert running_guard.running  # started again after the block
+    wait_repaired(running_guard, region)
 
 
 # -- bounded repair and faults ----------------------------------------------------------

@@ -85,13 +85,13 @@ def _target_code():
 
 @pytest.mark.parametrize("command", ["watch", "guard"])
 def test_process_exiting_mid_scan(command):
-    """20 targets that exit at a random moment while watch/guard scan them
+    """10 targets that exit at a random moment while watch/guard scan them
     every millisecond: every run ends with exit 0, never a traceback."""
     if command == "guard" and os.geteuid() != 0:
         pytest.skip("guard needs CAP_SYS_NICE")
     rng = random.Random(13)
     bad = []
-    for _ in range(20):
+    for _ in range(10):
         target = subprocess.Popen([sys.executable, "-c", _target_code()], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         assert target.stdout.readline().strip() == "ready"

@@ -20,6 +20,7 @@ import os
 from typing import List, Optional
 
 from . import _native, _procmap, kernel
+from ._procmap import ProcessGone
 from .blocks import classify
 from ._agentconfig import AgentConfig, Selection
 
@@ -31,10 +32,6 @@ _PM_EXCLUSIVE = 1 << 56
 # device and PFN maps (io, pf), userfaultfd-registered ranges (um, uw:
 # MADV_COLLAPSE answers EBUSY), and shared mappings (sh).
 NEVER_FLAGS = frozenset({"nh", "ht", "io", "pf", "um", "uw", "sh"})
-
-
-class ProcessGone(Exception):
-    """The process exited, or its PID now belongs to another process."""
 
 
 @dataclasses.dataclass

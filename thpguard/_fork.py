@@ -288,9 +288,13 @@ def wait_task_gone(tid: Optional[int]) -> None:
     if tid is None:
         return
     path = f"/proc/self/task/{tid}"
-    deadline = time.monotonic() + 1.0
+    # Its exit is a few instructions away, but a busy machine may not run
+    # it for a while; the deadline only guards against a reused thread id.
+    deadline = time.monotonic() + 60.0
+    pause = 0.00005
     while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.00005)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
 
 
 def generation() -> int:

@@ -50,7 +50,8 @@ def cgroup_of(pid, roots: Optional[kernel.Roots] = None) -> Optional[str]:
 
 
 class ProcessGone(Exception):
-    """The process exited (or never existed), or has no user memory.
+    """The process exited (or never existed, or its PID now belongs to
+    another process), or has no user memory.
 
     ``reason`` is a sentence for the user ("PID 7 is a zombie: ..."); it
     names a zombie or a kernel thread when that is why.

@@ -263,9 +263,10 @@ def _after_fork_in_child(late: bool = False) -> None:
     fs.pending.pipe, fs.pending.targets, fs.pending.prepared = None, [], False
     try:
         if late or not prepared:
-            # The parent did not wait for us (a fork from C; or uWSGI's
-            # py-call-osafterfork, which runs the child's hooks but not the
-            # parent's before-fork ones), but copying still ends our
+            # The parent did not wait for us (a fork from C; or uWSGI
+            # without py-call-uwsgi-fork-hooks: py-call-osafterfork alone
+            # runs the child's hooks but not the parent's before-fork
+            # ones), but copying still ends our
             # sharing, so neither side splits from now on.
             targets = [(r, mechanism_for(r)) for r in _live().regions
                        if r.fork == "copy" and not r.closed]

@@ -109,6 +109,7 @@ class Agent:
         self.stop_signal: Optional[int] = None  # what ended run(): SIGTERM or SIGINT
         self._stop = False
         self._reload = False
+        self._end: Optional[float] = None  # run(duration=): when to stop, monotonic
         self._wake_r = self._wake_w = -1
         self._apply_budgets()
 
@@ -136,11 +137,19 @@ class Agent:
             except OSError:
                 pass
 
+    def _halting(self) -> bool:
+        """Stop or reload asked, or run()'s duration is over."""
+        return self._stop or self._reload or (self._end is not None and time.monotonic() >= self._end)
+
     def _sleep(self, seconds: float) -> bool:
-        """Sleep up to *seconds*, waking early for a signal. False when the
-        agent should stop what it is doing (stop or reload asked)."""
-        if self._stop or self._reload:
+        """Sleep up to *seconds*, waking early for a signal and never past
+        run()'s duration (a budget's wait would otherwise outlast it). False
+        when the agent should stop what it is doing (stop or reload asked,
+        or the duration over)."""
+        if self._halting():
             return False
+        if self._end is not None:
+            seconds = min(seconds, self._end - time.monotonic())
         if seconds > 0:
             if self._wake_r >= 0:
                 ready, _, _ = select.select([self._wake_r], [], [], seconds)
@@ -151,7 +160,7 @@ class Agent:
                         pass
             else:
                 time.sleep(seconds)
-        return not (self._stop or self._reload)
+        return not self._halting()
 
     # -- one pass -------------------------------------------------------
 
@@ -318,7 +327,7 @@ class Agent:
             if waits and len(waits) == len(queues):
                 if not self._sleep(min(waits)):
                     return
-            elif self._stop or self._reload:
+            elif self._halting():
                 return
 
     def _collapse(self, t: _Tracked, block: int) -> None:
@@ -428,7 +437,7 @@ class Agent:
             for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
                                  (signal.SIGHUP, self._on_hup)):
                 old[sig] = signal.signal(sig, handler)
-        end = None if duration is None else time.monotonic() + duration
+        end = self._end = None if duration is None else time.monotonic() + duration
         self.log("start", **(start_fields or {}))
         try:
             while not self._stop:
@@ -439,10 +448,7 @@ class Agent:
                 self.run_pass()
                 if end is not None and time.monotonic() >= end:
                     break
-                pause = self.config.interval - (time.monotonic() - began)
-                if end is not None:
-                    pause = min(pause, end - time.monotonic())
-                self._sleep(max(pause, 0.0))
+                self._sleep(self.config.interval - (time.monotonic() - began))
         finally:
             if main:
                 for sig, handler in old.items():

@@ -65,11 +65,6 @@ _SMAPS_CPU_SHARE = 0.05
 _MIN_INTERVAL = 0.001
 _MAX_INTERVAL = 3600.0
 _JOIN_TIMEOUT = 5.0
-#: How long stopping the guard waits, at most, for the thread to end its
-#: tick: one smaps read or MADV_COLLAPSE call runs to its end (seconds on a
-#: slow or emulated machine); a fork while the thread runs could leave its
-#: locks held in the child.
-_STOP_LIMIT = 120.0
 
 
 def _check_seconds(name: str, value: object, low: float = _MIN_INTERVAL,
@@ -189,7 +184,7 @@ class Guard:
         """Stop the guard thread for the block, then start it again.
 
         Use it around a ``fork()`` that bypasses Python's at-fork hooks (a
-        C extension, uWSGI without ``py-call-osafterfork``): a thread that
+        C extension, uWSGI without ``py-call-uwsgi-fork-hooks``): a thread that
         runs during such a fork can leave CPython's own GIL mutex locked in
         the child, which then hangs. The guard stays installed, so a child
         forked inside the block starts its own guard on its first thpguard
@@ -208,15 +203,8 @@ class Guard:
 
     def _start(self) -> None:
         with self._lock:
-            if self.running and not self._stop_event.is_set():
+            if self.running:
                 return
-            if self._thread is not None:
-                # A thread told to stop that was still in its tick when
-                # _halt gave up waiting: it ends after that tick, and with
-                # no thread after it the guard would stop for good.
-                self._halt()
-                if self._thread is not None:
-                    return  # still in its tick (logged); the next start tries again
             self._stop_event = threading.Event()
             ready = threading.Event()
             self._thread = threading.Thread(
@@ -227,7 +215,14 @@ class Guard:
             # Thread.start() returns before the new thread has registered
             # itself under threading's internal lock; a fork that bypasses
             # Python in that window would leave the lock held in the child.
-            ready.wait(_JOIN_TIMEOUT)
+            # So wait as long as it takes (a busy machine may not schedule
+            # the thread for a while), unless the thread is already gone.
+            warned = False
+            while not ready.wait(_JOIN_TIMEOUT) and self._thread.is_alive():
+                if not warned:
+                    log.warning("the guard thread has not started after %g s; "
+                                "still waiting", _JOIN_TIMEOUT)
+                    warned = True
 
     def _halt(self) -> None:
         thread, stop = self._thread, self._stop_event
@@ -238,14 +233,17 @@ class Guard:
         with self._tick_done:
             self._tick_done.notify_all()
         if thread is not threading.current_thread():
+            # Never go on (to a fork) with the thread alive: wait until it
+            # is gone. A tick is bounded (the repair checks the stop event
+            # between blocks), but a busy machine may take long over one.
+            warned = False
             thread.join(_JOIN_TIMEOUT)
-            if thread.is_alive():
-                log.warning("the guard thread is still in its tick after %.0f s; waiting up to "
-                            "%.0f s for it to stop", _JOIN_TIMEOUT, _STOP_LIMIT)
-                thread.join(_STOP_LIMIT - _JOIN_TIMEOUT)
-            if thread.is_alive():
-                log.error("the guard thread did not stop within %.0f s", _STOP_LIMIT)
-                return
+            while thread.is_alive():
+                if not warned:
+                    log.warning("the guard thread has not stopped after %g s; "
+                                "still waiting for its tick to end", _JOIN_TIMEOUT)
+                    warned = True
+                thread.join(_JOIN_TIMEOUT)
             _fork.wait_task_gone(thread.native_id)
         self._thread = self._stop_event = None
 

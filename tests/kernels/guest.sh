@@ -68,7 +68,7 @@ if [ "$THPG_PYTEST" = 1 ]; then
     # 5 (no tests collected) is a failure too: the host checks the count.
 fi
 # --copy-compare (patched kernel): the lazy copy mechanisms side by side.
-if [ "$THPG_COPYCMP" = 1 ]; then
+if [ "$THPG_COPYCMP" = 1 ] && [ -f "$THP/thp_cow" ]; then
     echo "THPG:copycmp:$("$PY" tests/kernels/copycmp.py 2>/tmp/copycmp.err || tail -n 1 /tmp/copycmp.err)"
 fi
 # The patch's kselftest (patched kernel only); last, since it mounts cgroup2.
