@@ -697,6 +697,28 @@ def test_smaps_fallback_counts_only_the_split_block(split_and_repair, pmd):
     assert run_in_child(child) == (True, pmd, 1, 1, pmd)
 
 
+def test_smaps_fallback_hot_entry_counts_an_eagain_the_retry_absorbs(split_and_repair, pmd):
+    """Without PAGEMAP_SCAN (injected ENOTTY) hot() entry collapses the whole region in one
+    call; when that call fails with EAGAIN and each block on its own then succeeds, the
+    EAGAIN is still counted (Linux 6.1, where it was lost)."""
+
+    def child():
+        _native.fault_inject("scan", errno.ENOTTY, 1)  # as on Linux < 6.7
+        region = thpguard.alloc(2 * pmd)
+        assert region.coverage().source == "smaps"
+        with sharer():
+            region.view()[0] = 1
+            delta = Delta()
+            _native.fault_inject("collapse", errno.EAGAIN, 1)
+            buffer = thpguard.hot(region)
+            with buffer:
+                complete = region.coverage().complete
+        region.close()
+        return complete, buffer.report.entry_repaired_bytes, delta.repair_failures
+
+    assert run_in_child(child) == (True, pmd, {"EAGAIN": 1})
+
+
 def test_smaps_fallback_budget_resumes_where_it_stopped(split_and_repair, pmd):
     """Without PAGEMAP_SCAN a budget-limited repair pass goes on from where the last one stopped."""
 
