@@ -1,7 +1,11 @@
 """``python -m benchmarks``: run the benchmarks, print one table each.
 
 Exit status: 0 when every selected benchmark ran (or was skipped for a
-stated reason), 1 when one failed, 2 for bad arguments.
+stated reason), 1 when one failed, 2 for bad arguments, 128 + the signal's
+number when SIGINT, SIGTERM or SIGHUP stopped the run. A stopped run gives
+back the hugetlb pool pages it added, as every run does, and still writes
+the JSON of the benchmarks that finished, with ``"interrupted"`` naming the
+signal and the benchmark it stopped.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ import argparse
 import datetime
 import gzip
 import json
+import signal
 import sys
 import traceback
 
 from . import BENCHMARKS, DEFAULT
+from . import _signals
 from ._harness import Result, Settings, Skipped, fmt_bytes, format_table, host_info, now
 
 SCHEMA = 1
@@ -75,20 +81,33 @@ def main(argv=None) -> int:
     print(flush=True)
     results = []
     failed = False
-    for bench in selected:
-        t0 = now()
-        try:
-            result = bench.run(settings)
-        except Skipped as exc:
-            result = Result(bench.NAME, bench.TITLE, skipped=str(exc))
-        except Exception:
-            failed = True
-            result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
-        result.seconds = now() - t0
-        if settings.quick:
-            result.title += " [quick: smaller sizes, fewer repetitions]"
-        results.append(result)
-        print(format_table(result) + "\n", flush=True)
+    interrupted = None
+    previous = _signals.stop_on_signals()
+    try:
+        for bench in selected:
+            t0 = now()
+            try:
+                result = bench.run(settings)
+            except Skipped as exc:
+                result = Result(bench.NAME, bench.TITLE, skipped=str(exc))
+            except Exception:
+                failed = True
+                result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
+            except KeyboardInterrupt as exc:
+                # Every with-block below has given back what it took (pool pages, lock).
+                signame = exc.name if isinstance(exc, _signals.Interrupted) else "SIGINT"
+                interrupted = {"signal": signame, "benchmark": bench.NAME}
+                result = Result(bench.NAME, bench.TITLE, skipped=f"interrupted by {signame}: no results")
+            result.seconds = now() - t0
+            if settings.quick:
+                result.title += " [quick: smaller sizes, fewer repetitions]"
+            results.append(result)
+            print(format_table(result) + "\n", flush=True)
+            if interrupted:
+                break
+    finally:
+        # A second signal while the JSON is written ends the process as usual.
+        _signals.restore(previous)
     total = now() - started
     print(f"total {total:.0f} s; load at the end {_loadavg()}")
     document = {
@@ -101,6 +120,7 @@ def main(argv=None) -> int:
         "versions": _versions(),
         "loadavg_end": _loadavg(),
         "total_seconds": total,
+        "interrupted": interrupted,
         "results": [r.as_dict() for r in results],
     }
     if args.json:
@@ -117,6 +137,10 @@ def main(argv=None) -> int:
             print(f"plot written to {args.plot}")
         except ImportError as exc:
             print(f"no plot: {exc} (pip install '.[bench]')", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted by {interrupted['signal']} during {interrupted['benchmark']}; "
+              "the benchmarks before it finished", file=sys.stderr)
+        return 128 + getattr(signal, interrupted["signal"])
     return 1 if failed else 0
 
 
