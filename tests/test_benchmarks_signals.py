@@ -126,3 +126,23 @@ def test_sigterm_gives_the_hugetlb_pool_back(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["interrupted"] == {"signal": "SIGTERM", "benchmark": "hugetlb"}
     assert "interrupted by SIGTERM" in doc["results"][-1]["skipped"]
+
+
+def test_full_hugetlb_chase_fits_what_memavailable_allows():
+    """The full chase (four 4 GiB regions) is sized to this host's
+    MemAvailable with 2 GiB to spare, and a cut is said in a note."""
+    from benchmarks import hugetlb
+
+    res = _harness.Result("hugetlb", "t")
+    try:
+        size = hugetlb._chase_size(_harness.Settings.make(False), res, 4)
+    except _harness.Skipped as exc:
+        assert "MemAvailable" in str(exc)
+        return
+    available = _harness.mem_available()
+    # Memory moves on a shared host between the two reads: allow 1 GiB of drift.
+    assert 4 * size + hugetlb.KEEP_FREE <= available + (1 << 30)
+    if size < 4 << 30:
+        assert any("cut from 4 GiB" in n and "MemAvailable" in n for n in res.notes)
+    else:
+        assert res.notes == []
