@@ -64,6 +64,23 @@ def test_in_repo_client_stops_at_its_request_bound(tiny_server):
     assert 0 < found["requests"] <= 40
     assert found["errors"] == 0
     assert found["p50_us"] <= found["p99_us"] and found["rps"] > 0
+    # Every request's latency is kept for the JSON, not only the percentiles.
+    assert len(found["latencies_us"]) == found["requests"]
+    assert max(found["latencies_us"]) == pytest.approx(found["max_us"], abs=0.1)
+
+
+def test_wrk_reports_its_latency_distribution(tiny_server, tmp_path):
+    """wrk keeps a histogram: our script prints its 1000 quantiles, which
+    parse_wrk keeps; they rise and end at wrk's maximum."""
+    if service.wrk_path() is None:
+        pytest.skip("wrk is not installed (benchmarks/install-tools.sh installs it)")
+    script = tmp_path / "report.lua"
+    script.write_text(service._WRK_SCRIPT)
+    found = service._run_wrk(tiny_server, 1.0, str(script))
+    q = found["latency_quantiles_us"]
+    assert len(q) == 1000 and found["requests"] > 0
+    assert q == sorted(q) and q[-1] == found["max_us"]
+    assert q[499] == found["p50_us"] and q[989] == found["p99_us"]
 
 
 def test_every_variant_is_either_available_or_says_why():
