@@ -19,7 +19,7 @@ import sys
 import traceback
 
 from . import BENCHMARKS, DEFAULT
-from . import _signals
+from . import _harness, _signals
 from ._harness import Result, Settings, Skipped, fmt_bytes, format_table, host_info, now
 
 SCHEMA = 1
@@ -75,17 +75,21 @@ def main(argv=None) -> int:
     )
     print(
         f"ratios: medians of {settings.reps} interleaved repetitions after {settings.warmup} warm-up round(s)"
-        " (where a benchmark's line says rounds=N: N rounds and its own warm-up)",
+        " (where a benchmark's line says rounds=N: N rounds and its own warm-up; service, snapshot and"
+        " pool discard no round, each run warms its own service; the JSON's settings.per_benchmark"
+        " says what each ran)",
         flush=True,
     )
     print(flush=True)
     results = []
     failed = False
     interrupted = None
+    rounds = {}
     previous = _signals.stop_on_signals()
     try:
         for bench in selected:
             t0 = now()
+            _harness.ROUNDS_RUN.clear()
             try:
                 result = bench.run(settings)
             except Skipped as exc:
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
             if settings.quick:
                 result.title += " [quick: smaller sizes, fewer repetitions]"
             results.append(result)
+            rounds[bench.NAME] = _rounds_run(result, settings)
             print(format_table(result) + "\n", flush=True)
             if interrupted:
                 break
@@ -114,7 +119,9 @@ def main(argv=None) -> int:
         "schema": SCHEMA,
         "date": when.isoformat(),
         "quick": settings.quick,
-        "settings": {"reps": settings.reps, "warmup": settings.warmup},
+        # The defaults, and what each benchmark really ran (service, snapshot
+        # and pool run their own rounds without a discarded one, for example).
+        "settings": {"reps": settings.reps, "warmup": settings.warmup, "per_benchmark": rounds},
         "host": host,
         "thpguard": host["thpguard"],
         "versions": _versions(),
@@ -142,6 +149,18 @@ def main(argv=None) -> int:
               "the benchmarks before it finished", file=sys.stderr)
         return 128 + getattr(signal, interrupted["signal"])
     return 1 if failed else 0
+
+
+def _rounds_run(result, settings) -> dict:
+    """The rounds ``result``'s benchmark ran: its interleave() calls' reps
+    and warm-up rounds (``"measured"``), or, for those that loop on their
+    own, its ``rounds`` parameter or the defaults (``"declared"``)."""
+    runs = sorted(set(_harness.ROUNDS_RUN))
+    if len(runs) == 1:
+        return {"reps": runs[0][0], "warmup": runs[0][1], "source": "measured"}
+    if runs:
+        return {"reps": [r for r, _ in runs], "warmup": [w for _, w in runs], "source": "measured"}
+    return {"reps": result.params.get("rounds", settings.reps), "warmup": settings.warmup, "source": "declared"}
 
 
 def _choice(text):

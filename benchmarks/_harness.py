@@ -101,6 +101,10 @@ def paired(values: Sequence[float], baselines: Sequence[float]) -> float:
     return median([ratio(v, b) for v, b in zip(values, baselines)])
 
 
+#: (reps, warmup) of each interleave() call, for the JSON header (the entry point clears it).
+ROUNDS_RUN: List[tuple] = []
+
+
 def interleave(
     variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1, rotate: bool = True
 ) -> Dict[str, List[Any]]:
@@ -112,6 +116,7 @@ def interleave(
     each round starts one variant later (A B C, B C A, C A B, ...), so no
     variant always runs first after the previous round's teardown.
     """
+    ROUNDS_RUN.append((reps, warmup))
     samples: Dict[str, List[Any]] = {name: [] for name in variants}
     names = list(variants)
     for round_no in range(warmup + reps):

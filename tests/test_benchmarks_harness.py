@@ -103,3 +103,27 @@ def test_host_info_has_kernel_and_thp_settings():
     assert host["kernel"] == os.uname().release
     assert "enabled" in host["thp"] and "khugepaged/max_ptes_shared" in host["thp"]
     assert host["thpguard"]
+
+
+def test_json_header_says_the_rounds_each_benchmark_ran(tmp_path, monkeypatch):
+    """settings.per_benchmark holds the reps and warm-up rounds a benchmark's
+    interleave() really ran (service, snapshot and pool: rounds=N, no
+    warm-up round), not the run's defaults."""
+    import types
+
+    def own_rounds(settings):
+        _harness.interleave({"a": lambda: 1, "b": lambda: 2}, 2, warmup=0)
+        return _harness.Result("own", "t", params={"rounds": 2})
+
+    def own_loop(settings):
+        return _harness.Result("loop", "t", params={"rounds": 9})
+
+    benches = (types.SimpleNamespace(NAME="own", TITLE="t", run=own_rounds),
+               types.SimpleNamespace(NAME="loop", TITLE="t", run=own_loop))
+    monkeypatch.setattr(entry, "BENCHMARKS", benches)
+    out = tmp_path / "run.json"
+    assert entry.main(["--only", "own,loop", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["reps"] == 7 and settings["warmup"] == 1
+    assert settings["per_benchmark"]["own"] == {"reps": 2, "warmup": 0, "source": "measured"}
+    assert settings["per_benchmark"]["loop"] == {"reps": 9, "warmup": 1, "source": "declared"}
