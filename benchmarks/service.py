@@ -208,6 +208,39 @@ class Server:
         finally:
             conn.close()
 
+    def worker_infos(self, timeout: float = 120.0) -> List[dict]:
+        """``/info`` of every worker, in the order of :attr:`workers`.
+
+        Each try opens one connection per worker before it sends a request
+        on any: a sync worker serves one connection at a time, so the
+        connections land on different workers. Tries again (a worker
+        restarted, a connection refused) until each worker pid answered;
+        RuntimeError naming the silent ones after ``timeout`` s."""
+        deadline = now() + timeout
+        got: Dict[int, dict] = {}
+        while True:
+            conns = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=30) for _ in self.workers]
+            try:
+                for conn in conns:
+                    conn.connect()
+                for conn in conns:
+                    conn.request("GET", "/info")
+                for conn in conns:
+                    info = json.loads(conn.getresponse().read())
+                    got.setdefault(info["pid"], info)
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            finally:
+                for conn in conns:
+                    conn.close()
+            missing = [pid for pid in self.workers if pid not in got]
+            if not missing:
+                return [got[pid] for pid in self.workers]
+            if now() > deadline:
+                raise RuntimeError(f"gunicorn workers {missing} did not answer /info in {timeout:.0f} s "
+                                   f"(answered: {sorted(got)}):\n{self._log_tail()}")
+            time.sleep(0.05)
+
     def _log_text(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()
@@ -276,7 +309,8 @@ def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: floa
         timed = load(server.port, measure_s)
         cpu = sum(_tables.cpu_seconds(p) for p in server.workers) - cpu0
         after = _memory(server, info)
-        after["thpguard_stats"] = [server.info().get("thpguard_stats") for _ in range(WORKERS)]
+        # One entry per worker, in server.workers' order (the pids of after["worker_huge"]).
+        after["thpguard_stats"] = [i.get("thpguard_stats") for i in server.worker_infos()]
     finally:
         server.stop()
     return {

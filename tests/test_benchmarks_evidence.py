@@ -237,6 +237,22 @@ def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypat
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
 
 
+def test_service_reads_every_workers_info():
+    """worker_infos() gets /info from each gunicorn worker, whichever
+    accepts first, in the order of the server's worker pids."""
+    if service.importlib.util.find_spec("gunicorn") is None:
+        pytest.skip("gunicorn is not installed in this Python: pip install -e '.[bench]'")
+    server = service.Server("4k", 16 * MiB, lookups=10, write_every=0)
+    try:
+        server.wait_ready(timeout=180)
+        for _ in range(3):
+            infos = server.worker_infos(timeout=120)
+            assert [i["pid"] for i in infos] == server.workers
+            assert len(set(server.workers)) == service.WORKERS
+    finally:
+        server.stop()
+
+
 def test_service_without_gunicorn_is_skipped_with_the_install_command(monkeypatch):
     """Installed with only the bench extra of an older checkout, gunicorn is missing:
     the service benchmark says so instead of failing with a dead server's log."""
