@@ -150,21 +150,30 @@ def _fork_once(region) -> tuple:
     t0 = now()
     pid = os.fork()
     if pid == 0:
-        os.close(r_fd)
-        ran = now()
-        took = 0.0
-        if not region.closed:
-            t1 = now()
-            lib.tgb_write_each(ffi.cast("void *", region.address), region.size, 4096 * 512)
-            took = now() - t1
-        os.write(w_fd, f"{ran - t0!r} {took!r}".encode())
-        os._exit(0)
+        # The child never returns into the benchmark (its finally blocks
+        # would give the pool pages back a second time): os._exit always.
+        code = 1
+        try:
+            os.close(r_fd)
+            ran = now()
+            took = 0.0
+            if not region.closed:
+                t1 = now()
+                lib.tgb_write_each(ffi.cast("void *", region.address), region.size, 4096 * 512)
+                took = now() - t1
+            os.write(w_fd, f"{ran - t0!r} {took!r}".encode())
+            code = 0
+        finally:
+            os._exit(code)
     os.close(w_fd)
     data = b""
     while chunk := os.read(r_fd, 256):
         data += chunk
     os.close(r_fd)
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    if not data or os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the forked child failed (exit {os.waitstatus_to_exitcode(status)}, "
+                           f"sent {data!r})")
     ran, took = (float(x) for x in data.split())
     return ran, took
 

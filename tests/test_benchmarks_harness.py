@@ -127,3 +127,28 @@ def test_json_header_says_the_rounds_each_benchmark_ran(tmp_path, monkeypatch):
     assert settings["reps"] == 7 and settings["warmup"] == 1
     assert settings["per_benchmark"]["own"] == {"reps": 2, "warmup": 0, "source": "measured"}
     assert settings["per_benchmark"]["loop"] == {"reps": 9, "warmup": 1, "source": "declared"}
+
+
+def test_hugetlb_fork_child_always_ends_in_exit():
+    """_fork_once's child ends in os._exit even when it raises: the parent
+    gets a RuntimeError, never a second pytest running on in the child."""
+    from benchmarks import hugetlb
+
+    class Broken:
+        size = 2 << 20
+        address = 0
+
+        @property
+        def closed(self):
+            raise ValueError("raised in the child")
+
+    me = os.getpid()
+    with pytest.raises(RuntimeError, match="child failed"):
+        hugetlb._fork_once(Broken())
+    assert os.getpid() == me
+
+    class Closed:
+        closed = True
+
+    ran, took = hugetlb._fork_once(Closed())
+    assert ran >= 0 and took == 0.0
