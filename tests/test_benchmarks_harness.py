@@ -152,3 +152,81 @@ def test_hugetlb_fork_child_always_ends_in_exit():
 
     ran, took = hugetlb._fork_once(Closed())
     assert ran >= 0 and took == 0.0
+
+
+@pytest.fixture
+def sticky_dir():
+    """A world-writable sticky directory, as /run/lock is (under /tmp: any
+    user can reach it, which pytest's own temp dirs do not allow)."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    d = pathlib.Path(tempfile.mkdtemp(prefix="thpguard-test-lock-", dir="/tmp"))
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pool_lock_refuses_files_another_user_could_plant(sticky_dir):
+    """As root: a lock file of another user, a symlink or a FIFO is refused
+    with a message saying to remove it (a FIFO must not hang the open);
+    root's own file is taken and released."""
+    from benchmarks import _hostlock
+
+    if os.geteuid() != 0:
+        pytest.skip("the owner check applies to runs as root")
+    planted = sticky_dir / "planted.lock"
+    planted.write_text("")
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(_hostlock.LockFileError, match=r"owned by uid 65534.*rm "):
+        with _hostlock.hugetlb_pool_lock(path=str(planted)):
+            pass
+    link = sticky_dir / "link.lock"
+    link.symlink_to(sticky_dir / "elsewhere")
+    with pytest.raises(_hostlock.LockFileError, match="symlink"):
+        with _hostlock.hugetlb_pool_lock(path=str(link)):
+            pass
+    assert not (sticky_dir / "elsewhere").exists()
+    fifo = sticky_dir / "fifo.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(_hostlock.LockFileError, match="not a regular file"):
+        with _hostlock.hugetlb_pool_lock(path=str(fifo)):
+            pass
+    good = sticky_dir / "good.lock"
+    with _hostlock.hugetlb_pool_lock(path=str(good)):
+        assert os.stat(good).st_uid == 0
+        with _hostlock.hugetlb_pool_lock(path=str(good)):  # re-entrant
+            pass
+
+
+def test_pool_lock_is_never_created_by_a_process_that_is_not_root(sticky_dir):
+    """Not root: no file is made (root would refuse it); an existing root
+    file is still taken."""
+    from benchmarks import _hostlock
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    absent = sticky_dir / "absent.lock"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            with _hostlock.hugetlb_pool_lock(path=str(absent)):
+                made = absent.exists()
+            os.write(w, b"made" if made else b"none")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and said == b"none"
+    assert not absent.exists()
