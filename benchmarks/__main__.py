@@ -5,7 +5,7 @@ stated reason), 1 when one failed, 2 for bad arguments, 128 + the signal's
 number when SIGINT, SIGTERM or SIGHUP stopped the run. A stopped run gives
 back the hugetlb pool pages it added, as every run does, and still writes
 the JSON of the benchmarks that finished, with ``"interrupted"`` naming the
-signal and the benchmark it stopped.
+signal and the benchmark it stopped (None: it came between two).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                 result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
             except KeyboardInterrupt as exc:
                 # Every with-block below has given back what it took (pool pages, lock).
-                signame = exc.name if isinstance(exc, _signals.Interrupted) else "SIGINT"
+                signame = _signame(exc)
                 interrupted = {"signal": signame, "benchmark": bench.NAME}
                 result = Result(bench.NAME, bench.TITLE, skipped=f"interrupted by {signame}: no results")
             result.seconds = now() - t0
@@ -110,6 +110,9 @@ def main(argv=None) -> int:
             print(format_table(result) + "\n", flush=True)
             if interrupted:
                 break
+    except KeyboardInterrupt as exc:
+        # Between two benchmarks (printing a table): every result so far is whole.
+        interrupted = {"signal": _signame(exc), "benchmark": None}
     finally:
         # A second signal while the JSON is written ends the process as usual.
         _signals.restore(previous)
@@ -145,10 +148,15 @@ def main(argv=None) -> int:
         except ImportError as exc:
             print(f"no plot: {exc} (pip install '.[bench]')", file=sys.stderr)
     if interrupted:
-        print(f"interrupted by {interrupted['signal']} during {interrupted['benchmark']}; "
-              "the benchmarks before it finished", file=sys.stderr)
+        during = f"during {interrupted['benchmark']}" if interrupted["benchmark"] else "between benchmarks"
+        print(f"interrupted by {interrupted['signal']} {during}; the benchmarks before it finished",
+              file=sys.stderr)
         return 128 + getattr(signal, interrupted["signal"])
     return 1 if failed else 0
+
+
+def _signame(exc: KeyboardInterrupt) -> str:
+    return exc.name if isinstance(exc, _signals.Interrupted) else "SIGINT"
 
 
 def _rounds_run(result, settings) -> dict:
