@@ -10,6 +10,7 @@ kept for the JSON output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -21,6 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import thpguard
 from thpguard import _child, _native, kernel
+
+from ._hostlock import hugetlb_pool_lock
+from ._signals import deferred
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -97,6 +101,10 @@ def paired(values: Sequence[float], baselines: Sequence[float]) -> float:
     return median([ratio(v, b) for v, b in zip(values, baselines)])
 
 
+#: (reps, warmup) of each interleave() call, for the JSON header (the entry point clears it).
+ROUNDS_RUN: List[tuple] = []
+
+
 def interleave(
     variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1, rotate: bool = True
 ) -> Dict[str, List[Any]]:
@@ -108,6 +116,7 @@ def interleave(
     each round starts one variant later (A B C, B C A, C A B, ...), so no
     variant always runs first after the previous round's teardown.
     """
+    ROUNDS_RUN.append((reps, warmup))
     samples: Dict[str, List[Any]] = {name: [] for name in variants}
     names = list(variants)
     for round_no in range(warmup + reps):
@@ -203,6 +212,76 @@ def warm_memory(size: int) -> float:
     finally:
         _native.unmap(addr, size)
     return now() - started
+
+
+_NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages"
+
+
+class PoolGrowth:
+    """Grow a hugetlb pool until ``pages`` of it are free; give back what
+    was added on exit. From entry to exit it holds the host's hugetlb pool
+    lock (``_hostlock``), so the tests and other benchmarks that grow a pool
+    wait instead of taking the pages this run was promised.
+
+    ``with PoolGrowth(page_size, pages) as ok``: ``ok`` is True when the
+    pool has ``pages`` free pages. With ``keep_free`` (bytes) the pool never
+    takes memory that would leave less than that available to everybody
+    else; the kernel may also grow it by fewer pages than asked (no free
+    contiguous memory): :attr:`free` says what there was on entry.
+    """
+
+    def __init__(self, page_size: int, pages: int, keep_free: Optional[int] = None) -> None:
+        self.path = _NR_HUGEPAGES.format(page_size // 1024)
+        self.page_size, self.pages, self.keep_free = page_size, pages, keep_free
+        self.added, self.free = 0, 0
+        self.lock = contextlib.ExitStack()
+
+    def __enter__(self) -> bool:
+        if kernel.hugetlb_pool(self.page_size) is None:
+            return False
+        self.lock.enter_context(hugetlb_pool_lock())
+        try:
+            with deferred():  # a SIGTERM waits until `added` is known
+                return self._grow()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _grow(self) -> bool:
+        pool = kernel.hugetlb_pool(self.page_size)
+        missing = max(0, self.pages - pool.available)
+        if missing and self.keep_free is not None:
+            missing = min(missing, max(0, (mem_available() - self.keep_free) // self.page_size))
+        if missing:
+            try:
+                with open(self.path, "w") as f:
+                    f.write(str(pool.total + missing))
+            except OSError:
+                return False
+            # The kernel may add fewer than asked: give back only what it added.
+            self.added = max(0, kernel.hugetlb_pool(self.page_size).total - pool.total)
+        self.free = kernel.hugetlb_pool(self.page_size).available
+        return self.free >= self.pages
+
+    def __exit__(self, *exc) -> None:
+        try:
+            with deferred():
+                if self.added:
+                    with open(self.path) as f:
+                        now_total = int(f.read())
+                    with open(self.path, "w") as f:
+                        f.write(str(max(0, now_total - self.added)))
+                    self.added = 0  # given back: a second exit gives nothing
+        finally:
+            self.lock.close()
+
+
+def loadavg() -> List[float]:
+    """The 1, 5 and 15 minute load averages (empty when unreadable)."""
+    try:
+        return [float(x) for x in (_read("/proc/loadavg") or "").split()[:3]]
+    except ValueError:
+        return []
 
 
 def mem_available() -> int:

@@ -67,6 +67,7 @@ def application(environ, start_response):
         body = json.dumps({
             "pid": os.getpid(), "address": table.address, "size": table.size,
             "mechanism": table.mechanism, "served": _served, "thpguard_stats": _thpguard_stats(),
+            "fork_downgraded": table.fork_downgraded,
         }, default=str).encode()
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])

@@ -19,11 +19,18 @@ PMD size, faulted in before any fork:
     ``copy`` with a lazy mechanism (the kernel's direct COW or userfaultfd
     block copy): a 2 MiB block is copied on its first write.
 ``hugetlb``
-    ``thpguard.alloc(backend="hugetlb")``: the reserved pool, never split.
+    ``thpguard.alloc(fork="share", backend="hugetlb")``: the reserved pool,
+    never split. Each run grows the 2 MiB pool by what it needs (the table,
+    and a copy of it per process that may write to a page it shares:
+    :func:`hugetlb_pool_pages`) and gives it back. Where the pool could not
+    cover the copies, thpguard downgrades the fork (the child gets a THP
+    copy of the table): such runs are reported as downgraded, never as
+    hugetlb.
 
 :func:`unavailable` says why a variant cannot run here (this thpguard or
 this host lacks it); nothing is hard-coded about which versions have what:
-it asks thpguard's own API.
+it asks thpguard's own API. :func:`choose` and :func:`run_variant` are the
+set-up every scenario (service, snapshot, pool) shares.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import mmap
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ._harness import PoolGrowth, Result, fmt_bytes, loadavg, mem_available
 
 VARIANTS = ("4k", "thp", "share+guard", "copy eager", "copy lazy", "hugetlb")
 
@@ -47,6 +56,8 @@ LABELS = {
 }
 
 _PMD_FALLBACK = 2 << 20
+#: Memory a grown hugetlb pool leaves available to everybody else (bytes).
+POOL_KEEP_FREE = 2 << 30
 
 
 def pmd_size() -> int:
@@ -119,7 +130,27 @@ def unavailable(variant: str, size: int) -> Optional[str]:
             f" ({extra})" if extra else "")
     if variant == "hugetlb" and not _alloc_takes("backend"):
         return "not available in this thpguard version: alloc() has no hugetlb backend"
-    probe = size if variant == "hugetlb" else pmd_size()
+    if variant == "hugetlb":
+        pages = size // pmd_size()
+        with PoolGrowth(pmd_size(), pages, keep_free=POOL_KEEP_FREE) as ok:
+            if not ok:
+                return (f"not available here: the 2 MiB hugetlb pool could not be grown to the table's "
+                        f"{pages} pages (free: {growth_free(pages)}; needs root and free memory)")
+            return _probe(variant, size)
+    return _probe(variant, pmd_size())
+
+
+def growth_free(pages: int) -> int:
+    """Free pages of the 2 MiB pool now (0 where there is none)."""
+    from thpguard import kernel
+
+    pool = kernel.hugetlb_pool(pmd_size())
+    return pool.available if pool else 0
+
+
+def _probe(variant: str, probe: int) -> Optional[str]:
+    import thpguard
+
     try:
         region = thpguard.alloc(probe, **alloc_kwargs(variant))
     except Exception as exc:
@@ -146,6 +177,12 @@ class Table:
     view: memoryview
     mechanism: str
     _keep: List[Any] = field(default_factory=list)
+
+    @property
+    def fork_downgraded(self) -> Optional[str]:
+        """Why thpguard copied this hugetlb ``share`` table into THP pages
+        at the last fork (the pool could not cover the copies), else None."""
+        return getattr(self._keep[0], "fork_downgraded", None) if self._keep else None
 
 
 def _buffer_address(buf) -> int:
@@ -219,6 +256,12 @@ def smaps_range(pid: int, start: int, end: int) -> Dict[str, int]:
     return out
 
 
+def hugetlb_bytes(pid: int, start: int, end: int) -> int:
+    """Bytes of ``[start, end)`` that ``pid`` maps from the hugetlb pool."""
+    found = smaps_range(pid, start, end)
+    return found.get("Private_Hugetlb", 0) + found.get("Shared_Hugetlb", 0)
+
+
 def huge_bytes(pid: int, start: int, end: int) -> int:
     """Bytes of ``[start, end)`` that ``pid`` maps with huge pages (PMD THP or hugetlb)."""
     found = smaps_range(pid, start, end)
@@ -235,6 +278,32 @@ def pss(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return 0
+
+
+def _rollup(pid: int) -> Dict[str, int]:
+    """``Pss``, ``Private_Hugetlb`` and ``Shared_Hugetlb`` of ``pid`` in
+    bytes (smaps_rollup); empty when the process is gone."""
+    out: Dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Hugetlb", "Shared_Hugetlb"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def footprint(pids: List[int]) -> int:
+    """Bytes of memory the processes ``pids`` use between them: the sum of
+    their PSS, plus the hugetlb pages they map, which smaps counts outside
+    Rss and Pss: each one's private pages, and the shared ones once (the
+    most any of them maps shared). That is exact for a process and its
+    children, where every page still shared is mapped by the parent."""
+    found = [_rollup(pid) for pid in pids]
+    return (sum(r.get("Pss", 0) + r.get("Private_Hugetlb", 0) for r in found)
+            + max((r.get("Shared_Hugetlb", 0) for r in found), default=0))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -258,3 +327,90 @@ def children(pid: int) -> List[int]:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return sorted(set(out))
+
+
+# -- what every scenario shares ----------------------------------------------
+
+
+def hugetlb_pool_pages(size: int, sharers: int) -> int:
+    """2 MiB pool pages a hugetlb ``share`` table of ``size`` bytes needs
+    when its process forks ``sharers`` children that all keep sharing it:
+    the table, plus a copy of every page per process that may write to it
+    while shared. thpguard checks, before each fork, that the pool has a
+    page for every page each sharer may copy (the n-th child: n copies of
+    the table), and downgrades the fork where it has not. The pool is the
+    host's: another process may take a free page between the growth and a
+    fork (seen here once in a quick run: 1 page short), so 1 % more, at
+    least 8 pages, is asked for."""
+    pages = size // pmd_size() * (1 + sharers)
+    return pages + max(8, pages // 100)
+
+
+def choose(res: Result, size: int, need: Callable[[str], int]) -> Optional[Tuple[List[str], Dict[str, str]]]:
+    """The variants that can run with a ``size``-byte table, and why the
+    others cannot. ``need(variant)`` is the memory (bytes) a run takes
+    outside the hugetlb pool; a variant is left out when less is available.
+    None (with ``res.skipped`` set) when the 4 KiB baseline cannot run."""
+    runnable: List[str] = []
+    missing: Dict[str, str] = {}
+    for variant in VARIANTS:
+        reason = unavailable(variant, size)
+        wanted = need(variant)
+        if reason is None and mem_available() < wanted:
+            reason = f"left out: needs about {fmt_bytes(wanted)} available, {fmt_bytes(mem_available())} is"
+        if reason:
+            missing[variant] = reason
+        else:
+            runnable.append(variant)
+    if "4k" not in runnable:
+        res.skipped = f"the 4 KiB baseline cannot run: {missing.get('4k')}"
+        return None
+    return runnable, missing
+
+
+def run_variant(variant: str, size: int, sharers: int, fn: Callable[[], dict]) -> dict:
+    """One run of ``fn`` (a fresh server, store or pool for ``variant``);
+    the sample it returns gets the load average at its start and, for
+    hugetlb, the pool it had: the pool is grown for the run by the pages
+    :func:`hugetlb_pool_pages` says (as far as the host gives them) and
+    given back after it, even when the run fails."""
+    load = loadavg()
+    if variant != "hugetlb":
+        sample = fn()
+        sample["loadavg"] = load
+        return sample
+    pages = hugetlb_pool_pages(size, sharers)
+    growth = PoolGrowth(pmd_size(), pages, keep_free=POOL_KEEP_FREE)
+    with growth as covered:
+        sample = fn()
+    sample["loadavg"] = load
+    sample["pool"] = {"pages_needed": pages, "pages_free": growth.free, "covered": covered}
+    return sample
+
+
+def not_available(res: Result, series: List[dict], variant: str, reason: str) -> None:
+    """The table row and plot entry of a variant that could not run."""
+    label = LABELS[variant]
+    res.add(label, None, "", reason)
+    series.append({"variant": variant, "label": label, "available": False, "reason": reason})
+
+
+def downgrades(runs: List[dict]) -> List[str]:
+    """The ``fork_downgraded`` reasons of the hugetlb runs that had one."""
+    return [r["fork_downgraded"] for r in runs if r.get("fork_downgraded")]
+
+
+def label_of(variant: str, runs: List[dict], res: Result) -> str:
+    """The row label of ``variant``; a hugetlb run whose fork thpguard
+    downgraded (the children got THP copies) is named so, with a note of
+    why and how the pool was, never presented as hugetlb."""
+    label = LABELS[variant]
+    found = downgrades(runs)
+    if variant != "hugetlb" or not found:
+        return label
+    pools = [r.get("pool") or {} for r in runs]
+    res.notes.append(
+        f"{label}: thpguard downgraded the share fork in {len(found)} of {len(runs)} runs (the children copied "
+        f"the table into THP pages at fork): the pool had {min(p.get('pages_free', 0) for p in pools)} of the "
+        f"{pools[0].get('pages_needed', 0)} free pages it needed; thpguard said: {found[0]}")
+    return f"{label}, DOWNGRADED to THP copies in {len(found)} of {len(runs)} runs"

@@ -11,6 +11,12 @@
     ``mremap`` and ``collapse`` (unprotect, dirty a byte, MADV_COLLAPSE),
     each in a fresh process; ``burst`` writes every block back to back
     (the pool runs dry and later blocks are faulted in the fault path).
+``first write in the child``
+    the same loop in a child, whose pool starts empty after fork: its very
+    first write right after ``fork()`` returns (``right after fork``), and
+    the later blocks, with the child filling 0, 1 (the default) or 4 pool
+    blocks before its code runs (``prefill N``). ``fork + child exit, prefill
+    N`` is what that filling costs a fork against ``prefill 0``.
 ``chase``
     pointer chasing right after fork and a write to every block, against
     the same process before the fork (no repair phase).
@@ -40,6 +46,7 @@ NAME = "copy"
 TITLE = "copy policy, userfaultfd block copy: first write, chase, memory copied, fork"
 
 METHODS = ("move", "mremap", "collapse")
+PREFILLS = (0, 1, 4)
 
 
 def _holder(region):
@@ -89,6 +96,37 @@ def _first_writes(method: str, size: int, pause: float, burst: bool) -> dict:
         finally:
             _release(holder)
         return {"per_block_s": median(times), "stats": stats, "coverage": huge}
+    finally:
+        region.close()
+
+
+def _child_first_writes(prefill: int, size: int, pause: float) -> dict:
+    """In a fresh process: a child's first writes, its pool filled with
+    ``prefill`` blocks at fork (the parent keeps the region shared)."""
+    ffi, lib = _cbench.load()
+    _native.copy_set_child_prefill(prefill)
+    pmd = pmd_size()
+    warm_memory(2 * size)
+    region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    try:
+        lib.tgb_fill(ffi.cast("void *", region.address), 7, size)
+        time.sleep(0.05)  # the parent's pool fills
+
+        def child():
+            base = region.address
+            t0 = now()
+            lib.tgb_write_each(ffi.cast("void *", base), pmd, pmd)
+            first = now() - t0
+            times = []
+            for off in range(pmd, size, pmd):
+                time.sleep(pause)
+                t0 = now()
+                lib.tgb_write_each(ffi.cast("void *", base + off), pmd, pmd)
+                times.append(now() - t0)
+            return {"first_s": first, "per_block_s": median(times), "stats": _native.copy_stats(),
+                    "coverage": region.coverage().ratio}
+
+        return in_child(child)
     finally:
         region.close()
 
@@ -163,6 +201,10 @@ def _copied(size: int) -> dict:
 def _fork_once(variant: str, size: int) -> dict:
     if variant == "share":
         region = thpguard.alloc(size, fork="share")
+    elif variant.startswith("prefill"):
+        _native.copy_set_child_prefill(int(variant.split()[1]))
+        region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+        time.sleep(0.02)  # the parent's pool fills: the fork measures the child's side
     else:
         region = thpguard.alloc(size, fork="copy", copy_mode="lazy" if variant == "copy" else "eager")
     try:
@@ -177,6 +219,7 @@ def _fork_once(variant: str, size: int) -> dict:
         return {"fork_s": t1 - t0, "total_s": now() - t0}
     finally:
         region.close()
+        _native.copy_set_child_prefill(1)
 
 
 def run(settings: Settings) -> Result:
@@ -193,18 +236,32 @@ def run(settings: Settings) -> Result:
     for m in METHODS:
         variants[m] = lambda m=m: in_child(_first_writes, m, size, pause, False)
     variants["move, burst"] = lambda: in_child(_first_writes, "move", size, 0.0, True)
+    for n in PREFILLS:
+        variants[f"child, prefill {n}"] = lambda n=n: in_child(_child_first_writes, n, size, pause)
     samples = interleave(variants, settings.reps, settings.warmup)
     res.samples["first_write"] = samples
     base = [s["per_block_s"] for s in samples["baseline"]]
     for name in list(METHODS) + ["move, burst"]:
         per = [s["per_block_s"] for s in samples[name]]
         cov = min(s["coverage"] for s in samples[name])
-        fallbacks = sum(s["stats"]["fallbacks"] for s in samples[name])
+        fallbacks = sum(s["stats"]["cow_fallbacks"] for s in samples[name])
         inline = median([s["stats"]["inline_allocs"] for s in samples[name]])
         res.add(f"first write, {name}", paired(per, base), "time per block vs THP fault + memcpy",
-                f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} fallbacks, "
+                f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} left to the kernel COW, "
                 f"{inline:.0f} blocks faulted in the fault path)",
                 f"{median(base) * 1e3:.3f} ms")
+    for n in PREFILLS:
+        runs = samples[f"child, prefill {n}"]
+        cov = min(s["coverage"] for s in runs)
+        inline = [s["stats"]["inline_allocs"] for s in runs]
+        res.add(f"first write in the child, right after fork, prefill {n}",
+                paired([s["first_s"] for s in runs], base), "time per block vs THP fault + memcpy",
+                f"{median([s['first_s'] for s in runs]) * 1e3:.3f} ms (min coverage {cov:.0%}, "
+                f"{median(inline):.0f} blocks faulted in the fault path)",
+                f"{median(base) * 1e3:.3f} ms")
+        res.add(f"first write in the child, later blocks, prefill {n}",
+                paired([s["per_block_s"] for s in runs], base), "time per block vs THP fault + memcpy",
+                f"{median([s['per_block_s'] for s in runs]) * 1e3:.3f} ms", f"{median(base) * 1e3:.3f} ms")
 
     hops = settings.pick(2_000_000, 10_000_000)
     chase_size = settings.pick(128 * MiB, 512 * MiB)
@@ -221,7 +278,8 @@ def run(settings: Settings) -> Result:
             "bytes vs eager copy", fmt_bytes(median([c["copied"] for c in copied])), fmt_bytes(size))
 
     fork_size = settings.pick(128 * MiB, 512 * MiB)
-    forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in ("share", "copy", "eager")},
+    fork_variants = ("share", "copy", "eager") + tuple(f"prefill {n}" for n in PREFILLS)
+    forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
                        settings.reps, settings.warmup)
     res.samples["fork"] = forks
     for v in ("copy", "eager"):
@@ -231,6 +289,11 @@ def run(settings: Settings) -> Result:
             base = [f[key] for f in forks["share"]]
             res.add(f"{what}, {label}", paired(mine, base), "time vs share",
                     f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
+    for n in PREFILLS[1:]:
+        mine = [f["total_s"] for f in forks[f"prefill {n}"]]
+        base = [f["total_s"] for f in forks["prefill 0"]]
+        res.add(f"fork + child exit, prefill {n}", paired(mine, base), "time vs prefill 0",
+                f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
     res.notes.append(
         "fork + child exit includes the child arming its own userfaultfd (a new descriptor, "
         "registration, protection, a handler thread) before it runs"

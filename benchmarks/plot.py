@@ -1,13 +1,18 @@
-"""The PNG of a benchmark run: one panel per benchmark with a figure
-(coverage after fork, TLB-workload ratios, the service and the snapshot).
+"""The PNG of a benchmark run: a panel for coverage after fork and for
+the TLB-workload ratios; two for each of service, snapshot and pool, one
+whose figures are better higher (throughput) and one whose figures are
+better lower (latency, memory), every bar a ratio to 4 KiB pages with
+whiskers from the lowest to the highest round. Memory is PSS plus the
+hugetlb pages (which PSS leaves out).
 
 ``python -m benchmarks.plot RESULTS.json OUT.png`` redraws it from the JSON
-that ``python -m benchmarks --json`` wrote. Needs matplotlib (the ``bench``
+that ``python -m benchmarks --json`` wrote (``RESULTS.json.gz`` too). Needs matplotlib (the ``bench``
 extra).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
@@ -58,7 +63,8 @@ def plot(document: dict, path: str) -> None:
         draw(ax, result)
     for ax in flat[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
+    # Below the figure's title: with three rows of panels it would cover the first row's titles.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (5.4 * rows)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -138,31 +144,62 @@ def spread(values):
     return mid, mid - min(clean), max(clean) - mid
 
 
-def _ratio_bars(ax, variants, metrics, title, ylabel, extra_label=None) -> None:
-    """Grouped bars, one group per variant (4 KiB first, drawn as the
-    baseline line), one bar per metric; error bars span the rounds."""
+#: Short names for the variants under the bars (the tables have the long ones).
+_SHORT = {
+    "thp": "MADV_HUGEPAGE\n(no thpguard)",
+    "share+guard": "share\n+ guard",
+    "copy eager": "copy, eager\n(at fork)",
+    "copy lazy": "copy, lazy\n(first write)",
+    "hugetlb": "hugetlb\n(2 MiB pool)",
+}
+
+
+def _name(v: dict) -> str:
+    name = _SHORT.get(v["variant"], v["label"])
+    if not v.get("available"):
+        return name + "\n[not available]"
+    if v.get("downgraded_runs"):
+        # thpguard gave the children THP copies: not a hugetlb figure.
+        runs = max((len(x) for x in v.values() if isinstance(x, list)), default=0)
+        name = f"hugetlb, DOWNGRADED\nto THP copies\nin {v['downgraded_runs']} of {runs} runs"
+    return name
+
+
+def _ratio_bars(ax, variants, metrics, title, better, extra_label=None) -> None:
+    """Grouped bars, one group per variant other than 4 KiB pages (drawn as
+    the labelled baseline line at 1), one bar per metric, each with its
+    median printed above its whisker (lowest to highest round). ``better``
+    is "higher" or "lower": all metrics of one panel go the same way."""
     shown = [v for v in variants if v["variant"] != "4k"]
     width = 0.8 / len(metrics)
+    tops, bottoms = [1.0], [1.0]
     for k, (key, name) in enumerate(metrics):
         xs, mids, lows, highs = [], [], [], []
         for i, v in enumerate(shown):
             if not v.get("available") or key not in v:
                 continue
             mid, low, high = spread(v[key])
+            if mid != mid:
+                continue
             xs.append(i + (k - (len(metrics) - 1) / 2) * width)
             mids.append(mid)
             lows.append(low)
             highs.append(high)
-        bars = ax.bar(xs, mids, width, yerr=[lows, highs], capsize=3, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-    ax.axhline(1.0, color="black", linewidth=0.9, linestyle="--", label="baseline: 4 KiB pages (= 1)")
+        ax.bar(xs, mids, width * 0.92, yerr=[lows, highs], capsize=3, label=name,
+               error_kw={"linewidth": 0.9})
+        for x, mid, high in zip(xs, mids, highs):
+            # Above the whisker's cap, so neither hides the other.
+            ax.annotate(f"{mid:.2f}", xy=(x, mid + high), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=6.5, rotation=90 if len(metrics) > 2 else 0)
+            tops.append(mid + high)
+            bottoms.append(max(mid - low, 1e-3))
+    ax.axhline(1.0, color="black", linewidth=0.9, linestyle="--", zorder=0,
+               label="baseline: 4 KiB pages (MADV_NOHUGEPAGE) = 1")
     labels = []
     for i, v in enumerate(shown):
-        label = v["label"].replace("thpguard ", "").replace(", no thpguard", "\n(no thpguard)")
-        label = label.replace(" (", "\n(", 1) if "\n" not in label else label
+        label = _name(v)
         if not v.get("available"):
-            ax.text(i, 1.05, "not\navailable", ha="center", va="bottom", fontsize=7, color="gray")
-            label += "\n[n/a]"
+            ax.text(i, 0.5, "not\navailable", ha="center", va="center", fontsize=7, color="gray")
         elif extra_label:
             label += "\n" + extra_label(v)
         labels.append(label)
@@ -170,63 +207,106 @@ def _ratio_bars(ax, variants, metrics, title, ylabel, extra_label=None) -> None:
     # Bars set the limits: without this a last variant that is not available sits on the edge.
     ax.set_xlim(-0.6, len(shown) - 0.4)
     ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    # Below the variant names, so it never hides a bar or its label.
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=3, frameon=False)
-    ax.set_ylim(bottom=0)
+    arrow = "\u2191" if better == "higher" else "\u2193"
+    ax.set_ylabel(f"ratio to 4 KiB pages, same round\n{arrow} {better} is better", fontsize=8)
+    ax.set_title(title + f" ({better} is better)", fontsize=9)
+    if max(tops) > 8:
+        # One variant tens of times the baseline would flatten the others:
+        # a log axis keeps every ratio readable (2x and 0.5x equally far from 1).
+        ax.set_yscale("log")
+        ax.set_ylim(min(bottoms) * 0.5, max(tops) * 6)
+    else:
+        # Head room above the tallest whisker for the legend.
+        ax.set_ylim(0, max(tops) * 1.35)
+    ax.legend(fontsize=7, loc="upper left", ncol=2, frameon=False)
 
 
-def _service_panel(ax, service) -> None:
+_WHISKERS = "bars: median, whiskers: lowest and highest round"
+
+
+def _service_speed(ax, service) -> None:
     _ratio_bars(
         ax, service["series"]["variants"],
-        (("rps_ratio", "requests/s"), ("per_cpu_ratio", "requests per worker CPU-s"), ("p99_ratio", "p99 latency"),
-         ("pss_ratio", "memory (PSS)")),
-        "gunicorn --preload, 2 workers: ratio to 4 KiB pages (bars: median; whiskers: min-max of rounds)",
-        "ratio to 4 KiB pages, same round",
+        (("rps_ratio", "requests/s"), ("per_cpu_ratio", "requests per worker CPU-s")),
+        f"service (gunicorn --preload, 2 workers): throughput\n{_WHISKERS}", "higher",
         extra_label=lambda v: f"huge {100 * v['worker_huge_after']:.0f} %",
     )
-    ax.title.set_fontsize(8)
 
 
-def _snapshot_panel(ax, snap) -> None:
+def _service_cost(ax, service) -> None:
+    _ratio_bars(
+        ax, service["series"]["variants"],
+        (("p99_ratio", "p99 latency"), ("pss_ratio", "memory, master + workers")),
+        f"service: latency and memory\n{_WHISKERS}", "lower",
+    )
+
+
+def _never_split(snap: dict, v: dict) -> bool:
+    """No split was seen in any run (smaps sampled every 0.1 s)."""
+    figures = (snap.get("samples", {}).get("figures") or {}).get(v["variant"])
+    if figures:
+        return not any(f.get("split_seen") for f in figures)
+    return all(h >= 1.0 for h in v.get("huge_at_exit") or [0])
+
+
+def _snapshot_speed(ax, snap) -> None:
     def back(v):
         times = [t for t in v["back_to_huge_s"] if t is not None]
-        extra = sorted(v.get("extra_bytes") or [0])[len(v.get("extra_bytes") or [0]) // 2]
-        text = f"extra {extra / (1 << 20):.0f} MiB\n"
+        if _never_split(snap, v):
+            return "never split"
         if len(times) < len(v["back_to_huge_s"]):
-            return text + "not huge again"
-        return text + f"huge again {sorted(times)[len(times) // 2]:.1f} s"
+            return "not huge again\nwhile watched"
+        return f"huge again\nafter {sorted(times)[len(times) // 2]:.1f} s"
 
     _ratio_bars(
         ax, snap["series"]["variants"],
-        (("during_ops_per_s_ratio", "ops per CPU-s during snapshot"), ("after_ops_per_s_ratio", "ops per CPU-s after"),
-         ("during_p99_us_ratio", "p99 batch latency during")),
-        "store forking a snapshot child: ratio to 4 KiB pages (bars: median; whiskers: min-max);\n"
-        "below each variant: extra memory (PSS) during the snapshot, time back to 100 % PMD-mapped",
-        "ratio to 4 KiB pages, same round",
+        (("during_ops_per_s_ratio", "ops per CPU-s during snapshot"), ("after_ops_per_s_ratio", "after it")),
+        f"snapshot (a store forks a child to write it out): throughput\n{_WHISKERS}\n"
+        "below the names: time until 100 % PMD-mapped again", "higher",
         extra_label=back,
     )
-    ax.title.set_fontsize(8)
 
 
-def _pool_panel(ax, pool) -> None:
+def _snapshot_cost(ax, snap) -> None:
+    def extra(v):
+        values = sorted(v.get("extra_bytes") or [0])
+        return f"+{values[len(values) // 2] / (1 << 20):.0f} MiB"
+
+    _ratio_bars(
+        ax, snap["series"]["variants"],
+        (("during_p99_us_ratio", "p99 batch latency during"), ("extra_bytes_ratio", "extra memory")),
+        f"snapshot: latency and extra memory\n{_WHISKERS}\nbelow the names: extra memory during the snapshot",
+        "lower",
+        extra_label=extra,
+    )
+
+
+def _pool_speed(ax, pool) -> None:
     _ratio_bars(
         ax, pool["series"]["variants"],
-        (("lookups_ratio", "lookups per CPU-s"), ("pss_ratio", "memory (PSS)")),
-        "read-only multiprocessing pool: ratio to 4 KiB pages (bars: median; whiskers: min-max)",
-        "ratio to 4 KiB pages, same round",
+        (("lookups_ratio", "lookups per CPU-s"),),
+        f"read-only multiprocessing pool: lookups\n{_WHISKERS}", "higher",
         extra_label=lambda v: f"huge {100 * v['worker_huge_after']:.0f} %",
     )
-    ax.title.set_fontsize(8)
+
+
+def _pool_cost(ax, pool) -> None:
+    _ratio_bars(
+        ax, pool["series"]["variants"],
+        (("startup_ratio", "pool start-up time"), ("pss_ratio", "memory, parent + workers")),
+        f"pool: start-up and memory\n{_WHISKERS}", "lower",
+    )
 
 
 PANELS = (
     ("coverage", _coverage_panel),
     ("tlb", _tlb_panel),
-    ("service", _service_panel),
-    ("snapshot", _snapshot_panel),
-    ("pool", _pool_panel),
+    ("service", _service_speed),
+    ("service", _service_cost),
+    ("snapshot", _snapshot_speed),
+    ("snapshot", _snapshot_cost),
+    ("pool", _pool_speed),
+    ("pool", _pool_cost),
 )
 
 
@@ -235,7 +315,8 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         print("usage: python -m benchmarks.plot RESULTS.json OUT.png", file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
+    opener = gzip.open if argv[0].endswith(".gz") else open
+    with opener(argv[0], "rt") as f:
         plot(json.load(f), argv[1])
     return 0
 

@@ -1,6 +1,6 @@
 """10. multiprocessing workers that only read a table shared at fork.
 
-The parent builds a float32 table (512 MiB quick, 2 GiB full) in each
+The parent builds a float32 table (256 MiB quick, 2 GiB full) in each
 memory variant of ``_tables`` and starts a ``multiprocessing`` pool (the
 ``fork`` start method, 2 workers) whose tasks only read it: dependent
 random lookups for a fixed time. Nobody writes, so nothing splits: this
@@ -20,7 +20,7 @@ import time
 from typing import Dict, List
 
 from . import _cbench, _tables
-from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired
+from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, now, paired
 
 NAME = "pool"
 TITLE = "multiprocessing workers that only read a table shared at fork"
@@ -32,6 +32,10 @@ _STATE: Dict[str, object] = {}
 def _work(seconds: float) -> dict:
     """A pool task: dependent lookups for ``seconds``; lookups/s, and what
     smaps says of this worker's copy of the table."""
+    # Each worker takes exactly one task: it waits here until every other
+    # worker has one too (on a busy host one worker could otherwise take
+    # them all, and the run would measure a single worker).
+    _STATE["barrier"].wait(timeout=120)
     ffi, lib = _cbench.load()
     table = _STATE["table"]
     pointer = ffi.cast("float *", ffi.from_buffer(table.view))
@@ -48,6 +52,7 @@ def _work(seconds: float) -> dict:
     return {
         "pid": me, "lookups_per_s": done / elapsed,
         "huge": _tables.huge_bytes(me, table.address, table.address + table.size) / table.size,
+        "hugetlb": _tables.hugetlb_bytes(me, table.address, table.address + table.size) / table.size,
         "pss_bytes": _tables.pss(me),
     }
 
@@ -63,26 +68,29 @@ def _one(variant: str, size: int, seconds: float) -> dict:
     lib.tgb_fill_index_f32(ffi.cast("float *", ffi.from_buffer(table.view)), table.size // 4)
     _STATE["table"] = table
     ctx = multiprocessing.get_context("fork")
+    _STATE["barrier"] = ctx.Barrier(WORKERS)  # inherited by the workers at fork
     t0 = now()
     with ctx.Pool(WORKERS) as pool:
         # A trivial task per worker: the pool is up once each has answered.
         pool.map(_ready, range(WORKERS), chunksize=1)
         startup = now() - t0
         found = pool.map(_work, [seconds] * WORKERS, chunksize=1)
-        parent_pss = _tables.pss(os.getpid())
+        # Hugetlb pages are outside PSS: footprint() counts them too.
+        family = _tables.footprint([os.getpid()] + [w["pid"] for w in found])
     return {
         "variant": variant, "mechanism": table.mechanism, "startup_s": startup,
+        "fork_downgraded": table.fork_downgraded,
         "workers": found,
         "lookups_per_s": sum(w["lookups_per_s"] for w in found),
         "min_worker_huge": min(w["huge"] for w in found),
-        "pss_bytes": parent_pss + sum(w["pss_bytes"] for w in found),
+        "pss_bytes": family,
     }
 
 
 def run(settings: Settings) -> Result:
-    size = settings.pick(512 * MiB, 2 * GiB)
+    size = settings.pick(256 * MiB, 2 * GiB)
     seconds = settings.pick(1.0, 3.0)
-    reps = settings.pick(3, 5)
+    reps = settings.pick(2, 5)
     res = Result(NAME, TITLE, params={
         "table": f"{fmt_bytes(size)} float32, read only after fork",
         "pool": f"multiprocessing fork context, {WORKERS} workers, {seconds:.0f} s of dependent lookups each",
@@ -91,20 +99,13 @@ def run(settings: Settings) -> Result:
     if settings.max_bytes is not None and size > settings.max_bytes:
         res.skipped = f"the {fmt_bytes(size)} table is above --max-gib"
         return res
-    runnable, missing = [], {}
-    for variant in _tables.VARIANTS:
-        reason = _tables.unavailable(variant, size)
-        need = size * (WORKERS + 1 if variant == "copy eager" else 1) + 2 * GiB
-        if reason is None and mem_available() < need:
-            reason = f"left out: needs about {fmt_bytes(need)} available, {fmt_bytes(mem_available())} is"
-        if reason:
-            missing[variant] = reason
-        else:
-            runnable.append(variant)
-    if "4k" not in runnable:
-        res.skipped = f"the 4 KiB baseline cannot run: {missing.get('4k')}"
+    chosen = _tables.choose(res, size, lambda v: size * (WORKERS + 1 if v == "copy eager" else
+                                                         0 if v == "hugetlb" else 1) + 2 * GiB)
+    if chosen is None:
         return res
-    samples = interleave({v: (lambda v=v: in_child(_one, v, size, seconds)) for v in runnable}, reps, warmup=0)
+    runnable, missing = chosen
+    samples = interleave({v: (lambda v=v: _tables.run_variant(v, size, WORKERS, lambda: in_child(
+        _one, v, size, seconds))) for v in runnable}, reps, warmup=0)
     res.samples["runs"] = samples
     res.samples["unavailable"] = missing
 
@@ -113,16 +114,15 @@ def run(settings: Settings) -> Result:
 
     series = []
     for v in _tables.VARIANTS:
-        label = _tables.LABELS[v]
         if v in missing:
-            res.add(label, None, "", missing[v])
-            series.append({"variant": v, "label": label, "available": False, "reason": missing[v]})
+            _tables.not_available(res, series, v, missing[v])
             continue
+        label = _tables.label_of(v, samples[v], res)
         res.add(f"{label}: lookups per CPU second", paired(col(v, "lookups_per_s"), col("4k", "lookups_per_s")), f"{v}/4k",
                 f"{median(col(v, 'lookups_per_s')) / 1e6:.2f} M/CPU-s", f"{median(col('4k', 'lookups_per_s')) / 1e6:.2f} M/CPU-s")
         res.add(f"{label}: pool start-up", paired(col(v, "startup_s"), col("4k", "startup_s")), f"time {v}/4k",
                 f"{median(col(v, 'startup_s')) * 1e3:.0f} ms", f"{median(col('4k', 'startup_s')) * 1e3:.0f} ms")
-        res.add(f"{label}: PSS, parent + workers", paired(col(v, "pss_bytes"), col("4k", "pss_bytes")),
+        res.add(f"{label}: memory (PSS + hugetlb), parent + workers", paired(col(v, "pss_bytes"), col("4k", "pss_bytes")),
                 f"memory {v}/4k", fmt_bytes(median(col(v, "pss_bytes"))), fmt_bytes(median(col("4k", "pss_bytes"))))
         res.notes.append(f"{label} [{samples[v][0]['mechanism']}]: workers' table PMD-mapped "
                          f"{median(col(v, 'min_worker_huge')):.0%} after reading (least of {WORKERS})")
@@ -132,6 +132,7 @@ def run(settings: Settings) -> Result:
             "startup_ratio": [a / b for a, b in zip(col(v, "startup_s"), col("4k", "startup_s"))],
             "pss_ratio": [a / b for a, b in zip(col(v, "pss_bytes"), col("4k", "pss_bytes"))],
             "worker_huge_after": median(col(v, "min_worker_huge")),
+            "downgraded_runs": len(_tables.downgrades(samples[v])),
         })
     res.series["variants"] = series
     return res

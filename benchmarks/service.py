@@ -1,6 +1,6 @@
 """8. A pre-forking web service: gunicorn --preload, 2 workers, a float32 table.
 
-The master builds the table (1 GiB quick, 4 GiB full) before it forks;
+The master builds the table (256 MiB quick, 4 GiB full) before it forks;
 each request does a fixed number of dependent random lookups in it (TLB
 bound) and one request in N adds 1.0 to one entry, as a service updates a
 counter or a cache entry. ``wrk`` (Debian's package, installed by
@@ -35,7 +35,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import _tables
-from ._harness import GiB, Result, Settings, Skipped, fmt_bytes, interleave, median, mem_available, now, paired, percentile
+from ._harness import GiB, MiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired, percentile
 
 NAME = "service"
 TITLE = "a pre-forking web service (gunicorn --preload, 2 workers): requests/s and latency"
@@ -56,8 +56,21 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99),
     latency:percentile(99.9), latency.max, latency.mean))
+  -- wrk keeps a histogram, not each request's latency: its distribution
+  -- at every 0.1 % quantile is what it can give of the raw samples.
+  local q = {}
+  for i = 1, 999 do q[i] = string.format('%d', latency:percentile(i / 10)) end
+  q[1000] = string.format('%d', latency.max)  -- wrk's percentile(100) is 0
+  io.write('THPGUARD_WRK_QUANTILES [' .. table.concat(q, ', ') .. ']\n')
 end
 """
+
+#: What the JSON's latency samples are, per load generator.
+LATENCY_SAMPLES = {
+    "wrk": "latency_quantiles_us: wrk's latency distribution at the 0.1 %, 0.2 % ... 100 % quantiles "
+           "(wrk keeps a histogram, not each request's latency)",
+    "client": "latencies_us: every request's latency, per connection in the order sent",
+}
 
 
 def wrk_path() -> Optional[str]:
@@ -66,11 +79,18 @@ def wrk_path() -> Optional[str]:
 
 def parse_wrk(output: str) -> dict:
     """The numbers our wrk script prints at the end of ``output`` (requests,
-    errors, latency percentiles in microseconds) plus ``rps``."""
+    errors, latency percentiles in microseconds) plus ``rps``, and
+    ``latency_quantiles_us`` (the 1000 quantiles 0.1 % ... 100 %) where the
+    script printed them."""
+    quantiles = None
     for line in reversed(output.splitlines()):
-        if line.startswith("THPGUARD_WRK "):
+        if line.startswith("THPGUARD_WRK_QUANTILES "):
+            quantiles = json.loads(line[len("THPGUARD_WRK_QUANTILES "):])
+        elif line.startswith("THPGUARD_WRK "):
             found = json.loads(line[len("THPGUARD_WRK "):])
             found["rps"] = found["requests"] / (found["duration_us"] / 1e6) if found["duration_us"] else 0.0
+            if quantiles is not None:
+                found["latency_quantiles_us"] = quantiles
             return found
     raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
 
@@ -89,7 +109,8 @@ def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_r
     """The in-repo load generator: ``connections`` threads, each sending
     ``GET path`` one after another to 127.0.0.1:``port`` until ``seconds``
     have passed or ``max_requests`` were sent in all. Returns what
-    :func:`parse_wrk` returns."""
+    :func:`parse_wrk` returns, with ``latencies_us``, every request's
+    latency (per connection, in the order sent) in place of wrk's quantiles."""
     lat: List[float] = []
     errors = [0]
     sent = [0]
@@ -137,6 +158,7 @@ def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_r
         "p999_us": percentile(us, 99.9), "max_us": max(us) if us else float("nan"),
         "mean_us": sum(us) / len(us) if us else float("nan"),
         "rps": len(us) / elapsed if elapsed else 0.0,
+        "latencies_us": [round(x, 1) for x in us],
     }
 
 
@@ -186,6 +208,39 @@ class Server:
         finally:
             conn.close()
 
+    def worker_infos(self, timeout: float = 120.0) -> List[dict]:
+        """``/info`` of every worker, in the order of :attr:`workers`.
+
+        Each try opens one connection per worker before it sends a request
+        on any: a sync worker serves one connection at a time, so the
+        connections land on different workers. Tries again (a worker
+        restarted, a connection refused) until each worker pid answered;
+        RuntimeError naming the silent ones after ``timeout`` s."""
+        deadline = now() + timeout
+        got: Dict[int, dict] = {}
+        while True:
+            conns = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=30) for _ in self.workers]
+            try:
+                for conn in conns:
+                    conn.connect()
+                for conn in conns:
+                    conn.request("GET", "/info")
+                for conn in conns:
+                    info = json.loads(conn.getresponse().read())
+                    got.setdefault(info["pid"], info)
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            finally:
+                for conn in conns:
+                    conn.close()
+            missing = [pid for pid in self.workers if pid not in got]
+            if not missing:
+                return [got[pid] for pid in self.workers]
+            if now() > deadline:
+                raise RuntimeError(f"gunicorn workers {missing} did not answer /info in {timeout:.0f} s "
+                                   f"(answered: {sorted(got)}):\n{self._log_tail()}")
+            time.sleep(0.05)
+
     def _log_text(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()
@@ -212,8 +267,9 @@ def _memory(server: Server, info: dict) -> dict:
     workers = {pid: _tables.huge_bytes(pid, start, end) / info["size"] for pid in server.workers}
     return {
         "worker_huge": workers,
+        "worker_hugetlb": {pid: _tables.hugetlb_bytes(pid, start, end) / info["size"] for pid in server.workers},
         "min_worker_huge": min(workers.values()) if workers else float("nan"),
-        "pss_bytes": _tables.pss(server.proc.pid) + sum(_tables.pss(p) for p in server.workers),
+        "pss_bytes": _tables.footprint([server.proc.pid] + server.workers),
         "master_huge": _tables.huge_bytes(server.proc.pid, start, end) / info["size"],
     }
 
@@ -253,11 +309,13 @@ def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: floa
         timed = load(server.port, measure_s)
         cpu = sum(_tables.cpu_seconds(p) for p in server.workers) - cpu0
         after = _memory(server, info)
-        after["thpguard_stats"] = [server.info().get("thpguard_stats") for _ in range(WORKERS)]
+        # One entry per worker, in server.workers' order (the pids of after["worker_huge"]).
+        after["thpguard_stats"] = [i.get("thpguard_stats") for i in server.worker_infos()]
     finally:
         server.stop()
     return {
         "variant": variant, "mechanism": info["mechanism"], "start_s": started_s,
+        "fork_downgraded": info.get("fork_downgraded"),
         "aging": aged, "settle": settle, "warmup": warm, "rps": timed["rps"],
         "workers_cpu_s": cpu, "per_cpu_s": timed["requests"] / cpu if cpu > 0 else float("nan"), "p50_us": timed["p50_us"], "p99_us": timed["p99_us"],
         "load": timed, "before": before, "after": after,
@@ -272,12 +330,13 @@ def run(settings: Settings) -> Result:
     if importlib.util.find_spec("gunicorn") is None:
         # Else the first server dies at start-up and the benchmark fails with its log tail.
         raise Skipped("gunicorn is not installed in this Python: pip install -e '.[bench]'")
-    size = settings.pick(1 * GiB, 4 * GiB)
+    size = settings.pick(256 * MiB, 4 * GiB)
     lookups = 10_000
     write_every = 4
-    age_s, warmup_s, measure_s = settings.pick((1.0, 1.0, 2.0), (4.0, 4.0, 10.0))
-    settle_s = settings.pick(30.0, 90.0)
-    reps = settings.pick(3, 5)
+    # wrk counts whole seconds: 1 s is its shortest load.
+    age_s, warmup_s, measure_s = settings.pick((1.0, 1.0, 1.0), (4.0, 4.0, 10.0))
+    settle_s = settings.pick(10.0, 90.0)
+    reps = settings.pick(2, 5)
     wrk = wrk_path()
     res = Result(NAME, TITLE, params={
         "table": f"{fmt_bytes(size)} float32, built before fork",
@@ -285,6 +344,7 @@ def run(settings: Settings) -> Result:
         "request": f"{lookups} dependent random lookups; 1 in {write_every} writes 4 bytes",
         "load": (f"wrk -t1 -c{CONNECTIONS}" if wrk else
                  f"in-repo client, {CONNECTIONS} connections (wrk not found: benchmarks/install-tools.sh)"),
+        "latency samples": LATENCY_SAMPLES["wrk" if wrk else "client"],
         "per run": (f"fresh server, {age_s:.0f} s of write-only requests (aging), the guard's repair of that "
                     f"(at most {settle_s:.0f} s, no load), {warmup_s:.0f} s warm-up load, {measure_s:.0f} s timed"),
         "rounds": reps,
@@ -292,22 +352,15 @@ def run(settings: Settings) -> Result:
     if settings.max_bytes is not None and size > settings.max_bytes:
         res.skipped = f"the {fmt_bytes(size)} table is above --max-gib"
         return res
-    runnable, missing = [], {}
-    for variant in _tables.VARIANTS:
-        reason = _tables.unavailable(variant, size)
-        # copy: master and both workers hold a copy each from the start;
-        # share + guard ends there once the aged workers' blocks are
-        # repaired; the others share one, plus what the writes copy.
-        need = size * (WORKERS + 1 if variant in ("copy eager", "share+guard") else 2) + 2 * GiB
-        if reason is None and mem_available() < need:
-            reason = f"left out: needs about {fmt_bytes(need)} available, {fmt_bytes(mem_available())} is"
-        if reason:
-            missing[variant] = reason
-        else:
-            runnable.append(variant)
-    if "4k" not in runnable:
-        res.skipped = f"the 4 KiB baseline cannot run: {missing.get('4k')}"
+    # copy: master and both workers hold a copy each from the start;
+    # share + guard ends there once the aged workers' blocks are repaired;
+    # the others share one, plus what the writes copy; hugetlb takes its
+    # pool (grown per run), outside this.
+    chosen = _tables.choose(res, size, lambda v: size * (WORKERS + 1 if v in ("copy eager", "share+guard")
+                                                         else 0 if v == "hugetlb" else 2) + 2 * GiB)
+    if chosen is None:
         return res
+    runnable, missing = chosen
     script = None
     tmp = tempfile.mkdtemp(prefix="thpguard-bench-service-")
     try:
@@ -316,7 +369,8 @@ def run(settings: Settings) -> Result:
             with open(script, "w") as f:
                 f.write(_WRK_SCRIPT)
         samples = interleave(
-            {v: (lambda v=v: one_run(v, size, lookups, write_every, age_s, warmup_s, measure_s, script, settle_s)) for v in runnable},
+            {v: (lambda v=v: _tables.run_variant(v, size, WORKERS, lambda: one_run(
+                v, size, lookups, write_every, age_s, warmup_s, measure_s, script, settle_s))) for v in runnable},
             reps, warmup=0,
         )
     finally:
@@ -335,17 +389,16 @@ def _summarise(res: Result, samples: Dict[str, List[dict]], runnable: List[str],
     per_cpu = {v: [s.get("per_cpu_s", float("nan")) for s in samples[v]] for v in runnable}
     series = []
     for v in _tables.VARIANTS:
-        label = _tables.LABELS[v]
         if v in missing:
-            res.add(label, None, "", missing[v])
-            series.append({"variant": v, "label": label, "available": False, "reason": missing[v]})
+            _tables.not_available(res, series, v, missing[v])
             continue
         if v not in rps:
             continue
+        label = _tables.label_of(v, samples[v], res)
         if v == "4k":
             res.add(f"{label}: the baseline", None, "",
                     f"{median(rps[v]):.0f} req/s, {median(per_cpu[v]):.0f} per worker CPU-s, p50 {_fmt_us(median(p50[v]))}, p99 {_fmt_us(median(p99[v]))}, "
-                    f"PSS {fmt_bytes(median(pss[v]))}")
+                    f"memory {fmt_bytes(median(pss[v]))}")
         per_round = [r / b for r, b in zip(rps[v], rps["4k"])]
         if v != "4k":
             _variant_rows(res, v, label, rps, p50, p99, pss)
@@ -362,6 +415,7 @@ def _summarise(res: Result, samples: Dict[str, List[dict]], runnable: List[str],
             "pss_ratio": [a / b for a, b in zip(pss[v], pss["4k"])],
             "rps": rps[v], "p50_us": p50[v], "p99_us": p99[v],
             "worker_huge_before": huge_before, "worker_huge_after": huge_after,
+            "downgraded_runs": len(_tables.downgrades(samples[v])),
         })
         settles = [s["settle"] for s in samples[v] if s.get("settle")]
         if settles:
@@ -389,5 +443,5 @@ def _variant_rows(res: Result, v: str, label: str, rps, p50, p99, pss) -> None:
             _fmt_us(median(p50[v])), _fmt_us(median(p50["4k"])))
     res.add(f"{label}: p99", paired(p99[v], p99["4k"]), f"latency {v}/4k",
             _fmt_us(median(p99[v])), _fmt_us(median(p99["4k"])))
-    res.add(f"{label}: PSS, master + workers", paired(pss[v], pss["4k"]), f"memory {v}/4k",
+    res.add(f"{label}: memory (PSS + hugetlb), master + workers", paired(pss[v], pss["4k"]), f"memory {v}/4k",
             fmt_bytes(median(pss[v])), fmt_bytes(median(pss["4k"])))

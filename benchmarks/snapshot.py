@@ -1,7 +1,7 @@
 """9. An in-memory store that forks to write a snapshot while it keeps serving.
 
 What Redis does for BGSAVE and a Python service for a checkpoint: a store
-holds an open-addressing hash table (1 GiB quick, 4 GiB full: 16-byte
+holds an open-addressing hash table (256 MiB quick, 4 GiB full: 16-byte
 slots, half full) and serves a fixed mix of reads and updates (90/10, in
 C, each key picked from the value read before). Then it forks a child
 that streams the whole table to a file (in a temp dir, deleted after) and
@@ -29,7 +29,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import _cbench, _tables
-from ._harness import GiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired, percentile
+from ._harness import GiB, MiB, Result, Settings, fmt_bytes, in_child, interleave, median, mem_available, now, paired, percentile
 
 NAME = "snapshot"
 TITLE = "an in-memory store that forks to write a snapshot while it keeps serving"
@@ -56,7 +56,9 @@ def _stream(view: memoryview, path: str) -> None:
 
 
 class _Monitor(threading.Thread):
-    """Samples (t, huge bytes of the table, store PSS, child PSS) every 0.1 s."""
+    """Samples every 0.1 s: (t, huge bytes of the table, the store's memory,
+    what the child adds to it), memory as :func:`_tables.footprint` counts
+    it (PSS, and hugetlb pages, which PSS leaves out)."""
 
     def __init__(self, table: _tables.Table) -> None:
         super().__init__(daemon=True)
@@ -70,8 +72,9 @@ class _Monitor(threading.Thread):
         start, end = self.table.address, self.table.address + self.table.size
         while not self._done.is_set():
             child = self.child
-            self.samples.append((now(), _tables.huge_bytes(me, start, end), _tables.pss(me),
-                                 _tables.pss(child) if child else 0))
+            mine = _tables.footprint([me])
+            self.samples.append((now(), _tables.huge_bytes(me, start, end), mine,
+                                 _tables.footprint([me, child]) - mine if child else 0))
             self._done.wait(_SAMPLE_S)
 
     def stop(self) -> None:
@@ -120,6 +123,7 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
             finally:
                 os._exit(status)
         fork_end = lib.tgb_now_ns()
+        downgraded = table.fork_downgraded
         monitor.child = pid
         while True:
             serve(0.02)
@@ -147,7 +151,7 @@ def _store(variant: str, size: int, before_s: float, after_s: float, directory: 
             written = 0
     batches = [(starts[i], lats[i]) for i in range(count)]
     return {
-        "variant": variant, "mechanism": table.mechanism, "build_s": built,
+        "variant": variant, "mechanism": table.mechanism, "build_s": built, "fork_downgraded": downgraded,
         "snapshot_status": status, "snapshot_bytes": written,
         "fork_start_ns": fork_start, "fork_end_ns": fork_end, "child_exit_ns": child_exit, "end_ns": end,
         "batch_ops": BATCH, "batches": batches, "thread_cpu_s": cpu,
@@ -230,38 +234,32 @@ def _snapshot_dir(size: int) -> Optional[str]:
 
 
 def run(settings: Settings) -> Result:
-    size = settings.pick(1 * GiB, 4 * GiB)
-    before_s, after_s = settings.pick((1.0, 2.0), (3.0, 8.0))
-    max_after_s = settings.pick(20.0, 60.0)
-    reps = settings.pick(3, 5)
+    size = settings.pick(256 * MiB, 4 * GiB)
+    before_s, after_s = settings.pick((0.5, 1.0), (3.0, 8.0))
+    max_after_s = settings.pick(8.0, 60.0)
+    reps = settings.pick(2, 5)
     res = Result(NAME, TITLE, params={
         "table": f"{fmt_bytes(size)} open addressing, {SLOT_BYTES}-byte slots, half full",
         "mix": f"{100 - UPDATE_PERMILLE // 10} % reads, {UPDATE_PERMILLE // 10} % updates, batches of {BATCH}",
-        "per run": (f"fresh store, {before_s:.0f} s serving, fork + snapshot to a file, {after_s:.0f} s after "
+        "per run": (f"fresh store, {before_s:g} s serving, fork + snapshot to a file, {after_s:g} s after "
                     f"(with the guard: until repaired, at most {max_after_s:.0f} s)"),
         "rounds": reps,
     })
     if settings.max_bytes is not None and size > settings.max_bytes:
         res.skipped = f"the {fmt_bytes(size)} table is above --max-gib"
         return res
-    runnable, missing = [], {}
-    for variant in _tables.VARIANTS:
-        reason = _tables.unavailable(variant, size)
-        need = 2 * size + 2 * GiB  # the store's table, what the child copies or shares, headroom
-        if reason is None and mem_available() < need:
-            reason = f"left out: needs about {fmt_bytes(need)} available, {fmt_bytes(mem_available())} is"
-        if reason:
-            missing[variant] = reason
-        else:
-            runnable.append(variant)
-    if "4k" not in runnable:
-        res.skipped = f"the 4 KiB baseline cannot run: {missing.get('4k')}"
+    # The store's table, what the child copies or shares, headroom; hugetlb
+    # takes its pool (grown per run), outside this.
+    chosen = _tables.choose(res, size, lambda v: (0 if v == "hugetlb" else 2 * size) + 2 * GiB)
+    if chosen is None:
         return res
+    runnable, missing = chosen
     directory = tempfile.mkdtemp(prefix="thpguard-bench-snapshot-", dir=_snapshot_dir(size))
     res.params["snapshot to"] = f"a file in {os.path.dirname(directory)}"
     try:
         raw = interleave(
-            {v: (lambda v=v: in_child(_store, v, size, before_s, after_s, directory, max_after_s)) for v in runnable},
+            {v: (lambda v=v: _tables.run_variant(v, size, 1, lambda: in_child(
+                _store, v, size, before_s, after_s, directory, max_after_s))) for v in runnable},
             reps, warmup=0,
         )
     finally:
@@ -281,13 +279,12 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
 
     series = []
     for v in _tables.VARIANTS:
-        label = _tables.LABELS[v]
         if v in missing:
-            res.add(label, None, "", missing[v])
-            series.append({"variant": v, "label": label, "available": False, "reason": missing[v]})
+            _tables.not_available(res, series, v, missing[v])
             continue
         if v not in figures:
             continue
+        label = _tables.label_of(v, res.samples["runs"][v], res)
         if v == "4k":
             res.add(f"{label}: the baseline", None, "",
                     f"{median(col(v, 'during_ops_per_s')) / 1e6:.2f} M ops/CPU-s during, "
@@ -298,7 +295,7 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
                                 ("during_wall_ops_per_s", "wall-clock throughput during", "ops"),
                                 ("during_p99_us", "p99 batch latency during", "us"),
                                 ("fork_ms", "fork() pause", "ms"),
-                                ("extra_bytes", "extra memory (PSS)", "bytes")):
+                                ("extra_bytes", "extra memory (PSS + hugetlb)", "bytes")):
             value, base = median(col(v, key)), median(col("4k", key))
             if unit == "ops":
                 unit_text = "M ops/s" if "wall" in key else "M ops/CPU-s"
@@ -337,6 +334,7 @@ def _rows(res: Result, figures: Dict[str, List[dict]], runnable: List[str], miss
             "extra_bytes": col(v, "extra_bytes"),
             "back_to_huge_s": backs,
             "huge_at_exit": col(v, "huge_at_exit"),
+            "downgraded_runs": len(_tables.downgrades(res.samples["runs"][v])),
         })
         res.notes.append(
             f"{label} [{res.samples['runs'][v][0]['mechanism']}]: table PMD-mapped {median(col(v, 'huge_before')):.0%} "

@@ -74,7 +74,7 @@ struct tg_copy_stats {
     uint64_t copies;
     uint64_t reuses;
     uint64_t missing_fills;
-    uint64_t fallbacks;
+    uint64_t cow_fallbacks;
     uint64_t inline_allocs;
     uint64_t copy_ns;
     uint64_t regions;
@@ -114,6 +114,7 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
                        size_t n, int advice, size_t *advised);
 int tg_copy_remap(void *addr, size_t len, size_t align);
 int tg_map_flags(void *addr, size_t len, int extra_flags, void **out);
+int tg_map_unmergeable(void *addr, size_t len);
 int tg_copy_remap_flags(void *addr, size_t len, int extra_flags);
 int tg_placeholder_add(void *addr, size_t len, const char *name);
 int tg_placeholder_remove(void *addr);
@@ -128,6 +129,7 @@ int tg_copy_arm(void);
 int tg_copy_stats(struct tg_copy_stats *out);
 int tg_copy_set_method(int method);
 int tg_copy_set_pool(size_t blocks);
+int tg_copy_set_child_prefill(size_t blocks);
 int tg_thp_disable_get(int *value);
 int tg_thp_disable_set(int disable, unsigned long flags);
 int tg_fault_inject(int op, int err, int count);

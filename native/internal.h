@@ -9,5 +9,6 @@
 void tg__copy_prepare(void);
 void tg__copy_parent(void);
 void tg__copy_child(void);
+void tg__copy_unprotect_split(uintptr_t addr, size_t len);
 
 #endif

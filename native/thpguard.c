@@ -348,6 +348,7 @@ int tg_collapse(void *addr, size_t len, size_t chunk, unsigned max_retries,
     }
     int last_err = 0;
     size_t i = 0;
+    tg__copy_unprotect_split((uintptr_t)addr, len);
     for (size_t off = 0; off < len; off += chunk, i++) {
         size_t this_len = len - off < chunk ? len - off : chunk;
         int err = 0;
@@ -441,6 +442,31 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
     /* Advise before the first touch so the faults below allocate PMD THPs. */
     madvise(fresh, len, TG_MADV_HUGEPAGE);
     return copy_over(fresh, addr, len);
+}
+
+int tg_map_unmergeable(void *addr, size_t len)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    if (len == 0 || ((uintptr_t)addr & (page - 1)) || (len & (page - 1))) {
+        errno = EINVAL;
+        return -1;
+    }
+    char *fresh = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (fresh == MAP_FAILED)
+        return -1;
+    /* A write fault gives the VMA its anon_vma (a read of the zero page does
+     * not); without one, mremap resets the offset to the new address
+     * (copy_vma()). The VMA is not huge-page advised yet: one 4 KiB page. */
+    if (madvise(fresh, page, TG_MADV_POPULATE_WRITE) != 0)
+        *(volatile char *)fresh = 0;  /* before Linux 5.14 */
+    madvise(fresh, page, MADV_DONTNEED);
+    if (mremap(fresh, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, addr) == MAP_FAILED) {
+        int saved = errno;
+        munmap(fresh, len);
+        errno = saved;
+        return -1;
+    }
+    return 0;
 }
 
 int tg_map_flags(void *addr, size_t len, int extra_flags, void **out)

@@ -139,6 +139,18 @@ int tg_process_madvise(int pidfd, const uint64_t *addrs, const uint64_t *lens,
  * pages with another process. On failure the old range is untouched. */
 int tg_copy_remap(void *addr, size_t len, size_t align);
 
+/* Replace the (mapped, fresh) range [addr, addr+len) by a private anonymous
+ * mapping that a mapping placed next to it later never merges with: it is
+ * made elsewhere, given its anon_vma by one write fault (the page is dropped
+ * again) and moved over addr with mremap(MREMAP_FIXED), which keeps the page
+ * offset of a VMA that has an anon_vma (Linux copy_vma()). Anonymous VMAs
+ * merge only where their page offsets continue each other, and a fresh
+ * mapping's offset is its address's, so memory that outside code maps into
+ * a hole of the range stays a VMA of its own, even with the same flags.
+ * Pieces of the range split off by mprotect() or mlock() keep continuing
+ * offsets and merge back. On failure addr is untouched. */
+int tg_map_unmergeable(void *addr, size_t len);
+
 /* hugetlb: MAP_HUGETLB and the page size as log2 << TG_MAP_HUGE_SHIFT. */
 #define TG_MAP_HUGETLB    0x40000
 #define TG_MAP_HUGE_SHIFT 26
@@ -233,7 +245,7 @@ struct tg_copy_stats {
     uint64_t copies;        /* blocks copied into a new huge page */
     uint64_t reuses;        /* blocks no longer shared: unprotected only */
     uint64_t missing_fills; /* empty blocks filled with a zeroed huge page */
-    uint64_t fallbacks;     /* blocks left to the kernel's COW (they split) */
+    uint64_t cow_fallbacks; /* blocks left to the kernel's COW (they split) */
     uint64_t inline_allocs; /* pool empty: a block was faulted in the fault */
     uint64_t copy_ns;       /* time spent copying, in nanoseconds */
     uint64_t regions;       /* registered regions */
@@ -269,6 +281,11 @@ int tg_copy_set_method(int method);
 /* Pre-faulted blocks kept ready (1..TG_COPY_POOL_MAX, default 4), before
  * the first fault. */
 int tg_copy_set_pool(size_t blocks);
+
+/* Pool blocks a child fills in the at-fork handler, before any of its code
+ * runs (0..TG_COPY_POOL_MAX, default 1; never more than the pool keeps);
+ * its handler thread fills the rest. */
+int tg_copy_set_child_prefill(size_t blocks);
 
 /* ---- process switches ------------------------------------------------- */
 

@@ -27,6 +27,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -91,7 +92,9 @@ struct copy_region {
 };
 
 /* Everything below belongs to this process; the at-fork child handler
- * rebuilds it in the child. */
+ * rebuilds it in the child. life_lock (taken first) serialises starting
+ * and stopping the handler; op_lock guards the state the handler uses. */
+static pthread_mutex_t life_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t op_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct copy_region regions[TG_MAX_COPY_REGIONS];
 static size_t n_regions;
@@ -101,15 +104,27 @@ static int method;            /* TG_COPY_MOVE, TG_COPY_REMAP, TG_COPY_COLLAPSE *
 static int forced_method;     /* tg_copy_set_method; 0: best available */
 static size_t block = 2UL << 20;
 static int handler_running;
+static pthread_t handler_tid;
+static int stop_fd = -1;      /* eventfd: the handler exits when it reads it */
+static int stopping;          /* set under op_lock before stop_fd is written */
 static _Atomic int arm_errno;
 
 /* Pre-faulted huge pages, taken by the handler and refilled by it when no
- * fault is waiting, so the fault path neither allocates nor zeroes. One
- * mapping (MADV_DONTFORK: children make their own), one slot per block. */
+ * fault is waiting, so the fault path neither allocates nor zeroes. Only
+ * the handler thread touches the pool while it runs (the child's at-fork
+ * handler before it starts, stop_handler after it ended). One
+ * mapping (MADV_DONTFORK: children make their own), one slot per block.
+ * At most pool_target blocks are kept, and never more than the registered
+ * regions have blocks; a child fills TG_COPY_CHILD_PREFILL of them in the
+ * at-fork handler (child_prefill), before its code runs, and its handler
+ * the rest once the child has taken a block (pool_active). */
 static char *pool;
 static size_t pool_slots;
 static unsigned char pool_ready[TG_COPY_POOL_MAX];
 static size_t pool_target = 4;
+static size_t registered_blocks;
+static size_t child_prefill = 1;
+static int pool_active;       /* 0 in a child until it first takes a block */
 
 static struct tg_copy_stats stats;
 #define COUNT(field) __atomic_fetch_add(&stats.field, 1, __ATOMIC_RELAXED)
@@ -235,6 +250,37 @@ static int block_is_huge(uintptr_t addr)
     return huge == block;
 }
 
+/* How many blocks the pool can hold for the registered regions. */
+static size_t pool_cap(void)
+{
+    return registered_blocks < pool_target ? registered_blocks : pool_target;
+}
+
+/* How many blocks the handler keeps ready now: none in a child that has
+ * not written yet (its prefilled block waits for the first write; a child
+ * that only reads, or execs, zeroes no more). */
+static size_t pool_want(void)
+{
+    return pool_active ? pool_cap() : 0;
+}
+
+static size_t pool_count(void)
+{
+    size_t n = 0;
+    for (size_t i = 0; pool && i < pool_slots; i++)
+        n += pool_ready[i];
+    return n;
+}
+
+static void pool_free(void)
+{
+    if (pool)
+        munmap(pool, pool_slots * block);
+    pool = NULL;
+    pool_slots = 0;
+    memset(pool_ready, 0, sizeof(pool_ready));
+}
+
 static int pool_map(void)
 {
     void *p;
@@ -285,17 +331,13 @@ static int pool_refill_one(void)
 
 static int pool_full(void)
 {
-    if (!pool)
-        return 0;
-    for (size_t i = 0; i < pool_slots; i++)
-        if (!pool_ready[i])
-            return 0;
-    return 1;
+    return pool_count() >= pool_want();
 }
 
 /* A ready slot, or NULL: then one is made in the fault path (counted). */
 static char *pool_take(size_t *slot_out)
 {
+    pool_active = 1;
     for (int pass = 0; pass < 2; pass++) {
         if (pool) {
             for (size_t i = 0; i < pool_slots; i++) {
@@ -377,7 +419,7 @@ static void wake_range(uintptr_t addr, size_t len)
  * fault then splits the block, as without thpguard; the guard repairs. */
 static void fall_back(uintptr_t blk)
 {
-    COUNT(fallbacks);
+    COUNT(cow_fallbacks);
     protect_range(uffd, blk, block, 0);
 }
 
@@ -447,7 +489,7 @@ static void resolve_write(uintptr_t blk)
          * the collapse then copies the rest into a new huge page. */
         __atomic_fetch_add((volatile char *)blk, 0, __ATOMIC_RELAXED);
         if (madvise((void *)blk, block, TG_MADV_COLLAPSE) != 0)
-            COUNT(fallbacks);
+            COUNT(cow_fallbacks);
         else
             COUNT(copies);
         wake_range(blk, block);
@@ -485,7 +527,7 @@ static void resolve_write(uintptr_t blk)
             struct u_copy cp = {.dst = blk, .src = (uintptr_t)fresh, .len = block};
             ioctl(uffd, U_IOC_COPY, &cp);
             madvise(fresh, block, MADV_DONTNEED);
-            COUNT(fallbacks);
+            COUNT(cow_fallbacks);
             wake_range(blk, block);
             return;
         }
@@ -547,20 +589,30 @@ static void *handler_main(void *arg)
 {
     (void)arg;
     struct u_msg msgs[16];
+    /* uffd and stop_fd stay open until this thread has been joined. */
+    int fd = uffd;
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    int refill_failed = 0;
     for (;;) {
-        int fd = uffd;
-        struct pollfd pfd[1] = {{.fd = fd, .events = POLLIN}};
-        int idle_work = !pool_full();
-        int n = poll(pfd, 1, idle_work ? 0 : -1);
+        pthread_mutex_lock(&op_lock);
+        int idle_work = !stopping && !pool_full();
+        pthread_mutex_unlock(&op_lock);
+        /* A refill that failed (no huge page to be had) is tried again
+         * 100 ms later, not in a busy loop. */
+        int n = poll(pfd, 2, idle_work ? (refill_failed ? 100 : 0) : -1);
         if (n < 0 && errno != EINTR)
             break;
+        if (n > 0 && (pfd[1].revents & POLLIN))
+            break;  /* the last region closed: tg_copy_unregister joins us */
         if (n == 0 && idle_work) {
-            pthread_mutex_lock(&op_lock);
-            pool_refill_one();
-            pthread_mutex_unlock(&op_lock);
+            /* Without op_lock: only this thread touches the pool while it
+             * runs, and a fork (whose prepare handler takes op_lock) must
+             * not wait for a refill, which can take milliseconds when the
+             * CPUs are busy and this thread is not scheduled. */
+            refill_failed = !pool_refill_one();
             continue;
         }
-        if (!(pfd[0].revents & POLLIN))
+        if (n <= 0 || !(pfd[0].revents & POLLIN))
             continue;
         ssize_t got = read(fd, msgs, sizeof(msgs));
         if (got < 0)
@@ -573,19 +625,23 @@ static void *handler_main(void *arg)
 
 static int start_handler(void)
 {
+    stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (stop_fd < 0)
+        return -1;
+    stopping = 0;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 256 << 10);
     sigset_t all, old;
     sigfillset(&all);
     /* Signals go to the application's threads, never to the handler. */
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pthread_t tid;
-    int rc = pthread_create(&tid, &attr, handler_main, NULL);
+    int rc = pthread_create(&handler_tid, &attr, handler_main, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
     if (rc != 0) {
+        close(stop_fd);
+        stop_fd = -1;
         errno = rc;
         return -1;
     }
@@ -631,6 +687,7 @@ static int ensure_handler(void)
         return -1;
     }
     uffd = fd;
+    pool_active = 1;  /* the process that made the region fills its pool now */
     if (start_handler() != 0) {
         int saved = errno;
         close(fd);
@@ -649,6 +706,7 @@ int tg_copy_register(void *addr, size_t len, size_t block_size)
         errno = EINVAL;
         return -1;
     }
+    pthread_mutex_lock(&life_lock);
     pthread_mutex_lock(&op_lock);
     int rc = -1;
     if (n_regions && block_size != block) {
@@ -663,11 +721,43 @@ int tg_copy_register(void *addr, size_t len, size_t block_size)
             regions[n_regions].addr = a;
             regions[n_regions].len = len;
             n_regions++;
+            registered_blocks += len / block;
             rc = 0;
         }
     }
     pthread_mutex_unlock(&op_lock);
+    pthread_mutex_unlock(&life_lock);
     return rc;
+}
+
+/* The last region closed: stop the handler thread, close the userfaultfd
+ * and give the pool back (life_lock held, op_lock not). The next
+ * tg_copy_register starts them again. */
+static void stop_handler(void)
+{
+    pthread_mutex_lock(&op_lock);
+    int running = handler_running && n_regions == 0;
+    if (running) {
+        stopping = 1;
+        uint64_t one = 1;
+        if (write(stop_fd, &one, sizeof(one)) != sizeof(one))
+            running = 0;  /* cannot happen with a fresh eventfd; keep it */
+    }
+    pthread_mutex_unlock(&op_lock);
+    if (!running)
+        return;
+    pthread_join(handler_tid, NULL);
+    pthread_mutex_lock(&op_lock);
+    handler_running = 0;
+    stopping = 0;
+    close(stop_fd);
+    stop_fd = -1;
+    close(uffd);
+    uffd = -1;
+    close(pagemap_fd);
+    pagemap_fd = -1;
+    pool_free();
+    pthread_mutex_unlock(&op_lock);
 }
 
 int tg_copy_unregister(void *addr)
@@ -675,6 +765,7 @@ int tg_copy_unregister(void *addr)
     uintptr_t a = (uintptr_t)addr;
     int rc = -1;
     /* Waits for a copy in progress on this region: the caller may unmap. */
+    pthread_mutex_lock(&life_lock);
     pthread_mutex_lock(&op_lock);
     errno = ENOENT;
     for (size_t i = 0; i < n_regions; i++) {
@@ -684,11 +775,15 @@ int tg_copy_unregister(void *addr)
         /* Wakes every thread waiting on the range; their faults retry
          * without us. Fails only if the range is unmapped already. */
         ioctl(uffd, U_IOC_UNREGISTER, &r);
+        registered_blocks -= regions[i].len / block;
         regions[i] = regions[--n_regions];
         rc = 0;
         break;
     }
     pthread_mutex_unlock(&op_lock);
+    if (rc == 0 && n_regions == 0)
+        stop_handler();
+    pthread_mutex_unlock(&life_lock);
     return rc;
 }
 
@@ -753,12 +848,45 @@ int tg_copy_set_pool(size_t blocks)
     return rc;
 }
 
+int tg_copy_set_child_prefill(size_t blocks)
+{
+    if (blocks > TG_COPY_POOL_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
+    pthread_mutex_lock(&op_lock);
+    child_prefill = blocks;
+    pthread_mutex_unlock(&op_lock);
+    return 0;
+}
+
+/* Called by tg_collapse before MADV_COLLAPSE: the kernel refuses small
+ * pages that carry the write-protect marker (EINVAL), which a block split
+ * while protected (a partial mprotect or MADV_DONTNEED) keeps until each
+ * page is written. A split block needs no protection (a write to it copies
+ * 4 KiB whatever happens), so the marker goes first. */
+void tg__copy_unprotect_split(uintptr_t addr, size_t len)
+{
+    pthread_mutex_lock(&op_lock);
+    for (size_t i = 0; uffd >= 0 && i < n_regions; i++) {
+        uintptr_t lo = regions[i].addr > addr ? regions[i].addr : addr;
+        uintptr_t end = regions[i].addr + regions[i].len;
+        uintptr_t hi = end < addr + len ? end : addr + len;
+        for (uintptr_t blk = lo & ~(uintptr_t)(block - 1); blk < hi; blk += block)
+            if (!block_is_huge(blk))
+                protect_range(uffd, blk, block, 0);
+    }
+    pthread_mutex_unlock(&op_lock);
+}
+
 /* ---- fork (called from thpguard.c's pthread_atfork handlers) ------------- */
 
 void tg__copy_prepare(void)
 {
     /* Waits for a copy in progress; held until fork() returns, so the
-     * handler cannot change a block while the child gets its page tables. */
+     * handler cannot change a block while the child gets its page tables.
+     * life_lock first: a fork never sees the handler half stopped. */
+    pthread_mutex_lock(&life_lock);
     pthread_mutex_lock(&op_lock);
     if (uffd < 0)
         return;
@@ -770,6 +898,7 @@ void tg__copy_prepare(void)
 void tg__copy_parent(void)
 {
     pthread_mutex_unlock(&op_lock);
+    pthread_mutex_unlock(&life_lock);
 }
 
 void tg__copy_child(void)
@@ -778,17 +907,25 @@ void tg__copy_child(void)
      * lock is the same thing without relying on the owner check. */
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     op_lock = fresh;
-    if (uffd < 0)
-        return;
-    /* The parent's fd, pool and handler are the parent's. */
-    close(uffd);
-    uffd = -1;
-    handler_running = 0;
+    life_lock = fresh;
+    pool_active = 0;
     if (pagemap_fd >= 0)
         close(pagemap_fd);  /* reads the parent's mm, not ours */
     pagemap_fd = -1;
+    if (uffd < 0)
+        return;
+    /* The parent's fds, pool and handler are the parent's (a write to its
+     * stop_fd would stop the parent's handler). */
+    close(uffd);
+    uffd = -1;
+    if (stop_fd >= 0)
+        close(stop_fd);
+    stop_fd = -1;
+    stopping = 0;
+    handler_running = 0;
     pool = NULL;  /* MADV_DONTFORK: not mapped here */
     pool_slots = 0;
+    memset(pool_ready, 0, sizeof(pool_ready));
     memset(&stats, 0, sizeof(stats));
     atomic_store(&arm_errno, 0);
     if (n_regions == 0)
@@ -814,6 +951,11 @@ void tg__copy_child(void)
             break;
         }
     }
+    /* A first write right after fork finds a block ready; the handler
+     * fills the rest of the pool as soon as it runs. */
+    if (pagemap_fd >= 0 && !atomic_load(&arm_errno))
+        for (size_t i = 0; i < child_prefill && pool_count() < pool_cap(); i++)
+            pool_refill_one();
     if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler() != 0) {
         if (!atomic_load(&arm_errno))
             atomic_store(&arm_errno, errno ? errno : EIO);

@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 import zlib
 
 import pytest
 
 import thpguard
-from thpguard import _child, kernel
+from thpguard import _checks, _child, kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from benchmarks._hostlock import hugetlb_pool_lock  # noqa: E402
 
 REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
 
@@ -66,6 +72,18 @@ def require_collapse(require_thp):
     feature = kernel.capabilities().collapse
     if not feature.available:
         pytest.skip(f"needs MADV_COLLAPSE to repair splits: {feature.reason}")
+
+
+@pytest.fixture
+def require_agent(require_collapse):
+    """Skip where the agent cannot work: it needs PAGEMAP_SCAN (6.7), process_madvise
+    with MADV_COLLAPSE (6.1) and CAP_SYS_NICE."""
+    caps = kernel.capabilities()
+    for name in ("pagemap_scan", "process_madvise"):
+        if not caps.features[name].available:
+            pytest.skip(f"the agent needs {name}: {caps.features[name].reason}")
+    if not _checks.has_capability(_checks.CAP_SYS_NICE):
+        pytest.skip("the agent needs CAP_SYS_NICE (run the tests as root)")
 
 
 @pytest.fixture
@@ -252,6 +270,8 @@ def hugepool():
     Returns the pool (kernel.HugePool) after growing it.
     """
     grown = []  # (page_size, count before, pages added)
+    lock = contextlib.ExitStack()  # holds the host's pool lock once taken
+    lock_held = []
 
     def fail_or_skip(why):
         if REQUIRE_THP:
@@ -262,6 +282,10 @@ def hugepool():
         page_size = page_size or kernel.pmd_size()
         if page_size not in kernel.hugetlb_sizes():
             fail_or_skip(f"no hugetlb pool of {page_size} bytes here")
+        if not lock_held:
+            # Another suite or a benchmark on this host takes turns with us.
+            lock.enter_context(hugetlb_pool_lock())
+            lock_held.append(True)
         pool = kernel.hugetlb_pool(page_size)
         before = _read_nr(page_size)
         want = before + max(0, pages - pool.available)
@@ -288,6 +312,7 @@ def hugepool():
             # pages meanwhile (a floor at `before` would then keep theirs).
             now = _read_nr(page_size)
             _write_nr(page_size, max(0, now - added))
+        lock.close()
 
 
 def hugetlb_vma(pid, start):

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from thpguard import _checks, kernel
+from thpguard import kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -35,13 +35,7 @@ LIMIT = 90.0  # seconds the agent gets to recover before the test fails
 
 
 @pytest.fixture
-def redis_server(require_collapse):
-    caps = kernel.capabilities()
-    for name in ("pagemap_scan", "process_madvise"):
-        if not caps.features[name].available:
-            pytest.skip(f"the agent needs {name}: {caps.features[name].reason}")
-    if not _checks.has_capability(_checks.CAP_SYS_NICE):
-        pytest.skip("the agent needs CAP_SYS_NICE (run the tests as root)")
+def redis_server(require_agent):
     reason = _redis.unavailable_reason()
     if reason:
         pytest.skip(reason)

@@ -64,6 +64,23 @@ def test_in_repo_client_stops_at_its_request_bound(tiny_server):
     assert 0 < found["requests"] <= 40
     assert found["errors"] == 0
     assert found["p50_us"] <= found["p99_us"] and found["rps"] > 0
+    # Every request's latency is kept for the JSON, not only the percentiles.
+    assert len(found["latencies_us"]) == found["requests"]
+    assert max(found["latencies_us"]) == pytest.approx(found["max_us"], abs=0.1)
+
+
+def test_wrk_reports_its_latency_distribution(tiny_server, tmp_path):
+    """wrk keeps a histogram: our script prints its 1000 quantiles, which
+    parse_wrk keeps; they rise and end at wrk's maximum."""
+    if service.wrk_path() is None:
+        pytest.skip("wrk is not installed (benchmarks/install-tools.sh installs it)")
+    script = tmp_path / "report.lua"
+    script.write_text(service._WRK_SCRIPT)
+    found = service._run_wrk(tiny_server, 1.0, str(script))
+    q = found["latency_quantiles_us"]
+    assert len(q) == 1000 and found["requests"] > 0
+    assert q == sorted(q) and q[-1] == found["max_us"]
+    assert q[499] == found["p50_us"] and q[989] == found["p99_us"]
 
 
 def test_every_variant_is_either_available_or_says_why():
@@ -220,6 +237,22 @@ def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypat
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
 
 
+def test_service_reads_every_workers_info():
+    """worker_infos() gets /info from each gunicorn worker, whichever
+    accepts first, in the order of the server's worker pids."""
+    if service.importlib.util.find_spec("gunicorn") is None:
+        pytest.skip("gunicorn is not installed in this Python: pip install -e '.[bench]'")
+    server = service.Server("4k", 16 * MiB, lookups=10, write_every=0)
+    try:
+        server.wait_ready(timeout=180)
+        for _ in range(3):
+            infos = server.worker_infos(timeout=120)
+            assert [i["pid"] for i in infos] == server.workers
+            assert len(set(server.workers)) == service.WORKERS
+    finally:
+        server.stop()
+
+
 def test_service_without_gunicorn_is_skipped_with_the_install_command(monkeypatch):
     """Installed with only the bench extra of an older checkout, gunicorn is missing:
     the service benchmark says so instead of failing with a dead server's log."""
@@ -289,3 +322,62 @@ def test_lazy_copy_and_hugetlb_rows_are_asked_of_thpguard(monkeypatch):
     lazy = _tables.unavailable("copy lazy", 4 * MiB)
     assert lazy.startswith("not available here") and "no lazy here: the reason" in lazy
     assert "no hugetlb here" in _tables.unavailable("hugetlb", 4 * MiB)
+
+
+def _share_table_forks(size: int, children: int) -> dict:
+    """In a fresh process: a hugetlb share table, ``children`` forks that
+    keep sharing it, what smaps says each child maps from the pool."""
+    table = _tables.allocate("hugetlb", size)
+    hold_r, hold_w = os.pipe()
+    pids = []
+    try:
+        for _ in range(children):
+            pid = os.fork()
+            if pid == 0:
+                os.close(hold_w)
+                os.read(hold_r, 1)
+                os._exit(0)
+            pids.append(pid)
+        end = table.address + size
+        me = os.getpid()
+        return {"downgraded": table.fork_downgraded,
+                "pss": _tables.pss(me) + sum(_tables.pss(p) for p in pids),
+                "footprint": _tables.footprint([me] + pids),
+                "children_hugetlb": [_tables.hugetlb_bytes(p, table.address, end) for p in pids],
+                "children_thp": [_tables.smaps_range(p, table.address, end).get("AnonHugePages", 0)
+                                 for p in pids]}
+    finally:
+        os.close(hold_w)
+        for pid in pids:
+            os.waitpid(pid, 0)
+
+
+def test_hugetlb_variant_sizes_the_pool_its_forks_need(hugepool):
+    """With the pool hugetlb_pool_pages() asks for, two children that keep
+    sharing the table are not downgraded: both map it from the pool (smaps)."""
+    from benchmarks._harness import in_child
+
+    size = 8 * MiB
+    hugepool(_tables.hugetlb_pool_pages(size, 2))
+    found = _tables.run_variant("hugetlb", size, 2, lambda: in_child(_share_table_forks, size, 2))
+    assert found["pool"]["covered"] and found["loadavg"]
+    assert found["downgraded"] is None
+    assert found["children_hugetlb"] == [size, size]
+    assert found["children_thp"] == [0, 0]
+    # smaps leaves hugetlb pages out of PSS; footprint() counts the shared table once.
+    assert found["pss"] + size <= found["footprint"] < found["pss"] + 2 * size
+
+
+def test_a_downgraded_hugetlb_run_is_named_so():
+    """A run whose share fork thpguard downgraded is labelled as such, with
+    thpguard's reason in a note, not presented as hugetlb."""
+    from benchmarks._harness import Result
+
+    res = Result("service", "t")
+    runs = [{"fork_downgraded": None, "pool": {"pages_needed": 20, "pages_free": 20}},
+            {"fork_downgraded": "fork copied this share region into the child (THP): too few pages",
+             "pool": {"pages_needed": 20, "pages_free": 12}}]
+    label = _tables.label_of("hugetlb", runs, res)
+    assert "DOWNGRADED" in label and "1 of 2" in label
+    assert any("too few pages" in n and "12 of the 20" in n for n in res.notes)
+    assert _tables.label_of("hugetlb", runs[:1], res) == _tables.LABELS["hugetlb"]

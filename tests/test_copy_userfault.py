@@ -122,7 +122,7 @@ def test_both_sides_write_every_block_and_stay_huge(copy_region, pmd):
     samples, worst, worst_smaps, same, stats = result["r"]
     assert samples > 0 and worst == region.size and worst_smaps == region.size
     assert same
-    assert stats["fallbacks"] == 0 and stats["copies"] + stats["reuses"] == region.size // pmd
+    assert stats["cow_fallbacks"] == 0 and stats["copies"] + stats["reuses"] == region.size // pmd
     assert sampler.samples > 0 and sampler.worst == region.size
     assert sampler.worst_smaps == region.size
     marks = {off: 0x9A for off in range(0, region.size, pmd)}
@@ -160,7 +160,7 @@ def test_many_threads_same_and_different_blocks(copy_region, pmd):
 
     kept, same, complete, stats = run_in_child(child)
     assert kept and same and complete
-    assert stats["copies"] == 5 and stats["fallbacks"] == 0
+    assert stats["copies"] == 5 and stats["cow_fallbacks"] == 0
     assert stats["wp_faults"] >= 5
 
 
@@ -188,7 +188,7 @@ def test_kernel_mode_writes(copy_region, pmd):
         os.close(w)
         ok = all(bytes(view[o + 100 : o + 100 + len(payload)]) == payload for o in (0, pmd, 2 * pmd))
         view.release()
-        return (n1, n2, n3), ok, region.coverage().complete, _native.copy_stats()["fallbacks"]
+        return (n1, n2, n3), ok, region.coverage().complete, _native.copy_stats()["cow_fallbacks"]
 
     sizes, ok, complete, fallbacks = run_in_child(child)
     assert sizes == (2100, 2100, 2100) and ok and complete and fallbacks == 0
@@ -317,7 +317,7 @@ def test_dontneed_and_mprotect(copy_region, pmd):
 
     zeros, readable, ok, complete, stats = run_in_child(child)
     assert zeros and readable == 1 and ok and complete
-    assert stats["fallbacks"] == 0
+    assert stats["cow_fallbacks"] == 0
     assert checksum(region.view()) == expected and region.coverage().complete
 
 
@@ -337,10 +337,11 @@ def test_no_new_block_falls_back_and_collapse_repairs(copy_region, pmd, require_
         split = region.coverage().huge_bytes
         repaired = region.collapse().coverage.complete
         marks = {off: 0x21 for off in range(0, region.size, pmd)}
-        return stats["fallbacks"], split, repaired, checksum(region.view()) == _expected_after_marks(region, marks)
+        # "fallbacks" is the old name of "cow_fallbacks", kept through 0.1.
+        return (stats["cow_fallbacks"], stats["fallbacks"]), split, repaired, checksum(region.view()) == _expected_after_marks(region, marks)
 
     fallbacks, huge, repaired, same = run_in_child(child)
-    assert fallbacks == 1 and huge == region.size - pmd
+    assert fallbacks == (1, 1) and huge == region.size - pmd
     assert repaired and same
     assert checksum(region.view()) == expected and region.coverage().complete
 
@@ -513,3 +514,229 @@ def test_host_without_lazy_copy_falls_back(require_thp, caplog):
             thpguard.alloc(4 * MiB, fork="copy", copy_mode="lazy")
     finally:
         kernel.registry.reset()
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def _pool_mappings(pool_bytes):
+    """Anonymous mappings of exactly ``pool_bytes`` flagged dontfork ("dc")."""
+    return [v for v in kernel.read_smaps("self", kernel.Roots())
+            if v.end - v.start == pool_bytes and "dc" in v.vm_flags]
+
+
+def test_handler_stops_with_the_last_region(require_userfault, pmd):
+    """The handler thread and its pool exist while a copy region does, stop
+    when the last one closes, and start again with the next."""
+    from conftest import wait_until
+
+    def child():
+        before = _threads()
+        first = thpguard.alloc(4 * pmd, fork="copy", copy_mode="lazy")
+        second = thpguard.alloc(4 * pmd, fork="copy", copy_mode="lazy")
+        with_regions = _threads()
+        wait_until(lambda: _native.copy_stats()["pool_ready"] == 4, "the handler to fill its pool")
+        pools = len(_pool_mappings(4 * pmd))
+        first.close()
+        one_left = _threads()
+        second.close()
+        after = _threads()
+        pools_after = len(_pool_mappings(4 * pmd))
+        stats = _native.copy_stats()
+        again = thpguard.alloc(2 * pmd, fork="copy", copy_mode="lazy")
+        view = again.view()
+        view[0] = 1
+        restarted = _threads()
+        view.release()
+        again.close()
+
+        def grandchild():
+            # Forked after the handler stopped: its own handler reads its
+            # own page map (not the parent's) and fills its pool.
+            region = thpguard.alloc(4 * pmd, fork="copy", copy_mode="lazy")
+            wait_until(lambda: _native.copy_stats()["pool_ready"] == 4, "the pool to fill")
+            region.close()
+            return True
+
+        return (before, with_regions, pools, one_left, after, pools_after, stats["pool_ready"],
+                restarted, _threads(), run_in_child(grandchild))
+
+    (before, with_regions, pools, one_left, after, pools_after, ready, restarted,
+     final, grandchild_pool) = run_in_child(child)
+    assert with_regions == before + 1 and one_left == before + 1
+    assert pools == 1
+    assert after == before and pools_after == 0 and ready == 0
+    assert restarted == before + 1 and final == before and grandchild_pool
+
+
+def test_child_pool_ready_at_fork(copy_region, pmd):
+    """A child's pool has a block before its code runs, so its first write
+    is a copy from the pool, not a block faulted in the fault path; a child
+    that has not written keeps that one block only, and its handler fills
+    the pool after the first write."""
+    import time
+
+    from conftest import wait_until
+
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    view = region.view()
+    view[0] = view[0]  # the parent's pool is filled meanwhile
+    view.release()
+
+    def child():
+        ready = _native.copy_stats()["pool_ready"]
+        time.sleep(0.1)
+        idle = _native.copy_stats()["pool_ready"]
+        view = region.view()
+        view[pmd] = 0x51
+        view.release()
+        stats = _native.copy_stats()
+        wait_until(lambda: _native.copy_stats()["pool_ready"] == 4, "the child's pool to fill")
+        return ready, idle, stats["copies"], stats["inline_allocs"], region.coverage().complete
+
+    ready, idle, copies, inline, complete = run_in_child(child)
+    assert ready == 1 and idle == 1 and copies == 1 and inline == 0 and complete
+    assert checksum(region.view()) == expected
+
+
+def test_collapse_of_protected_split_block(copy_region, pmd, require_collapse):
+    """A protected block split by a partial mprotect keeps the write-protect
+    marker on its small pages, which MADV_COLLAPSE refuses (EINVAL); the
+    repair drops the marker first, so collapse() makes it huge again."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        at = region.address + pmd
+        assert libc.mprotect(at, 4096, mmap.PROT_READ) == 0
+        assert libc.mprotect(at, 4096, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        split = region.coverage().huge_bytes
+        result = region.collapse()
+        return split, result.failures, result.refused, result.coverage.complete, \
+            checksum(region.view())
+
+    split, failures, refused, complete, sums = run_in_child(child)
+    assert split == region.size - pmd
+    assert failures == {} and refused == {} and complete
+    assert sums == expected and checksum(region.view()) == expected
+
+
+def test_emptied_block_read_only_stays_small_and_guard_says_why(copy_region, pmd, require_collapse):
+    """An emptied block read while the region is read-only fills with 4 KiB
+    zero pages (UFFDIO_MOVE moves only between writable mappings), and
+    MADV_COLLAPSE refuses it in a userfaultfd mapping: collapse() names
+    that cause, and the block collapses once every page was written."""
+    region = copy_region(8 * MiB)
+    _fill(region)
+
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        at = region.address + pmd
+        _native.madvise(at, pmd, 4)  # MADV_DONTNEED
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ) == 0
+        view = region.view()
+        zeros = bytes(view[pmd : 2 * pmd]) == bytes(pmd)
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        small = region.coverage().huge_bytes
+        view[pmd] = 1
+        refused = region.collapse().refused
+        for off in range(pmd, 2 * pmd, 4096):
+            view[off] = 2
+        view.release()
+        return zeros, small, refused, region.collapse().coverage.complete
+
+    zeros, small, refused, complete = run_in_child(child)
+    assert zeros and small == region.size - pmd
+    assert list(refused) == [region.address + pmd]
+    assert "userfaultfd" in refused[region.address + pmd] and "zero page" in refused[region.address + pmd]
+    assert complete
+
+
+def test_guard_names_the_userfaultfd_cause(copy_region, pmd, require_collapse):
+    """The guard meets the block above (EBUSY from MADV_COLLAPSE): it names
+    the userfaultfd cause for that block and does not back off the region
+    as if the memory cgroup were full; the block is repaired once written."""
+    from conftest import wait_until
+
+    region = copy_region(8 * MiB)
+    _fill(region)
+
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _native.madvise(region.address + pmd, pmd, 4)  # MADV_DONTNEED
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ) == 0
+        view = region.view()
+        bytes(view[pmd : 2 * pmd])
+        assert libc.mprotect(region.address, region.size, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+        view[pmd] = 1
+        events = []
+        thpguard.install(on_event=events.append, interval=0.05)
+        guard = thpguard.guard()
+        wait_until(lambda: any(e.kind == "disabled" for e in events), "the guard to give the cause")
+        reasons = [e.reason for e in events if e.kind == "disabled"]
+        backoffs = [e.reason for e in events if e.kind == "backoff"]
+        for off in range(pmd, 2 * pmd, 4096):
+            view[off] = 2
+        view.release()
+        result = region.collapse()
+        guard.stop()
+        return reasons, backoffs, result.coverage.complete
+
+    reasons, backoffs, complete = run_in_child(child)
+    assert reasons and all("userfaultfd" in r for r in reasons), reasons
+    assert backoffs == []
+    assert complete
+
+
+_SECCOMP_SCRIPT = r"""
+import ctypes, logging, struct, sys
+# A seccomp filter that refuses userfaultfd(2) and /dev/userfaultfd's
+# USERFAULTFD_IOC_NEW with EPERM (x86_64 numbers), installed before thpguard
+# is imported: the kernel, not a stand-in, says no.
+def ins(code, jt, jf, k):
+    return struct.pack("HBBI", code, jt, jf, k)
+LD, JEQ, RET = 0x20, 0x15, 0x06
+ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1
+prog = b"".join([
+    ins(LD, 0, 0, 4), ins(JEQ, 0, 5, 0xC000003E),        # arch x86_64, else allow
+    ins(LD, 0, 0, 0), ins(JEQ, 4, 0, 323),               # userfaultfd: refuse
+    ins(JEQ, 0, 2, 16),                                  # ioctl, else allow
+    ins(LD, 0, 0, 24), ins(JEQ, 1, 0, 0xAA00),           # USERFAULTFD_IOC_NEW: refuse
+    ins(RET, 0, 0, ALLOW), ins(RET, 0, 0, EPERM),
+])
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+fbuf = ctypes.create_string_buffer(fprog)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+assert libc.prctl(38, 1, 0, 0, 0) == 0                   # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.addressof(fbuf), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+import thpguard
+from thpguard import kernel
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+print("FEATURE", kernel.capabilities().copy_userfault.available)
+region = thpguard.alloc(4 << 20, fork="copy")
+print("MODE", region.copy_mode)
+print("REASON", region.copy_fallback_reason)
+"""
+
+
+def test_seccomp_without_userfaultfd_auto_falls_back(require_thp, tmp_path):
+    """A seccomp filter that refuses userfaultfd: auto copies eagerly and
+    logs why (the kernel refuses, nothing is mocked)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the filter uses x86_64 syscall numbers")
+    script = tmp_path / "seccomp.py"
+    script.write_text(_SECCOMP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "FEATURE False" in out.stdout
+    assert "MODE eager" in out.stdout
+    assert "EPERM" in out.stdout and "seccomp" in out.stdout
+    assert "LOG copy region" in out.stdout and "copies eagerly at fork" in out.stdout

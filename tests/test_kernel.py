@@ -230,6 +230,53 @@ def test_memory_cgroup_v2_ancestor_limit(tmp_path):
     assert cg.limit_file.endswith("svc/memory.max")
 
 
+HYBRID_CGROUP = ("12:pids:/user.slice\n4:memory:/process_api/abc\n3:cpu,cpuacct:/\n"
+                 "1:name=systemd:/user.slice/session-1.scope\n0::/\n")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0::/system.slice/redis.service\n", "/system.slice/redis.service"),  # v2 only
+    ("4:memory:/svc/a\n3:cpu:/\n", "/svc/a"),  # v1 only
+    (HYBRID_CGROUP, "/process_api/abc"),  # hybrid: memory is v1, the v2 tree says "/"
+    ("0::/\n5:hugetlb,memory:/b\n", "/b"),  # co-mounted controllers, any order
+    ("garbage\n7:memory\n0::/x\n", "/x"),  # lines it does not understand are skipped
+])
+def test_cgroup_path_formats(tmp_path, monkeypatch, text, expected):
+    """The cgroup shown for a process is the one that governs its memory, in
+    every /proc/PID/cgroup format (v1 N:memory:/path, v2 0::/path, and a
+    hybrid host that has both); through kernel.set_test_roots as status does."""
+    from thpguard import _procmap
+    t = FakeTree(tmp_path)
+    t.process(4242, cgroup=text)
+    monkeypatch.setattr(kernel._files, "_test_roots", None)
+    kernel.set_test_roots(t.roots)
+    try:
+        assert kernel.cgroup_path(4242) == expected
+        assert _procmap.cgroup_of(4242) == expected
+    finally:
+        kernel.set_test_roots(None)
+
+
+def test_status_shows_the_memory_cgroup_on_a_hybrid_host(tmp_path, monkeypatch, capsys):
+    """`thpguard status --json` of a process on a hybrid host names its v1
+    memory cgroup, not the v2 root "/"."""
+    from thpguard import cli
+    t = FakeTree(tmp_path)
+    t.process(4242, cgroup=HYBRID_CGROUP)
+    t.write(f"{t.proc}/4242/stat", "4242 (fake) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0\n")
+    t.write(f"{t.proc}/4242/pagemap", "")  # PAGEMAP_SCAN: ENOTTY, so smaps is read
+    monkeypatch.setattr(kernel._files, "_test_roots", None)
+    kernel.set_test_roots(t.roots)
+    try:
+        rc = cli.main(["status", "--json", "4242"])
+    finally:
+        kernel.set_test_roots(None)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    doc = json.loads(out.out)
+    assert doc["processes"][0]["cgroup"] == "/process_api/abc"
+
+
 def test_memory_cgroup_none(tmp_path):
     """No memory controller (v2 without memory.current, or no cgroup file): None."""
     t = FakeTree(tmp_path)

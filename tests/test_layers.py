@@ -10,7 +10,7 @@ LAYERS = [
     {"errors", "_native", "_cffi", "_version", "_child"},
     {"_fork"},
     {"kernel"},
-    {"blocks", "pagemap", "events", "repair"},
+    {"blocks", "pagemap", "events", "_refusals", "repair"},
     {"backends", "_regions", "_copy", "region"},
     {"_guardstate", "guard", "hot", "stats"},
     {"metrics", "_textfile", "launch", "numpy"},

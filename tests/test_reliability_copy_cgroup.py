@@ -109,6 +109,8 @@ def test_copy_without_cgroup_room_stays_shared(require_collapse, memory_cgroup, 
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "stays shared" in errors[0] and "memory cgroup" in errors[0], err
     assert report["spent"] < 10, report
+    print(f"copy fork in a v{group.version} memory cgroup, OOM killer {oom_killer}: fork() "
+          f"returned in {report['spent'] * 1000:.1f} ms, child exit 0, copy_fallbacks 1")
     # Ground truth: the cgroup never hit its limit for the copy.
     assert group.read("failcnt") == failcnt
 
@@ -159,3 +161,57 @@ def test_parent_wait_is_bounded(require_collapse):
     assert report["timeouts"] == 1, report
     assert os.WIFEXITED(report["status"]) and os.WEXITSTATUS(report["status"]) == 0, report
     assert report["child"]["data_ok"], report
+
+
+def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypatch):
+    """The room check in a cgroup v2 (``0::/path`` in /proc/self/cgroup, the
+    lowest memory.max up the tree, memory.current, the file cache in
+    memory.stat): with 4 MiB of room and a 32 MiB region the child of a real
+    `copy` fork keeps the region shared with the right data and counts
+    copy_fallbacks = 1. The cgroup files are a fake tree (kernel.set_test_roots):
+    on a host whose memory controller is bound to cgroup v1 no v2 cgroup
+    can limit memory; the v1 tests above limit it for real."""
+    from fakekernel import FakeTree
+    import thpguard
+    from thpguard import kernel
+
+    size = 32 << 20
+    region = thpguard.alloc(size, fork="copy", copy_mode="eager")
+    try:
+        view = region.view()
+        view[::4096] = b"\x05" * (size // 4096)
+        t = FakeTree(tmp_path)
+        base = f"{t.sys}/fs/cgroup"
+        t.write(f"{base}/svc/memory.max", f"{64 << 20}\n")
+        t.write(f"{base}/svc/web/memory.max", "max\n")
+        t.write(f"{base}/svc/web/memory.current", f"{62 << 20}\n")
+        t.write(f"{base}/svc/web/memory.stat", f"anon {60 << 20}\ninactive_file {1 << 20}\n"
+                                               f"active_file {1 << 20}\n")
+        t.process("self", cgroup="0::/svc/web\n",
+                  mountinfo="30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n")
+        monkeypatch.setattr(kernel._files, "_test_roots", None)
+        kernel.set_test_roots(t.roots)
+        try:
+            cg = kernel.memory_cgroup()
+            assert cg.version == 2 and cg.room_bytes == 4 << 20
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(r)
+                    ok = bytes(view[::4096]) == b"\x05" * (size // 4096)
+                    os.write(w, json.dumps({"ok": ok, "fallbacks": thpguard.stats().copy_fallbacks}
+                                           ).encode())
+                finally:
+                    os._exit(0)
+        finally:
+            kernel.set_test_roots(None)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = json.loads(f.read())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert child == {"ok": True, "fallbacks": 1}, child
+        del view
+    finally:
+        region.close()

@@ -85,6 +85,73 @@ def test_close_keeps_a_mapping_that_landed_in_a_hole(region_factory, hole, caplo
         _libc.munmap(other, size)
 
 
+@pytest.mark.parametrize("hole", ["block", "page"])
+def test_close_keeps_an_advised_mapping_that_would_merge(region_factory, hole, caplog):
+    """Another mapping put into a hole and given MADV_HUGEPAGE has the
+    region's flags, so the kernel would merge it into the region's VMA:
+    the region's mapping refuses that merge, /proc/self/maps shows the other
+    mapping as a VMA of its own, and close() leaves it and its bytes alone."""
+    region = region_factory(8 << 20)
+    pmd = region.pmd_size
+    lo, size = (region.address + pmd, pmd) if hole == "block" else (region.address + pmd + 7 * PAGE, PAGE)
+    _native.unmap(lo, size)
+    other = _map_at(lo, size)
+    _native.madvise(other, size, _native.MADV_HUGEPAGE)
+    try:
+        assert (region.address, region.address + region.size) not in _maps()  # not merged
+        assert (other, other + size) in _maps()
+        with caplog.at_level(logging.ERROR, logger="thpguard"):
+            region.close()
+        assert region.closed
+        assert _mapped(other, other + size)
+        assert ctypes.string_at(other, 16) == b"not the region's"
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+    finally:
+        _libc.munmap(other, size)
+
+
+def test_close_unmaps_a_region_after_mprotect_is_undone(region_factory, caplog):
+    """A partial mprotect undone again merges the region's pieces back (their
+    page offsets continue each other): close() unmaps all of it, no ERROR."""
+    region = region_factory(8 << 20)
+    at = region.address + region.pmd_size
+    assert _libc.mprotect(at, PAGE, mmap.PROT_READ) == 0
+    assert (region.address, region.address + region.size) not in _maps()
+    assert _libc.mprotect(at, PAGE, PROT_RW) == 0
+    assert (region.address, region.address + region.size) in _maps()
+    lo, hi = region.address, region.address + region.size
+    with caplog.at_level(logging.ERROR, logger="thpguard"):
+        region.close()
+    assert _unmapped(lo, hi)
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+
+
+@pytest.mark.parametrize("advice", ["DONTFORK", "NOHUGEPAGE"])
+def test_close_unmaps_a_region_advised_in_part(region_factory, caplog, advice):
+    """madvise() on one block of a region (fork or huge page advice) splits
+    its VMA into pieces that differ in that flag only: still all the
+    region's, unmapped by close() without an ERROR."""
+    region = region_factory(8 << 20)
+    code = {"DONTFORK": 10, "NOHUGEPAGE": 15}[advice]
+    _native.madvise(region.address + region.pmd_size, region.pmd_size, code)
+    assert (region.address, region.address + region.size) not in _maps()
+    lo, hi = region.address, region.address + region.size
+    with caplog.at_level(logging.ERROR, logger="thpguard"):
+        region.close()
+    assert _unmapped(lo, hi)
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def test_region_stays_huge_and_one_vma(region_factory):
+    """The mapping that refuses merges is still one VMA over exactly the
+    region, and populating it still gives PMD-mapped blocks (PAGEMAP_SCAN)."""
+    region = region_factory(8 << 20)
+    assert (region.address, region.address + region.size) in _maps()
+    if not region.degraded:
+        assert region.coverage().complete
+
+
 def test_close_unmaps_a_region_split_by_mprotect(region_factory, caplog):
     """A region split into several VMAs by a partial mprotect is still all
     the region's: close() unmaps every byte of it, without an ERROR."""

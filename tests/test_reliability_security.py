@@ -229,6 +229,62 @@ def test_prometheus_file_unsafe_directory_is_refused(open_base):
     assert stat.S_IMODE(os.lstat(shared / "thpguard.prom").st_mode) == 0o644
 
 
+def _as_nobody(fn):
+    """Run ``fn()`` in a child as `nobody`; fail the test if it raises."""
+    pid = os.fork()
+    if pid == 0:
+        code_ = 1
+        try:
+            _become_nobody()
+            fn()
+            code_ = 0
+        finally:
+            os._exit(code_)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("case", ["symlink", "directory"])
+def test_prometheus_file_redirect_earlier_on_the_path_is_refused(open_base, case):
+    """`nobody` plants a symlink to root's directory in a shared sticky
+    directory (as ``/tmp/x``), or owns a directory on the path, earlier than
+    the textfile's own directory: root's write is refused with
+    UnsafeDirectoryError naming the path, and nothing lands in root's
+    directory (before: the file was written there)."""
+    _as_root()
+    shared = open_base / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    victim = open_base / "victim"
+    (victim / "metrics").mkdir(parents=True)
+    if case == "symlink":
+        _as_nobody(lambda: os.symlink(str(victim), str(shared / "x")))
+        path = shared / "x" / "metrics" / "thpguard.prom"
+    else:
+        def plant():
+            os.mkdir(shared / "y", 0o755)
+            os.symlink(str(victim / "metrics"), str(shared / "y" / "metrics"))
+        _as_nobody(plant)
+        path = shared / "y" / "metrics" / "thpguard.prom"
+    with pytest.raises(metrics.UnsafeDirectoryError) as info:
+        metrics.write_textfile(str(path), "thpguard_test 1\n")
+    assert "another user (uid 65534)" in str(info.value)
+    assert os.listdir(victim / "metrics") == []
+
+
+def test_prometheus_file_through_root_symlinks_is_written(open_base):
+    """A symlink on the path that root owns (as ``/var/run -> /run``) is
+    followed: the file lands where it points, a regular 0644 file."""
+    _as_root()
+    real = open_base / "real"
+    real.mkdir()
+    os.symlink(str(real), str(open_base / "link"))
+    os.symlink("../real", str(real / "up"))
+    metrics.write_textfile(str(open_base / "link" / "up" / "thpguard.prom"), "x 1\n")
+    st = os.lstat(real / "thpguard.prom")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
+
+
 def test_prometheus_file_mode_ignores_umask(tmp_path):
     """The textfile is 0644 whatever the umask (node_exporter runs as
     another user and must read it)."""

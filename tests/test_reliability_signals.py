@@ -127,3 +127,96 @@ def test_signal_during_copy_fork(require_collapse, who, signame):
                     "nothing to tell a split from")
     assert report["complete"] and report["split"] == 0, (report, err[-2000:])
     assert report["data_ok"], report
+
+
+POINT_SCRIPT = r"""
+import json, os, signal, sys, time
+import thpguard
+from thpguard import _fork
+
+point, signame, report_fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sig = getattr(signal, signame)
+handled = []
+if sig == signal.SIGTERM:
+    def on_term(signum, frame):
+        handled.append(signum)
+        raise SystemExit(143)
+    signal.signal(signal.SIGTERM, on_term)
+ran = []
+injected = []
+
+def inject(where):
+    def hook(**kwargs):
+        if where == point:
+            injected.append(where)
+            signal.raise_signal(sig)  # its Python handler would run at the next bytecode
+        ran.append(where)
+    return hook
+
+FIRST, LAST = -10 ** 6, 10 ** 6
+# before callbacks run in ascending order, after callbacks in descending order
+_fork.subscribe("t-before-first", before=inject("before_first"), order=FIRST)
+_fork.subscribe("t-before-last", before=inject("before_last"), order=LAST)
+_fork.subscribe("t-after-last", after_in_parent=inject("parent_last"),
+                after_in_child=inject("child_last"), order=FIRST)
+_fork.subscribe("t-after-first", after_in_child=inject("child_first"), order=LAST)
+_fork.state.get("t-state", lambda: 0, lambda old: inject("child_state")() or old)
+parent = os.getpid()
+interrupted = pid = None
+try:
+    pid = os.fork()
+    time.sleep(2)  # the signal comes once fork() has returned (within milliseconds)
+except (KeyboardInterrupt, SystemExit) as exc:
+    interrupted = type(exc).__name__
+mine = os.getpid() != parent
+if point.startswith("child") != mine:
+    if mine:
+        os._exit(0)
+    os.waitpid(-1, 0)
+    sys.exit(0)
+report = {"interrupted": interrupted, "handled": handled, "pid_known": pid is not None,
+          "ran": ran, "injected": injected}
+os.write(report_fd, json.dumps(report).encode())
+if mine:
+    os._exit(0)
+os.waitpid(-1, 0)
+"""
+
+_EXPECTED_HOOKS = {
+    False: ["before_first", "before_last", "parent_last"],
+    True: ["before_first", "before_last", "child_state", "child_first", "child_last"],
+}
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("point", ["before_first", "before_last", "parent_last",
+                                   "child_state", "child_first", "child_last"])
+def test_signal_at_each_point_of_a_fork(point, signame):
+    """A signal raised at each point of a fork's hooks (the first and last
+    before-fork callback, the last after-fork callback in the parent, the
+    child's per-process state and its first and last callback): every hook
+    still runs, nothing is reported as "Exception ignored", and the signal
+    is delivered once, after os.fork() returned its pid, on the side it hit."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", POINT_SCRIPT, point, signame, str(w)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            pass_fds=(w,), preexec_fn=sigint_default)
+    os.close(w)
+    try:
+        with os.fdopen(r) as f:
+            data = f.read()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert data, f"no report; exit {proc.returncode}; stderr: {err[-2000:]}"
+    report = json.loads(data)
+    assert report["injected"] == [point], report
+    assert "Exception ignored" not in err, err[-2000:]
+    expected = "KeyboardInterrupt" if signame == "SIGINT" else "SystemExit"
+    assert report["interrupted"] == expected, (report, err[-2000:])
+    assert report["pid_known"], report
+    if signame == "SIGTERM":
+        assert report["handled"] == [signal.SIGTERM], report
+    assert report["ran"] == _EXPECTED_HOOKS[point.startswith("child")], report

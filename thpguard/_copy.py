@@ -119,13 +119,20 @@ def copy_stats() -> Dict[str, object]:
 
     ``copies``: blocks copied into a new huge page on their first write;
     ``reuses``: blocks no longer shared with another process, unprotected
-    without a copy; ``fallbacks``: writes left to the kernel's own COW (no
-    new block could be had: the block splits and the guard repairs it);
+    without a copy; ``cow_fallbacks``: writes left to the kernel's own COW
+    (the block was split or partly empty, or no new block could be had: the
+    block splits and the guard repairs it; its old name ``fallbacks`` stays
+    as a second key with the same value through 0.1 and goes in 0.2; not to
+    be confused with :func:`thpguard.stats`' ``copy_fallbacks``, which
+    counts eager-copy regions kept shared);
     ``inline_allocs``: blocks faulted in inside a write fault because the
     pool of pre-faulted blocks was empty; ``missing_fills``: empty blocks
     filled with a zeroed huge page; ``copy_ns``: nanoseconds spent copying;
-    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``; ``arm_errno``:
-    nonzero when this process could not arm its regions at fork (they then
-    behave like ``share``).
+    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``, None while no
+    ``copy`` region is open (the handler is stopped); ``regions``: ``copy``
+    regions registered; ``pool_ready``: pre-faulted blocks waiting (at most
+    4, 8 MiB); ``arm_errno``: nonzero when this process could not arm its
+    regions at fork (they then behave like ``share``). Counters survive the
+    handler's stop and restart within a process.
     """
     return _native.copy_stats()

@@ -5,12 +5,14 @@ themselves, so the order of fork work is decided in one place: ``before``
 callbacks run in ascending ``order``, the ``after_*`` callbacks in
 descending order, mirroring them.
 
-SIGINT and SIGTERM that arrive while the hooks run (the parent waiting
-for a ``copy`` child, the child copying) are held: Python handlers for them
-are replaced by a recorder for the duration, every callback finishes, and
-the signals are sent again to the forking thread once ``os.fork()`` has
-returned, so ``KeyboardInterrupt`` (or the program's own handler) comes
-from the line that called it. CPython ignores exceptions raised inside
+Signals with a Python handler (SIGINT, SIGTERM, a SIGALRM of
+``signal.setitimer``...) that arrive while the hooks run (the parent
+waiting for a ``copy`` child, the child copying) are held: their handlers
+are replaced by a recorder from the first ``before`` callback to the last
+``after_*`` callback, in the parent and in the child (which inherits the
+recorder), every callback finishes, and the signals are sent again to the
+forking thread once ``os.fork()`` has returned, so ``KeyboardInterrupt``
+(or the program's own handler) comes from the line that called it. CPython ignores exceptions raised inside
 at-fork hooks ("Exception ignored in"), so raising there would lose the
 signal and skip the callbacks after it.
 
@@ -22,7 +24,6 @@ these hooks. The native ``pthread_atfork`` handler counts every fork, so
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -71,7 +72,7 @@ class ProcessState:
                 self._inherit[key] = inherit
             return self._items[key]
 
-    def _for_child(self) -> None:
+    def _for_child(self, caught: Optional[List[int]] = None) -> None:
         # A lock another parent thread held at fork stays held forever in the
         # child, where that thread does not exist: every entry is rebuilt.
         self._lock = threading.Lock()
@@ -81,6 +82,11 @@ class ProcessState:
             if inherit is not None:
                 try:
                     self._items[key] = inherit(obj)
+                except KeyboardInterrupt:
+                    if caught is None:
+                        raise
+                    if signal.SIGINT not in caught:  # delivered after fork() returns
+                        caught.append(signal.SIGINT)
                 except Exception:  # a fork hook must never break the fork itself
                     log.exception("thpguard: per-process state %r not carried into the child", key)
 
@@ -118,7 +124,9 @@ def _ordered(reverse: bool):
     return [s for _, s in sorted(_subscribers.items(), key=lambda kv: kv[1][0], reverse=reverse)]
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Every signal a Python handler may take: its handler would run (and may
+# raise) inside a hook, between two steps of the fork's work.
+_HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def _run(callback: Callback, caught: Optional[List[int]] = None, **kwargs) -> None:
@@ -158,80 +166,232 @@ def _deliver_after_return(signums: List[int], caller) -> None:
     threading.Thread(target=deliver, name="thpguard-fork-signal", daemon=True).start()
 
 
-@contextlib.contextmanager
-def _signals_held(caller) -> Iterator[List[int]]:
-    """Record SIGINT/SIGTERM instead of running their Python handlers while
-    the block runs; re-send them once fork() returned to ``caller``.
+class _Held:
+    """Signals recorded instead of handled during one fork.
+
+    Its :meth:`record` stands in for the Python handlers from the first
+    before-fork callback until fork() has returned to its caller and the
+    caller has moved on (stored the pid): until then a signal is recorded,
+    after it the real handlers are put back and the signal goes to its
+    own handler. Putting them back inside a hook would leave a window where
+    a signal runs its real handler there (a periodic SIGALRM hits it).
+    """
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []
+        self.saved: Dict[int, Any] = {}
+        self.released = False  # the last after-fork callback is done
+        self.finishing = False  # finish() will run once fork() returned
+        self.caller = None  # the frame that called os.fork()
+        self.lasti = -1
+
+    def _inside(self, frame) -> bool:
+        if not self.released:
+            return True
+        caller = self.caller
+        if caller is None or caller.f_lasti != self.lasti:
+            return False
+        at = frame
+        while at is not None and at is not caller:
+            at = at.f_back
+        return at is not None  # still in the fork's call, before its pid is stored
+
+    def record(self, signum, frame) -> None:
+        if self._inside(frame):
+            if signum not in self.caught:
+                self.caught.append(signum)
+                if self.released and not self.finishing:  # between the last hook and fork()'s return
+                    _deliver_after_return([signum], self.caller)
+            return
+        self.restore()
+        handler = self.saved.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    def restore(self) -> None:
+        """Put the real handlers back where this recorder still stands."""
+        for signum, old in self.saved.items():
+            try:
+                if signal.getsignal(signum) == self.record:
+                    signal.signal(signum, old)
+            except ValueError:  # not the main thread
+                return
+
+    def finish(self) -> None:
+        """Once fork() returned and its pid is stored, in the forking thread:
+        put the real handlers back, then raise what was recorded, in one C
+        call (their handlers run next; one that raises leaves the others
+        pending, as CPython does)."""
+        self.restore()
+        list(map(signal.raise_signal, self.caught))
+
+
+_holding = threading.local()
+
+
+def _hold() -> _Held:
+    """Record signals instead of running their Python handlers from now
+    until fork() has returned (:func:`_release`), in this process and
+    (inherited with the handlers) in the child.
 
     Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
     outside Python are not touched; in a thread that may not set handlers
     (not the main one) nothing is held.
     """
-    caught: List[int] = []
-    saved = {}
-
-    def record(signum, frame) -> None:
-        if signum not in caught:
-            caught.append(signum)
-
+    held = _Held()
+    _holding.held = held
     try:
         for signum in _HELD_SIGNALS:
             old = signal.getsignal(signum)
+            earlier = getattr(old, "__self__", None)
+            if isinstance(earlier, _Held):  # an earlier fork's recorder, not put back yet
+                old = earlier.saved.get(signum, signal.SIG_DFL)
             if callable(old):
-                signal.signal(signum, record)
-                saved[signum] = old
+                signal.signal(signum, held.record)
+                held.saved[signum] = old
     except ValueError:  # signal.signal only works in the main thread
         pass
-    try:
-        yield caught
-    finally:
-        # Restore last: a signal between here and fork()'s return would run
-        # its handler inside this hook, where CPython drops the exception.
-        for signum, old in saved.items():
-            signal.signal(signum, old)
-        if caught:
-            _deliver_after_return(caught, caller)
+    return held
+
+
+def _release(caller) -> None:
+    """End the hooks' hold: re-send what was recorded, and put the real
+    handlers back, once fork() has returned to ``caller`` and it moved on."""
+    held = getattr(_holding, "held", None)
+    _holding.held = None
+    if held is None:
+        return
+    held.caller = caller
+    held.lasti = caller.f_lasti if caller is not None else -1
+    held.finishing = _can_wait(caller) and _when_returned(caller, restore=held.finish)
+    held.released = True
+    if not held.finishing:
+        # No profile function to finish with (another profiler, or no
+        # caller): the handlers go back now, and a thread re-sends.
+        held.restore()
+        if held.caught:
+            _deliver_after_return(list(held.caught), caller)
+
+
+# -- after fork() returned ----------------------------------------------------
+
+_post = threading.local()  # this thread's work for after fork() returns
+
+
+def _can_wait(caller) -> bool:
+    """Whether :func:`_when_returned` can wait for ``caller`` (known, and
+    no other profiler set in this thread)."""
+    current = sys.getprofile()
+    return caller is not None and (current is None or current is _profile) and (
+        getattr(_post, "caller", None) in (None, caller))
+
+
+def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
+                   restore: Optional[Callable[[], None]] = None) -> bool:
+    """Run ``callback`` at the first profile event in ``caller`` (fork()'s
+    c_return) and ``restore`` at the first one after ``caller`` moved past
+    the call (its pid stored); True. At once where the caller is unknown or
+    another profiler is set (never displaced); False."""
+    if not _can_wait(caller):
+        if callback is not None:
+            callback()
+        if restore is not None:
+            restore()
+        return False
+    _post.caller = caller
+    _post.lasti = caller.f_lasti
+    if callback is not None:
+        _post.callbacks = getattr(_post, "callbacks", []) + [callback]
+    if restore is not None:
+        _post.restore = restore
+    sys.setprofile(_profile)
+    return True
+
+
+def _profile(frame, event, arg) -> None:
+    caller = _post.caller
+    callbacks = getattr(_post, "callbacks", [])
+    if callbacks:
+        at = caller
+        while at is not None and at is not frame:
+            at = at.f_back
+        if at is None:
+            return  # still inside the fork hooks
+        _post.callbacks = []
+        for callback in callbacks:
+            callback()
+    restore = getattr(_post, "restore", None)
+    if restore is not None and caller.f_lasti == _post.lasti:
+        return  # fork() returned, its pid not yet stored
+    sys.setprofile(None)
+    _post.caller = _post.restore = None
+    if restore is not None:
+        restore()
 
 
 def _run_all(callbacks, **kwargs) -> None:
-    # Ctrl-C inside one `before` hook must not skip the others (the region
-    # layer's fork lock, the guard's stop): every hook runs, then the first
-    # interruption goes on. The after-fork hooks hold the signals instead.
-    interrupted: Optional[BaseException] = None
     for callback in callbacks:
         if callback:
-            try:
-                _run(callback, **kwargs)
-            except BaseException as exc:
-                interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
+            _run(callback, **kwargs)
 
 
 def _before() -> None:
-    _run_all(before for _, before, _, _ in _ordered(reverse=False))
+    # Held from the first before-fork callback to the last after-fork one,
+    # in both processes: CPython reports an exception raised in any at-fork
+    # hook as "Exception ignored" and drops it (and the signal with it).
+    _holding.entered = True
+    held = None
+    try:
+        held = _hold()
+        _run_all((before for _, before, _, _ in _ordered(reverse=False)), caught=held.caught)
+    except KeyboardInterrupt:  # SIGINT before the recorder was in place
+        held = getattr(_holding, "held", None)
+        if held is None:
+            _holding.held = held = _Held()
+        if signal.SIGINT not in held.caught:
+            held.caught.append(signal.SIGINT)
+
+
+def _before_again() -> None:
+    # A signal that arrived just before fork() runs its handler on entry to
+    # the first hook, before any code of it; if that raised, CPython dropped
+    # the exception and skipped the hook: run it now (this hook runs next).
+    if not getattr(_holding, "entered", False):
+        _before()
 
 
 def _after_in_parent() -> None:
-    with _signals_held(sys._getframe(1)) as caught:
+    _holding.entered = False
+    held = getattr(_holding, "held", None) or _hold()  # a fork whose before hook did not run
+    try:
         for _, _, parent, _ in _ordered(reverse=True):
             if parent:
-                _run(parent, caught)
+                _run(parent, held.caught)
+    finally:
+        _release(sys._getframe(1))
 
 
 def _after_in_child(late: bool = False) -> None:
     global _lock
-    _lock = threading.Lock()  # another parent thread may have held it
-    state._for_child()
+    _holding.entered = False
+    held = None
     if not late:
-        _native.fork_claim()  # os.fork: this hook is the one handler
-    # os.fork: the caller of this hook called fork(); late: check() runs
-    # outside any fork hook, so its callbacks may raise as usual.
-    held = contextlib.nullcontext([]) if late else _signals_held(sys._getframe(1))
-    with held as caught:
+        # The child inherits the recorder as its handler; what the parent
+        # recorded before fork() is the parent's to deliver.
+        held = getattr(_holding, "held", None) or _hold()
+        held.caught.clear()
+    try:
+        _lock = threading.Lock()  # another parent thread may have held it
+        state._for_child(None if late else held.caught)
+        if not late:
+            _native.fork_claim()  # os.fork: this hook is the one handler
+        # late: check() runs outside any fork hook, so its callbacks may raise as usual.
         for _, _, _, child in _ordered(reverse=True):
             if child:
-                _run(child, caught if not late else None, late=late)
+                _run(child, held.caught if not late else None, late=late)
+    finally:
+        if not late:
+            _release(sys._getframe(1))
 
 
 def check() -> bool:
@@ -261,21 +421,7 @@ def after_fork_returns(callback: Callable[[], None]) -> None:
     frame = sys._getframe()
     while frame is not None and frame.f_code is not _after_in_parent.__code__:
         frame = frame.f_back
-    caller = frame.f_back if frame is not None else None
-    if caller is None or sys.getprofile() is not None:
-        callback()  # never displace a profiler (3.13 may then warn)
-        return
-
-    def profile(frame, event, arg):
-        at = caller
-        while at is not None and at is not frame:
-            at = at.f_back
-        if at is None:
-            return  # still inside the fork hooks
-        sys.setprofile(None)
-        callback()
-
-    sys.setprofile(profile)
+    _when_returned(frame.f_back if frame is not None else None, callback=callback)
 
 
 def wait_task_gone(tid: Optional[int]) -> None:
@@ -320,6 +466,7 @@ def in_exec_child() -> bool:
 
 _native.atfork_install()
 _native.fork_claim()  # nothing to handle for forks made before import
+os.register_at_fork(before=_before_again)  # before callbacks run last registered first
 os.register_at_fork(
     before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
 )

@@ -65,7 +65,7 @@ COPY_METHODS: Dict[int, str] = {
 }
 
 _COPY_STATS_FIELDS = (
-    "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "fallbacks",
+    "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "cow_fallbacks",
     "inline_allocs", "copy_ns", "regions", "pool_ready",
 )
 
@@ -249,6 +249,7 @@ def copy_stats() -> Dict[str, object]:
     out = ffi.new("struct tg_copy_stats *")
     _check(lib.tg_copy_stats(out), "copy stats")
     stats: Dict[str, object] = {name: int(getattr(out, name)) for name in _COPY_STATS_FIELDS}
+    stats["fallbacks"] = stats["cow_fallbacks"]  # the old name: kept through 0.1, gone in 0.2
     stats["method"] = COPY_METHODS.get(out.method)
     stats["arm_errno"] = out.arm_errno
     return stats
@@ -268,6 +269,11 @@ def copy_set_pool(blocks: int) -> None:
     _check(lib.tg_copy_set_pool(blocks), "copy pool")
 
 
+def copy_set_child_prefill(blocks: int) -> None:
+    """Pool blocks a child fills before its code runs (``tg_copy_set_child_prefill``)."""
+    _check(lib.tg_copy_set_child_prefill(blocks), "copy child prefill")
+
+
 def map_flags(addr: int, length: int, extra_flags: int) -> int:
     """Map ``length`` bytes private anonymous with ``extra_flags`` (with a
     reservation, never ``MAP_NORESERVE``); at ``addr`` (``MAP_FIXED``) unless 0."""
@@ -275,6 +281,12 @@ def map_flags(addr: int, length: int, extra_flags: int) -> int:
     _check(lib.tg_map_flags(_ptr(addr) if addr else ffi.NULL, length, extra_flags, out),
            "mmap", addr, length)
     return int(ffi.cast("uintptr_t", out[0]))
+
+
+def map_unmergeable(addr: int, length: int) -> None:
+    """Replace the fresh range by a mapping that a later neighbour mapping
+    never merges with (``tg_map_unmergeable``)."""
+    _check(lib.tg_map_unmergeable(_ptr(addr), length), "mmap and mremap", addr, length)
 
 
 def copy_remap_flags(addr: int, length: int, extra_flags: int) -> None:

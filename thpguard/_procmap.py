@@ -31,22 +31,9 @@ def _marked_region(previous: Optional[kernel.Vma], vma: kernel.Vma) -> Optional[
 
 
 def cgroup_of(pid, roots: Optional[kernel.Roots] = None) -> Optional[str]:
-    """The cgroup path of *pid*: the v2 one, else the memory controller's; None if unreadable."""
-    try:
-        with open(os.path.join((roots or kernel.Roots.from_env()).proc, str(pid), "cgroup")) as f:
-            text = f.read()
-    except OSError:
-        return None
-    v1 = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            return parts[2]
-        if "memory" in parts[1].split(","):
-            v1 = parts[2]
-    return v1
+    """The cgroup path of *pid* that governs its memory (the v1 memory
+    controller's on a v1 or hybrid host, else the v2 one); None if unreadable."""
+    return kernel.cgroup_path(pid, roots)
 
 
 class ProcessGone(Exception):

@@ -365,13 +365,29 @@ def unmap_region(region) -> None:
                 "use it; release them (del, or memoryview.release()) and close again") from None
 
 
+# VmFlags a piece of a region may have apart from its other pieces: set by
+# mprotect(), mlock() or madvise() on part of it (soft-dirty does not stop a
+# merge). Any other difference, or none at all, between two pieces that
+# touch means one of them is another mapping.
+_PIECE_FLAGS = frozenset({"rd", "wr", "ex", "lo", "lf", "sd", "hg", "nh", "mg", "dc", "dd", "wf",
+                          "sr", "rr"})
+
+
 def outside_change(region) -> Optional[str]:
     """None while the region's mapping is as thpguard made it, as far as
     ``/proc/self/maps`` and smaps VmFlags tell; else a sentence naming the
     hole or the mapping that is not the region's.
 
-    Splits by ``mprotect``/``mlock`` keep the range the region's. Not
-    seen: a mapping placed over the one-page slack around the range.
+    Splits by ``mprotect``/``mlock`` keep the range the region's. A region
+    mapped by :func:`~thpguard._native.map_unmergeable` never merges with a
+    mapping placed into a hole of it (same flags or not), so one VMA over
+    exactly the range is the region's, and two pieces that touch but did
+    not merge although they differ in nothing a merge looks at cannot both
+    be the region's. Not seen: a mapping placed over the one-page slack
+    around the range; another mapping that differs from a piece of the
+    region only in protection, mlock or huge page advice; and a region whose
+    VMA could merge (``map_unmergeable`` failed, a hugetlb region, a lazy
+    ``copy`` region in a child, whose blocks are moved in one by one).
     """
     base = region.address - region._offset
     end = base + len(region._map)
@@ -386,14 +402,26 @@ def outside_change(region) -> Optional[str]:
         smaps = kernel.read_smaps("self", kernel.Roots())
     except OSError:
         return None
-    for vma in smaps:
-        if vma.start >= hi or vma.end <= lo:
-            continue
+    pieces = [v for v in smaps if v.start < hi and v.end > lo]
+    for vma in pieces:
         if vma.start < lo or vma.end > hi:
             return f"{vma.start:#x}-{vma.end:#x} crosses the region's edge (not the region's)"
         if region._advised and not {"hg", "nh"} & set(vma.vm_flags):
             return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
                     "mapped there after outside code unmapped part of the region")
+    lazy = region.fork == "copy" and mechanism_for(region).name == "userfault"
+    if not getattr(region, "_unmergeable", False) or lazy:  # set by Region._setup (THP)
+        return None
+    fixed = {frozenset(set(v.vm_flags) - _PIECE_FLAGS) for v in pieces}
+    if len(fixed) > 1:
+        return ("the region's range holds mappings with different VmFlags ("
+                + ", ".join(f"{v.start:#x}-{v.end:#x}: {' '.join(v.vm_flags)}" for v in pieces)
+                + "): one of them is not the region's")
+    for a, b in zip(pieces, pieces[1:]):
+        if a.end == b.start and a.perms == b.perms and set(a.vm_flags) - {"sd"} == set(b.vm_flags) - {"sd"}:
+            return (f"{b.start:#x}-{b.end:#x} did not merge with {a.start:#x}-{a.end:#x} although "
+                    "nothing tells them apart: one is another mapping, placed there after outside "
+                    "code unmapped part of the region")
     return None
 
 

@@ -124,7 +124,7 @@ def _child_copy(region, view, expected: bytearray, c: _Child) -> None:
     if region.copy_mode == "userfault":
         stats = _native.copy_stats()
         c.facts["block_copies"] = stats["copies"]
-        c.expect(stats["copies"] >= 1 and not stats["fallbacks"],
+        c.expect(stats["copies"] >= 1 and not stats["cow_fallbacks"],
                  f"the userfaultfd handler did not copy the written block ({stats})")
     c.expect(c.timed("verify_seconds", lambda: view.tobytes() == expected), "child's copy differs from the parent's data")
     huge = _smaps_huge(region.address)

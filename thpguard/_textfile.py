@@ -23,28 +23,98 @@ class UnsafeDirectoryError(TextfileError):
     group or others without the sticky bit, or owned by another user)."""
 
 
-def _open_directory(path: str, directory: str, allow_unsafe_dir: bool) -> int:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        why = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a directory",
-               errno.EACCES: "may not be opened by this user"}.get(exc.errno, exc.strerror)
-        raise TextfileError(exc.errno, f"cannot write metrics to {path}: the directory {directory} "
-                                       f"{why}") from None
-    st = os.fstat(dfd)
+_MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP beyond)
+
+
+def _open_error(path: str, directory: str, exc: OSError) -> TextfileError:
+    why = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a directory",
+           errno.EACCES: "may not be opened by this user",
+           errno.ELOOP: "has too many symbolic links"}.get(exc.errno, exc.strerror)
+    return TextfileError(exc.errno, f"cannot write metrics to {path}: the directory {directory} {why}")
+
+
+def _unsafe(path: str, where: str, why: str) -> UnsafeDirectoryError:
+    return UnsafeDirectoryError(
+        errno.EPERM,
+        f"not writing metrics to {path}: {where} {why}, so another user could redirect the "
+        "file while it is written; use a path whose directories only this user (or root) can "
+        "change, set the sticky bit (chmod +t) on a shared one, or allow it explicitly "
+        "(allow_unsafe_dir=True, thpguard status --allow-unsafe-dir)")
+
+
+def _check_directory(path: str, where: str, st: os.stat_result) -> None:
     others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
-    foreign = st.st_uid not in (0, os.geteuid())
-    if (others_write or foreign) and not allow_unsafe_dir:
+    if others_write:
+        raise _unsafe(path, f"the directory {where}", f"is writable by other users (mode "
+                      f"{stat.S_IMODE(st.st_mode):04o}) and has no sticky bit")
+    if st.st_uid not in (0, os.geteuid()):
+        raise _unsafe(path, f"the directory {where}", f"belongs to another user (uid {st.st_uid})")
+
+
+def _open_directory(path: str, directory: str, allow_unsafe_dir: bool) -> int:
+    """A descriptor of ``directory``, opened one component at a time from
+    ``/`` without following a symlink the kernel would resolve on its own:
+    every directory on the way is checked (a symlink or directory swapped in
+    anywhere along the path by another user would redirect the write, not
+    only one in the last directory), and a symlink is followed only when
+    its owner is root or this user (in a sticky directory, the only ones
+    who can replace it)."""
+    if allow_unsafe_dir:
+        try:
+            return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _open_error(path, directory, exc) from None
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    todo = [c for c in directory.split("/") if c]
+    dfd = os.open("/", flags)
+    where, links = "/", 0
+    try:
+        _check_directory(path, where, os.fstat(dfd))
+        while todo:
+            name = todo.pop(0)
+            if name == ".":
+                continue
+            if name == "..":
+                # Resolved from the real parent of what was opened, as the kernel does.
+                where = os.path.dirname(where.rstrip("/")) or "/"
+                todo = [c for c in where.split("/") if c] + todo
+                os.close(dfd)
+                dfd = os.open("/", flags)
+                where = "/"
+                continue
+            here = os.path.join(where, name)
+            try:
+                child = os.open(name, flags, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise _open_error(path, here, exc) from None
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    raise _open_error(path, here, exc) from None
+                if not stat.S_ISLNK(st.st_mode):
+                    raise _open_error(path, here, exc) from None
+                if st.st_uid not in (0, os.geteuid()):
+                    raise _unsafe(path, f"{here}", f"is a symbolic link that belongs to another "
+                                  f"user (uid {st.st_uid})") from None
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise _open_error(path, directory, OSError(errno.ELOOP, "")) from None
+                target = os.readlink(name, dir_fd=dfd)
+                rest = [c for c in target.split("/") if c]
+                if target.startswith("/"):
+                    os.close(dfd)
+                    dfd = os.open("/", flags)
+                    where = "/"
+                todo = rest + todo
+                continue
+            os.close(dfd)
+            dfd, where = child, here
+            _check_directory(path, where, os.fstat(dfd))
+        return dfd
+    except BaseException:
         os.close(dfd)
-        why = (f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}) and has no sticky bit"
-               if others_write else f"belongs to another user (uid {st.st_uid})")
-        raise UnsafeDirectoryError(
-            errno.EPERM,
-            f"not writing metrics into {directory}: the directory {why}, so another user could "
-            "replace the file while it is written; use a directory only this user can write, "
-            "set the sticky bit (chmod +t), or allow it explicitly (allow_unsafe_dir=True, "
-            "thpguard status --allow-unsafe-dir)")
-    return dfd
+        raise
 
 
 def write_textfile(path: str, text: str, *, allow_unsafe_dir: bool = False,
@@ -59,10 +129,14 @@ def write_textfile(path: str, text: str, *, allow_unsafe_dir: bool = False,
     created with ``O_EXCL | O_NOFOLLOW`` relative to the directory opened
     once.
 
-    Raises :class:`UnsafeDirectoryError` for a directory another user may
-    change (group/world-writable without the sticky bit, or owned by another
-    user) unless ``allow_unsafe_dir``, and :class:`TextfileError` when the
-    directory is missing or not writable.
+    Raises :class:`UnsafeDirectoryError` unless ``allow_unsafe_dir`` when
+    another user could redirect the write: a directory anywhere on the path
+    (not only the last one) that is group/world-writable without the sticky
+    bit or owned by another user, or a symbolic link on the path that
+    belongs to another user. The path is opened one directory at a time
+    from ``/`` with ``O_NOFOLLOW``, so what is checked is what is written
+    into. :class:`TextfileError` when the directory is missing or not
+    writable.
     """
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)

@@ -185,8 +185,8 @@ def _add_status(sub) -> None:
     p.add_argument("--prometheus-per-pid", action="store_true",
                    help="label the metrics with pid and VMA address too (new series at every restart)")
     p.add_argument("--allow-unsafe-dir", action="store_true",
-                   help="with --prometheus-file: write even into a directory other users may "
-                        "change (writable without the sticky bit)")
+                   help="with --prometheus-file: write even where other users could redirect "
+                        "the file (a directory on the path they may change, or their symlink)")
     p.add_argument("--agent-state", metavar="PATH", default="/run/thpguard/agent.json", help="add the "
                    "node agent's per-process rows from its state file (default: %(default)s, if it exists)")
     p.set_defaults(func=_cmd_status)

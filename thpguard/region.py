@@ -81,8 +81,8 @@ class CollapseResult:
     ``MADV_COLLAPSE``; ``collapsed_bytes`` of them are PMD-mapped after, by
     the kernel's own account. ``failures`` maps an errno to the number of
     chunks that failed with it. ``seconds`` is the wall time spent.
-    ``refused`` maps each block that answered EINVAL to the reason (a
-    mapping split by ``mprotect``/``mlock``, ``MADV_NOHUGEPAGE``, ...).
+    ``refused`` maps each refused block (EINVAL; EBUSY in a userfaultfd
+    mapping, :doc:`copy`) to its cause (``mprotect``, ``MADV_NOHUGEPAGE``, ...).
     """
 
     attempted_bytes: int
@@ -222,9 +222,12 @@ class Region:
 
     def _setup(self, populate: bool, strict: bool) -> None:
         addr, size = self.address, self.size
+        try:  # what outside code maps into a hole stays a VMA apart (outside_change)
+            self._unmergeable = _native.map_unmergeable(addr, size) is None
+        except OSError as exc:
+            log.debug("region %#x keeps its plain mapping: %s", addr, exc)
         try:
-            # The slack page just below the region becomes a named marker,
-            # so `thpguard status` of this process can tell the region apart.
+            # The slack page below the region: a named marker for `thpguard status`.
             _native.map_marker(addr - _PAGE, _PAGE, self.name)
         except OSError as exc:
             log.debug("no marker page for region %#x: %s", addr, exc)
@@ -359,10 +362,10 @@ class Region:
                 failures[first] = failures.get(first, 0) + 1
             if before.blocks is not None:
                 for i, err in enumerate(errs):
-                    if err == errno.EINVAL:
-                        block = start + i * self.pmd_size
-                        refused[block] = engine.diagnose(block, self.pmd_size, self.address,
-                                                         self.size)[1]
+                    block = start + i * self.pmd_size
+                    why = engine.refusal(err, block, self.pmd_size, self.address, self.size)
+                    if why:
+                        refused[block] = why
         after = self.coverage()
         if before.blocks is None:
             failures.pop(errno.EINVAL, None)  # untouched blocks, expected here

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
-from . import _native, kernel, pagemap
+from . import _native, _refusals, kernel, pagemap
 from .blocks import Coverage
 from .events import BACKOFF, DISABLED, FAILED, REPAIRED, SPLIT, Event, counters, emit, errname
 
@@ -58,6 +58,12 @@ class LocalTarget:
 
     def mappings(self) -> List[kernel.Vma]:
         return kernel.read_smaps("self", kernel.Roots())
+
+    def userfault_possible(self) -> bool:
+        """Whether this process has thpguard copy regions registered with
+        userfaultfd; asks the native core, without reading /proc (an EBUSY
+        may come from a full memory cgroup, where reading smaps allocates)."""
+        return bool(_native.copy_stats()["regions"])
 
     def thp_disabled(self) -> bool:
         try:
@@ -302,32 +308,20 @@ class RepairEngine:
 
     def diagnose(self, block: int, pmd: int, address: int, size: int) -> Tuple[bool, str]:
         """Why MADV_COLLAPSE answers EINVAL (or ENOMEM, for a hole) on
-        ``block``: (whole range?, reason)."""
-        if self.target.thp_disabled():
-            return True, ("THP is disabled for this process by prctl(PR_SET_THP_DISABLE); "
-                          "clear it, or set it with PR_THP_DISABLE_EXCEPT_ADVISED (Linux 6.18)")
-        try:
-            vmas = [v for v in self.target.mappings() if v.start < block + pmd and v.end > block]
-            gap = kernel.first_gap([(v.start, v.end) for v in vmas], block, block + pmd)
-        except OSError:
-            vmas, gap = [], None
-        if gap is not None:
-            return False, (f"block {block:#x} has a hole at {gap[0]:#x}-{gap[1]:#x}: that part was "
-                           "unmapped by code outside thpguard, and a huge page cannot span a hole")
-        if len(vmas) > 1:
-            parts = ", ".join(
-                f"{v.start:#x}-{v.end:#x} {v.perms}{' mlocked' if 'lo' in v.vm_flags else ''}"
-                for v in vmas)
-            return False, (f"block {block:#x} spans {len(vmas)} mappings ({parts}): part of it was "
-                           "mprotect()ed or mlock()ed, and a huge page cannot cross mappings; undo "
-                           "that to have it repaired")
-        if len(vmas) == 1 and "nh" in vmas[0].vm_flags:
-            whole = vmas[0].start <= address and vmas[0].end >= address + size
-            what = "the region" if whole else f"block {block:#x}"
-            return whole, (f"{what} is marked MADV_NOHUGEPAGE; madvise(MADV_HUGEPAGE) "
-                           "it again, then use it in hot() to resume repairs")
-        return False, (f"MADV_COLLAPSE answers EINVAL for block {block:#x} "
-                       "(no known cause: THP not allowed there)")
+        ``block``: (whole range?, reason); found by ``_refusals.py``."""
+        return _refusals.diagnose(self.target, block, pmd, address, size)
+
+    def refusal(self, err: int, block: int, pmd: int, address: int, size: int) -> Optional[str]:
+        """The cause of ``block``'s refusal with ``err``: EINVAL always has
+        one; EBUSY only in a userfaultfd mapping (else the memory cgroup)."""
+        if err == _errno.EINVAL:
+            return self.diagnose(block, pmd, address, size)[1]
+        return self.userfault_reason(block, pmd) if err == _errno.EBUSY else None
+
+    def userfault_reason(self, block: int, pmd: int) -> Optional[str]:
+        """Why a block of a userfaultfd-registered mapping refuses
+        MADV_COLLAPSE (EBUSY), or None if its mapping is not registered."""
+        return _refusals.userfault_reason(self.target, block, pmd)
 
     def recheck_disabled(self, st: RepairState, block: int, pmd: int, address: int, size: int,
                          now: float, recheck: float) -> bool:
@@ -369,6 +363,7 @@ class RepairEngine:
         latencies: List[float] = []
         fatal: Optional[int] = None
         einval: List[int] = []
+        busy: List[int] = []
         enomem: List[int] = []
         smaps_ok = smaps_einval = 0
         for start, length, errs, spent in results:
@@ -392,6 +387,9 @@ class RepairEngine:
                     smaps_einval += 1  # a block never touched, or THP not allowed here
                 elif err == _errno.EINVAL:
                     einval.append(block)
+                elif err == _errno.EBUSY and self.userfault_reason(block, pmd) is not None:
+                    busy.append(block)  # not the memory cgroup: no back-off for the range
+                    done.failures["EBUSY"] = done.failures.get("EBUSY", 0) + 1
                 else:
                     done.failures[errname(err)] = done.failures.get(errname(err), 0) + 1
                     if err == _errno.ENOMEM:
@@ -405,8 +403,9 @@ class RepairEngine:
         holes = self._holes(enomem, pmd)
         if len(holes) < len(enomem):
             fatal = fatal or _errno.ENOMEM  # short of memory: back off
-        if einval or holes:
-            self._refused(st, einval + holes, pmd, address, size, now, policy.recheck, whole=smaps)
+        if einval or holes or busy:
+            self._refused(st, einval + holes + busy, pmd, address, size, now, policy.recheck,
+                          whole=smaps)
         self._backoff(st, address, policy, fatal, done)
         return done
 

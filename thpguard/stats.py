@@ -41,9 +41,11 @@ class Stats(dict):
     the child because the pool could not cover the copies a shared write
     would need (see ``Region.fork_downgraded``);
     ``callback_errors`` exceptions raised by the ``on_event`` callback;
-    ``copy_fallbacks`` ``copy`` regions this process kept shared after fork
-    because its memory cgroup had no room for the copy (counted in the
-    child), ``copy_wait_timeouts`` forks whose parent stopped waiting for
+    ``copy_fallbacks`` ``copy`` regions with the eager mechanism this
+    process kept shared after fork because its memory cgroup had no room
+    for the copy (counted in the child; the lazy mechanism's blocks left to
+    the kernel's COW are ``copy_stats()["cow_fallbacks"]``),
+    ``copy_wait_timeouts`` forks whose parent stopped waiting for
     the child's copy.
     """
 

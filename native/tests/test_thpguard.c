@@ -256,7 +256,7 @@ static void test_copy_fork_writes(void)
         tg_copy_stats(&st);
         if (!rc && st.copies + st.reuses != len / pmd)
             rc = 13;
-        if (!rc && st.fallbacks)
+        if (!rc && st.cow_fallbacks)
             rc = 14;
         _exit(rc);
     }
@@ -267,7 +267,7 @@ static void test_copy_fork_writes(void)
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child writer status %d", status);
     struct tg_copy_stats st;
     tg_copy_stats(&st);
-    CHECK(st.fallbacks == 0, "%llu fallbacks", (unsigned long long)st.fallbacks);
+    CHECK(st.cow_fallbacks == 0, "%llu fallbacks", (unsigned long long)st.cow_fallbacks);
     CHECK(st.copies + st.reuses >= len / pmd, "copies %llu reuses %llu",
           (unsigned long long)st.copies, (unsigned long long)st.reuses);
     CHECK(huge_bytes(addr, len) == len, "parent not PMD-mapped after the child left");
@@ -372,7 +372,7 @@ static void test_copy_alloc_failure(void)
         addr[pmd] = 'y';
         struct tg_copy_stats st;
         tg_copy_stats(&st);
-        if (st.fallbacks != 1 || st.copies + st.reuses != 1)
+        if (st.cow_fallbacks != 1 || st.copies + st.reuses != 1)
             _exit(40);
         if (addr[0] != 'x' || addr[pmd] != 'y' || !pattern_ok(addr, len, 0, pmd))
             _exit(41);

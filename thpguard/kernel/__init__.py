@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ._files import THP_DIR, Roots, _bracketed, _set_test_roots, reset_warnings
-from .cgroup import MemoryCgroup, memory_cgroup
+from .cgroup import MemoryCgroup, cgroup_path, memory_cgroup
 from .features import (
     PR_THP_DISABLE_EXCEPT_ADVISED,
     Capabilities,
@@ -111,6 +111,7 @@ __all__ = [
     "map_count_error",
     "map_count_hint",
     "memory_cgroup",
+    "cgroup_path",
     "thp_disable_flags",
     "reset_warnings",
     "PR_THP_DISABLE_EXCEPT_ADVISED",

@@ -25,6 +25,18 @@ class Feature:
         return {"available": self.available, "reason": self.reason}
 
 
+
+def _has_sys_ptrace() -> bool:
+    """CAP_SYS_PTRACE (bit 19) in this process's effective capabilities."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 19 & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
 def direct_cow_identity(n, roots: Roots) -> Feature:
     """Whether ``thp_cow`` and advice 257 are the direct-COW interface
     thpguard knows: ``MADV_THP_COW`` (257) on a private anonymous page sets
@@ -80,7 +92,9 @@ def probe_copy_userfault(n) -> Feature:
                                   "or a seccomp filter blocks it (ENOSYS)")
         why = ("userfaultfd that handles kernel-mode faults needs CAP_SYS_PTRACE, "
                "vm.unprivileged_userfaultfd=1 or read-write access to /dev/userfaultfd "
-               f"({err})")
+               f"({err}"
+               + ("; this process has CAP_SYS_PTRACE, so a seccomp filter refusing "
+                  "userfaultfd is the likely cause" if _has_sys_ptrace() else "") + ")")
         if p["user_mode_only"]:
             why += ("; only a user-mode-only userfaultfd is allowed, which would make read() "
                     "into a region fail with EFAULT, so it is not used")

@@ -70,6 +70,34 @@ def _under_sys(roots: Roots, mount_point: str) -> str:
     return mount_point
 
 
+def _paths(text: str) -> Tuple[Optional[str], Optional[str]]:
+    """(v1 memory controller's path, v2 path) from ``/proc/PID/cgroup``
+    text: ``N:memory[,...]:/path`` lines (v1) and the ``0::/path`` line (v2).
+    A hybrid host (systemd's "hybrid" mode) has both."""
+    v1_path = v2_path = None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3 or not parts[2].startswith("/"):
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2_path = parts[2].strip()
+        elif "memory" in parts[1].split(","):
+            v1_path = parts[2].strip()
+    return v1_path, v2_path
+
+
+def cgroup_path(pid="self", roots: Optional[Roots] = None) -> Optional[str]:
+    """The path of the cgroup that governs *pid*'s memory, as
+    ``/proc/PID/cgroup`` prints it: the v1 memory controller's where the
+    host has one (v1 only, or hybrid, whose v2 tree holds no controllers
+    then and usually shows ``/``), else the v2 path; None if unreadable."""
+    text = _read(os.path.join(_pid_dir(_roots(roots), pid), "cgroup"), quiet=True)
+    if text is None:
+        return None
+    v1_path, v2_path = _paths(text)
+    return v1_path if v1_path is not None else v2_path
+
+
 def memory_cgroup(pid="self", roots: Optional[Roots] = None) -> Optional[MemoryCgroup]:
     """Memory limit and usage of the cgroup *pid* is in, v1 or v2, or None
     if there is no memory controller for it (or nothing readable)."""
@@ -77,15 +105,7 @@ def memory_cgroup(pid="self", roots: Optional[Roots] = None) -> Optional[MemoryC
     text = _read(os.path.join(_pid_dir(r, pid), "cgroup"), quiet=True)
     if text is None:
         return None
-    v1_path = v2_path = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            v2_path = parts[2]
-        elif "memory" in parts[1].split(","):
-            v1_path = parts[2]
+    v1_path, v2_path = _paths(text)
     mounts = _mounts(r, pid)
     if v1_path is not None:
         mount = next((m for m in mounts if m[2] == "cgroup" and "memory" in m[3]), None)
