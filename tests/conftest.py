@@ -270,8 +270,17 @@ def hugepool():
             try:
                 _write_nr(page_size, want)
             except OSError as exc:
+                # The kernel may have added some pages before it failed.
+                added = max(0, _read_nr(page_size) - before)
+                if added:
+                    grown.append((page_size, before, added))
                 fail_or_skip(f"cannot grow the hugetlb pool: {exc}")
-            grown.append((page_size, before, want - before))
+            # What the kernel actually added: it may find fewer pages than
+            # asked for, and teardown must give back only those (never
+            # shrink the pool below where it was).
+            added = max(0, _read_nr(page_size) - before)
+            if added:
+                grown.append((page_size, before, added))
         pool = kernel.hugetlb_pool(page_size)
         if pool.available < pages:
             why = f"the kernel found {pool.available} of {pages} hugetlb pages of {page_size} bytes"
