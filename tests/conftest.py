@@ -232,6 +232,33 @@ def _write_nr(page_size, value):
         f.write(f"{value}\n")
 
 
+#: Set in the environment of a pytest run started by a test that already
+#: holds the host's pool lock for it (and waits for it to end): flock would
+#: otherwise make the inner run wait for its own parent.
+POOL_LOCK_HELD_BY_PARENT = "THPGUARD_TEST_POOL_LOCK_HELD_BY_PARENT"
+
+
+@contextlib.contextmanager
+def pool_lock():
+    """Hold the host's hugetlb pool lock (benchmarks/_hostlock.py) for the block,
+    unless the parent test run holds it for this run."""
+    if os.environ.get(POOL_LOCK_HELD_BY_PARENT) == "1":
+        yield
+        return
+    with hugetlb_pool_lock():
+        yield
+
+
+@pytest.fixture
+def hugepool_lock():
+    """Hold the host's hugetlb pool lock for the whole test: for tests that
+    read the pool's counts or take pages from it without growing it (every
+    run of this suite and of the benchmarks that grows the pool holds it
+    too, so none of them changes the pool under such a test)."""
+    with pool_lock():
+        yield
+
+
 @pytest.fixture
 def hugepool():
     """``hugepool(pages, page_size=PMD)``: grow a hugetlb pool by ``pages``
@@ -261,7 +288,7 @@ def hugepool():
             fail_or_skip(f"no hugetlb pool of {page_size} bytes here")
         if not lock_held:
             # Another suite or a benchmark on this host takes turns with us.
-            lock.enter_context(hugetlb_pool_lock())
+            lock.enter_context(pool_lock())
             lock_held.append(True)
         pool = kernel.hugetlb_pool(page_size)
         before = _read_nr(page_size)

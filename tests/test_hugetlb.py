@@ -83,23 +83,33 @@ def test_reservation_is_taken_at_mmap(hugepool, pmd2m):
     assert meminfo()["HugePages_Rsvd"] == before["HugePages_Rsvd"]
 
 
-def test_pool_too_small_names_the_fix_and_leaks_nothing(pmd2m):
-    """A pool too small raises with the exact nr_hugepages command and leaves no reservation behind."""
+def test_pool_too_small_names_the_fix_and_leaks_nothing(hugepool_lock, pmd2m):
+    """A pool too small raises with the exact nr_hugepages command and leaves no reservation behind.
+
+    The host's pool lock is held: no other run of the suite or the
+    benchmarks grows or takes from the pool between the read and the alloc.
+    """
     pool = kernel.hugetlb_pool(MB2)
     pages = pool.available + 1
     before = meminfo()
-    with pytest.raises(HugePagesUnavailableError) as info:
-        thpguard.alloc(pages * MB2, backend="hugetlb")
-    msg = str(info.value)
+    try:
+        region = thpguard.alloc(pages * MB2, backend="hugetlb")
+    except HugePagesUnavailableError as exc:
+        msg = str(exc)
+    else:
+        region.close()
+        pytest.fail(f"alloc of {pages} pages with {pool.available} free did not raise "
+                    f"(pool now: {kernel.hugetlb_pool(MB2)}): something outside the lock grew the pool")
     assert f"echo {pool.total + 1} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages" in msg
     assert meminfo()["HugePages_Rsvd"] == before["HugePages_Rsvd"]
     assert not any(r.size == pages * MB2 and r.backend == "hugetlb" for r in thpguard.regions())
 
 
 def _alloc_beyond_the_pool(**kwargs):
-    """alloc() one 2 MiB page more than the pool has free.
+    """alloc() one 2 MiB page more than the pool has free (the caller holds
+    the host's pool lock, so no run of this suite or the benchmarks changes it).
 
-    The pool is shared with every process on the host: one may grow it
+    The pool is shared with every process on the host: another program may grow it
     between the read and the alloc, and the region then fits (hugetlb).
     That breaks the premise, not the library: close it and try again.
     """
@@ -115,7 +125,7 @@ def _alloc_beyond_the_pool(**kwargs):
                         f"between reading it and allocating one page more")
 
 
-def test_strict_false_and_auto_fall_back_to_thp(pmd2m, caplog):
+def test_strict_false_and_auto_fall_back_to_thp(hugepool_lock, pmd2m, caplog):
     """strict=False and auto give a THP region when the pool cannot hold it, and log why."""
     with caplog.at_level(logging.INFO, logger="thpguard"):
         with _alloc_beyond_the_pool(backend="hugetlb", strict=False) as r:
@@ -470,9 +480,16 @@ def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
 
 
 def test_hugepool_fixture_gives_the_pages_back_when_a_test_fails(tmp_path, pmd2m):
-    """The fixture that grows the pool shrinks it back to where it was, also after a failure."""
+    """The fixture that grows the pool shrinks it back to where it was, also after a failure.
+
+    This test holds the host's pool lock from the first read of the pool to
+    the last, for the inner run too (it is told so and does not take it):
+    no other run changes the pool's size in between.
+    """
     import subprocess
     import sys
+
+    from conftest import POOL_LOCK_HELD_BY_PARENT, pool_lock
 
     (tmp_path / "test_fails.py").write_text(
         "from conftest import hugepool  # noqa: F401\n"
@@ -481,13 +498,15 @@ def test_hugepool_fixture_gives_the_pages_back_when_a_test_fails(tmp_path, pmd2m
         "    hugepool(3)\n"
         "    assert kernel.hugetlb_pool(2 << 20).available >= 3\n"
         "    assert False, 'deliberate'\n")
-    before = kernel.hugetlb_pool(MB2).total
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(tmp_path / "test_fails.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "deliberate" in proc.stdout, proc.stdout + proc.stderr
-    assert kernel.hugetlb_pool(MB2).total == before
+    env[POOL_LOCK_HELD_BY_PARENT] = "1"
+    with pool_lock():
+        before = kernel.hugetlb_pool(MB2).total
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               str(tmp_path / "test_fails.py")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "deliberate" in proc.stdout, proc.stdout + proc.stderr
+        assert kernel.hugetlb_pool(MB2).total == before
 
 
 def test_share_counts_children_that_still_share(hugepool, pmd2m):
