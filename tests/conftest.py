@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import time
+import traceback
 import zlib
 
 import pytest
@@ -189,7 +191,68 @@ def sharer():
         yield pid
     finally:
         os.close(write_end)
+        wait_child(pid, "the sharer to exit once its pipe closed")
+
+
+def _kill_and_reap(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
         os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def wait_child(pid, what, timeout=WAIT):
+    """Reap the forked child ``pid`` and return its wait status.
+
+    For tests that fork with os.fork() themselves (the fork is what they
+    test); everything else uses run_in_child. A child not gone within
+    ``timeout`` seconds is killed and reaped, and the test fails naming
+    ``what`` it waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            _kill_and_reap(pid)
+            pytest.fail(f"waited {timeout:g} s for child {pid} to exit ({what}); killed it")
+        time.sleep(0.01)
+
+
+def read_pipe(fd, what, pid=None, n=1, timeout=WAIT) -> bytes:
+    """Up to ``n`` bytes from the pipe ``fd`` (b"" at EOF), waiting at most
+    ``timeout`` seconds; then the test fails naming ``what``, after killing
+    and reaping the child ``pid`` when one is given."""
+    if not select.select([fd], [], [], timeout)[0]:
+        if pid is not None:
+            _kill_and_reap(pid)
+        pytest.fail(f"waited {timeout:g} s for {what} on a pipe"
+                    + (f" (child {pid}, killed)" if pid is not None else ""))
+    return os.read(fd, n)
+
+
+def exit_child(body) -> None:
+    """In a child forked with os.fork(): run ``body()``, which returns the
+    exit status, and leave with os._exit whatever happens (an exception
+    prints its traceback and exits 70), so the child never returns into
+    the test runner."""
+    status = 70
+    try:
+        status = body()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status if isinstance(status, int) else 70)
 
 
 #: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):

@@ -17,7 +17,8 @@ import pytest
 import thpguard
 from thpguard import kernel
 from thpguard.errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError
-from conftest import WAIT, checksum, hugetlb_vma, run_in_child, smaps_vma
+from thpguard._child import Child
+from conftest import WAIT, checksum, exit_child, hugetlb_vma, run_in_child, smaps_vma, wait_child
 
 MB2 = 2 << 20
 KB = 1024
@@ -234,24 +235,19 @@ def test_copy_child_falls_back_to_thp_when_the_pool_is_dry(hugepool, pmd2m, requ
         assert info["anon_huge"] == r.size
 
 
-def _wait(pid):
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
 def test_share_with_room_in_the_pool_is_shared(hugepool, pmd2m):
     """share with room in the pool: shared, not downgraded, and a child's write copies whole pages."""
     hugepool(4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)
         downgrades = thpguard.stats().hugetlb_fork_downgrades
-        pid = os.fork()
-        if pid == 0:
-            code = 0 if _pages_ok(r, 1) else 3
+
+        def child():
+            before = _pages_ok(r, 1)
             _fill(r, 2)  # the kernel copies whole pages from the pool
-            os._exit(code if _pages_ok(r, 2) else 4)
-        status = _wait(pid)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return before, _pages_ok(r, 2)
+
+        assert run_in_child(child) == (True, True), "the child read or wrote the wrong bytes"
         assert r.fork_downgraded is None
         assert thpguard.stats().hugetlb_fork_downgrades == downgrades
         assert _pages_ok(r, 1)
@@ -269,27 +265,23 @@ def test_share_fork_with_a_dry_pool_kills_nobody(hugepool, pmd2m, writer, caplog
         _fill(r, 10)
         assert kernel.hugetlb_pool(MB2).available == 0
         downgrades = thpguard.stats().hugetlb_fork_downgrades
-        go_r, go_w = os.pipe()
-        with caplog.at_level(logging.ERROR, logger="thpguard"):
-            pid = os.fork()
-        if pid == 0:
-            os.close(go_w)
-            code = 0 if _pages_ok(r, 10) else 3
+
+        def child(channel):
+            before = _pages_ok(r, 10)
             if writer == "child":
                 _fill(r, 20)
-                code = code or (0 if _pages_ok(r, 20) else 4)
-            else:
-                os.read(go_r, 1)  # the parent has written every page
-                code = code or (0 if _pages_ok(r, 10) else 5)  # a read after: SIGBUS if shared
-            os._exit(code)
-        os.close(go_r)
-        if writer == "parent":
-            _fill(r, 30)
-            os.write(go_w, b"x")
-        os.close(go_w)
-        status = _wait(pid)
-        assert not os.WIFSIGNALED(status), f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        assert os.WEXITSTATUS(status) == 0
+                return before, _pages_ok(r, 20)
+            channel.recv(timeout=None)  # the parent has written every page
+            return before, _pages_ok(r, 10)  # a read after: SIGBUS if shared
+
+        # A child killed by a signal (SIGBUS) fails the test, naming it.
+        with caplog.at_level(logging.ERROR, logger="thpguard"):
+            forked = Child(child, channel=True)
+        with forked:
+            if writer == "parent":
+                _fill(r, 30)
+                forked.send("written")
+            assert forked.result() == (True, True), "the child read or wrote the wrong bytes"
         assert thpguard.stats().hugetlb_fork_downgrades == downgrades + 1
         assert r.fork_downgraded and "nr_hugepages" in r.fork_downgraded
         assert "hugetlb share region" in caplog.text
@@ -430,12 +422,12 @@ def test_share_counts_the_pages_a_child_takes_for_copy_and_wipe(hugepool, pmd2m)
         _fill(s, 1)
         _fill(c, 2)
         # free now: 2; the child takes 1 (copy) + 1 (wipe); a shared write needs 1 more
-        pid = os.fork()
-        if pid == 0:
+
+        def child():
             _fill(s, 3)
-            os._exit(0 if _pages_ok(s, 3) and _pages_ok(c, 2) else 3)
-        status = _wait(pid)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return _pages_ok(s, 3) and _pages_ok(c, 2)
+
+        assert run_in_child(child), "the child read or wrote the wrong bytes"
         assert s.fork_downgraded is not None
         assert w.fork_downgraded is None
 
@@ -517,36 +509,28 @@ def test_share_counts_children_that_still_share(hugepool, pmd2m):
         pytest.skip("someone else's free pages are in the pool")
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)  # 2 pages used, 2 free: room for one child's copies
-        go_r, go_w = os.pipe()  # the first child writes when this has a byte
-        done_r, done_w = os.pipe()  # the second child lives until this closes
-        first = os.fork()
-        if first == 0:
-            for fd in (go_w, done_r, done_w):
-                os.close(fd)
-            os.read(go_r, 1)
+
+        def first_child(channel):
+            channel.recv(timeout=None)  # writes when the parent says so
             _fill(r, 2)
-            os._exit(0 if _pages_ok(r, 2) else 3)
-        assert r.fork_downgraded is None
-        ready_r, ready_w = os.pipe()
-        second = os.fork()
-        if second == 0:
-            for fd in (go_r, go_w, done_w, ready_r):
-                os.close(fd)
+            return _pages_ok(r, 2)
+
+        def second_child(channel):
             _fill(r, 4)
-            os.write(ready_w, b"x")
-            os.read(done_r, 1)  # alive, holding its pages, until the first wrote
-            os._exit(0 if _pages_ok(r, 4) else 3)
-        os.close(done_r)
-        downgraded = r.fork_downgraded  # checked once both children are gone
-        os.read(ready_r, 1)
-        os.write(go_w, b"x")
-        first_status = _wait(first)
-        os.close(done_w)
-        for status in (first_status, _wait(second)):
-            assert not os.WIFSIGNALED(status), signal.Signals(os.WTERMSIG(status)).name
-            assert os.WEXITSTATUS(status) == 0
-        for fd in (go_r, go_w, ready_r, ready_w):
-            os.close(fd)
+            channel.send("written")
+            channel.recv(timeout=None)  # alive, holding its pages, until the first wrote
+            return _pages_ok(r, 4)
+
+        # A child killed by a signal (SIGBUS) fails the test, naming it.
+        with Child(first_child, channel=True) as first:
+            assert r.fork_downgraded is None
+            with Child(second_child, channel=True) as second:
+                downgraded = r.fork_downgraded  # checked once both children are gone
+                second.recv(what="the second child's write")
+                first.send("write")
+                assert first.result() is True, "the first child read the wrong bytes"
+                second.send("done")
+                assert second.result() is True, "the second child read the wrong bytes"
         assert downgraded and "1 other process(es)" in downgraded
         assert _pages_ok(r, 1)
 
@@ -558,13 +542,13 @@ def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepo
         pytest.skip("someone else's free pages are in the pool")
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share", populate=False) as r:
         assert kernel.hugetlb_pool(MB2).available == 0  # both pages reserved, none faulted
-        pid = os.fork()
-        if pid == 0:
+
+        def child():
             _fill(r, 3)
-            os._exit(0 if _pages_ok(r, 3) else 4)
-        status = _wait(pid)
-        assert not os.WIFSIGNALED(status), f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        assert os.WEXITSTATUS(status) == 0
+            return _pages_ok(r, 3)
+
+        # A child killed by a signal (SIGBUS) fails the test, naming it.
+        assert run_in_child(child), "the child read the wrong bytes"
         assert r.fork_downgraded
         _fill(r, 5)
         assert _pages_ok(r, 5) and hugetlb_vma("self", r.address)[1] == r.size
@@ -577,24 +561,19 @@ def test_share_counts_the_parent_when_a_child_forks_again(hugepool, pmd2m):
         pytest.skip("someone else's free pages are in the pool")
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)  # the pool has 2 free pages: room for one more copy, not two
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            grandchild = os.fork()
-            if grandchild == 0:
-                _fill(r, 5)
-                os._exit(0 if _pages_ok(r, 5) else 4)
+
+        def grandchild():
+            _fill(r, 5)
+            return _pages_ok(r, 5)
+
+        def child():
+            # The grandchild forks from the child (a signal that kills it
+            # fails the child's run_in_child, naming it).
+            grand_ok = run_in_child(grandchild)
             _fill(r, 6)
-            os.write(write_end, str(_wait(grandchild)).encode())
-            os._exit(0 if _pages_ok(r, 6) else 4)
-        os.close(write_end)
-        with os.fdopen(read_end) as f:
-            grand_status = int(f.read())
-        status = _wait(pid)
-        for who, st in (("child", status), ("grandchild", grand_status)):
-            assert not os.WIFSIGNALED(st), f"{who} killed by {signal.Signals(os.WTERMSIG(st)).name}"
-            assert os.WEXITSTATUS(st) == 0, who
+            return grand_ok, _pages_ok(r, 6)
+
+        assert run_in_child(child) == (True, True), "the grandchild or the child read the wrong bytes"
         assert _pages_ok(r, 1)
 
 
@@ -635,15 +614,17 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
                 except _Alarm:
                     raising[0] = False
                 if pid == 0:  # a child inherits no interval timer
-                    code = 0 if _pages_ok(r, 10) else 3
-                    _fill(r, 20)
-                    os._exit(code or (0 if _pages_ok(r, 20) else 4))
+                    def body():
+                        code = 0 if _pages_ok(r, 10) else 3
+                        _fill(r, 20)
+                        return code or (0 if _pages_ok(r, 20) else 4)
+                    exit_child(body)
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 if len(forked) == before:
                     continue  # the alarm came before os.fork() was called (a busy host)
                 done += 1
                 assert pid is not None, "the handler's exception came before fork() returned the pid"
-                _, status = os.waitpid(pid, 0)
+                status = wait_child(pid, "a downgraded share child to read and write its copy")
                 assert not os.WIFSIGNALED(status), \
                     f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
                 assert os.WEXITSTATUS(status) == 0
