@@ -7,11 +7,11 @@ import random
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from thpguard import cli, kernel
+from conftest import wait_child, wait_until
 
 KTHREAD = 0x00200000  # PF_KTHREAD in /proc/PID/stat flags (include/linux/sched.h)
 
@@ -28,14 +28,15 @@ def zombie():
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    try:
+        # WNOWAIT: see that it has exited, and leave it unreaped.
+        wait_until(lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT),
+                   f"child {pid} to exit")
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.01)
-    yield pid
-    os.waitpid(pid, 0)
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        yield pid
+    finally:
+        wait_child(pid, "the zombie to be reaped")
 
 
 def _kernel_thread() -> int:
