@@ -6,7 +6,9 @@ import contextlib
 import os
 import select
 import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -397,6 +399,40 @@ def hugetlb_vma(pid, start):
     if vma is None:
         return None
     return vma.fields.get("KernelPageSize"), vma.hugetlb_bytes or 0, vma.vm_flags
+
+
+def readline_within(proc, stream, what, timeout=WAIT) -> str:
+    """The next line of ``stream`` (a pipe from the subprocess ``proc``);
+    after ``timeout`` seconds without one, ``proc`` is killed and the test
+    fails naming ``what`` it waited for."""
+    line = []
+    reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        stop_process(proc)
+        reader.join(WAIT)  # EOF now
+        pytest.fail(f"waited {timeout:g} s for {what} (pid {proc.pid}); killed it")
+    return line[0]
+
+
+def communicate_within(proc, what, timeout=WAIT, input=None):
+    """proc.communicate(); after ``timeout`` seconds the process is killed
+    and the test fails naming ``what`` it waited for, with its stderr."""
+    try:
+        return proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"waited {timeout:g} s for {what} (pid {proc.pid}); killed it; "
+                    f"stderr: {(err or '')[-2000:]}")
+
+
+def stop_process(proc) -> None:
+    """Kill and reap ``proc`` if it still runs (for a finally: no test leaves one behind)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def sigint_default():

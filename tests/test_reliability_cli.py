@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from thpguard import cli, kernel
-from conftest import wait_child, wait_until
+from conftest import WAIT, communicate_within, readline_within, stop_process, wait_child, wait_until
 
 KTHREAD = 0x00200000  # PF_KTHREAD in /proc/PID/stat flags (include/linux/sched.h)
 
@@ -95,18 +95,25 @@ def test_process_exiting_mid_scan(command):
     for _ in range(10):
         target = subprocess.Popen([sys.executable, "-c", _target_code()], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
-        assert target.stdout.readline().strip() == "ready"
-        watcher = subprocess.Popen([sys.executable, "-m", "thpguard", command, "--json",
-                                    "--interval", "0.001", str(target.pid)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = watcher.stdout.readline()  # one pass done: the target was seen alive
-        target.stdin.write(f"{rng.uniform(0, 0.03)}\n")
-        target.stdin.flush()
-        # Reap at once sometimes (the /proc entry vanishes), sometimes late (a zombie).
-        if rng.random() < 0.5:
-            target.wait()
-        out, err = watcher.communicate(timeout=120)
-        target.wait()
+        watcher = None
+        try:
+            assert readline_within(target, target.stdout, "the target's ready line").strip() == "ready"
+            watcher = subprocess.Popen([sys.executable, "-m", "thpguard", command, "--json",
+                                        "--interval", "0.001", str(target.pid)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # One pass done: the target was seen alive.
+            first = readline_within(watcher, watcher.stdout, f"{command}'s first pass")
+            target.stdin.write(f"{rng.uniform(0, 0.03)}\n")
+            target.stdin.flush()
+            # Reap at once sometimes (the /proc entry vanishes), sometimes late (a zombie).
+            if rng.random() < 0.5:
+                target.wait(timeout=WAIT)
+            out, err = communicate_within(watcher, f"{command} to exit once its target was gone")
+            target.wait(timeout=WAIT)
+        finally:
+            for proc in (watcher, target):
+                if proc is not None:
+                    stop_process(proc)
         if watcher.returncode != 0 or "Traceback" in err or not first:
             bad.append((watcher.returncode, out[-200:], err[-600:]))
     assert not bad, bad
