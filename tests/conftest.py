@@ -34,6 +34,14 @@ def thp_unavailable_reason():
     return None if ok else reason
 
 
+def skip_thp(reason):
+    """Skip the test for a reason of THP (or the host's huge pages); under
+    THPGUARD_REQUIRE_THP=1 (CI) fail instead, so no such test passes silently."""
+    if REQUIRE_THP:
+        pytest.fail(f"THP required (THPGUARD_REQUIRE_THP=1), but: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def require_thp():
     """Skip without THP; fail instead when THPGUARD_REQUIRE_THP=1 (CI)."""

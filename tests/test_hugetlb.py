@@ -18,7 +18,7 @@ import thpguard
 from thpguard import kernel
 from thpguard.errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError
 from thpguard._child import Child
-from conftest import WAIT, checksum, exit_child, hugetlb_vma, run_in_child, smaps_vma, wait_child
+from conftest import WAIT, checksum, exit_child, hugetlb_vma, run_in_child, skip_thp, smaps_vma, wait_child
 
 MB2 = 2 << 20
 KB = 1024
@@ -29,6 +29,20 @@ def pmd2m():
     if kernel.pmd_size() != MB2 or MB2 not in kernel.hugetlb_sizes():
         pytest.skip("needs a 2 MiB hugetlb pool and a 2 MiB PMD")
     return MB2
+
+
+def _only_our_pages(pool, pages):
+    """The pool's free pages are the ``pages`` this test grew it by, none more.
+
+    The host's pool lock is held (the hugepool fixture): no other run of the
+    suite or the benchmarks has pages in it now, so more free pages are
+    pages a crashed run left behind or another program's. The test needs a
+    pool it can run dry: it skips, or fails under THPGUARD_REQUIRE_THP=1.
+    """
+    if pool.available != pages:
+        skip_thp(f"the hugetlb pool has {pool.available} free pages, {pages} expected (this "
+                 f"test's): pages leaked by a crashed run or held by another program "
+                 f"(see nr_hugepages and free_hugepages under /sys/kernel/mm/hugepages)")
 
 
 def meminfo():
@@ -220,8 +234,7 @@ def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
 def test_copy_child_falls_back_to_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
     """copy with a dry pool: the child's copy is on THP pages, with the same data."""
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="copy") as r:
         _fill(r, 5)
 
@@ -259,8 +272,7 @@ def test_share_fork_with_a_dry_pool_kills_nobody(hugepool, pmd2m, writer, caplog
     to copy into (measured: the child dies of SIGBUS). The fork copies the
     region into the child instead, loudly, and both sides live."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     with thpguard.alloc(4 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 10)
         assert kernel.hugetlb_pool(MB2).available == 0
@@ -314,8 +326,7 @@ def test_wipe_child_gets_zeroed_hugetlb_pages_at_the_same_address(hugepool, pmd2
 def test_wipe_child_gets_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
     """wipe with a dry pool: the child's zeroed range is THP."""
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="wipe") as r:
         _fill(r, 9)
 
@@ -414,8 +425,7 @@ def test_share_counts_the_pages_a_child_takes_for_copy_and_wipe(hugepool, pmd2m)
     """A child maps its own pages for copy and wipe regions; with those the
     pool would be dry for the shared pages' copies: the fork downgrades."""
     pool = hugepool(5)
-    if pool.available != 5:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 5)
     with thpguard.alloc(MB2, backend="hugetlb", fork="share") as s, \
             thpguard.alloc(MB2, backend="hugetlb", fork="copy") as c, \
             thpguard.alloc(MB2, backend="hugetlb", fork="wipe") as w:
@@ -451,8 +461,7 @@ def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
     from test_integ_metrics import scrape
 
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
 
     def child():
         registry = prometheus_client.CollectorRegistry()
@@ -505,8 +514,7 @@ def test_share_counts_children_that_still_share(hugepool, pmd2m):
     """A second child is downgraded while the first still shares: the pool
     holds one child's copies, not two, and neither child dies writing."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)  # 2 pages used, 2 free: room for one child's copies
 
@@ -538,8 +546,7 @@ def test_share_counts_children_that_still_share(hugepool, pmd2m):
 def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepool, pmd2m):
     """A child touching share pages the parent never faulted needs pool pages too: no SIGBUS."""
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share", populate=False) as r:
         assert kernel.hugetlb_pool(MB2).available == 0  # both pages reserved, none faulted
 
@@ -557,8 +564,7 @@ def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepo
 def test_share_counts_the_parent_when_a_child_forks_again(hugepool, pmd2m):
     """A grandchild forked from a share region shares the pages with child and parent: no SIGBUS."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)  # the pool has 2 free pages: room for one more copy, not two
 
@@ -588,8 +594,7 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
     the copy completes, and every child reads the parent's bytes and writes
     its own without dying (before: the child died of SIGBUS, 3 of 3 runs)."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     raising, fired = [False], []
 
     def on_alarm(signum, frame):

@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from thpguard import cli, kernel
-from conftest import WAIT, communicate_within, readline_within, stop_process, wait_child, wait_until
+from conftest import (WAIT, communicate_within, readline_within, skip_thp, stop_process, wait_child,
+                      wait_until)
 
 KTHREAD = 0x00200000  # PF_KTHREAD in /proc/PID/stat flags (include/linux/sched.h)
 
@@ -126,7 +127,7 @@ def test_verify_small_sizes_are_certain(require_thp, size):
     default = subprocess.run([sys.executable, "-m", "thpguard", "verify", "--quiet"],
                              capture_output=True, text=True, timeout=300)
     if not default.stdout.startswith("CERTAIN"):
-        pytest.skip(f"this host is not certain at the default size: {default.stdout.strip()}")
+        skip_thp(f"this host is not certain at the default size: {default.stdout.strip()}")
     out = subprocess.run([sys.executable, "-m", "thpguard", "verify", "--size", size],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

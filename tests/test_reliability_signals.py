@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import WAIT, read_pipe, sigint_default
+from conftest import WAIT, read_pipe, sigint_default, skip_thp
 
 # A region whose copy takes long enough for a signal to land inside it:
 # the child's fresh pages are first-touch (cold), tens to hundreds of ms.
@@ -148,7 +148,7 @@ def test_signal_during_copy_fork(require_collapse, who, signame):
     assert report["guard_running"], report
     assert report["later_hooks"] == [who], report
     if not report["complete_before"]:
-        pytest.skip("the kernel gave the copy small pages (memory busy or fragmented): "
+        skip_thp("the kernel gave the copy small pages (memory busy or fragmented): "
                     "nothing to tell a split from")
     assert report["complete"] and report["split"] == 0, (report, err[-2000:])
     assert report["data_ok"], report
