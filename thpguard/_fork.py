@@ -184,6 +184,7 @@ class _Held:
         self.finishing = False  # finish() will run once fork() returned
         self.caller = None  # the frame that called os.fork()
         self.lasti = -1
+        self.outer: Optional["_Held"] = None  # the hold of a fork this one is nested in
 
     def _inside(self, frame) -> bool:
         if not self.released:
@@ -239,6 +240,9 @@ def _hold() -> _Held:
     (not the main one) nothing is held.
     """
     held = _Held()
+    # A fork made by a handler inside another fork's hooks: its hold ends
+    # with the outer one in place again (_release).
+    held.outer = getattr(_holding, "held", None)
     _holding.held = held
     try:
         for signum in _HELD_SIGNALS:
@@ -258,7 +262,7 @@ def _release(caller) -> None:
     """End the hooks' hold: re-send what was recorded, and put the real
     handlers back, once fork() has returned to ``caller`` and it moved on."""
     held = getattr(_holding, "held", None)
-    _holding.held = None
+    _holding.held = held.outer if held is not None else None
     if held is None:
         return
     held.caller = caller
@@ -339,7 +343,12 @@ def _before() -> None:
     # Held from the first before-fork callback to the last after-fork one,
     # in both processes: CPython reports an exception raised in any at-fork
     # hook as "Exception ignored" and drops it (and the signal with it).
-    _holding.entered = True
+    # Counted, not flagged: a handler that forks while this hook runs (in
+    # _hold before its signal is swapped, or after the hold of an outer fork
+    # was cut short) makes a nested fork whose hooks run in full meanwhile;
+    # its hooks must not make this fork's _before_again run the before-fork
+    # callbacks a second time (they take non-reentrant locks).
+    _holding.befores = getattr(_holding, "befores", 0) + 1
     held = None
     try:
         held = _hold()
@@ -356,12 +365,24 @@ def _before_again() -> None:
     # A signal that arrived just before fork() runs its handler on entry to
     # the first hook, before any code of it; if that raised, CPython dropped
     # the exception and skipped the hook: run it now (this hook runs next).
-    if not getattr(_holding, "entered", False):
+    # Every fork runs _before then _before_again, and a nested fork runs
+    # both of its own in between: fewer _before than _before_again calls
+    # means this fork's _before was skipped.
+    _holding.agains = getattr(_holding, "agains", 0) + 1
+    if getattr(_holding, "befores", 0) < _holding.agains:
         _before()
 
 
+def _fork_done() -> None:
+    """One fork's hooks are over: back to no fork in progress once the
+    outermost one is done."""
+    held = getattr(_holding, "held", None)
+    if held is None or held.outer is None:
+        _holding.befores = _holding.agains = 0
+
+
 def _after_in_parent() -> None:
-    _holding.entered = False
+    _fork_done()
     held = getattr(_holding, "held", None) or _hold()  # a fork whose before hook did not run
     try:
         for _, _, parent, _ in _ordered(reverse=True):
@@ -373,7 +394,8 @@ def _after_in_parent() -> None:
 
 def _after_in_child(late: bool = False) -> None:
     global _lock
-    _holding.entered = False
+    if not late:
+        _fork_done()
     held = None
     if not late:
         # The child inherits the recorder as its handler; what the parent
