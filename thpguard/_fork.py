@@ -32,7 +32,13 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import _signal
+
 from . import _native
+
+# The C functions under signal.getsignal/signal.signal: no Python code (no
+# point where a handler may run) between two swaps of _hold.
+_getsignal, _setsignal = _signal.getsignal, _signal.signal
 
 log = logging.getLogger("thpguard")
 
@@ -185,6 +191,7 @@ class _Held:
         self.caller = None  # the frame that called os.fork()
         self.lasti = -1
         self.outer: Optional["_Held"] = None  # the hold of a fork this one is nested in
+        self.raised: List[BaseException] = []  # raised by handlers as the hold began
 
     def _inside(self, frame) -> bool:
         if not self.released:
@@ -224,10 +231,38 @@ class _Held:
         call (their handlers run next; one that raises leaves the others
         pending, as CPython does)."""
         self.restore()
+        if self.raised:
+            # A handler raised as the hold began (before the fork): that
+            # exception first, from the line that called fork(); the
+            # signals recorded since follow it from a thread.
+            exc, self.raised = self.raised[0], []
+            if self.caught:
+                _deliver_after_return(list(self.caught), None)
+            raise exc
         list(map(signal.raise_signal, self.caught))
 
 
 _holding = threading.local()
+
+
+def _block_all(raised: List[BaseException]):
+    """Block every signal a Python handler may take in this (the main)
+    thread and run the handlers of those already pending; return the old
+    mask. What such a handler raises is appended to ``raised``, never
+    propagated: a handler may run (and raise) inside each call, and the
+    next call runs the ones it left pending."""
+    while True:
+        try:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            break
+        except BaseException as exc:  # the program's handler, raised here
+            raised.append(exc)
+    while True:
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+            return old
+        except BaseException as exc:  # the mask is set; run what is left
+            raised.append(exc)
 
 
 def _hold() -> _Held:
@@ -237,24 +272,41 @@ def _hold() -> _Held:
 
     Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
     outside Python are not touched; in a thread that may not set handlers
-    (not the main one) nothing is held.
+    (not the main one) nothing is held. The handlers are swapped while the
+    signals are blocked in this thread, so no handler of the program runs
+    between two swaps (one that did could fork, or raise with its own
+    signal half swapped); a handler that runs, and raises, as they are
+    blocked has its exception raised again once fork() has returned.
     """
-    held = _Held()
-    # A fork made by a handler inside another fork's hooks: its hold ends
-    # with the outer one in place again (_release).
-    held.outer = getattr(_holding, "held", None)
-    _holding.held = held
+    raised: List[BaseException] = getattr(_holding, "early", [])
+    _holding.early = []
+    main = threading.current_thread() is threading.main_thread()
+    old_mask = _block_all(raised) if main else None
     try:
-        for signum in _HELD_SIGNALS:
-            old = signal.getsignal(signum)
-            earlier = getattr(old, "__self__", None)
-            if isinstance(earlier, _Held):  # an earlier fork's recorder, not put back yet
-                old = earlier.saved.get(signum, signal.SIG_DFL)
-            if callable(old):
-                signal.signal(signum, held.record)
-                held.saved[signum] = old
-    except ValueError:  # signal.signal only works in the main thread
-        pass
+        held = _Held()
+        held.raised = raised
+        # A fork made by a handler inside another fork's hooks: its hold ends
+        # with the outer one in place again (_release).
+        held.outer = getattr(_holding, "held", None)
+        _holding.held = held
+        if main:
+            for signum in _HELD_SIGNALS:
+                old = _getsignal(signum)
+                earlier = getattr(old, "__self__", None)
+                if isinstance(earlier, _Held):  # an earlier fork's recorder, not put back yet
+                    old = earlier.saved.get(signum, signal.SIG_DFL)
+                if callable(old):
+                    held.saved[signum] = old
+                    _setsignal(signum, held.record)
+    finally:
+        if old_mask is not None:
+            # Pending signals run the recorder now.
+            while True:
+                try:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                    break
+                except BaseException as exc:  # not the recorder: a handler outside our hold
+                    raised.append(exc)
     return held
 
 
@@ -273,6 +325,10 @@ def _release(caller) -> None:
         # No profile function to finish with (another profiler, or no
         # caller): the handlers go back now, and a thread re-sends.
         held.restore()
+        for exc in held.raised:
+            log.error("thpguard: a signal handler raised %r as a fork began; it cannot be "
+                      "raised again where fork() was called (another profiler is set)", exc)
+        held.raised = []
         if held.caught:
             _deliver_after_return(list(held.caught), caller)
 
@@ -348,17 +404,44 @@ def _before() -> None:
     # was cut short) makes a nested fork whose hooks run in full meanwhile;
     # its hooks must not make this fork's _before_again run the before-fork
     # callbacks a second time (they take non-reentrant locks).
-    _holding.befores = getattr(_holding, "befores", 0) + 1
     held = None
     try:
         held = _hold()
+        # Counted once the hold is in place: an exception before it skips
+        # the rest of this hook, and _before_again runs it.
+        _holding.befores = getattr(_holding, "befores", 0) + 1
         _run_all((before for _, before, _, _ in _ordered(reverse=False)), caught=held.caught)
-    except KeyboardInterrupt:  # SIGINT before the recorder was in place
-        held = getattr(_holding, "held", None)
+    except BaseException as exc:  # a handler's, before the hold was in place
         if held is None:
-            _holding.held = held = _Held()
-        if signal.SIGINT not in held.caught:
-            held.caught.append(signal.SIGINT)
+            # _before_again runs this hook again; its hold raises this then.
+            _holding.early = getattr(_holding, "early", []) + [exc]
+        elif isinstance(exc, KeyboardInterrupt):
+            if signal.SIGINT not in held.caught:
+                held.caught.append(signal.SIGINT)
+        else:
+            held.raised.append(exc)
+
+
+class _Unraisable:
+    """Wraps ``sys.unraisablehook``: an exception a program's signal handler
+    raised on entry to :func:`_before` or :func:`_before_again` (before any
+    of their code, so they cannot
+    catch it) is kept, and :func:`_hold` raises it again once fork() has
+    returned; anything else goes to the hook that was there."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, unraisable) -> None:
+        if unraisable.object in (_before, _before_again) and unraisable.exc_value is not None:
+            _holding.early = getattr(_holding, "early", []) + [unraisable.exc_value]
+            return
+        self.inner(unraisable)
+
+
+def _catch_unraisable() -> None:
+    if not isinstance(sys.unraisablehook, _Unraisable):  # the program set its own since
+        sys.unraisablehook = _Unraisable(sys.unraisablehook)
 
 
 def _before_again() -> None:
@@ -371,6 +454,7 @@ def _before_again() -> None:
     _holding.agains = getattr(_holding, "agains", 0) + 1
     if getattr(_holding, "befores", 0) < _holding.agains:
         _before()
+    _catch_unraisable()
 
 
 def _fork_done() -> None:
@@ -402,6 +486,7 @@ def _after_in_child(late: bool = False) -> None:
         # recorded before fork() is the parent's to deliver.
         held = getattr(_holding, "held", None) or _hold()
         held.caught.clear()
+        held.raised = []
     try:
         _lock = threading.Lock()  # another parent thread may have held it
         state._for_child(None if late else held.caught)
@@ -486,6 +571,7 @@ def in_exec_child() -> bool:
     return False
 
 
+_catch_unraisable()
 _native.atfork_install()
 _native.fork_claim()  # nothing to handle for forks made before import
 os.register_at_fork(before=_before_again)  # before callbacks run last registered first
