@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import subprocess
 import sys
+import threading
 import time
+import traceback
 import zlib
 
 import pytest
@@ -28,6 +32,14 @@ def thp_unavailable_reason():
         return "the kernel has no transparent huge pages (no sysfs directory)"
     ok, reason = kernel.can_get_huge_pages()
     return None if ok else reason
+
+
+def skip_thp(reason):
+    """Skip the test for a reason of THP (or the host's huge pages); under
+    THPGUARD_REQUIRE_THP=1 (CI) fail instead, so no such test passes silently."""
+    if REQUIRE_THP:
+        pytest.fail(f"THP required (THPGUARD_REQUIRE_THP=1), but: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -121,10 +133,33 @@ def checksum(buf) -> int:
     return zlib.crc32(buf)
 
 
+def _time_scale() -> float:
+    raw = os.environ.get("THPGUARD_TEST_TIME_SCALE", "1")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 1000:
+        raise pytest.UsageError(
+            f"THPGUARD_TEST_TIME_SCALE={raw!r}: expected a number from 1 to 1000 "
+            "(how many times slower than a bare host this run may be)")
+    return value
+
+
+#: THPGUARD_TEST_TIME_SCALE (default 1): how many times slower than a bare
+#: host this run may be. It multiplies every deadline of the suite (WAIT,
+#: the children's default wait, the fork tests' alarm) and nothing else: the
+#: tests wait on conditions, and a deadline only bounds a hang. The kernel
+#: matrix's guests set it (tests/kernels/guest.sh), since under qemu's
+#: software emulation they run 10 to 50 times slower than the host.
+TIME_SCALE = _time_scale()
+
 #: Seconds a test waits for a condition before it fails. Long on purpose:
 #: a deadline only turns a hang into a failure (other work may be slowing
 #: this host down), it never decides whether something was fast enough.
-WAIT = 60.0
+WAIT = 60.0 * TIME_SCALE
+# Children the tests fork (run_in_child, Child) wait as long.
+_child.DEFAULT_TIMEOUT = WAIT
 
 
 def wait_until(predicate, what: str, timeout: float = WAIT, poll: float = 0.01):
@@ -189,7 +224,68 @@ def sharer():
         yield pid
     finally:
         os.close(write_end)
+        wait_child(pid, "the sharer to exit once its pipe closed")
+
+
+def _kill_and_reap(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
         os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def wait_child(pid, what, timeout=WAIT):
+    """Reap the forked child ``pid`` and return its wait status.
+
+    For tests that fork with os.fork() themselves (the fork is what they
+    test); everything else uses run_in_child. A child not gone within
+    ``timeout`` seconds is killed and reaped, and the test fails naming
+    ``what`` it waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            _kill_and_reap(pid)
+            pytest.fail(f"waited {timeout:g} s for child {pid} to exit ({what}); killed it")
+        time.sleep(0.01)
+
+
+def read_pipe(fd, what, pid=None, n=1, timeout=WAIT) -> bytes:
+    """Up to ``n`` bytes from the pipe ``fd`` (b"" at EOF), waiting at most
+    ``timeout`` seconds; then the test fails naming ``what``, after killing
+    and reaping the child ``pid`` when one is given."""
+    if not select.select([fd], [], [], timeout)[0]:
+        if pid is not None:
+            _kill_and_reap(pid)
+        pytest.fail(f"waited {timeout:g} s for {what} on a pipe"
+                    + (f" (child {pid}, killed)" if pid is not None else ""))
+    return os.read(fd, n)
+
+
+def exit_child(body) -> None:
+    """In a child forked with os.fork(): run ``body()``, which returns the
+    exit status, and leave with os._exit whatever happens (an exception
+    prints its traceback and exits 70), so the child never returns into
+    the test runner."""
+    status = 70
+    try:
+        status = body()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status if isinstance(status, int) else 70)
 
 
 #: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):
@@ -232,6 +328,33 @@ def _write_nr(page_size, value):
         f.write(f"{value}\n")
 
 
+#: Set in the environment of a pytest run started by a test that already
+#: holds the host's pool lock for it (and waits for it to end): flock would
+#: otherwise make the inner run wait for its own parent.
+POOL_LOCK_HELD_BY_PARENT = "THPGUARD_TEST_POOL_LOCK_HELD_BY_PARENT"
+
+
+@contextlib.contextmanager
+def pool_lock():
+    """Hold the host's hugetlb pool lock (benchmarks/_hostlock.py) for the block,
+    unless the parent test run holds it for this run."""
+    if os.environ.get(POOL_LOCK_HELD_BY_PARENT) == "1":
+        yield
+        return
+    with hugetlb_pool_lock():
+        yield
+
+
+@pytest.fixture
+def hugepool_lock():
+    """Hold the host's hugetlb pool lock for the whole test: for tests that
+    read the pool's counts or take pages from it without growing it (every
+    run of this suite and of the benchmarks that grows the pool holds it
+    too, so none of them changes the pool under such a test)."""
+    with pool_lock():
+        yield
+
+
 @pytest.fixture
 def hugepool():
     """``hugepool(pages, page_size=PMD)``: grow a hugetlb pool by ``pages``
@@ -261,7 +384,7 @@ def hugepool():
             fail_or_skip(f"no hugetlb pool of {page_size} bytes here")
         if not lock_held:
             # Another suite or a benchmark on this host takes turns with us.
-            lock.enter_context(hugetlb_pool_lock())
+            lock.enter_context(pool_lock())
             lock_held.append(True)
         pool = kernel.hugetlb_pool(page_size)
         before = _read_nr(page_size)
@@ -270,8 +393,17 @@ def hugepool():
             try:
                 _write_nr(page_size, want)
             except OSError as exc:
+                # The kernel may have added some pages before it failed.
+                added = max(0, _read_nr(page_size) - before)
+                if added:
+                    grown.append((page_size, before, added))
                 fail_or_skip(f"cannot grow the hugetlb pool: {exc}")
-            grown.append((page_size, before, want - before))
+            # What the kernel actually added: it may find fewer pages than
+            # asked for, and teardown must give back only those (never
+            # shrink the pool below where it was).
+            added = max(0, _read_nr(page_size) - before)
+            if added:
+                grown.append((page_size, before, added))
         pool = kernel.hugetlb_pool(page_size)
         if pool.available < pages:
             why = f"the kernel found {pool.available} of {pages} hugetlb pages of {page_size} bytes"
@@ -298,6 +430,40 @@ def hugetlb_vma(pid, start):
     if vma is None:
         return None
     return vma.fields.get("KernelPageSize"), vma.hugetlb_bytes or 0, vma.vm_flags
+
+
+def readline_within(proc, stream, what, timeout=WAIT) -> str:
+    """The next line of ``stream`` (a pipe from the subprocess ``proc``);
+    after ``timeout`` seconds without one, ``proc`` is killed and the test
+    fails naming ``what`` it waited for."""
+    line = []
+    reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        stop_process(proc)
+        reader.join(WAIT)  # EOF now
+        pytest.fail(f"waited {timeout:g} s for {what} (pid {proc.pid}); killed it")
+    return line[0]
+
+
+def communicate_within(proc, what, timeout=WAIT, input=None):
+    """proc.communicate(); after ``timeout`` seconds the process is killed
+    and the test fails naming ``what`` it waited for, with its stderr."""
+    try:
+        return proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"waited {timeout:g} s for {what} (pid {proc.pid}); killed it; "
+                    f"stderr: {(err or '')[-2000:]}")
+
+
+def stop_process(proc) -> None:
+    """Kill and reap ``proc`` if it still runs (for a finally: no test leaves one behind)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def sigint_default():

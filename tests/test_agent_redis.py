@@ -21,6 +21,7 @@ import time
 import pytest
 
 from thpguard import kernel
+from conftest import communicate_within, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -55,8 +56,11 @@ def _start_agent(pid: int) -> subprocess.Popen:
 
 
 def _stop_agent(proc: subprocess.Popen) -> dict:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = communicate_within(proc, "the agent to exit after SIGTERM")
+    finally:
+        stop_process(proc)  # never left running, whatever failed
     assert proc.returncode == 0, err
     return json.loads(err.strip().splitlines()[-1])
 

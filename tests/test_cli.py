@@ -16,7 +16,7 @@ import pytest
 
 from thpguard import cli, kernel
 from fakekernel import FakeNative, FakeTree
-from conftest import run_in_child, sigint_default, smaps_vma, wait_until
+from conftest import communicate_within, readline_within, run_in_child, sigint_default, smaps_vma, stop_process, wait_until
 
 MiB = 1024 * 1024
 SCHEMA = pathlib.Path(__file__).resolve().parent.parent / "docs" / "verify-schema.json"
@@ -553,9 +553,13 @@ def test_guard_ctrl_c_prints_summary_and_exits_130(require_thp):
     with split_target() as (pid, addr, size, pmd):
         g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--interval", "0.05"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
-        first = g.stdout.readline()  # the first repair: the guard is past its set-up
-        g.send_signal(2)
-        out, err = g.communicate(timeout=60)
+        try:
+            # The first repair: the guard is past its set-up.
+            first = readline_within(g, g.stdout, "the guard's first repair line")
+            g.send_signal(2)
+            out, err = communicate_within(g, "the guard to exit after SIGINT")
+        finally:
+            stop_process(g)
     assert "repaired" in first, err
     assert g.returncode == 130, err
     assert "interrupted: guarded PID" in out and "1 block(s) repaired" in out
@@ -568,9 +572,12 @@ def test_guard_json_ctrl_c_summary(require_thp):
     with split_target() as (pid, addr, size, pmd):
         g = subprocess.Popen([sys.executable, "-m", "thpguard", "guard", str(pid), "--json",
                               "--interval", "0.05"], stdout=subprocess.PIPE, text=True, preexec_fn=sigint_default)
-        first = json.loads(g.stdout.readline())
-        g.send_signal(2)
-        out, _ = g.communicate(timeout=60)
+        try:
+            first = json.loads(readline_within(g, g.stdout, "the guard's first JSON pass"))
+            g.send_signal(2)
+            out, _ = communicate_within(g, "the guard to exit after SIGINT")
+        finally:
+            stop_process(g)
     last = json.loads(out.splitlines()[-1])
     assert first["event"] == "pass" and "timestamp_seconds" in first
     assert all("ms" not in r and r["seconds"] >= 0 for r in first["repaired"])
@@ -597,9 +604,12 @@ def test_watch_ctrl_c_prints_samples_and_exits_130(require_thp):
     with split_target() as (pid, addr, size, pmd):
         w = subprocess.Popen([sys.executable, "-m", "thpguard", "watch", str(pid), "--interval", "0.05"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
-        first = w.stdout.readline()
-        w.send_signal(2)
-        out, err = w.communicate(timeout=60)
+        try:
+            first = readline_within(w, w.stdout, "watch's first sample")
+            w.send_signal(2)
+            out, err = communicate_within(w, "watch to exit after SIGINT")
+        finally:
+            stop_process(w)
     assert "PMD-mapped" in first, err
     assert w.returncode == 130 and f"sample(s) of PID {pid}" in out, (out, err)
 

@@ -15,6 +15,7 @@ from conftest import (
     smaps_vma,
 )
 from thpguard import kernel
+from thpguard._child import Child
 
 MiB = 1 << 20
 pytestmark = pytest.mark.kernel
@@ -31,28 +32,26 @@ def test_copy_nobody_splits(region_factory, pmd):
     """copy: after fork, child and parent both write every block and neither splits."""
     region = region_factory(16 * MiB, fork="copy")
     expected = _fill(region)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(write_end)
+
+    def child(channel):
         view = region.view()
         same = checksum(view) == expected
         for off in range(0, region.size, pmd):
             view[off] = 0xAA
         cov = region.coverage()
         smaps = smaps_huge_bytes(os.getpid(), region.address, region.address + region.size)
-        os.read(read_end, 1)
-        ok = same and cov.complete and smaps == region.size and view[0] == 0xAA
-        os._exit(0 if ok else 1)
-    os.close(read_end)
-    view = region.view()
-    for off in range(0, region.size, pmd):
-        view[off + 1] = 0x55
-    cov = region.coverage()
-    os.write(write_end, b"x")
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "child saw a split or wrong data"
+        channel.recv(timeout=None)  # the parent has written too
+        return {"same data": same, "coverage complete": cov.complete,
+                "smaps huge": smaps == region.size, "own write": view[0] == 0xAA}
+
+    with Child(child, channel=True) as forked:
+        view = region.view()
+        for off in range(0, region.size, pmd):
+            view[off + 1] = 0x55
+        cov = region.coverage()
+        forked.send("written")
+        seen = forked.result()
+    assert all(seen.values()), f"child saw a split or wrong data: {seen}"
     assert cov.complete and cov.split_ranges == (() if has_pagemap_scan() else None)
     assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size
     assert view[0] == 0 and view[1] == 0x55  # the child's writes stayed in the child

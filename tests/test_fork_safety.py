@@ -11,7 +11,7 @@ import pytest
 
 import thpguard
 from thpguard import _native, errors, kernel, pagemap
-from conftest import run_in_child, smaps_vma
+from conftest import exit_child, read_pipe, run_in_child, smaps_vma, wait_child
 
 MiB = 1 << 20
 
@@ -47,9 +47,9 @@ def test_late_fork_does_not_close_a_reused_fd(require_thp, tmp_path):
             os.write(write_end, b"1" if ok else b"0")
             os._exit(0)
     os.close(write_end)
-    answer = os.read(read_end, 1)
+    answer = read_pipe(read_end, "the child's answer (did it reuse the fd?)", pid=pid)
     os.close(read_end)
-    os.waitpid(pid, 0)
+    wait_child(pid, "the child to exit after it answered")
     assert answer == b"1" and path.read_bytes() == b"still open"
     region.close()
 
@@ -64,8 +64,12 @@ def test_concurrent_forks_with_copy_regions(require_thp):
         for _ in range(10):
             pid = os.fork()
             if pid == 0:
-                os._exit(0 if bytes(region.view()[:4]) == b"data" else 1)
-            _, status = os.waitpid(pid, 0)
+                exit_child(lambda: 0 if bytes(region.view()[:4]) == b"data" else 1)
+            try:
+                status = wait_child(pid, "a child forked from a thread to read the copy")
+            except BaseException as exc:  # a hang: wait_child killed it and failed
+                failures.append(str(exc))
+                return
             if os.waitstatus_to_exitcode(status) != 0:
                 failures.append(status)
 

@@ -17,7 +17,7 @@ import time
 import warnings
 
 import pytest
-from conftest import (WAIT, checksum, has_pagemap_scan, run_in_child, sharer, smaps_huge_bytes,
+from conftest import (TIME_SCALE, WAIT, checksum, has_pagemap_scan, run_in_child, sharer, smaps_huge_bytes,
                       wait_repaired, wait_until)
 
 import thpguard
@@ -59,7 +59,7 @@ def deadline():
         raise AssertionError("timed out: deadlock?")
 
     old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(120)
+    signal.alarm(int(120 * TIME_SCALE))
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
@@ -274,7 +274,7 @@ def test_fork_outside_python_is_noticed(split_and_repair, region_factory, runnin
         reaped = False
         try:
             # Well inside the deadline fixture's alarm, so the kill below runs.
-            if not select.select([read_end], [], [], 60)[0]:
+            if not select.select([read_end], [], [], WAIT)[0]:
                 raise AssertionError("the child forked outside Python hangs")
             with os.fdopen(read_end, "rb") as f:
                 result = pickle.loads(f.read())
@@ -619,7 +619,7 @@ def test_callback_errors_are_counted_not_fatal(split_and_repair, region_factory,
 def run_python(code, **env):
     full = dict(os.environ, **env)
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=WAIT)
 
 
 def test_environment_installs_the_guard():
@@ -695,6 +695,28 @@ def test_smaps_fallback_counts_only_the_split_block(split_and_repair, pmd):
                 delta.bytes_repaired)
 
     assert run_in_child(child) == (True, pmd, 1, 1, pmd)
+
+
+def test_smaps_fallback_hot_entry_counts_an_eagain_the_retry_absorbs(split_and_repair, pmd):
+    """Without PAGEMAP_SCAN (injected ENOTTY) hot() entry collapses the whole region in one
+    call; when that call fails with EAGAIN and each block on its own then succeeds, the
+    EAGAIN is still counted (Linux 6.1, where it was lost)."""
+
+    def child():
+        _native.fault_inject("scan", errno.ENOTTY, 1)  # as on Linux < 6.7
+        region = thpguard.alloc(2 * pmd)
+        assert region.coverage().source == "smaps"
+        with sharer():
+            region.view()[0] = 1
+            delta = Delta()
+            _native.fault_inject("collapse", errno.EAGAIN, 1)
+            buffer = thpguard.hot(region)
+            with buffer:
+                complete = region.coverage().complete
+        region.close()
+        return complete, buffer.report.entry_repaired_bytes, delta.repair_failures
+
+    assert run_in_child(child) == (True, pmd, {"EAGAIN": 1})
 
 
 def test_smaps_fallback_budget_resumes_where_it_stopped(split_and_repair, pmd):

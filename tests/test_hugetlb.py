@@ -17,7 +17,8 @@ import pytest
 import thpguard
 from thpguard import kernel
 from thpguard.errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError
-from conftest import WAIT, checksum, hugetlb_vma, run_in_child, smaps_vma
+from thpguard._child import Child
+from conftest import WAIT, checksum, exit_child, hugetlb_vma, run_in_child, skip_thp, smaps_vma, wait_child
 
 MB2 = 2 << 20
 KB = 1024
@@ -28,6 +29,20 @@ def pmd2m():
     if kernel.pmd_size() != MB2 or MB2 not in kernel.hugetlb_sizes():
         pytest.skip("needs a 2 MiB hugetlb pool and a 2 MiB PMD")
     return MB2
+
+
+def _only_our_pages(pool, pages):
+    """The pool's free pages are the ``pages`` this test grew it by, none more.
+
+    The host's pool lock is held (the hugepool fixture): no other run of the
+    suite or the benchmarks has pages in it now, so more free pages are
+    pages a crashed run left behind or another program's. The test needs a
+    pool it can run dry: it skips, or fails under THPGUARD_REQUIRE_THP=1.
+    """
+    if pool.available != pages:
+        skip_thp(f"the hugetlb pool has {pool.available} free pages, {pages} expected (this "
+                 f"test's): pages leaked by a crashed run or held by another program "
+                 f"(see nr_hugepages and free_hugepages under /sys/kernel/mm/hugepages)")
 
 
 def meminfo():
@@ -83,23 +98,33 @@ def test_reservation_is_taken_at_mmap(hugepool, pmd2m):
     assert meminfo()["HugePages_Rsvd"] == before["HugePages_Rsvd"]
 
 
-def test_pool_too_small_names_the_fix_and_leaks_nothing(pmd2m):
-    """A pool too small raises with the exact nr_hugepages command and leaves no reservation behind."""
+def test_pool_too_small_names_the_fix_and_leaks_nothing(hugepool_lock, pmd2m):
+    """A pool too small raises with the exact nr_hugepages command and leaves no reservation behind.
+
+    The host's pool lock is held: no other run of the suite or the
+    benchmarks grows or takes from the pool between the read and the alloc.
+    """
     pool = kernel.hugetlb_pool(MB2)
     pages = pool.available + 1
     before = meminfo()
-    with pytest.raises(HugePagesUnavailableError) as info:
-        thpguard.alloc(pages * MB2, backend="hugetlb")
-    msg = str(info.value)
+    try:
+        region = thpguard.alloc(pages * MB2, backend="hugetlb")
+    except HugePagesUnavailableError as exc:
+        msg = str(exc)
+    else:
+        region.close()
+        pytest.fail(f"alloc of {pages} pages with {pool.available} free did not raise "
+                    f"(pool now: {kernel.hugetlb_pool(MB2)}): something outside the lock grew the pool")
     assert f"echo {pool.total + 1} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages" in msg
     assert meminfo()["HugePages_Rsvd"] == before["HugePages_Rsvd"]
     assert not any(r.size == pages * MB2 and r.backend == "hugetlb" for r in thpguard.regions())
 
 
 def _alloc_beyond_the_pool(**kwargs):
-    """alloc() one 2 MiB page more than the pool has free.
+    """alloc() one 2 MiB page more than the pool has free (the caller holds
+    the host's pool lock, so no run of this suite or the benchmarks changes it).
 
-    The pool is shared with every process on the host: one may grow it
+    The pool is shared with every process on the host: another program may grow it
     between the read and the alloc, and the region then fits (hugetlb).
     That breaks the premise, not the library: close it and try again.
     """
@@ -115,7 +140,7 @@ def _alloc_beyond_the_pool(**kwargs):
                         f"between reading it and allocating one page more")
 
 
-def test_strict_false_and_auto_fall_back_to_thp(pmd2m, caplog):
+def test_strict_false_and_auto_fall_back_to_thp(hugepool_lock, pmd2m, caplog):
     """strict=False and auto give a THP region when the pool cannot hold it, and log why."""
     with caplog.at_level(logging.INFO, logger="thpguard"):
         with _alloc_beyond_the_pool(backend="hugetlb", strict=False) as r:
@@ -209,8 +234,7 @@ def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
 def test_copy_child_falls_back_to_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
     """copy with a dry pool: the child's copy is on THP pages, with the same data."""
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="copy") as r:
         _fill(r, 5)
 
@@ -224,24 +248,19 @@ def test_copy_child_falls_back_to_thp_when_the_pool_is_dry(hugepool, pmd2m, requ
         assert info["anon_huge"] == r.size
 
 
-def _wait(pid):
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
 def test_share_with_room_in_the_pool_is_shared(hugepool, pmd2m):
     """share with room in the pool: shared, not downgraded, and a child's write copies whole pages."""
     hugepool(4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)
         downgrades = thpguard.stats().hugetlb_fork_downgrades
-        pid = os.fork()
-        if pid == 0:
-            code = 0 if _pages_ok(r, 1) else 3
+
+        def child():
+            before = _pages_ok(r, 1)
             _fill(r, 2)  # the kernel copies whole pages from the pool
-            os._exit(code if _pages_ok(r, 2) else 4)
-        status = _wait(pid)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return before, _pages_ok(r, 2)
+
+        assert run_in_child(child) == (True, True), "the child read or wrote the wrong bytes"
         assert r.fork_downgraded is None
         assert thpguard.stats().hugetlb_fork_downgrades == downgrades
         assert _pages_ok(r, 1)
@@ -253,33 +272,28 @@ def test_share_fork_with_a_dry_pool_kills_nobody(hugepool, pmd2m, writer, caplog
     to copy into (measured: the child dies of SIGBUS). The fork copies the
     region into the child instead, loudly, and both sides live."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     with thpguard.alloc(4 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 10)
         assert kernel.hugetlb_pool(MB2).available == 0
         downgrades = thpguard.stats().hugetlb_fork_downgrades
-        go_r, go_w = os.pipe()
-        with caplog.at_level(logging.ERROR, logger="thpguard"):
-            pid = os.fork()
-        if pid == 0:
-            os.close(go_w)
-            code = 0 if _pages_ok(r, 10) else 3
+
+        def child(channel):
+            before = _pages_ok(r, 10)
             if writer == "child":
                 _fill(r, 20)
-                code = code or (0 if _pages_ok(r, 20) else 4)
-            else:
-                os.read(go_r, 1)  # the parent has written every page
-                code = code or (0 if _pages_ok(r, 10) else 5)  # a read after: SIGBUS if shared
-            os._exit(code)
-        os.close(go_r)
-        if writer == "parent":
-            _fill(r, 30)
-            os.write(go_w, b"x")
-        os.close(go_w)
-        status = _wait(pid)
-        assert not os.WIFSIGNALED(status), f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        assert os.WEXITSTATUS(status) == 0
+                return before, _pages_ok(r, 20)
+            channel.recv(timeout=None)  # the parent has written every page
+            return before, _pages_ok(r, 10)  # a read after: SIGBUS if shared
+
+        # A child killed by a signal (SIGBUS) fails the test, naming it.
+        with caplog.at_level(logging.ERROR, logger="thpguard"):
+            forked = Child(child, channel=True)
+        with forked:
+            if writer == "parent":
+                _fill(r, 30)
+                forked.send("written")
+            assert forked.result() == (True, True), "the child read or wrote the wrong bytes"
         assert thpguard.stats().hugetlb_fork_downgrades == downgrades + 1
         assert r.fork_downgraded and "nr_hugepages" in r.fork_downgraded
         assert "hugetlb share region" in caplog.text
@@ -312,8 +326,7 @@ def test_wipe_child_gets_zeroed_hugetlb_pages_at_the_same_address(hugepool, pmd2
 def test_wipe_child_gets_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):
     """wipe with a dry pool: the child's zeroed range is THP."""
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="wipe") as r:
         _fill(r, 9)
 
@@ -412,20 +425,19 @@ def test_share_counts_the_pages_a_child_takes_for_copy_and_wipe(hugepool, pmd2m)
     """A child maps its own pages for copy and wipe regions; with those the
     pool would be dry for the shared pages' copies: the fork downgrades."""
     pool = hugepool(5)
-    if pool.available != 5:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 5)
     with thpguard.alloc(MB2, backend="hugetlb", fork="share") as s, \
             thpguard.alloc(MB2, backend="hugetlb", fork="copy") as c, \
             thpguard.alloc(MB2, backend="hugetlb", fork="wipe") as w:
         _fill(s, 1)
         _fill(c, 2)
         # free now: 2; the child takes 1 (copy) + 1 (wipe); a shared write needs 1 more
-        pid = os.fork()
-        if pid == 0:
+
+        def child():
             _fill(s, 3)
-            os._exit(0 if _pages_ok(s, 3) and _pages_ok(c, 2) else 3)
-        status = _wait(pid)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return _pages_ok(s, 3) and _pages_ok(c, 2)
+
+        assert run_in_child(child), "the child read or wrote the wrong bytes"
         assert s.fork_downgraded is not None
         assert w.fork_downgraded is None
 
@@ -449,8 +461,7 @@ def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
     from test_integ_metrics import scrape
 
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
 
     def child():
         registry = prometheus_client.CollectorRegistry()
@@ -470,9 +481,16 @@ def test_metrics_count_hugetlb_regions_and_downgrades(hugepool, pmd2m):
 
 
 def test_hugepool_fixture_gives_the_pages_back_when_a_test_fails(tmp_path, pmd2m):
-    """The fixture that grows the pool shrinks it back to where it was, also after a failure."""
+    """The fixture that grows the pool shrinks it back to where it was, also after a failure.
+
+    This test holds the host's pool lock from the first read of the pool to
+    the last, for the inner run too (it is told so and does not take it):
+    no other run changes the pool's size in between.
+    """
     import subprocess
     import sys
+
+    from conftest import POOL_LOCK_HELD_BY_PARENT, pool_lock
 
     (tmp_path / "test_fails.py").write_text(
         "from conftest import hugepool  # noqa: F401\n"
@@ -481,53 +499,46 @@ def test_hugepool_fixture_gives_the_pages_back_when_a_test_fails(tmp_path, pmd2m
         "    hugepool(3)\n"
         "    assert kernel.hugetlb_pool(2 << 20).available >= 3\n"
         "    assert False, 'deliberate'\n")
-    before = kernel.hugetlb_pool(MB2).total
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(tmp_path / "test_fails.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "deliberate" in proc.stdout, proc.stdout + proc.stderr
-    assert kernel.hugetlb_pool(MB2).total == before
+    env[POOL_LOCK_HELD_BY_PARENT] = "1"
+    with pool_lock():
+        before = kernel.hugetlb_pool(MB2).total
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               str(tmp_path / "test_fails.py")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "deliberate" in proc.stdout, proc.stdout + proc.stderr
+        assert kernel.hugetlb_pool(MB2).total == before
 
 
 def test_share_counts_children_that_still_share(hugepool, pmd2m):
     """A second child is downgraded while the first still shares: the pool
     holds one child's copies, not two, and neither child dies writing."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)  # 2 pages used, 2 free: room for one child's copies
-        go_r, go_w = os.pipe()  # the first child writes when this has a byte
-        done_r, done_w = os.pipe()  # the second child lives until this closes
-        first = os.fork()
-        if first == 0:
-            for fd in (go_w, done_r, done_w):
-                os.close(fd)
-            os.read(go_r, 1)
+
+        def first_child(channel):
+            channel.recv(timeout=None)  # writes when the parent says so
             _fill(r, 2)
-            os._exit(0 if _pages_ok(r, 2) else 3)
-        assert r.fork_downgraded is None
-        ready_r, ready_w = os.pipe()
-        second = os.fork()
-        if second == 0:
-            for fd in (go_r, go_w, done_w, ready_r):
-                os.close(fd)
+            return _pages_ok(r, 2)
+
+        def second_child(channel):
             _fill(r, 4)
-            os.write(ready_w, b"x")
-            os.read(done_r, 1)  # alive, holding its pages, until the first wrote
-            os._exit(0 if _pages_ok(r, 4) else 3)
-        os.close(done_r)
-        downgraded = r.fork_downgraded  # checked once both children are gone
-        os.read(ready_r, 1)
-        os.write(go_w, b"x")
-        first_status = _wait(first)
-        os.close(done_w)
-        for status in (first_status, _wait(second)):
-            assert not os.WIFSIGNALED(status), signal.Signals(os.WTERMSIG(status)).name
-            assert os.WEXITSTATUS(status) == 0
-        for fd in (go_r, go_w, ready_r, ready_w):
-            os.close(fd)
+            channel.send("written")
+            channel.recv(timeout=None)  # alive, holding its pages, until the first wrote
+            return _pages_ok(r, 4)
+
+        # A child killed by a signal (SIGBUS) fails the test, naming it.
+        with Child(first_child, channel=True) as first:
+            assert r.fork_downgraded is None
+            with Child(second_child, channel=True) as second:
+                downgraded = r.fork_downgraded  # checked once both children are gone
+                second.recv(what="the second child's write")
+                first.send("write")
+                assert first.result() is True, "the first child read the wrong bytes"
+                second.send("done")
+                assert second.result() is True, "the second child read the wrong bytes"
         assert downgraded and "1 other process(es)" in downgraded
         assert _pages_ok(r, 1)
 
@@ -535,17 +546,16 @@ def test_share_counts_children_that_still_share(hugepool, pmd2m):
 def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepool, pmd2m):
     """A child touching share pages the parent never faulted needs pool pages too: no SIGBUS."""
     pool = hugepool(2)
-    if pool.available != 2:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 2)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share", populate=False) as r:
         assert kernel.hugetlb_pool(MB2).available == 0  # both pages reserved, none faulted
-        pid = os.fork()
-        if pid == 0:
+
+        def child():
             _fill(r, 3)
-            os._exit(0 if _pages_ok(r, 3) else 4)
-        status = _wait(pid)
-        assert not os.WIFSIGNALED(status), f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        assert os.WEXITSTATUS(status) == 0
+            return _pages_ok(r, 3)
+
+        # A child killed by a signal (SIGBUS) fails the test, naming it.
+        assert run_in_child(child), "the child read the wrong bytes"
         assert r.fork_downgraded
         _fill(r, 5)
         assert _pages_ok(r, 5) and hugetlb_vma("self", r.address)[1] == r.size
@@ -554,28 +564,22 @@ def test_share_fork_of_an_unpopulated_region_with_a_dry_pool_kills_nobody(hugepo
 def test_share_counts_the_parent_when_a_child_forks_again(hugepool, pmd2m):
     """A grandchild forked from a share region shares the pages with child and parent: no SIGBUS."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     with thpguard.alloc(2 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 1)  # the pool has 2 free pages: room for one more copy, not two
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            grandchild = os.fork()
-            if grandchild == 0:
-                _fill(r, 5)
-                os._exit(0 if _pages_ok(r, 5) else 4)
+
+        def grandchild():
+            _fill(r, 5)
+            return _pages_ok(r, 5)
+
+        def child():
+            # The grandchild forks from the child (a signal that kills it
+            # fails the child's run_in_child, naming it).
+            grand_ok = run_in_child(grandchild)
             _fill(r, 6)
-            os.write(write_end, str(_wait(grandchild)).encode())
-            os._exit(0 if _pages_ok(r, 6) else 4)
-        os.close(write_end)
-        with os.fdopen(read_end) as f:
-            grand_status = int(f.read())
-        status = _wait(pid)
-        for who, st in (("child", status), ("grandchild", grand_status)):
-            assert not os.WIFSIGNALED(st), f"{who} killed by {signal.Signals(os.WTERMSIG(st)).name}"
-            assert os.WEXITSTATUS(st) == 0, who
+            return grand_ok, _pages_ok(r, 6)
+
+        assert run_in_child(child) == (True, True), "the grandchild or the child read the wrong bytes"
         assert _pages_ok(r, 1)
 
 
@@ -590,8 +594,7 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
     the copy completes, and every child reads the parent's bytes and writes
     its own without dying (before: the child died of SIGBUS, 3 of 3 runs)."""
     pool = hugepool(4)
-    if pool.available != 4:
-        pytest.skip("someone else's free pages are in the pool")
+    _only_our_pages(pool, 4)
     raising, fired = [False], []
 
     def on_alarm(signum, frame):
@@ -616,15 +619,17 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
                 except _Alarm:
                     raising[0] = False
                 if pid == 0:  # a child inherits no interval timer
-                    code = 0 if _pages_ok(r, 10) else 3
-                    _fill(r, 20)
-                    os._exit(code or (0 if _pages_ok(r, 20) else 4))
+                    def body():
+                        code = 0 if _pages_ok(r, 10) else 3
+                        _fill(r, 20)
+                        return code or (0 if _pages_ok(r, 20) else 4)
+                    exit_child(body)
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 if len(forked) == before:
                     continue  # the alarm came before os.fork() was called (a busy host)
                 done += 1
                 assert pid is not None, "the handler's exception came before fork() returned the pid"
-                _, status = os.waitpid(pid, 0)
+                status = wait_child(pid, "a downgraded share child to read and write its copy")
                 assert not os.WIFSIGNALED(status), \
                     f"child killed by {signal.Signals(os.WTERMSIG(status)).name}"
                 assert os.WEXITSTATUS(status) == 0

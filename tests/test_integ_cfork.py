@@ -17,6 +17,7 @@ import textwrap
 import pytest
 
 from integ_servers import ANY_PORT, get, huge_bytes, pin_every_worker, serve, wait_for_workers, wait_huge
+from conftest import WAIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -148,7 +149,9 @@ def test_fork_from_c_is_handled_on_first_call(require_thp, tmp_path):
     """A fork() called from C: the first thpguard call restarts the guard and copies."""
     script = tmp_path / "raw_fork.py"
     script.write_text(RAW_FORK)
+    # Longer than the script's own minute-long waits, so a hang there ends
+    # with its own message, not this timeout.
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=WAIT * 3)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "child ok 1" in done.stdout

@@ -14,6 +14,7 @@ from conftest import run_in_child, smaps_huge_bytes, wait_repaired
 import json
 
 from thpguard import _procmap, cli, pagemap
+from thpguard._child import Child
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -92,20 +93,15 @@ def test_register_is_idempotent_and_uses_the_global_registry():
 def test_textfile_for_another_process(region_factory, pmd, tmp_path, capsys):
     """textfile() of a live child's coverage parses, and matches its smaps."""
     region = region_factory(4 * pmd)
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(ready_r)
-        os.close(done_w)
+
+    def child(channel):
         region.view()[pmd] = 1  # split the second block in the child only
-        os.write(ready_w, b"x")
-        os.read(done_r, 1)
-        os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
-    try:
-        assert os.read(ready_r, 1) == b"x"
+        channel.send("split")
+        channel.recv(timeout=None)  # alive until the parent has read it
+
+    with Child(child, channel=True) as forked:
+        pid = forked.pid
+        assert forked.recv(what="the child's split") == "split"
         end = region.address + region.size
         theirs = pagemap.coverage(region.address, end, pmd, pid=pid)
         ours = region.coverage()
@@ -115,11 +111,8 @@ def test_textfile_for_another_process(region_factory, pmd, tmp_path, capsys):
         capsys.readouterr()
         assert cli.main(["status", "--json", str(pid)]) == 0
         status_json = json.loads(capsys.readouterr().out)["processes"]
-    finally:
-        os.write(done_w, b"x")
-        os.close(done_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
+        forked.send("done")
+        forked.result()
     text = thpguard.metrics.textfile({os.getpid(): [ours], pid: [theirs.as_dict()]},
                                      names={pid: 'worker "1"'}, per_pid=True)
     path = tmp_path / "thpguard.prom"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import checksum, smaps_huge_bytes
+from conftest import WAIT, checksum, smaps_huge_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +116,9 @@ def test_guard_repairs_pool_workers(require_thp, tmp_path):
     script = tmp_path / "guarded_pool.py"
     script.write_text(GUARDED_POOL)
     env = dict(os.environ, THPGUARD_GUARD="1", THPGUARD_GUARD_INTERVAL="0.05")
+    # Longer than the script's own minute, so a hang there ends with its
+    # own report (the workers' huge bytes), not this timeout.
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=WAIT * 3)
     assert done.returncode == 0, done.stdout + done.stderr
     assert all(entry.endswith(f":{8 << 20}") for entry in done.stdout.split()), done.stdout

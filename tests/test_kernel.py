@@ -13,6 +13,7 @@ import pytest
 
 from thpguard import _checks, _cliverify, kernel
 from fakekernel import SMAPS_ANON, SMAPS_FILE, FakeNative, FakeTree
+from conftest import skip_thp
 
 MiB = 1024 * 1024
 
@@ -424,9 +425,10 @@ def test_except_advised_flag_is_not_fully_disabled(tmp_path, monkeypatch):
 # -- the real host ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"), reason="no THP on this kernel")
 def test_real_host_settings():
     """This host's sysfs parses: a mode for enabled/defrag and a power-of-two PMD size."""
+    if not os.path.isdir("/sys/kernel/mm/transparent_hugepage"):
+        skip_thp("no THP on this kernel (no /sys/kernel/mm/transparent_hugepage)")
     roots = kernel.Roots()
     assert kernel.thp_mode("enabled", roots) in ("always", "madvise", "never")
     assert kernel.thp_mode("defrag", roots) in ("always", "defer", "defer+madvise", "madvise", "never")

@@ -9,6 +9,7 @@ import pytest
 
 import thpguard
 from thpguard import _native, pagemap
+from thpguard._child import Child
 from conftest import checksum, has_collapse, has_pagemap_scan, run_in_child, smaps_huge_bytes, smaps_vma
 
 MiB = 1 << 20
@@ -92,26 +93,23 @@ def test_parent_write_after_fork_splits_only_parent(region_factory, split_and_re
     """Splits are per process: the writer splits, the other side stays whole."""
     region = region_factory(8 * MiB)
     view = region.view()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(write_end)
-        os.read(read_end, 1)  # wait until the parent has written
-        ok = region.coverage().complete
-        os._exit(0 if ok else 1)
-    os.close(read_end)
-    view[3 * pmd] = 1
-    view.release()
-    cov = region.coverage()
-    os.write(write_end, b"x")
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
+
+    def child(channel):
+        channel.recv(timeout=None)  # wait until the parent has written
+        return region.coverage().complete
+
+    with Child(child, channel=True) as forked:
+        view[3 * pmd] = 1
+        view.release()
+        cov = region.coverage()
+        forked.send("written")
+        child_whole = forked.result()
     if has_pagemap_scan():
         assert cov.split_ranges == ((region.address + 3 * pmd, region.address + 4 * pmd),)
     else:  # smaps fallback: the same split, in bytes
         assert cov.split_ranges is None and cov.huge_bytes == region.size - pmd
     assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size - pmd
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_whole, "the child, which never wrote, saw a split"
     assert region.collapse().ok
 
 

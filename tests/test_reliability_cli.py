@@ -7,11 +7,12 @@ import random
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from thpguard import cli, kernel
+from conftest import (WAIT, communicate_within, readline_within, skip_thp, stop_process, wait_child,
+                      wait_until)
 
 KTHREAD = 0x00200000  # PF_KTHREAD in /proc/PID/stat flags (include/linux/sched.h)
 
@@ -28,14 +29,15 @@ def zombie():
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    try:
+        # WNOWAIT: see that it has exited, and leave it unreaped.
+        wait_until(lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT),
+                   f"child {pid} to exit")
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.01)
-    yield pid
-    os.waitpid(pid, 0)
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        yield pid
+    finally:
+        wait_child(pid, "the zombie to be reaped")
 
 
 def _kernel_thread() -> int:
@@ -94,18 +96,25 @@ def test_process_exiting_mid_scan(command):
     for _ in range(10):
         target = subprocess.Popen([sys.executable, "-c", _target_code()], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
-        assert target.stdout.readline().strip() == "ready"
-        watcher = subprocess.Popen([sys.executable, "-m", "thpguard", command, "--json",
-                                    "--interval", "0.001", str(target.pid)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = watcher.stdout.readline()  # one pass done: the target was seen alive
-        target.stdin.write(f"{rng.uniform(0, 0.03)}\n")
-        target.stdin.flush()
-        # Reap at once sometimes (the /proc entry vanishes), sometimes late (a zombie).
-        if rng.random() < 0.5:
-            target.wait()
-        out, err = watcher.communicate(timeout=120)
-        target.wait()
+        watcher = None
+        try:
+            assert readline_within(target, target.stdout, "the target's ready line").strip() == "ready"
+            watcher = subprocess.Popen([sys.executable, "-m", "thpguard", command, "--json",
+                                        "--interval", "0.001", str(target.pid)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # One pass done: the target was seen alive.
+            first = readline_within(watcher, watcher.stdout, f"{command}'s first pass")
+            target.stdin.write(f"{rng.uniform(0, 0.03)}\n")
+            target.stdin.flush()
+            # Reap at once sometimes (the /proc entry vanishes), sometimes late (a zombie).
+            if rng.random() < 0.5:
+                target.wait(timeout=WAIT)
+            out, err = communicate_within(watcher, f"{command} to exit once its target was gone")
+            target.wait(timeout=WAIT)
+        finally:
+            for proc in (watcher, target):
+                if proc is not None:
+                    stop_process(proc)
         if watcher.returncode != 0 or "Traceback" in err or not first:
             bad.append((watcher.returncode, out[-200:], err[-600:]))
     assert not bad, bad
@@ -118,7 +127,7 @@ def test_verify_small_sizes_are_certain(require_thp, size):
     default = subprocess.run([sys.executable, "-m", "thpguard", "verify", "--quiet"],
                              capture_output=True, text=True, timeout=300)
     if not default.stdout.startswith("CERTAIN"):
-        pytest.skip(f"this host is not certain at the default size: {default.stdout.strip()}")
+        skip_thp(f"this host is not certain at the default size: {default.stdout.strip()}")
     out = subprocess.run([sys.executable, "-m", "thpguard", "verify", "--size", size],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -7,12 +7,12 @@ import ctypes
 import errno
 import logging
 import mmap
-import time
 
 import pytest
 
 import thpguard
 from thpguard import _native
+from conftest import WAIT, wait_until
 
 PAGE = mmap.PAGESIZE
 MAP_FIXED_NOREPLACE = 0x100000
@@ -185,10 +185,12 @@ def test_guard_reports_a_hole_once(region_factory, caplog):
         g = thpguard.install(interval=0.01, backoff_initial=0.01, backoff_max=0.02,
                              on_event=events.append)
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not any(e.kind == "disabled" for e in events):
-                time.sleep(0.01)
-            time.sleep(0.5)  # 50 more ticks
+            wait_until(lambda: any(e.kind == "disabled" and e.address == region.address
+                                   for e in events),
+                       lambda: f"the guard's disabled event for the hole (events: "
+                               f"{[(e.kind, e.reason) for e in events][-10:]})")
+            # 50 more ticks in which nothing more may be reported.
+            assert g.wait_ticks(50, timeout=WAIT), "the guard stopped ticking"
         finally:
             g.stop()
     mine = [e for e in events if e.address == region.address]

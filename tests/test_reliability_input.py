@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import thpguard
 from thpguard import _native, pagemap
+from conftest import skip_thp
 from thpguard.errors import (
     InvalidArgumentError,
     RegionClosedError,
@@ -103,7 +104,7 @@ def _split(region):
     cov = region.coverage()
     assert cov.partial_blocks == 1 and cov.split_blocks == 0
     if kernel.khugepaged_settings()["max_ptes_none"] == 0:
-        pytest.skip("khugepaged/max_ptes_none is 0: partial blocks are left alone")
+        skip_thp("khugepaged/max_ptes_none is 0: partial blocks are left alone")
 
 
 @FUZZ

@@ -9,12 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import sigint_default
-from reliability_support import children
+from conftest import WAIT, read_pipe, sigint_default, skip_thp
 
 # A region whose copy takes long enough for a signal to land inside it:
 # the child's fresh pages are first-touch (cold), tens to hundreds of ms.
@@ -23,10 +21,10 @@ SIZE = 512 << 20
 SCRIPT = r"""
 import json, os, signal, sys, time
 import thpguard
-from thpguard import _native
+from thpguard import _fork, _native
 
 who, signame, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-report_fd = int(sys.argv[4])
+report_fd, held_fd, release_fd = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 sig = getattr(signal, signame)
 handled = []
 if sig == signal.SIGTERM:
@@ -42,16 +40,34 @@ guard = thpguard.install(interval=0.05)
 later = []
 os.register_at_fork(after_in_parent=lambda: later.append("parent"),
                     after_in_child=lambda: later.append("child"))
+
+
+def hold_the_child(**kwargs):
+    # In the child, before its copy (after-fork callbacks run in descending
+    # order; the region's copy has order 10): say so, with the pid, and wait
+    # until the test has sent its signal. The parent meanwhile waits for
+    # this child's copy, so the signal lands inside the fork's hooks on
+    # either side (the parent waiting for the copy, the child about to copy).
+    os.write(held_fd, str(os.getpid()).encode())
+    os.read(release_fd, 1)
+
+
+_fork.subscribe("t-hold", after_in_child=hold_the_child, order=10 ** 6)
+# The parent waits for the copy however slow this host is (the bounded
+# wait is another test's subject).
+thpguard.backends.COPY_WAIT_SECONDS = 300.0
 parent = os.getpid()
 print("forking", flush=True)
 interrupted = None
-started = time.monotonic()
-pid = spent = None
+pid = None
 try:
     pid = os.fork()
-    spent = time.monotonic() - started
-    # The signal comes once fork() has returned (within milliseconds).
-    time.sleep(3 if (pid == 0) != (who == "child") else 1)
+    if (os.getpid() != parent) == (who == "child"):
+        # The side under test: the signal is delivered once fork() has
+        # returned; wait for it (a minute only turns its loss into a failure).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
 except (KeyboardInterrupt, SystemExit) as exc:
     interrupted = type(exc).__name__
 mine = os.getpid() != parent
@@ -67,7 +83,7 @@ complete_before = region.coverage().complete
 view[::2 << 20] = b"\x08" * (size // (2 << 20))
 cov = region.coverage()
 report = {
-    "interrupted": interrupted, "handled": handled, "spent": spent, "pid_known": pid is not None,
+    "interrupted": interrupted, "handled": handled, "pid_known": pid is not None,
     "guard_running": thpguard.guard() is not None and thpguard.guard().running,
     "later_hooks": later, "complete_before": complete_before, "complete": cov.complete, "split": cov.split_blocks,
     "data_ok": bytes(view[4096:8192:4096]) == b"\x07",
@@ -83,37 +99,46 @@ os.waitpid(-1, 0)
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_signal_during_copy_fork(require_collapse, who, signame):
     """A signal to the parent while it waits for the child's copy, or to the
-    child while it copies: os.fork() returns after the hooks finished, then
+    child in its fork hooks before it copies: the child is held there (it
+    waits on a pipe) until the signal was sent, so the signal always lands
+    inside the hooks on the side under test. os.fork() returns after the hooks finished, then
     KeyboardInterrupt (SIGINT) or the SIGTERM handler's SystemExit is raised,
     with the child's pid already returned to the parent;
     the guard runs again, later hooks ran, the region is the process's own
     (a write splits no block) and the data is intact."""
     r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, who, signame, str(SIZE), str(w)],
+    held_r, held_w = os.pipe()
+    release_r, release_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, who, signame, str(SIZE), str(w),
+                             str(held_w), str(release_r)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            pass_fds=(w,), preexec_fn=sigint_default)
-    os.close(w)
+                            pass_fds=(w, held_w, release_r), preexec_fn=sigint_default)
+    for fd in (w, held_w, release_r):
+        os.close(fd)
+    err = ""
     try:
-        assert proc.stdout.readline().strip() == "forking"
-        deadline = time.monotonic() + 20
-        target = proc.pid
-        if who == "child":
-            while not children(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.001)
-            target = children(proc.pid)[0]
-        time.sleep(0.05)
+        line = proc.stdout.readline().strip()  # EOF if the script dies: no hang
+        assert line == "forking", f"script said {line!r}; stderr: {proc.stderr.read()[-2000:]}"
+        child = read_pipe(held_r, "the forked child to reach its fork hooks", n=32)
+        assert child, f"the script died before its child reached its hooks; stderr: {proc.stderr.read()[-2000:]}"
+        target = proc.pid if who == "parent" else int(child)
         os.kill(target, getattr(signal, signame))
-        with os.fdopen(r) as f:
-            data = f.read()
-        out, err = proc.communicate(timeout=120)
+        os.write(release_w, b"x")  # the child may copy now
+        try:
+            out, err = proc.communicate(timeout=WAIT * 2)  # beyond the script's own minute
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"waited {WAIT * 2:g} s for the script to report and exit "
+                        f"(signal sent to the {who})")
+        data = read_pipe(r, "the report", n=1 << 16)
     finally:
+        os.close(release_w)
+        os.close(held_r)
+        os.close(r)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert data, f"no report; exit {proc.returncode}; stderr: {err[-2000:]}"
     report = json.loads(data)
-    if report["spent"] is not None and report["spent"] < 0.05:
-        pytest.skip(f"the copy took {report['spent']:.3f} s: the signal landed after the fork")
     expected = "KeyboardInterrupt" if signame == "SIGINT" else "SystemExit"
     assert report["interrupted"] == expected, (report, err[-2000:])
     assert "Exception ignored" not in err, err[-2000:]
@@ -123,7 +148,7 @@ def test_signal_during_copy_fork(require_collapse, who, signame):
     assert report["guard_running"], report
     assert report["later_hooks"] == [who], report
     if not report["complete_before"]:
-        pytest.skip("the kernel gave the copy small pages (memory busy or fragmented): "
+        skip_thp("the kernel gave the copy small pages (memory busy or fragmented): "
                     "nothing to tell a split from")
     assert report["complete"] and report["split"] == 0, (report, err[-2000:])
     assert report["data_ok"], report
@@ -165,7 +190,12 @@ parent = os.getpid()
 interrupted = pid = None
 try:
     pid = os.fork()
-    time.sleep(2)  # the signal comes once fork() has returned (within milliseconds)
+    if (os.getpid() != parent) == point.startswith("child"):
+        # The side hit: the signal is delivered once fork() has returned;
+        # wait for it (a minute only turns its loss into a failure).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
 except (KeyboardInterrupt, SystemExit) as exc:
     interrupted = type(exc).__name__
 mine = os.getpid() != parent
@@ -203,10 +233,14 @@ def test_signal_at_each_point_of_a_fork(point, signame):
                             pass_fds=(w,), preexec_fn=sigint_default)
     os.close(w)
     try:
-        with os.fdopen(r) as f:
-            data = f.read()
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=WAIT * 2)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"waited {WAIT * 2:g} s for the script to report and exit "
+                        f"(a signal raised at {point})")
+        data = read_pipe(r, "the report", n=1 << 16)
     finally:
+        os.close(r)
         if proc.poll() is None:
             proc.kill()
             proc.wait()

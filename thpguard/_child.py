@@ -28,7 +28,16 @@ from typing import Any, Callable, Optional
 
 #: Seconds the parent waits for a child's next message by default. Long on
 #: purpose: it only turns a hang into a failure, it never times anything.
+#: Read when a wait starts, so a caller on a slow machine (the test suite
+#: under emulation) may raise it for every wait at once.
 DEFAULT_TIMEOUT = 60.0
+
+#: The default of every ``timeout`` below: DEFAULT_TIMEOUT as it is when the wait starts.
+DEFAULT: Any = object()
+
+
+def _limit(timeout: Any) -> Optional[float]:
+    return DEFAULT_TIMEOUT if timeout is DEFAULT else timeout
 
 _HEADER = struct.Struct("<Q")
 
@@ -79,9 +88,10 @@ class Channel:
         while view:
             view = view[os.write(self.write_fd, view):]
 
-    def recv(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> Any:
+    def recv(self, timeout: Any = DEFAULT) -> Any:
         """The next object; EOFError when the other side closed its end,
         TimeoutError when none came within ``timeout`` seconds (None: no limit)."""
+        timeout = _limit(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         (length,) = _HEADER.unpack(self._exactly(_HEADER.size, deadline))
         return pickle.loads(self._exactly(length, deadline))
@@ -150,14 +160,14 @@ class Child:
         """Send ``obj`` to the child's channel."""
         self._channel.send(obj)
 
-    def recv(self, timeout: float = DEFAULT_TIMEOUT, what: str = "a message") -> Any:
+    def recv(self, timeout: Any = DEFAULT, what: str = "a message") -> Any:
         """The next object the child sent with ``channel.send``.
 
         Raises ChildError (after killing and reaping the child) when the
         child returned or raised instead, died, or sent nothing within
         ``timeout`` seconds; ``what`` names the awaited message in that error.
         """
-        kind, value = self._next(timeout, what)
+        kind, value = self._next(_limit(timeout), what)
         if kind == "message":
             return value
         if kind == "ok":
@@ -166,7 +176,7 @@ class Child:
                              f"while the parent waited for {what}", self.pid, self.status)
         raise self._failed(value)
 
-    def result(self, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    def result(self, timeout: Any = DEFAULT) -> Any:
         """What ``fn`` returned, once the child has exited (it is reaped).
 
         Raises ChildError with the child's traceback when ``fn`` raised,
@@ -174,6 +184,7 @@ class Child:
         after killing it when no result came within ``timeout`` seconds.
         Messages the child sent and nobody received are skipped.
         """
+        timeout = _limit(timeout)
         deadline = time.monotonic() + timeout
         while True:
             kind, value = self._next(max(0.0, deadline - time.monotonic()), "its result", timeout)
@@ -254,7 +265,7 @@ def _serve(fn, args, channel: "_ToParent", with_channel: bool) -> None:  # pragm
         os._exit(status)
 
 
-def run(fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT,
+def run(fn: Callable[..., Any], *args: Any, timeout: Any = DEFAULT,
         send: Optional[Callable[[], Any]] = None) -> Any:
     """Fork, run ``fn(*args)`` in the child and return what it returned.
 

@@ -262,13 +262,17 @@ class RepairEngine:
             lock: Optional[threading.Lock] = None,
             is_closed: Optional[Callable[[], bool]] = None,
             stop_on: Callable[[int], bool] = lambda err: False,
+            absorbed: Optional[Dict[str, int]] = None,
             ) -> List[Tuple[int, int, List[int], float]]:
         """Make the calls; per call ``(start, length, errno per block, seconds)``.
 
         The GIL is released during each call; ``stop`` is checked between
         calls, so a fork waits for one chunk at most. ``lock`` is held
         around each call, and ``is_closed`` (checked under it) ends the
-        pass when the range went away.
+        pass when the range went away. A call over several blocks that
+        fails is asked again block by block; an error of the whole call
+        that no block repeats (a transient EAGAIN, say) is counted in
+        ``absorbed`` by errno name, so it is not lost from the failures.
         """
         done = []
         for start, length in calls:
@@ -289,6 +293,8 @@ class RepairEngine:
                     # to the blocks that refuse.
                     per_block = [self.target.collapse(b, pmd, pmd, max_retries)[0]
                                  for b in range(start, start + length, pmd)]
+                    if absorbed is not None and err != _errno.EINVAL and err not in per_block:
+                        absorbed[errname(err)] = absorbed.get(errname(err), 0) + 1
                 spent = time.perf_counter() - t0
             finally:
                 if lock is not None:
@@ -352,7 +358,8 @@ class RepairEngine:
             return done
         smaps = cov.blocks is None
         results = self.run(calls, pmd, policy.max_retries, stop, lock, is_closed,
-                           stop_on=lambda e: e not in (0, _errno.EAGAIN, _errno.EINVAL))
+                           stop_on=lambda e: e not in (0, _errno.EAGAIN, _errno.EINVAL),
+                           absorbed=done.failures)
         latencies: List[float] = []
         fatal: Optional[int] = None
         einval: List[int] = []

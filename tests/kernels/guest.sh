@@ -6,6 +6,11 @@
 
 cd "$THPG_REPO" || { echo "THPG:error:cannot enter $THPG_REPO"; exit 3; }
 export TMPDIR=/tmp HOME=/tmp PYTHONDONTWRITEBYTECODE=1 THPGUARD_REQUIRE_THP=1
+# qemu without KVM emulates the CPU (TCG): 10-50x slower than the host, on a
+# host that is busy too. The tests wait on conditions; this stretches only
+# their deadlines (tests/conftest.py, TIME_SCALE), which bound hangs.
+export THPGUARD_TEST_TIME_SCALE="${THPG_TIME_SCALE:-10}"
+echo "THPG:time_scale:$THPGUARD_TEST_TIME_SCALE"
 case "$THPG_KERNEL" in *thp_cow) export THPGUARD_REQUIRE_DIRECT_COW=1 ;; esac
 PY=$THPG_PYTHON
 THP=/sys/kernel/mm/transparent_hugepage
@@ -61,6 +66,10 @@ if [ "$THPG_PYTEST" = 1 ]; then
     echo "THPG:pytest_rc:$rc"
     echo "THPG:pytest_seconds:$(awk -v s="$start" '{print $1 - s}' /proc/uptime)"
     # 5 (no tests collected) is a failure too: the host checks the count.
+fi
+# --copy-compare (patched kernel): the lazy copy mechanisms side by side.
+if [ "$THPG_COPYCMP" = 1 ] && [ -f "$THP/thp_cow" ]; then
+    echo "THPG:copycmp:$("$PY" tests/kernels/copycmp.py 2>/tmp/copycmp.err || tail -n 1 /tmp/copycmp.err)"
 fi
 # The patch's kselftest (patched kernel only); last, since it mounts cgroup2.
 if [ -n "$THPG_KSELFTEST" ]; then
