@@ -1,7 +1,11 @@
 """``python -m benchmarks``: run the benchmarks, print one table each.
 
 Exit status: 0 when every selected benchmark ran (or was skipped for a
-stated reason), 1 when one failed, 2 for bad arguments.
+stated reason), 1 when one failed, 2 for bad arguments, 128 + the signal's
+number when SIGINT, SIGTERM or SIGHUP stopped the run. A stopped run gives
+back the hugetlb pool pages it added, as every run does, and still writes
+the JSON of the benchmarks that finished, with ``"interrupted"`` naming the
+signal and the benchmark it stopped (None: it came between two).
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ import argparse
 import datetime
 import gzip
 import json
+import signal
 import sys
 import traceback
 
 from . import BENCHMARKS, DEFAULT
+from . import _harness, _signals
 from ._harness import Result, Settings, Skipped, fmt_bytes, format_table, host_info, now
 
 SCHEMA = 1
@@ -69,38 +75,62 @@ def main(argv=None) -> int:
     )
     print(
         f"ratios: medians of {settings.reps} interleaved repetitions after {settings.warmup} warm-up round(s)"
-        " (where a benchmark's line says rounds=N: N rounds and its own warm-up)",
+        " (where a benchmark's line says rounds=N: N rounds and its own warm-up; service, snapshot and"
+        " pool discard no round, each run warms its own service; the JSON's settings.per_benchmark"
+        " says what each ran)",
         flush=True,
     )
     print(flush=True)
     results = []
     failed = False
-    for bench in selected:
-        t0 = now()
-        try:
-            result = bench.run(settings)
-        except Skipped as exc:
-            result = Result(bench.NAME, bench.TITLE, skipped=str(exc))
-        except Exception:
-            failed = True
-            result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
-        result.seconds = now() - t0
-        if settings.quick:
-            result.title += " [quick: smaller sizes, fewer repetitions]"
-        results.append(result)
-        print(format_table(result) + "\n", flush=True)
+    interrupted = None
+    rounds = {}
+    previous = _signals.stop_on_signals()
+    try:
+        for bench in selected:
+            t0 = now()
+            _harness.ROUNDS_RUN.clear()
+            try:
+                result = bench.run(settings)
+            except Skipped as exc:
+                result = Result(bench.NAME, bench.TITLE, skipped=str(exc))
+            except Exception:
+                failed = True
+                result = Result(bench.NAME, bench.TITLE, skipped="FAILED:\n" + traceback.format_exc())
+            except KeyboardInterrupt as exc:
+                # Every with-block below has given back what it took (pool pages, lock).
+                signame = _signame(exc)
+                interrupted = {"signal": signame, "benchmark": bench.NAME}
+                result = Result(bench.NAME, bench.TITLE, skipped=f"interrupted by {signame}: no results")
+            result.seconds = now() - t0
+            if settings.quick:
+                result.title += " [quick: smaller sizes, fewer repetitions]"
+            results.append(result)
+            rounds[bench.NAME] = _rounds_run(result, settings)
+            print(format_table(result) + "\n", flush=True)
+            if interrupted:
+                break
+    except KeyboardInterrupt as exc:
+        # Between two benchmarks (printing a table): every result so far is whole.
+        interrupted = {"signal": _signame(exc), "benchmark": None}
+    finally:
+        # A second signal while the JSON is written ends the process as usual.
+        _signals.restore(previous)
     total = now() - started
     print(f"total {total:.0f} s; load at the end {_loadavg()}")
     document = {
         "schema": SCHEMA,
         "date": when.isoformat(),
         "quick": settings.quick,
-        "settings": {"reps": settings.reps, "warmup": settings.warmup},
+        # The defaults, and what each benchmark really ran (service, snapshot
+        # and pool run their own rounds without a discarded one, for example).
+        "settings": {"reps": settings.reps, "warmup": settings.warmup, "per_benchmark": rounds},
         "host": host,
         "thpguard": host["thpguard"],
         "versions": _versions(),
         "loadavg_end": _loadavg(),
         "total_seconds": total,
+        "interrupted": interrupted,
         "results": [r.as_dict() for r in results],
     }
     if args.json:
@@ -117,7 +147,28 @@ def main(argv=None) -> int:
             print(f"plot written to {args.plot}")
         except ImportError as exc:
             print(f"no plot: {exc} (pip install '.[bench]')", file=sys.stderr)
+    if interrupted:
+        during = f"during {interrupted['benchmark']}" if interrupted["benchmark"] else "between benchmarks"
+        print(f"interrupted by {interrupted['signal']} {during}; the benchmarks before it finished",
+              file=sys.stderr)
+        return 128 + getattr(signal, interrupted["signal"])
     return 1 if failed else 0
+
+
+def _signame(exc: KeyboardInterrupt) -> str:
+    return exc.name if isinstance(exc, _signals.Interrupted) else "SIGINT"
+
+
+def _rounds_run(result, settings) -> dict:
+    """The rounds ``result``'s benchmark ran: its interleave() calls' reps
+    and warm-up rounds (``"measured"``), or, for those that loop on their
+    own, its ``rounds`` parameter or the defaults (``"declared"``)."""
+    runs = sorted(set(_harness.ROUNDS_RUN))
+    if len(runs) == 1:
+        return {"reps": runs[0][0], "warmup": runs[0][1], "source": "measured"}
+    if runs:
+        return {"reps": [r for r, _ in runs], "warmup": [w for _, w in runs], "source": "measured"}
+    return {"reps": result.params.get("rounds", settings.reps), "warmup": settings.warmup, "source": "declared"}
 
 
 def _choice(text):

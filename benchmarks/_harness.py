@@ -24,6 +24,7 @@ import thpguard
 from thpguard import _child, _native, kernel
 
 from ._hostlock import hugetlb_pool_lock
+from ._signals import deferred
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -100,6 +101,10 @@ def paired(values: Sequence[float], baselines: Sequence[float]) -> float:
     return median([ratio(v, b) for v, b in zip(values, baselines)])
 
 
+#: (reps, warmup) of each interleave() call, for the JSON header (the entry point clears it).
+ROUNDS_RUN: List[tuple] = []
+
+
 def interleave(
     variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1, rotate: bool = True
 ) -> Dict[str, List[Any]]:
@@ -111,6 +116,7 @@ def interleave(
     each round starts one variant later (A B C, B C A, C A B, ...), so no
     variant always runs first after the previous round's teardown.
     """
+    ROUNDS_RUN.append((reps, warmup))
     samples: Dict[str, List[Any]] = {name: [] for name in variants}
     names = list(variants)
     for round_no in range(warmup + reps):
@@ -234,6 +240,14 @@ class PoolGrowth:
         if kernel.hugetlb_pool(self.page_size) is None:
             return False
         self.lock.enter_context(hugetlb_pool_lock())
+        try:
+            with deferred():  # a SIGTERM waits until `added` is known
+                return self._grow()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _grow(self) -> bool:
         pool = kernel.hugetlb_pool(self.page_size)
         missing = max(0, self.pages - pool.available)
         if missing and self.keep_free is not None:
@@ -251,11 +265,13 @@ class PoolGrowth:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self.added:
-                with open(self.path) as f:
-                    now_total = int(f.read())
-                with open(self.path, "w") as f:
-                    f.write(str(max(0, now_total - self.added)))
+            with deferred():
+                if self.added:
+                    with open(self.path) as f:
+                        now_total = int(f.read())
+                    with open(self.path, "w") as f:
+                        f.write(str(max(0, now_total - self.added)))
+                    self.added = 0  # given back: a second exit gives nothing
         finally:
             self.lock.close()
 

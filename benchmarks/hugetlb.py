@@ -21,7 +21,9 @@ interleaved round by round:
 The hugetlb pool is grown for the run by exactly the pages it needs and
 given back afterwards; the steps hold the host's pool lock meanwhile, so a
 test suite on the same host waits instead of taking the pages
-(benchmarks/_hostlock.py).
+(benchmarks/_hostlock.py). The chase maps four regions of its size (4 GiB
+each in a full run): it cuts the size, and says so in a note, to what
+MemAvailable allows while 2 GiB stay available to the rest of the host.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import thpguard
 from thpguard import _native, kernel
 
 from . import _cbench
-from ._harness import GiB, MiB, Result, Settings, Skipped, fmt_bytes, interleave, median, now, paired
+from ._harness import GiB, MiB, Result, Settings, Skipped, fmt_bytes, interleave, median, mem_available, now, paired
 from ._harness import PoolGrowth as _Pool
 
 NAME = "hugetlb"
@@ -41,6 +43,11 @@ TITLE = "hugetlb against THP and 4 KiB pages: pointer chasing, fork per policy, 
 
 POLICIES = ("share", "copy", "wipe", "private")
 _SEED = 0x6875676574
+#: Memory the chase leaves available to the rest of the host (as the service
+#: and snapshot rows' pool growth does).
+KEEP_FREE = 2 * GiB
+#: The smallest chase region worth measuring (still far beyond the TLB's reach).
+MIN_CHASE = 256 * MiB
 
 
 class _Small:
@@ -57,23 +64,49 @@ class _Small:
         self._map.close()
 
 
-def _chase(settings: Settings, res: Result) -> None:
+def _chase_size(settings: Settings, res: Result, tables: int) -> int:
+    """The chase region: 4 GiB (quick: 1 GiB), cut to what --max-gib and
+    MemAvailable allow for ``tables`` regions of it, keeping KEEP_FREE
+    available to everybody else (the host may have no swap: an OOM kill
+    would leave the grown pools behind). The cut is said in a note."""
     size = settings.pick(1 * GiB, 4 * GiB)
     if settings.max_bytes is not None and size > settings.max_bytes:
         size = 1 * GiB
+    available = mem_available()
+    fit = max(0, available - KEEP_FREE) // tables
+    if fit >= size:
+        return size
+    cut = size
+    while cut > fit and cut > MIN_CHASE:
+        cut //= 2
+    if cut > fit:
+        raise Skipped(f"{tables} chase regions of {fmt_bytes(MIN_CHASE)} need {fmt_bytes(tables * MIN_CHASE)}, "
+                      f"MemAvailable is {fmt_bytes(available)} and {fmt_bytes(KEEP_FREE)} stays free")
+    res.notes.append(f"chase region cut from {fmt_bytes(size)} to {fmt_bytes(cut)}: {tables} regions "
+                     f"of {fmt_bytes(size)} need {fmt_bytes(tables * size)}, MemAvailable was "
+                     f"{fmt_bytes(available)} and {fmt_bytes(KEEP_FREE)} stays free for the rest of the host")
+    return cut
+
+
+def _chase(settings: Settings, res: Result) -> None:
+    gigantic = kernel.capabilities().hugetlb_gigantic.available
+    # 4 KiB, THP and hugetlb 2 MiB regions, plus a 1 GiB one where the kernel has the size.
+    size = _chase_size(settings, res, 4 if gigantic else 3)
+    res.params["chase_region"] = fmt_bytes(size)
     hops = settings.pick(300_000, 1_000_000)
     ffi, lib = _cbench.load()
     pmd = kernel.pmd_size() or 2 * MiB
     regions = {}
-    pools = [_Pool(pmd, size // pmd)]
+    # The pools grow before the 4 KiB and THP regions are made: keep room for them too.
+    pools = [_Pool(pmd, size // pmd, keep_free=KEEP_FREE + 2 * size)]
     try:
         if not pools[0].__enter__():
             raise Skipped(f"the {fmt_bytes(pmd)} hugetlb pool could not be grown by {size // pmd} pages")
         regions["4 KiB"] = _Small(size)
         regions["THP"] = thpguard.alloc(size)
         regions["hugetlb 2 MiB"] = thpguard.alloc(size, backend="hugetlb")
-        if kernel.capabilities().hugetlb_gigantic.available and size % GiB == 0:
-            pools.append(_Pool(GiB, size // GiB))
+        if gigantic and size % GiB == 0:
+            pools.append(_Pool(GiB, size // GiB, keep_free=KEEP_FREE))
             if pools[-1].__enter__():
                 regions["hugetlb 1 GiB"] = thpguard.alloc(size, backend="hugetlb", page_size=GiB)
             else:
@@ -117,21 +150,30 @@ def _fork_once(region) -> tuple:
     t0 = now()
     pid = os.fork()
     if pid == 0:
-        os.close(r_fd)
-        ran = now()
-        took = 0.0
-        if not region.closed:
-            t1 = now()
-            lib.tgb_write_each(ffi.cast("void *", region.address), region.size, 4096 * 512)
-            took = now() - t1
-        os.write(w_fd, f"{ran - t0!r} {took!r}".encode())
-        os._exit(0)
+        # The child never returns into the benchmark (its finally blocks
+        # would give the pool pages back a second time): os._exit always.
+        code = 1
+        try:
+            os.close(r_fd)
+            ran = now()
+            took = 0.0
+            if not region.closed:
+                t1 = now()
+                lib.tgb_write_each(ffi.cast("void *", region.address), region.size, 4096 * 512)
+                took = now() - t1
+            os.write(w_fd, f"{ran - t0!r} {took!r}".encode())
+            code = 0
+        finally:
+            os._exit(code)
     os.close(w_fd)
     data = b""
     while chunk := os.read(r_fd, 256):
         data += chunk
     os.close(r_fd)
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    if not data or os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the forked child failed (exit {os.waitstatus_to_exitcode(status)}, "
+                           f"sent {data!r})")
     ran, took = (float(x) for x in data.split())
     return ran, took
 

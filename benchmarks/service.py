@@ -56,8 +56,21 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99),
     latency:percentile(99.9), latency.max, latency.mean))
+  -- wrk keeps a histogram, not each request's latency: its distribution
+  -- at every 0.1 % quantile is what it can give of the raw samples.
+  local q = {}
+  for i = 1, 999 do q[i] = string.format('%d', latency:percentile(i / 10)) end
+  q[1000] = string.format('%d', latency.max)  -- wrk's percentile(100) is 0
+  io.write('THPGUARD_WRK_QUANTILES [' .. table.concat(q, ', ') .. ']\n')
 end
 """
+
+#: What the JSON's latency samples are, per load generator.
+LATENCY_SAMPLES = {
+    "wrk": "latency_quantiles_us: wrk's latency distribution at the 0.1 %, 0.2 % ... 100 % quantiles "
+           "(wrk keeps a histogram, not each request's latency)",
+    "client": "latencies_us: every request's latency, per connection in the order sent",
+}
 
 
 def wrk_path() -> Optional[str]:
@@ -66,11 +79,18 @@ def wrk_path() -> Optional[str]:
 
 def parse_wrk(output: str) -> dict:
     """The numbers our wrk script prints at the end of ``output`` (requests,
-    errors, latency percentiles in microseconds) plus ``rps``."""
+    errors, latency percentiles in microseconds) plus ``rps``, and
+    ``latency_quantiles_us`` (the 1000 quantiles 0.1 % ... 100 %) where the
+    script printed them."""
+    quantiles = None
     for line in reversed(output.splitlines()):
-        if line.startswith("THPGUARD_WRK "):
+        if line.startswith("THPGUARD_WRK_QUANTILES "):
+            quantiles = json.loads(line[len("THPGUARD_WRK_QUANTILES "):])
+        elif line.startswith("THPGUARD_WRK "):
             found = json.loads(line[len("THPGUARD_WRK "):])
             found["rps"] = found["requests"] / (found["duration_us"] / 1e6) if found["duration_us"] else 0.0
+            if quantiles is not None:
+                found["latency_quantiles_us"] = quantiles
             return found
     raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
 
@@ -89,7 +109,8 @@ def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_r
     """The in-repo load generator: ``connections`` threads, each sending
     ``GET path`` one after another to 127.0.0.1:``port`` until ``seconds``
     have passed or ``max_requests`` were sent in all. Returns what
-    :func:`parse_wrk` returns."""
+    :func:`parse_wrk` returns, with ``latencies_us``, every request's
+    latency (per connection, in the order sent) in place of wrk's quantiles."""
     lat: List[float] = []
     errors = [0]
     sent = [0]
@@ -137,6 +158,7 @@ def client_load(port: int, seconds: float, connections: int = CONNECTIONS, max_r
         "p999_us": percentile(us, 99.9), "max_us": max(us) if us else float("nan"),
         "mean_us": sum(us) / len(us) if us else float("nan"),
         "rps": len(us) / elapsed if elapsed else 0.0,
+        "latencies_us": [round(x, 1) for x in us],
     }
 
 
@@ -185,6 +207,39 @@ class Server:
             return json.loads(conn.getresponse().read())
         finally:
             conn.close()
+
+    def worker_infos(self, timeout: float = 120.0) -> List[dict]:
+        """``/info`` of every worker, in the order of :attr:`workers`.
+
+        Each try opens one connection per worker before it sends a request
+        on any: a sync worker serves one connection at a time, so the
+        connections land on different workers. Tries again (a worker
+        restarted, a connection refused) until each worker pid answered;
+        RuntimeError naming the silent ones after ``timeout`` s."""
+        deadline = now() + timeout
+        got: Dict[int, dict] = {}
+        while True:
+            conns = [http.client.HTTPConnection("127.0.0.1", self.port, timeout=30) for _ in self.workers]
+            try:
+                for conn in conns:
+                    conn.connect()
+                for conn in conns:
+                    conn.request("GET", "/info")
+                for conn in conns:
+                    info = json.loads(conn.getresponse().read())
+                    got.setdefault(info["pid"], info)
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            finally:
+                for conn in conns:
+                    conn.close()
+            missing = [pid for pid in self.workers if pid not in got]
+            if not missing:
+                return [got[pid] for pid in self.workers]
+            if now() > deadline:
+                raise RuntimeError(f"gunicorn workers {missing} did not answer /info in {timeout:.0f} s "
+                                   f"(answered: {sorted(got)}):\n{self._log_tail()}")
+            time.sleep(0.05)
 
     def _log_text(self) -> str:
         with open(self.log.name, errors="replace") as f:
@@ -254,7 +309,8 @@ def one_run(variant: str, size: int, lookups: int, write_every: int, age_s: floa
         timed = load(server.port, measure_s)
         cpu = sum(_tables.cpu_seconds(p) for p in server.workers) - cpu0
         after = _memory(server, info)
-        after["thpguard_stats"] = [server.info().get("thpguard_stats") for _ in range(WORKERS)]
+        # One entry per worker, in server.workers' order (the pids of after["worker_huge"]).
+        after["thpguard_stats"] = [i.get("thpguard_stats") for i in server.worker_infos()]
     finally:
         server.stop()
     return {
@@ -288,6 +344,7 @@ def run(settings: Settings) -> Result:
         "request": f"{lookups} dependent random lookups; 1 in {write_every} writes 4 bytes",
         "load": (f"wrk -t1 -c{CONNECTIONS}" if wrk else
                  f"in-repo client, {CONNECTIONS} connections (wrk not found: benchmarks/install-tools.sh)"),
+        "latency samples": LATENCY_SAMPLES["wrk" if wrk else "client"],
         "per run": (f"fresh server, {age_s:.0f} s of write-only requests (aging), the guard's repair of that "
                     f"(at most {settle_s:.0f} s, no load), {warmup_s:.0f} s warm-up load, {measure_s:.0f} s timed"),
         "rounds": reps,

@@ -64,6 +64,23 @@ def test_in_repo_client_stops_at_its_request_bound(tiny_server):
     assert 0 < found["requests"] <= 40
     assert found["errors"] == 0
     assert found["p50_us"] <= found["p99_us"] and found["rps"] > 0
+    # Every request's latency is kept for the JSON, not only the percentiles.
+    assert len(found["latencies_us"]) == found["requests"]
+    assert max(found["latencies_us"]) == pytest.approx(found["max_us"], abs=0.1)
+
+
+def test_wrk_reports_its_latency_distribution(tiny_server, tmp_path):
+    """wrk keeps a histogram: our script prints its 1000 quantiles, which
+    parse_wrk keeps; they rise and end at wrk's maximum."""
+    if service.wrk_path() is None:
+        pytest.skip("wrk is not installed (benchmarks/install-tools.sh installs it)")
+    script = tmp_path / "report.lua"
+    script.write_text(service._WRK_SCRIPT)
+    found = service._run_wrk(tiny_server, 1.0, str(script))
+    q = found["latency_quantiles_us"]
+    assert len(q) == 1000 and found["requests"] > 0
+    assert q == sorted(q) and q[-1] == found["max_us"]
+    assert q[499] == found["p50_us"] and q[989] == found["p99_us"]
 
 
 def test_every_variant_is_either_available_or_says_why():
@@ -218,6 +235,22 @@ def test_plot_of_one_panel_keeps_its_title_inside_the_figure(tmp_path, monkeypat
     for text in fig.texts:
         box = text.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, text.get_text()
+
+
+def test_service_reads_every_workers_info():
+    """worker_infos() gets /info from each gunicorn worker, whichever
+    accepts first, in the order of the server's worker pids."""
+    if service.importlib.util.find_spec("gunicorn") is None:
+        pytest.skip("gunicorn is not installed in this Python: pip install -e '.[bench]'")
+    server = service.Server("4k", 16 * MiB, lookups=10, write_every=0)
+    try:
+        server.wait_ready(timeout=180)
+        for _ in range(3):
+            infos = server.worker_infos(timeout=120)
+            assert [i["pid"] for i in infos] == server.workers
+            assert len(set(server.workers)) == service.WORKERS
+    finally:
+        server.stop()
 
 
 def test_service_without_gunicorn_is_skipped_with_the_install_command(monkeypatch):

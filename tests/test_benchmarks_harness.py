@@ -103,3 +103,130 @@ def test_host_info_has_kernel_and_thp_settings():
     assert host["kernel"] == os.uname().release
     assert "enabled" in host["thp"] and "khugepaged/max_ptes_shared" in host["thp"]
     assert host["thpguard"]
+
+
+def test_json_header_says_the_rounds_each_benchmark_ran(tmp_path, monkeypatch):
+    """settings.per_benchmark holds the reps and warm-up rounds a benchmark's
+    interleave() really ran (service, snapshot and pool: rounds=N, no
+    warm-up round), not the run's defaults."""
+    import types
+
+    def own_rounds(settings):
+        _harness.interleave({"a": lambda: 1, "b": lambda: 2}, 2, warmup=0)
+        return _harness.Result("own", "t", params={"rounds": 2})
+
+    def own_loop(settings):
+        return _harness.Result("loop", "t", params={"rounds": 9})
+
+    benches = (types.SimpleNamespace(NAME="own", TITLE="t", run=own_rounds),
+               types.SimpleNamespace(NAME="loop", TITLE="t", run=own_loop))
+    monkeypatch.setattr(entry, "BENCHMARKS", benches)
+    out = tmp_path / "run.json"
+    assert entry.main(["--only", "own,loop", "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["reps"] == 7 and settings["warmup"] == 1
+    assert settings["per_benchmark"]["own"] == {"reps": 2, "warmup": 0, "source": "measured"}
+    assert settings["per_benchmark"]["loop"] == {"reps": 9, "warmup": 1, "source": "declared"}
+
+
+def test_hugetlb_fork_child_always_ends_in_exit():
+    """_fork_once's child ends in os._exit even when it raises: the parent
+    gets a RuntimeError, never a second pytest running on in the child."""
+    from benchmarks import hugetlb
+
+    class Broken:
+        size = 2 << 20
+        address = 0
+
+        @property
+        def closed(self):
+            raise ValueError("raised in the child")
+
+    me = os.getpid()
+    with pytest.raises(RuntimeError, match="child failed"):
+        hugetlb._fork_once(Broken())
+    assert os.getpid() == me
+
+    class Closed:
+        closed = True
+
+    ran, took = hugetlb._fork_once(Closed())
+    assert ran >= 0 and took == 0.0
+
+
+@pytest.fixture
+def sticky_dir():
+    """A world-writable sticky directory, as /run/lock is (under /tmp: any
+    user can reach it, which pytest's own temp dirs do not allow)."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    d = pathlib.Path(tempfile.mkdtemp(prefix="thpguard-test-lock-", dir="/tmp"))
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pool_lock_refuses_files_another_user_could_plant(sticky_dir):
+    """As root: a lock file of another user, a symlink or a FIFO is refused
+    with a message saying to remove it (a FIFO must not hang the open);
+    root's own file is taken and released."""
+    from benchmarks import _hostlock
+
+    if os.geteuid() != 0:
+        pytest.skip("the owner check applies to runs as root")
+    planted = sticky_dir / "planted.lock"
+    planted.write_text("")
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(_hostlock.LockFileError, match=r"owned by uid 65534.*rm "):
+        with _hostlock.hugetlb_pool_lock(path=str(planted)):
+            pass
+    link = sticky_dir / "link.lock"
+    link.symlink_to(sticky_dir / "elsewhere")
+    with pytest.raises(_hostlock.LockFileError, match="symlink"):
+        with _hostlock.hugetlb_pool_lock(path=str(link)):
+            pass
+    assert not (sticky_dir / "elsewhere").exists()
+    fifo = sticky_dir / "fifo.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(_hostlock.LockFileError, match="not a regular file"):
+        with _hostlock.hugetlb_pool_lock(path=str(fifo)):
+            pass
+    good = sticky_dir / "good.lock"
+    with _hostlock.hugetlb_pool_lock(path=str(good)):
+        assert os.stat(good).st_uid == 0
+        with _hostlock.hugetlb_pool_lock(path=str(good)):  # re-entrant
+            pass
+
+
+def test_pool_lock_is_never_created_by_a_process_that_is_not_root(sticky_dir):
+    """Not root: no file is made (root would refuse it); an existing root
+    file is still taken."""
+    from benchmarks import _hostlock
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    absent = sticky_dir / "absent.lock"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            with _hostlock.hugetlb_pool_lock(path=str(absent)):
+                made = absent.exists()
+            os.write(w, b"made" if made else b"none")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and said == b"none"
+    assert not absent.exists()
