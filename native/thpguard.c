@@ -447,25 +447,32 @@ int tg_copy_remap(void *addr, size_t len, size_t align)
 int tg_map_unmergeable(void *addr, size_t len)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    if (len == 0 || ((uintptr_t)addr & (page - 1)) || (len & (page - 1))) {
+    if (len == 0 || ((uintptr_t)addr & (page - 1)) || (len & (page - 1))
+        || len > SIZE_MAX - page) {
         errno = EINVAL;
         return -1;
     }
-    char *fresh = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (fresh == MAP_FAILED)
-        return -1;
     /* A write fault gives the VMA its anon_vma (a read of the zero page does
      * not); without one, mremap resets the offset to the new address
-     * (copy_vma()). The VMA is not huge-page advised yet: one 4 KiB page. */
-    if (madvise(fresh, page, TG_MADV_POPULATE_WRITE) != 0)
-        *(volatile char *)fresh = 0;  /* before Linux 5.14 */
-    madvise(fresh, page, MADV_DONTNEED);
+     * (copy_vma()). The fault goes to one extra page past the range, in a
+     * PMD of its own (the temporary area starts PMD-aligned), and only the
+     * range is moved: the region's VMA shares the anon_vma and keeps its
+     * offset, yet none of its blocks carries a page table. A page table
+     * under a block (left by faulting and discarding a page inside it, and
+     * carried over by mremap) makes every later fault there 4 KiB. */
+    char *fresh;
+    if (tg_map_aligned(len + page, tg_pmd_size(), (void **)&fresh) != 0)
+        return -1;
+    char *extra = fresh + len;
+    if (madvise(extra, page, TG_MADV_POPULATE_WRITE) != 0)
+        *(volatile char *)extra = 0;  /* before Linux 5.14 */
     if (mremap(fresh, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, addr) == MAP_FAILED) {
         int saved = errno;
-        munmap(fresh, len);
+        munmap(fresh, len + page);
         errno = saved;
         return -1;
     }
+    munmap(extra, page);
     return 0;
 }
 

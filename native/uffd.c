@@ -105,7 +105,7 @@ static int forced_method;     /* tg_copy_set_method; 0: best available */
 static size_t block = 2UL << 20;
 static int handler_running;
 static pthread_t handler_tid;
-static int stop_fd = -1;      /* eventfd: the handler exits when it reads it */
+static int stop_fd = -1;      /* eventfd: wakes the handler; it exits if stopping */
 static int stopping;          /* set under op_lock before stop_fd is written */
 static _Atomic int arm_errno;
 
@@ -602,8 +602,17 @@ static void *handler_main(void *arg)
         int n = poll(pfd, 2, idle_work ? (refill_failed ? 100 : 0) : -1);
         if (n < 0 && errno != EINTR)
             break;
-        if (n > 0 && (pfd[1].revents & POLLIN))
-            break;  /* the last region closed: tg_copy_unregister joins us */
+        if (n > 0 && (pfd[1].revents & POLLIN)) {
+            uint64_t count;
+            if (read(stop_fd, &count, sizeof(count)) < 0)
+                count = 0;  /* EAGAIN: another wake-up drained it */
+            pthread_mutex_lock(&op_lock);
+            int stop = stopping;
+            pthread_mutex_unlock(&op_lock);
+            if (stop)
+                break;  /* the last region closed: tg_copy_unregister joins us */
+            continue;   /* a region was added: the pool may hold more now */
+        }
         if (n == 0 && idle_work) {
             /* Without op_lock: only this thread touches the pool while it
              * runs, and a fork (whose prepare handler takes op_lock) must
@@ -723,6 +732,10 @@ int tg_copy_register(void *addr, size_t len, size_t block_size)
             n_regions++;
             registered_blocks += len / block;
             rc = 0;
+            /* Wake a handler that sleeps with a full pool: its cap grew. */
+            uint64_t one = 1;
+            if (stop_fd >= 0 && write(stop_fd, &one, sizeof(one)) != sizeof(one))
+                rc = 0;  /* the counter is saturated: a wake-up is pending anyway */
         }
     }
     pthread_mutex_unlock(&op_lock);

@@ -570,6 +570,25 @@ def test_handler_stops_with_the_last_region(require_userfault, pmd):
     assert restarted == before + 1 and final == before and grandchild_pool
 
 
+def test_pool_grows_with_a_later_larger_region(require_userfault, pmd):
+    """A 2-block region fills a pool of 2; a later 8-block region raises the
+    allowance, and the idle handler fills the pool to 4 without a fault."""
+    from conftest import wait_until
+
+    def child():
+        small = thpguard.alloc(2 * pmd, fork="copy", copy_mode="lazy")
+        wait_until(lambda: _native.copy_stats()["pool_ready"] == 2, "the pool to fill to 2")
+        before = _native.copy_stats()  # counters carry over from the forking process
+        large = thpguard.alloc(8 * pmd, fork="copy", copy_mode="lazy")
+        wait_until(lambda: _native.copy_stats()["pool_ready"] == 4, "the pool to grow to 4")
+        stats = _native.copy_stats()
+        large.close()
+        small.close()
+        return tuple(stats[k] - before[k] for k in ("copies", "missing_faults", "wp_faults"))
+
+    assert run_in_child(child) == (0, 0, 0)
+
+
 def test_child_pool_ready_at_fork(copy_region, pmd):
     """A child's pool has a block before its code runs, so its first write
     is a copy from the pool, not a block faulted in the fault path; a child

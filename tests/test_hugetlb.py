@@ -224,11 +224,43 @@ def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
             return info
 
         info = run_in_child(child)
+        assert r.copy_mode == "hugetlb-eager" and "UFFDIO_MOVE" in r.copy_fallback_reason
         assert info["ok"] and info["backend"] == "hugetlb"
         assert info["page"] == MB2 and info["hugetlb"] == r.size
         # The child's pages are its own (mapped once: private), not the parent's.
         assert (info["private"], info["shared"]) == (r.size, 0), info
         assert _pages_ok(r, 100)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_lazy_copy_is_refused_on_hugetlb(strict):
+    """copy_mode='lazy' with backend='hugetlb' raises UnsupportedError naming
+    why and what to use, before anything is mapped (no pool needed)."""
+    before = open("/proc/self/maps").read().count("\n")
+    with pytest.raises(UnsupportedError, match="UFFDIO_MOVE.*backend='thp'.*'eager'") as info:
+        thpguard.alloc(2 * MB2, backend="hugetlb", fork="copy", copy_mode="lazy", strict=strict)
+    assert info.value.feature == "copy_mode='lazy'"
+    assert open("/proc/self/maps").read().count("\n") == before
+
+
+def test_lazy_copy_with_auto_backend_takes_thp(require_thp, hugepool, pmd2m):
+    """backend='auto' with copy_mode='lazy' takes THP even where the pool
+    could hold the region, and says so in backend_reason."""
+    hugepool(2)
+    try:
+        r = thpguard.alloc(2 * MB2, backend="auto", fork="copy", copy_mode="lazy")
+    except UnsupportedError as exc:  # no lazy mechanism on this host
+        pytest.skip(str(exc))
+    with r:
+        assert r.backend == "thp" and r.copy_mode in ("userfault", "kernel")
+        assert "copy_mode='lazy'" in r.backend_reason and r.copy_fallback_reason is None
+
+
+def test_hugetlb_copy_eager_records_no_fallback(hugepool, pmd2m):
+    """copy_mode='eager' on hugetlb is what was asked: no fallback reason."""
+    hugepool(2)
+    with thpguard.alloc(2 * MB2, backend="hugetlb", fork="copy", copy_mode="eager") as r:
+        assert r.copy_mode == "hugetlb-eager" and r.copy_fallback_reason is None
 
 
 def test_copy_child_falls_back_to_thp_when_the_pool_is_dry(hugepool, pmd2m, require_thp):

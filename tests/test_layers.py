@@ -8,7 +8,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "thpguard"
 # Bottom first; a module may import only from its own layer or below.
 LAYERS = [
     {"errors", "_native", "_cffi", "_version", "_child"},
-    {"_fork"},
+    {"_fork", "_forksignals"},
     {"kernel"},
     {"blocks", "pagemap", "events", "_refusals", "repair"},
     {"backends", "_regions", "_copy", "region"},

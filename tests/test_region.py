@@ -54,6 +54,25 @@ def test_unpopulated_region_has_no_memory(region_factory):
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("policy", ["share", "copy", "wipe", "private"])
+def test_unpopulated_region_gets_a_huge_page_in_every_block(region_factory, policy, pmd):
+    """populate=False: the first write to each block, block 0 included, maps a
+    whole huge page (no page table left under a block by the setup), by
+    PAGEMAP_SCAN/smaps and by smaps AnonHugePages."""
+    region = region_factory(8 * MiB, fork=policy, populate=False)
+    view = region.view()
+    try:
+        for at in range(0, region.size, pmd):
+            view[at] = 1
+    finally:
+        view.release()
+    cov = region.coverage()
+    assert cov.huge_bytes == region.size and cov.complete, cov
+    assert cov.partial_ranges == () and cov.split_ranges in ((), None), cov
+    assert smaps_huge_bytes(os.getpid(), region.address, region.address + region.size) == region.size
+
+
+@pytest.mark.kernel
 def test_issue_scenario_split_in_child_and_repair(region_factory, split_and_repair, pmd):
     """The README scenario: a child's write splits one block; collapse() repairs it."""
     region = region_factory(256 * MiB)

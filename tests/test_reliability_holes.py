@@ -233,3 +233,31 @@ def test_left_mapped_range_is_never_unmapped_at_exit(require_thp):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "still mapped x" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("hole", ["block", "page"])
+def test_close_keeps_a_mapping_in_a_hole_of_a_lazy_copy_region(region_factory, hole, caplog):
+    """A lazy (userfaultfd) ``copy`` region that has never been through a
+    fork has one VMA of its own, as any region: an advised mapping put into
+    a hole of it is seen, and close() leaves it and its bytes alone."""
+    from thpguard import kernel
+    feature = kernel.capabilities().copy_userfault
+    if not feature.available:
+        pytest.skip(f"needs userfaultfd block copy: {feature.reason}")
+    region = region_factory(8 << 20, fork="copy", copy_mode="lazy")
+    assert region.copy_mode == "userfault", region.copy_fallback_reason
+    pmd = region.pmd_size
+    lo, size = (region.address + pmd, pmd) if hole == "block" else (region.address + pmd + 7 * PAGE, PAGE)
+    _native.unmap(lo, size)
+    other = _map_at(lo, size)
+    _native.madvise(other, size, _native.MADV_HUGEPAGE)
+    try:
+        with caplog.at_level(logging.ERROR, logger="thpguard"):
+            region.close()
+        assert region.closed
+        assert _mapped(other, other + size)
+        assert ctypes.string_at(other, 16) == b"not the region's"
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+    finally:
+        _libc.munmap(other, size)

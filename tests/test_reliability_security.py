@@ -17,6 +17,7 @@ import tempfile
 import pytest
 
 from thpguard import cli, kernel, metrics
+from thpguard.errors import ThpguardError
 from fakekernel import FakeTree
 
 NOBODY = 65534
@@ -283,6 +284,28 @@ def test_prometheus_file_through_root_symlinks_is_written(open_base):
     metrics.write_textfile(str(open_base / "link" / "up" / "thpguard.prom"), "x 1\n")
     st = os.lstat(real / "thpguard.prom")
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
+
+
+def test_prometheus_file_dotdot_goes_up_from_where_the_symlink_led(open_base):
+    """``link/..`` is the parent of the symlink's target (as the kernel
+    resolves it), not the directory holding the link (as the text says)."""
+    _as_root()
+    (open_base / "real" / "sub").mkdir(parents=True)
+    os.symlink("real/sub", str(open_base / "s2"))
+    metrics.write_textfile(str(open_base / "s2" / ".." / "m.prom"), "x 1\n")
+    assert (open_base / "real" / "m.prom").exists()
+    assert not (open_base / "m.prom").exists()
+
+
+@pytest.mark.parametrize("path, mode", [("a\0b.prom", 0o644), (b"a.prom", 0o644), ("a.prom", 0o4777),
+                                        ("a.prom", 0o700), ("..", 0o644)])
+def test_prometheus_file_bad_path_or_mode_is_a_thpguard_error(tmp_path, path, mode):
+    """A NUL or bytes path, a directory name, or a mode beyond read/write
+    bits (setuid, execute) raise thpguard's errors, and nothing is written."""
+    target = os.path.join(str(tmp_path), path) if isinstance(path, str) else path
+    with pytest.raises(ThpguardError):
+        metrics.write_textfile(target, "x 1\n", mode=mode)
+    assert os.listdir(tmp_path) == []
 
 
 def test_prometheus_file_mode_ignores_umask(tmp_path):

@@ -55,9 +55,45 @@ def check_mode(copy_mode: object, fork: str) -> None:
         )
 
 
+#: Why a hugetlb ``copy`` region copies at fork (``copy_fallback_reason``
+#: under ``auto``, the refusal of ``lazy``).
+HUGETLB_NOT_LAZY = (
+    "hugetlb pages are not copied lazily: the userfault handler copies into THP blocks and "
+    "moves them in with UFFDIO_MOVE, which works only on anonymous (THP) memory, and the "
+    "kernel's direct-COW flag is for THP only"
+)
+
+
+def backend_for(copy_mode: str, fork: str, backend: str) -> "tuple[str, str | None]":
+    """For :func:`thpguard.alloc`: the backend to use and why, if not the
+    one asked for. ``copy_mode="lazy"`` copies THP blocks only: it raises
+    :class:`UnsupportedError` with ``backend="hugetlb"`` and takes THP for
+    ``backend="auto"``."""
+    if fork != "copy" or copy_mode != "lazy" or backend not in ("hugetlb", "auto"):
+        return backend, None
+    if backend == "auto":
+        return "thp", "auto: THP because copy_mode='lazy' copies THP blocks only"
+    raise UnsupportedError(
+        "copy_mode='lazy'",
+        f"copy_mode='lazy' with backend='hugetlb': {HUGETLB_NOT_LAZY}; use backend='thp' "
+        "(or 'auto') to copy block by block, or copy_mode='auto' or 'eager' to keep hugetlb "
+        "pages (each child copies the whole region at fork)",
+    )
+
+
+def setup_hugetlb(region, requested: str) -> None:
+    """A hugetlb ``copy`` region: always the eager copy at fork;
+    ``auto`` records why (``lazy`` was refused by :func:`backend_for`)."""
+    if requested == "auto":
+        region.copy_fallback_reason = HUGETLB_NOT_LAZY
+        log.info("copy region %#x copies eagerly at fork: %s", region.address, HUGETLB_NOT_LAZY)
+
+
 def setup(region, requested: str) -> None:
     """Pick the copy mechanism (after populating: the handler need not
     fill the blocks one fault at a time)."""
+    if getattr(region._backend, "setup", None) is not None:  # hugetlb: eager
+        return setup_hugetlb(region, requested) if region.backend == "hugetlb" else None
     if requested == "eager":
         region._copy_eager = True
         return

@@ -30,9 +30,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _native
+from ._forksignals import _hold, _holding, _release, _when_returned
 
 log = logging.getLogger("thpguard")
 
@@ -124,11 +125,6 @@ def _ordered(reverse: bool):
     return [s for _, s in sorted(_subscribers.items(), key=lambda kv: kv[1][0], reverse=reverse)]
 
 
-# Every signal a Python handler may take: its handler would run (and may
-# raise) inside a hook, between two steps of the fork's work.
-_HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
-
-
 def _run(callback: Callback, caught: Optional[List[int]] = None, **kwargs) -> None:
     try:
         callback(**kwargs)
@@ -142,193 +138,6 @@ def _run(callback: Callback, caught: Optional[List[int]] = None, **kwargs) -> No
         log.exception("thpguard fork callback %r failed", callback)
 
 
-def _deliver_after_return(signums: List[int], caller) -> None:
-    """Send ``signums`` to this thread once the frame ``caller`` has moved
-    past its call of os.fork() (or left the stack); at most 10 s later."""
-    target = threading.get_ident()
-    lasti = caller.f_lasti if caller is not None else None
-
-    def deliver() -> None:
-        deadline = time.monotonic() + 10.0
-        while caller is not None and time.monotonic() < deadline:
-            at = sys._current_frames().get(target)
-            while at is not None and at is not caller:
-                at = at.f_back
-            if at is None or caller.f_lasti != lasti:
-                break
-            time.sleep(0.001)
-        for signum in signums:
-            try:
-                signal.pthread_kill(target, signum)
-            except (OSError, ValueError):
-                os.kill(os.getpid(), signum)
-
-    threading.Thread(target=deliver, name="thpguard-fork-signal", daemon=True).start()
-
-
-class _Held:
-    """Signals recorded instead of handled during one fork.
-
-    Its :meth:`record` stands in for the Python handlers from the first
-    before-fork callback until fork() has returned to its caller and the
-    caller has moved on (stored the pid): until then a signal is recorded,
-    after it the real handlers are put back and the signal goes to its
-    own handler. Putting them back inside a hook would leave a window where
-    a signal runs its real handler there (a periodic SIGALRM hits it).
-    """
-
-    def __init__(self) -> None:
-        self.caught: List[int] = []
-        self.saved: Dict[int, Any] = {}
-        self.released = False  # the last after-fork callback is done
-        self.finishing = False  # finish() will run once fork() returned
-        self.caller = None  # the frame that called os.fork()
-        self.lasti = -1
-
-    def _inside(self, frame) -> bool:
-        if not self.released:
-            return True
-        caller = self.caller
-        if caller is None or caller.f_lasti != self.lasti:
-            return False
-        at = frame
-        while at is not None and at is not caller:
-            at = at.f_back
-        return at is not None  # still in the fork's call, before its pid is stored
-
-    def record(self, signum, frame) -> None:
-        if self._inside(frame):
-            if signum not in self.caught:
-                self.caught.append(signum)
-                if self.released and not self.finishing:  # between the last hook and fork()'s return
-                    _deliver_after_return([signum], self.caller)
-            return
-        self.restore()
-        handler = self.saved.get(signum)
-        if callable(handler):
-            handler(signum, frame)
-
-    def restore(self) -> None:
-        """Put the real handlers back where this recorder still stands."""
-        for signum, old in self.saved.items():
-            try:
-                if signal.getsignal(signum) == self.record:
-                    signal.signal(signum, old)
-            except ValueError:  # not the main thread
-                return
-
-    def finish(self) -> None:
-        """Once fork() returned and its pid is stored, in the forking thread:
-        put the real handlers back, then raise what was recorded, in one C
-        call (their handlers run next; one that raises leaves the others
-        pending, as CPython does)."""
-        self.restore()
-        list(map(signal.raise_signal, self.caught))
-
-
-_holding = threading.local()
-
-
-def _hold() -> _Held:
-    """Record signals instead of running their Python handlers from now
-    until fork() has returned (:func:`_release`), in this process and
-    (inherited with the handlers) in the child.
-
-    Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
-    outside Python are not touched; in a thread that may not set handlers
-    (not the main one) nothing is held.
-    """
-    held = _Held()
-    _holding.held = held
-    try:
-        for signum in _HELD_SIGNALS:
-            old = signal.getsignal(signum)
-            earlier = getattr(old, "__self__", None)
-            if isinstance(earlier, _Held):  # an earlier fork's recorder, not put back yet
-                old = earlier.saved.get(signum, signal.SIG_DFL)
-            if callable(old):
-                signal.signal(signum, held.record)
-                held.saved[signum] = old
-    except ValueError:  # signal.signal only works in the main thread
-        pass
-    return held
-
-
-def _release(caller) -> None:
-    """End the hooks' hold: re-send what was recorded, and put the real
-    handlers back, once fork() has returned to ``caller`` and it moved on."""
-    held = getattr(_holding, "held", None)
-    _holding.held = None
-    if held is None:
-        return
-    held.caller = caller
-    held.lasti = caller.f_lasti if caller is not None else -1
-    held.finishing = _can_wait(caller) and _when_returned(caller, restore=held.finish)
-    held.released = True
-    if not held.finishing:
-        # No profile function to finish with (another profiler, or no
-        # caller): the handlers go back now, and a thread re-sends.
-        held.restore()
-        if held.caught:
-            _deliver_after_return(list(held.caught), caller)
-
-
-# -- after fork() returned ----------------------------------------------------
-
-_post = threading.local()  # this thread's work for after fork() returns
-
-
-def _can_wait(caller) -> bool:
-    """Whether :func:`_when_returned` can wait for ``caller`` (known, and
-    no other profiler set in this thread)."""
-    current = sys.getprofile()
-    return caller is not None and (current is None or current is _profile) and (
-        getattr(_post, "caller", None) in (None, caller))
-
-
-def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
-                   restore: Optional[Callable[[], None]] = None) -> bool:
-    """Run ``callback`` at the first profile event in ``caller`` (fork()'s
-    c_return) and ``restore`` at the first one after ``caller`` moved past
-    the call (its pid stored); True. At once where the caller is unknown or
-    another profiler is set (never displaced); False."""
-    if not _can_wait(caller):
-        if callback is not None:
-            callback()
-        if restore is not None:
-            restore()
-        return False
-    _post.caller = caller
-    _post.lasti = caller.f_lasti
-    if callback is not None:
-        _post.callbacks = getattr(_post, "callbacks", []) + [callback]
-    if restore is not None:
-        _post.restore = restore
-    sys.setprofile(_profile)
-    return True
-
-
-def _profile(frame, event, arg) -> None:
-    caller = _post.caller
-    callbacks = getattr(_post, "callbacks", [])
-    if callbacks:
-        at = caller
-        while at is not None and at is not frame:
-            at = at.f_back
-        if at is None:
-            return  # still inside the fork hooks
-        _post.callbacks = []
-        for callback in callbacks:
-            callback()
-    restore = getattr(_post, "restore", None)
-    if restore is not None and caller.f_lasti == _post.lasti:
-        return  # fork() returned, its pid not yet stored
-    sys.setprofile(None)
-    _post.caller = _post.restore = None
-    if restore is not None:
-        restore()
-
-
 def _run_all(callbacks, **kwargs) -> None:
     for callback in callbacks:
         if callback:
@@ -339,29 +148,74 @@ def _before() -> None:
     # Held from the first before-fork callback to the last after-fork one,
     # in both processes: CPython reports an exception raised in any at-fork
     # hook as "Exception ignored" and drops it (and the signal with it).
-    _holding.entered = True
+    # Counted, not flagged: a handler that forks while this hook runs (in
+    # _hold before its signal is swapped, or after the hold of an outer fork
+    # was cut short) makes a nested fork whose hooks run in full meanwhile;
+    # its hooks must not make this fork's _before_again run the before-fork
+    # callbacks a second time (they take non-reentrant locks).
     held = None
     try:
         held = _hold()
+        # Counted once the hold is in place: an exception before it skips
+        # the rest of this hook, and _before_again runs it.
+        _holding.befores = getattr(_holding, "befores", 0) + 1
         _run_all((before for _, before, _, _ in _ordered(reverse=False)), caught=held.caught)
-    except KeyboardInterrupt:  # SIGINT before the recorder was in place
-        held = getattr(_holding, "held", None)
+    except BaseException as exc:  # a handler's, before the hold was in place
         if held is None:
-            _holding.held = held = _Held()
-        if signal.SIGINT not in held.caught:
-            held.caught.append(signal.SIGINT)
+            # _before_again runs this hook again; its hold raises this then.
+            _holding.early = getattr(_holding, "early", []) + [exc]
+        elif isinstance(exc, KeyboardInterrupt):
+            if signal.SIGINT not in held.caught:
+                held.caught.append(signal.SIGINT)
+        else:
+            held.raised.append(exc)
+
+
+class _Unraisable:
+    """Wraps ``sys.unraisablehook``: an exception a program's signal handler
+    raised on entry to :func:`_before` or :func:`_before_again` (before any
+    of their code, so they cannot
+    catch it) is kept, and :func:`_hold` raises it again once fork() has
+    returned; anything else goes to the hook that was there."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, unraisable) -> None:
+        if unraisable.object in (_before, _before_again) and unraisable.exc_value is not None:
+            _holding.early = getattr(_holding, "early", []) + [unraisable.exc_value]
+            return
+        self.inner(unraisable)
+
+
+def _catch_unraisable() -> None:
+    if not isinstance(sys.unraisablehook, _Unraisable):  # the program set its own since
+        sys.unraisablehook = _Unraisable(sys.unraisablehook)
 
 
 def _before_again() -> None:
     # A signal that arrived just before fork() runs its handler on entry to
     # the first hook, before any code of it; if that raised, CPython dropped
     # the exception and skipped the hook: run it now (this hook runs next).
-    if not getattr(_holding, "entered", False):
+    # Every fork runs _before then _before_again, and a nested fork runs
+    # both of its own in between: fewer _before than _before_again calls
+    # means this fork's _before was skipped.
+    _holding.agains = getattr(_holding, "agains", 0) + 1
+    if getattr(_holding, "befores", 0) < _holding.agains:
         _before()
+    _catch_unraisable()
+
+
+def _fork_done() -> None:
+    """One fork's hooks are over: back to no fork in progress once the
+    outermost one is done."""
+    held = getattr(_holding, "held", None)
+    if held is None or held.outer is None:
+        _holding.befores = _holding.agains = 0
 
 
 def _after_in_parent() -> None:
-    _holding.entered = False
+    _fork_done()
     held = getattr(_holding, "held", None) or _hold()  # a fork whose before hook did not run
     try:
         for _, _, parent, _ in _ordered(reverse=True):
@@ -373,13 +227,15 @@ def _after_in_parent() -> None:
 
 def _after_in_child(late: bool = False) -> None:
     global _lock
-    _holding.entered = False
+    if not late:
+        _fork_done()
     held = None
     if not late:
         # The child inherits the recorder as its handler; what the parent
         # recorded before fork() is the parent's to deliver.
         held = getattr(_holding, "held", None) or _hold()
         held.caught.clear()
+        held.raised = []
     try:
         _lock = threading.Lock()  # another parent thread may have held it
         state._for_child(None if late else held.caught)
@@ -464,6 +320,7 @@ def in_exec_child() -> bool:
     return False
 
 
+_catch_unraisable()
 _native.atfork_install()
 _native.fork_claim()  # nothing to handle for forks made before import
 os.register_at_fork(before=_before_again)  # before callbacks run last registered first

@@ -86,6 +86,11 @@ def _before_fork() -> None:
     fs.pending.pipe = None
     targets = [r for r in regions() if r.fork == "copy"]
     targets = [(r, mechanism_for(r)) for r in targets]
+    for r, m in targets:
+        if m.name == "userfault":
+            # From this fork on, the handler of each side may move copied
+            # blocks into the range, as VMAs of their own (outside_change).
+            r._blocks_moved_in = True
     targets += _share_downgrades()
     if any(m.parent_waits(r) for r, m in targets):
         fs.pending.pipe = os.pipe()
@@ -386,8 +391,11 @@ def outside_change(region) -> Optional[str]:
     be the region's. Not seen: a mapping placed over the one-page slack
     around the range; another mapping that differs from a piece of the
     region only in protection, mlock or huge page advice; and a region whose
-    VMA could merge (``map_unmergeable`` failed, a hugetlb region, a lazy
-    ``copy`` region in a child, whose blocks are moved in one by one).
+    VMA could merge (``map_unmergeable`` failed, a hugetlb region); and in a
+    lazy ``copy`` region that has been through a fork (in the parent and
+    the child: the handlers move copied blocks in one by one, as VMAs of
+    their own), a mapping that differs from the region's pieces only in
+    what a merge ignores.
     """
     base = region.address - region._offset
     end = base + len(region._map)
@@ -409,8 +417,11 @@ def outside_change(region) -> Optional[str]:
         if region._advised and not {"hg", "nh"} & set(vma.vm_flags):
             return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
                     "mapped there after outside code unmapped part of the region")
-    lazy = region.fork == "copy" and mechanism_for(region).name == "userfault"
-    if not getattr(region, "_unmergeable", False) or lazy:  # set by Region._setup (THP)
+    # The blocks the userfaultfd handler copies after a fork are moved in
+    # (UFFDIO_MOVE or mremap) as VMAs of their own that never merge back;
+    # before the region's first fork its range is one VMA like any other's.
+    moved = getattr(region, "_blocks_moved_in", False)
+    if not getattr(region, "_unmergeable", False) or moved:  # set by Region._setup (THP)
         return None
     fixed = {frozenset(set(v.vm_flags) - _PIECE_FLAGS) for v in pieces}
     if len(fixed) > 1:

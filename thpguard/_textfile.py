@@ -8,7 +8,7 @@ import os
 import secrets
 import stat
 
-from thpguard.errors import ThpguardError
+from thpguard.errors import InvalidArgumentError, ThpguardError
 
 __all__ = ["TextfileError", "UnsafeDirectoryError", "write_textfile"]
 
@@ -123,7 +123,8 @@ def write_textfile(path: str, text: str, *, allow_unsafe_dir: bool = False,
 
     node_exporter's textfile collector reads ``*.prom`` files in its
     directory; a rename never exposes a half-written file. The file gets
-    ``mode`` (default 0644, whatever the umask) through its descriptor:
+    ``mode`` (read/write bits only, at most 0666; default 0644, whatever the
+    umask) through its descriptor:
     nothing is done to a path after the file is created, so a symlink
     planted by another user changes no other file. The temporary file is
     created with ``O_EXCL | O_NOFOLLOW`` relative to the directory opened
@@ -135,12 +136,19 @@ def write_textfile(path: str, text: str, *, allow_unsafe_dir: bool = False,
     bit or owned by another user, or a symbolic link on the path that
     belongs to another user. The path is opened one directory at a time
     from ``/`` with ``O_NOFOLLOW``, so what is checked is what is written
-    into. :class:`TextfileError` when the directory is missing or not
-    writable.
+    into, and ``..`` goes up from where the symlinks before it led, as the
+    kernel resolves it. :class:`TextfileError` when the directory is missing
+    or not writable, or the path is not a string or holds a NUL.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    if not name:
+    if not isinstance(path, str) or "\0" in path:
+        raise TextfileError(errno.EINVAL, f"cannot write metrics to {path!r}: the path must be a "
+                            "string without NUL characters")
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o666:
+        raise InvalidArgumentError(f"mode must be read/write permission bits (at most 0o666), got {mode!r}")
+    # Not os.path.abspath: it would resolve ".." by the text, before the
+    # symlinks on the path, where the kernel resolves it after them.
+    directory, name = os.path.split(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+    if name in ("", ".", ".."):
         raise TextfileError(errno.EISDIR, f"cannot write metrics to {path!r}: it names a directory")
     dfd = _open_directory(path, directory, allow_unsafe_dir)
     tmp = f".thpguard-{secrets.token_hex(8)}.tmp"

@@ -180,7 +180,10 @@ class Coverage:
 
     All sizes are bytes. ``huge_bytes`` counts PMD-mapped pages that hold
     data (the huge zero page is not huge here: it holds nothing);
-    ``present_bytes`` every present page. ``split_ranges`` lists
+    ``present_bytes`` every page in memory (zero pages included, swapped
+    pages not), so a block whose data is swapped out is ``split`` or
+    ``partial`` while adding nothing to ``present_bytes``: a partial range
+    with ``present_bytes == 0`` is data in swap. ``split_ranges`` lists
     ``(start, end)`` ranges of ``split`` blocks (every page holds data, not
     PMD-mapped: split after fork, or never huge) and ``partial_ranges`` those
     of ``partial`` blocks (some pages hold data); see :mod:`thpguard.blocks`.

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from typing import Callable, Iterator, Optional
@@ -82,6 +83,11 @@ def _check_bytes(name: str, value: object, low: int) -> int:
     if value < low:
         raise InvalidArgumentError(f"{name} must be at least {low} bytes, got {value}")
     return value
+
+# Signals a thread can hold back: all but the ones a fault raises in the
+# thread itself (blocked, those kill the process at once).
+_ALL_SIGNALS = frozenset(signal.valid_signals()) - {
+    signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS}
 
 
 class Guard:
@@ -202,6 +208,23 @@ class Guard:
                 self._start()
 
     def _start(self) -> None:
+        # No Python signal handler may run in this thread while it starts
+        # the guard thread: a handler that forks would halt a thread that
+        # is not started yet (and then start a second one). Blocked here,
+        # the signals wait until the thread runs (it inherits the mask, so
+        # it never takes a signal meant for the program's handlers); a
+        # handler that runs as they are unblocked sees a consistent guard.
+        try:
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        except (OSError, ValueError):
+            blocked = None
+        try:
+            self._start_blocked()
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _start_blocked(self) -> None:
         with self._lock:
             if self.running:
                 return

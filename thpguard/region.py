@@ -31,13 +31,8 @@ from typing import Dict, Optional
 
 from . import _copy, _fork, _native, kernel, pagemap
 from .blocks import Coverage
-from .errors import (
-    HugePagesUnavailableError,
-    InvalidArgumentError,
-    InvalidTypeError,
-    RegionClosedError,
-    UnsupportedError,
-)
+from .errors import (HugePagesUnavailableError, InvalidArgumentError, InvalidTypeError,
+                     RegionClosedError, UnsupportedError)
 from .backends import (
     BACKENDS,
     CopyMechanism,
@@ -170,7 +165,8 @@ class Region:
     """
 
     def __init__(self, size: int, fork: str, populate: bool, strict: bool,
-                 name: Optional[str] = None, backend: object = "thp", copy_mode: str = "auto") -> None:
+                 name: Optional[str] = None, backend: object = "thp", copy_mode: str = "auto",
+                 backend_reason: Optional[str] = None) -> None:
         # The backend (a registered name, or an object) owns mapping, coverage, repair.
         self._backend = BACKENDS[backend]() if isinstance(backend, str) else backend
         # The block model's block size, whatever the backend's page size.
@@ -181,7 +177,7 @@ class Region:
         self.name = name
         self.degraded: Optional[str] = None
         #: Why ``auto`` or ``strict=False`` chose this backend, else None.
-        self.backend_reason: Optional[str] = None
+        self.backend_reason = backend_reason
         #: hugetlb ``share``: why the last fork copied it into the child, else None.
         self.fork_downgraded: Optional[str] = None
         self.direct_cow = False
@@ -201,7 +197,7 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
-            _copy.setup(self, copy_mode) if self.fork == "copy" and not setup else None  # populated
+            _copy.setup(self, copy_mode) if self.fork == "copy" else None  # populated
         except BaseException as exc:
             full = kernel.map_count_error(exc)  # at vm.max_map_count: say so, not "EAGAIN"
             self._map.close()
@@ -479,7 +475,7 @@ def alloc(
     reserved at mapping time, never split; ``strict`` defaults to True and
     raises with the command that grows the pool, ``strict=False`` falls
     back to THP. ``"auto"``: hugetlb when the pool holds the region, else
-    THP. See :doc:`hugetlb`. ``copy_mode`` (auto, lazy, eager): how ``copy`` copies, :doc:`copy`.
+    THP. See :doc:`hugetlb`. ``copy_mode`` (auto, lazy, eager): how ``copy`` copies (``lazy``: THP only), :doc:`copy`.
     """
     size = _check_size(size)
     name = _check_name(name)
@@ -493,8 +489,9 @@ def alloc(
         if not isinstance(value, bool):
             raise InvalidTypeError(f"{arg} must be True or False, got {value!r}")
     _copy.check_mode(copy_mode, fork)
+    backend, why = _copy.backend_for(copy_mode, fork, backend)  # a lazy copy is THP only
     if backend in ("hugetlb", "auto"):
         return make_hugetlb(lambda strict_, backend_: Region(
             size, fork, populate, strict_, name, backend_, copy_mode), size, backend, strict, page_size)
     check_page_size(backend, page_size)
-    return Region(size, fork, populate, strict, name, backend, copy_mode)
+    return Region(size, fork, populate, strict, name, backend, copy_mode, why)

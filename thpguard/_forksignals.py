@@ -1,0 +1,273 @@
+"""Signals held while fork()'s hooks run (see :mod:`thpguard._fork`).
+
+From the first before-fork callback until ``os.fork()`` has returned to
+its caller and the caller stored the pid, the Python handlers of every
+signal are replaced by a recorder (:class:`_Held`), in the parent and, by
+inheritance, in the child; then the real handlers go back and what was
+recorded is raised again in the forking thread. ``sys.setprofile`` tells
+when fork() has returned (:func:`_when_returned`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import _signal
+
+# The C functions under signal.getsignal/signal.signal: no Python code (no
+# point where a handler may run) between two swaps of _hold.
+_getsignal, _setsignal = _signal.getsignal, _signal.signal
+
+log = logging.getLogger("thpguard")
+
+
+# Every signal a Python handler may take: its handler would run (and may
+# raise) inside a hook, between two steps of the fork's work.
+_HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _deliver_after_return(signums: List[int], caller) -> None:
+    """Send ``signums`` to this thread once the frame ``caller`` has moved
+    past its call of os.fork() (or left the stack); at most 10 s later."""
+    target = threading.get_ident()
+    lasti = caller.f_lasti if caller is not None else None
+
+    def deliver() -> None:
+        deadline = time.monotonic() + 10.0
+        while caller is not None and time.monotonic() < deadline:
+            at = sys._current_frames().get(target)
+            while at is not None and at is not caller:
+                at = at.f_back
+            if at is None or caller.f_lasti != lasti:
+                break
+            time.sleep(0.001)
+        for signum in signums:
+            try:
+                signal.pthread_kill(target, signum)
+            except (OSError, ValueError):
+                os.kill(os.getpid(), signum)
+
+    threading.Thread(target=deliver, name="thpguard-fork-signal", daemon=True).start()
+
+
+class _Held:
+    """Signals recorded instead of handled during one fork.
+
+    Its :meth:`record` stands in for the Python handlers from the first
+    before-fork callback until fork() has returned to its caller and the
+    caller has moved on (stored the pid): until then a signal is recorded,
+    after it the real handlers are put back and the signal goes to its
+    own handler. Putting them back inside a hook would leave a window where
+    a signal runs its real handler there (a periodic SIGALRM hits it).
+    """
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []
+        self.saved: Dict[int, Any] = {}
+        self.released = False  # the last after-fork callback is done
+        self.finishing = False  # finish() will run once fork() returned
+        self.caller = None  # the frame that called os.fork()
+        self.lasti = -1
+        self.outer: Optional["_Held"] = None  # the hold of a fork this one is nested in
+        self.raised: List[BaseException] = []  # raised by handlers as the hold began
+
+    def _inside(self, frame) -> bool:
+        if not self.released:
+            return True
+        caller = self.caller
+        if caller is None or caller.f_lasti != self.lasti:
+            return False
+        at = frame
+        while at is not None and at is not caller:
+            at = at.f_back
+        return at is not None  # still in the fork's call, before its pid is stored
+
+    def record(self, signum, frame) -> None:
+        if self._inside(frame):
+            if signum not in self.caught:
+                self.caught.append(signum)
+                if self.released and not self.finishing:  # between the last hook and fork()'s return
+                    _deliver_after_return([signum], self.caller)
+            return
+        self.restore()
+        handler = self.saved.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+
+    def restore(self) -> None:
+        """Put the real handlers back where this recorder still stands."""
+        for signum, old in self.saved.items():
+            try:
+                if signal.getsignal(signum) == self.record:
+                    signal.signal(signum, old)
+            except ValueError:  # not the main thread
+                return
+
+    def finish(self) -> None:
+        """Once fork() returned and its pid is stored, in the forking thread:
+        put the real handlers back, then raise what was recorded, in one C
+        call (their handlers run next; one that raises leaves the others
+        pending, as CPython does)."""
+        self.restore()
+        if self.raised:
+            # A handler raised as the hold began (before the fork): that
+            # exception first, from the line that called fork(); the
+            # signals recorded since follow it from a thread.
+            exc, self.raised = self.raised[0], []
+            if self.caught:
+                _deliver_after_return(list(self.caught), None)
+            raise exc
+        list(map(signal.raise_signal, self.caught))
+
+
+_holding = threading.local()
+
+
+def _block_all(raised: List[BaseException]):
+    """Block every signal a Python handler may take in this (the main)
+    thread and run the handlers of those already pending; return the old
+    mask. What such a handler raises is appended to ``raised``, never
+    propagated: a handler may run (and raise) inside each call, and the
+    next call runs the ones it left pending."""
+    while True:
+        try:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            break
+        except BaseException as exc:  # the program's handler, raised here
+            raised.append(exc)
+    while True:
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+            return old
+        except BaseException as exc:  # the mask is set; run what is left
+            raised.append(exc)
+
+
+def _hold() -> _Held:
+    """Record signals instead of running their Python handlers from now
+    until fork() has returned (:func:`_release`), in this process and
+    (inherited with the handlers) in the child.
+
+    Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
+    outside Python are not touched; in a thread that may not set handlers
+    (not the main one) nothing is held. The handlers are swapped while the
+    signals are blocked in this thread, so no handler of the program runs
+    between two swaps (one that did could fork, or raise with its own
+    signal half swapped); a handler that runs, and raises, as they are
+    blocked has its exception raised again once fork() has returned.
+    """
+    raised: List[BaseException] = getattr(_holding, "early", [])
+    _holding.early = []
+    main = threading.current_thread() is threading.main_thread()
+    old_mask = _block_all(raised) if main else None
+    try:
+        held = _Held()
+        held.raised = raised
+        # A fork made by a handler inside another fork's hooks: its hold ends
+        # with the outer one in place again (_release).
+        held.outer = getattr(_holding, "held", None)
+        _holding.held = held
+        if main:
+            for signum in _HELD_SIGNALS:
+                old = _getsignal(signum)
+                earlier = getattr(old, "__self__", None)
+                if isinstance(earlier, _Held):  # an earlier fork's recorder, not put back yet
+                    old = earlier.saved.get(signum, signal.SIG_DFL)
+                if callable(old):
+                    held.saved[signum] = old
+                    _setsignal(signum, held.record)
+    finally:
+        if old_mask is not None:
+            # Pending signals run the recorder now.
+            while True:
+                try:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                    break
+                except BaseException as exc:  # not the recorder: a handler outside our hold
+                    raised.append(exc)
+    return held
+
+
+def _release(caller) -> None:
+    """End the hooks' hold: re-send what was recorded, and put the real
+    handlers back, once fork() has returned to ``caller`` and it moved on."""
+    held = getattr(_holding, "held", None)
+    _holding.held = held.outer if held is not None else None
+    if held is None:
+        return
+    held.caller = caller
+    held.lasti = caller.f_lasti if caller is not None else -1
+    held.finishing = _can_wait(caller) and _when_returned(caller, restore=held.finish)
+    held.released = True
+    if not held.finishing:
+        # No profile function to finish with (another profiler, or no
+        # caller): the handlers go back now, and a thread re-sends.
+        held.restore()
+        for exc in held.raised:
+            log.error("thpguard: a signal handler raised %r as a fork began; it cannot be "
+                      "raised again where fork() was called (another profiler is set)", exc)
+        held.raised = []
+        if held.caught:
+            _deliver_after_return(list(held.caught), caller)
+
+
+# -- after fork() returned ----------------------------------------------------
+
+_post = threading.local()  # this thread's work for after fork() returns
+
+
+def _can_wait(caller) -> bool:
+    """Whether :func:`_when_returned` can wait for ``caller`` (known, and
+    no other profiler set in this thread)."""
+    current = sys.getprofile()
+    return caller is not None and (current is None or current is _profile) and (
+        getattr(_post, "caller", None) in (None, caller))
+
+
+def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
+                   restore: Optional[Callable[[], None]] = None) -> bool:
+    """Run ``callback`` at the first profile event in ``caller`` (fork()'s
+    c_return) and ``restore`` at the first one after ``caller`` moved past
+    the call (its pid stored); True. At once where the caller is unknown or
+    another profiler is set (never displaced); False."""
+    if not _can_wait(caller):
+        if callback is not None:
+            callback()
+        if restore is not None:
+            restore()
+        return False
+    _post.caller = caller
+    _post.lasti = caller.f_lasti
+    if callback is not None:
+        _post.callbacks = getattr(_post, "callbacks", []) + [callback]
+    if restore is not None:
+        _post.restore = restore
+    sys.setprofile(_profile)
+    return True
+
+
+def _profile(frame, event, arg) -> None:
+    caller = _post.caller
+    callbacks = getattr(_post, "callbacks", [])
+    if callbacks:
+        at = caller
+        while at is not None and at is not frame:
+            at = at.f_back
+        if at is None:
+            return  # still inside the fork hooks
+        _post.callbacks = []
+        for callback in callbacks:
+            callback()
+    restore = getattr(_post, "restore", None)
+    if restore is not None and caller.f_lasti == _post.lasti:
+        return  # fork() returned, its pid not yet stored
+    sys.setprofile(None)
+    _post.caller = _post.restore = None
+    if restore is not None:
+        restore()
