@@ -280,12 +280,7 @@ def exit_child(body) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(status if isinstance(status, int) else 70)
+        _child.leave(status if isinstance(status, int) else 70)
 
 
 #: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):

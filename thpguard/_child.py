@@ -24,7 +24,7 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 #: Seconds the parent waits for a child's next message by default. Long on
 #: purpose: it only turns a hang into a failure, it never times anything.
@@ -241,6 +241,17 @@ class Child:
             self.status = os.waitpid(self.pid, 0)[1]
 
 
+def leave(status: int) -> NoReturn:
+    """End a forked child now: flush Python's stdout and stderr (what the
+    child printed), then os._exit, never returning into the parent's code."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
+
 def _serve(fn, args, channel: "_ToParent", with_channel: bool) -> None:  # pragma: no cover
     """The child's side: run, report, and always leave with os._exit."""
     status = 1
@@ -257,12 +268,7 @@ def _serve(fn, args, channel: "_ToParent", with_channel: bool) -> None:  # pragm
             status = 1
             channel._report(("error", f"could not send the result back: {exc!r}"))
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(status)
+        leave(status)
 
 
 def run(fn: Callable[..., Any], *args: Any, timeout: Any = DEFAULT,
