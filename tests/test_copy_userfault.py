@@ -7,6 +7,7 @@ compares the data byte for byte against what each process wrote.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -22,7 +23,7 @@ import pytest
 import thpguard
 from thpguard import _native, kernel
 
-from conftest import checksum, run_in_child, smaps_huge_bytes
+from conftest import checksum, run_in_child, sharer, smaps_huge_bytes
 
 MiB = 1 << 20
 
@@ -387,20 +388,9 @@ def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_col
     it while children share the region."""
     region = copy_region(8 * MiB)
     expected = _fill(region)
-    holders = []
-
-    def hold():
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(w)
-            os.read(r, 1)
-            os._exit(0)
-        os.close(r)
-        holders.append((pid, w))
-
-    try:
-        hold()
+    # The sharers end last-started first: the second holds the first one's pipe too.
+    with contextlib.ExitStack() as holders:
+        holders.enter_context(sharer())
         _native.fault_inject("copy_block", errno.ENOMEM, 1)
         try:
             view = region.view()
@@ -409,15 +399,9 @@ def test_split_block_stays_repairable_across_forks(copy_region, pmd, require_col
         finally:
             _native.fault_clear()
         assert region.coverage().huge_bytes == region.size - pmd
-        hold()  # the next fork protects the whole blocks only
+        holders.enter_context(sharer())  # the next fork protects the whole blocks only
         result = region.collapse()
         assert result.failures == {} and result.coverage.complete
-    finally:
-        # The second holder inherited the first one's pipe: close all first.
-        for _, w in holders:
-            os.close(w)
-        for pid, _ in holders:
-            os.waitpid(pid, 0)
     assert checksum(region.view()) == expected
 
 

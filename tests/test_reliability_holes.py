@@ -4,7 +4,6 @@ region's, and the guard says once that a hole cannot be repaired. Checked
 against /proc/self/maps and the bytes of the other mapping."""
 
 import ctypes
-import errno
 import logging
 import mmap
 
@@ -61,6 +60,18 @@ def _map_at(addr, size):
     return addr
 
 
+def _close_keeps_the_other_mapping(region, other, size, caplog):
+    """close() leaves ``other`` (in a hole of the region) mapped and intact,
+    with one ERROR naming the region."""
+    with caplog.at_level(logging.ERROR, logger="thpguard"):
+        region.close()
+    assert region.closed
+    assert _mapped(other, other + size)
+    assert ctypes.string_at(other, 16) == b"not the region's"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+
+
 @pytest.mark.parametrize("hole", ["block", "page"])
 def test_close_keeps_a_mapping_that_landed_in_a_hole(region_factory, hole, caplog):
     """Outside code unmaps part of a region and another mapping lands there:
@@ -72,13 +83,7 @@ def test_close_keeps_a_mapping_that_landed_in_a_hole(region_factory, hole, caplo
     _native.unmap(lo, size)
     other = _map_at(lo, size)
     try:
-        with caplog.at_level(logging.ERROR, logger="thpguard"):
-            region.close()
-        assert region.closed
-        assert _mapped(other, other + size)
-        assert ctypes.string_at(other, 16) == b"not the region's"
-        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-        assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+        _close_keeps_the_other_mapping(region, other, size, caplog)
         region.close()  # idempotent, still harmless
         assert ctypes.string_at(other, 16) == b"not the region's"
     finally:
@@ -100,13 +105,7 @@ def test_close_keeps_an_advised_mapping_that_would_merge(region_factory, hole, c
     try:
         assert (region.address, region.address + region.size) not in _maps()  # not merged
         assert (other, other + size) in _maps()
-        with caplog.at_level(logging.ERROR, logger="thpguard"):
-            region.close()
-        assert region.closed
-        assert _mapped(other, other + size)
-        assert ctypes.string_at(other, 16) == b"not the region's"
-        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-        assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+        _close_keeps_the_other_mapping(region, other, size, caplog)
     finally:
         _libc.munmap(other, size)
 
@@ -252,12 +251,6 @@ def test_close_keeps_a_mapping_in_a_hole_of_a_lazy_copy_region(region_factory, h
     other = _map_at(lo, size)
     _native.madvise(other, size, _native.MADV_HUGEPAGE)
     try:
-        with caplog.at_level(logging.ERROR, logger="thpguard"):
-            region.close()
-        assert region.closed
-        assert _mapped(other, other + size)
-        assert ctypes.string_at(other, 16) == b"not the region's"
-        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-        assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+        _close_keeps_the_other_mapping(region, other, size, caplog)
     finally:
         _libc.munmap(other, size)
