@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,12 +32,14 @@ pytestmark = pytest.mark.usefixtures("no_faults")
 RETRIES = 3
 
 
+@contextlib.contextmanager
 def _split(region, pmd, blocks):
-    """Split the first ``blocks`` blocks here and check the kernel did."""
-    split_here(region, pmd, blocks)
-    cov = region.coverage()
-    assert cov.split_blocks == blocks, cov
-    return cov
+    """Split the first ``blocks`` blocks here, check the kernel did, and
+    keep them split (but for the test's own collapses) for the block."""
+    with split_here(region, pmd, blocks):
+        cov = region.coverage()
+        assert cov.split_blocks == blocks, cov
+        yield
 
 
 def _filled(region_factory, pmd, blocks, **kwargs):
@@ -53,14 +56,14 @@ def test_collapse_eagain_is_retried(region_factory, pmd, injected):
     """EAGAIN (transient) is retried up to max_retries times per chunk:
     that many injected failures leave no trace and every block collapses."""
     region = _filled(region_factory, pmd, 4)
-    _split(region, pmd, 4)
-    before = checksum(region.view())
-    inject("collapse", errno.EAGAIN, injected)
-    result = region.collapse(chunk=pmd, max_retries=RETRIES)
-    assert result.failures == {}
-    assert result.coverage.complete and region.coverage().complete
-    assert _native.fault_take("collapse") == 0, "all injected faults consumed"
-    assert checksum(region.view()) == before
+    with _split(region, pmd, 4):
+        before = checksum(region.view())
+        inject("collapse", errno.EAGAIN, injected)
+        result = region.collapse(chunk=pmd, max_retries=RETRIES)
+        assert result.failures == {}
+        assert result.coverage.complete and region.coverage().complete
+        assert _native.fault_take("collapse") == 0, "all injected faults consumed"
+        assert checksum(region.view()) == before
 
 
 def test_collapse_eagain_beyond_retries_is_reported(region_factory, pmd):
@@ -68,17 +71,17 @@ def test_collapse_eagain_beyond_retries_is_reported(region_factory, pmd):
     reports it, the block stays split (kernel ground truth), and a later
     collapse repairs it."""
     region = _filled(region_factory, pmd, 4)
-    _split(region, pmd, 4)
-    before = checksum(region.view())
-    inject("collapse", errno.EAGAIN, RETRIES + 1)
-    result = region.collapse(chunk=pmd, max_retries=RETRIES)
-    assert result.failures == {errno.EAGAIN: 1}
-    assert result.coverage.split_blocks == 1
-    assert region.coverage().split_blocks == 1
-    assert checksum(region.view()) == before
-    again = region.collapse(chunk=pmd, max_retries=RETRIES)
-    assert again.failures == {} and again.coverage.complete
-    assert checksum(region.view()) == before
+    with _split(region, pmd, 4):
+        before = checksum(region.view())
+        inject("collapse", errno.EAGAIN, RETRIES + 1)
+        result = region.collapse(chunk=pmd, max_retries=RETRIES)
+        assert result.failures == {errno.EAGAIN: 1}
+        assert result.coverage.split_blocks == 1
+        assert region.coverage().split_blocks == 1
+        assert checksum(region.view()) == before
+        again = region.collapse(chunk=pmd, max_retries=RETRIES)
+        assert again.failures == {} and again.coverage.complete
+        assert checksum(region.view()) == before
 
 
 @pytest.mark.parametrize("err", [errno.ENOMEM, errno.EBUSY, errno.EINVAL])
@@ -86,17 +89,17 @@ def test_collapse_hard_errors_not_retried_and_reported(region_factory, pmd, err)
     """ENOMEM, EBUSY and EINVAL are not retried: each injected failure costs
     exactly one chunk, is counted under its errno, and loses no byte."""
     region = _filled(region_factory, pmd, 4)
-    _split(region, pmd, 4)
-    before = checksum(region.view())
-    inject("collapse", err, 2)
-    result = region.collapse(chunk=pmd, max_retries=RETRIES)
-    assert result.failures == {err: 2}
-    assert result.coverage.split_blocks == 2 == region.coverage().split_blocks
-    assert result.attempted_bytes == 4 * pmd
-    assert result.collapsed_bytes == 2 * pmd
-    assert checksum(region.view()) == before
-    assert region.collapse().coverage.complete
-    assert checksum(region.view()) == before
+    with _split(region, pmd, 4):
+        before = checksum(region.view())
+        inject("collapse", err, 2)
+        result = region.collapse(chunk=pmd, max_retries=RETRIES)
+        assert result.failures == {err: 2}
+        assert result.coverage.split_blocks == 2 == region.coverage().split_blocks
+        assert result.attempted_bytes == 4 * pmd
+        assert result.collapsed_bytes == 2 * pmd
+        assert checksum(region.view()) == before
+        assert region.collapse().coverage.complete
+        assert checksum(region.view()) == before
 
 
 def test_alloc_map_failure_raises_and_leaks_nothing(require_thp, pmd):

@@ -77,10 +77,10 @@ def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guar
     region = region_factory(4 * pmd)
     failures_before = thpguard.stats().repair_failures.get(errno.errorcode[err], 0)
     inject("collapse", err, 3)
-    split_here(region, pmd, 4)
-    before = checksum(region.view())
-    wait_until(lambda: region.coverage().complete,
-               lambda: f"the guard to repair after the faults (events: {guard.recorder.kinds(region)})")
+    with split_here(region, pmd, 4):
+        before = checksum(region.view())
+        wait_until(lambda: region.coverage().complete,
+                   lambda: f"the guard to repair after the faults (events: {guard.recorder.kinds(region)})")
     assert_smaps_huge(region)
     backoffs = guard.recorder.of("backoff", region)
     assert len(backoffs) == 3
@@ -103,8 +103,8 @@ def test_guard_persistent_eagain_backs_off(region_factory, pmd):
     try:
         region = region_factory(2 * pmd)
         inject("collapse", errno.EAGAIN, 6)
-        split_here(region, pmd, 1)
-        wait_until(lambda: region.coverage().complete, "the guard to repair the split")
+        with split_here(region, pmd, 1):
+            wait_until(lambda: region.coverage().complete, "the guard to repair the split")
         assert_smaps_huge(region)
         backoffs = recorder.of("backoff", region)
         assert backoffs and "EAGAIN" in backoffs[0].reason
@@ -118,8 +118,8 @@ def test_guard_disables_block_on_einval(region_factory, pmd, guard):
     every tick; the region itself stays repaired."""
     region = region_factory(2 * pmd)
     inject("collapse", errno.EINVAL, 1)
-    split_here(region, pmd, 1)
-    wait_until(lambda: guard.recorder.of("disabled", region), "a disabled event for the region")
+    with split_here(region, pmd, 1):
+        wait_until(lambda: guard.recorder.of("disabled", region), "a disabled event for the region")
     event = guard.recorder.of("disabled", region)[0]
     assert event.blocks == 1 and "no known cause" in event.reason
     s = thpguard.stats()
@@ -137,8 +137,8 @@ def test_guard_survives_scan_failures(region_factory, pmd, guard):
     assert guard.wait_ticks(8, timeout=WAIT), "the guard stopped ticking"
     _native.fault_clear()
     assert thpguard.stats().scan_failures > scan_failures
-    split_here(region, pmd, 2)
-    wait_until(lambda: region.coverage().complete, "the guard to repair the split")
+    with split_here(region, pmd, 2):
+        wait_until(lambda: region.coverage().complete, "the guard to repair the split")
     assert_smaps_huge(region)
     assert guard.running
 
