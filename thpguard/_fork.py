@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _native
 from ._forksignals import _hold, _holding, _release, _when_returned
+from ._forksignals import deferred as signals_deferred  # noqa: F401 (used by the guard)
 
 log = logging.getLogger("thpguard")
 

@@ -10,13 +10,15 @@ when fork() has returned (:func:`_when_returned`).
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import _signal
 
@@ -30,6 +32,73 @@ log = logging.getLogger("thpguard")
 # Every signal a Python handler may take: its handler would run (and may
 # raise) inside a hook, between two steps of the fork's work.
 _HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _trip(signum: int) -> None:
+    """Mark ``signum`` as arrived for its Python handler, in the main
+    thread, without running the handler here: it runs at the interpreter's
+    next check, as a signal that arrived just now would, and one that
+    raises leaves the others pending, as CPython does."""
+    try:
+        _thread.interrupt_main(signum)
+    except TypeError:  # Python 3.9: interrupt_main() takes no signal number
+        signal.raise_signal(signum)
+
+
+class _Deferred:
+    """The stand-in handler of :func:`deferred`: records, never runs."""
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []
+        self.saved: Dict[int, Any] = {}
+        self.raised: List[BaseException] = []
+
+    def record(self, signum, frame) -> None:
+        if signum not in self.caught:
+            self.caught.append(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Run the block with no Python signal handler running in it.
+
+    A signal mask cannot promise that: a signal another thread takes runs
+    its Python handler in the main thread at the next bytecode, whatever
+    the main thread's mask. So the handlers are replaced by a recorder for
+    the block; afterwards the real ones go back and what was recorded runs
+    at once, in arrival order. A handler that runs (and raises) while they
+    are swapped has its exception raised once the block is over. Outside
+    the main thread nothing is needed: Python runs handlers only there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = _Deferred()
+    try:
+        for signum in _HELD_SIGNALS:
+            while True:  # again if a handler raised between the two calls
+                try:
+                    old = _getsignal(signum)
+                    if callable(old) and getattr(old, "__self__", None) is not held:
+                        held.saved[signum] = old
+                        _setsignal(signum, held.record)
+                    break
+                except BaseException as exc:  # the program's handler, raised here
+                    held.raised.append(exc)
+        yield
+    finally:
+        for signum, old in held.saved.items():
+            while True:
+                try:
+                    if getattr(_getsignal(signum), "__self__", None) is held:
+                        _setsignal(signum, old)
+                    break
+                except BaseException as exc:
+                    held.raised.append(exc)
+        for signum in held.caught:
+            _trip(signum)
+        if held.raised:
+            raise held.raised[0]
 
 
 def _deliver_after_return(signums: List[int], caller) -> None:
