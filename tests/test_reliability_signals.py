@@ -254,3 +254,55 @@ def test_signal_at_each_point_of_a_fork(point, signame):
     if signame == "SIGTERM":
         assert report["handled"] == [signal.SIGTERM], report
     assert report["ran"] == _EXPECTED_HOOKS[point.startswith("child")], report
+
+
+LANDING_SCRIPT = r"""
+import json, os, signal, sys
+import thpguard
+from thpguard import _fork
+
+class Tick(Exception):
+    pass
+
+def on_usr1(signum, frame):
+    raise Tick()
+
+def marker():
+    pass
+
+signal.signal(signal.SIGUSR1, on_usr1)
+# Raised as the fork's first before-fork callback runs: held through the fork.
+_fork.subscribe("t-raise", before=lambda: signal.raise_signal(signal.SIGUSR1), order=-10 ** 6)
+parent = os.getpid()
+where = pid = None
+try:
+    pid = os.fork()
+    stored = True  # no call on this line: no profile event
+except Tick:
+    where = "fork"
+try:
+    child = os.getpid() != parent  # the first call after the fork
+except Tick:
+    where, child = where or "first call", False
+if child:
+    os._exit(0)
+try:
+    marker()
+except Tick:
+    where = where or "second call"
+os.waitpid(pid, 0)
+print(json.dumps({"where": where, "pid_known": pid is not None}))
+"""
+
+
+def test_held_exception_lands_at_the_first_call_after_fork():
+    """A handler's exception held through a fork is raised in the parent at
+    the first function call after the statement that stored fork()'s pid,
+    not on the fork line (where it would lose the pid): docs/reliability.rst
+    says so, and this is what a ``try`` around ``os.fork()`` alone misses."""
+    out = subprocess.run([sys.executable, "-c", LANDING_SCRIPT], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert "Exception ignored" not in out.stderr, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"where": "first call", "pid_known": True}, report
