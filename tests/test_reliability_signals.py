@@ -353,3 +353,49 @@ def test_sigterm_handler_that_exits_while_forking_in_a_loop(copy_mode):
                 proc.communicate()
         assert "Exception ignored" not in err and "Traceback" not in err, err[-2000:]
         assert proc.returncode == 7, (proc.returncode, err[-2000:])
+
+
+PROFILER_SCRIPT = r"""
+import json, os, signal, sys, threading, time
+import thpguard
+from thpguard import _fork
+
+handled = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: handled.append(os.getpid()))
+_fork.subscribe("t-raise", before=lambda: signal.raise_signal(signal.SIGUSR1),
+                after_in_child=lambda late: signal.raise_signal(signal.SIGUSR1))
+calls = []
+sys.setprofile(lambda frame, event, arg: calls.append(event) if len(calls) < 10 else None)
+parent = os.getpid()
+pid = os.fork()
+deadline = time.monotonic() + 30
+while not handled and time.monotonic() < deadline:
+    time.sleep(0.001)
+sys.setprofile(None)
+while threading.active_count() > 1 and time.monotonic() < deadline:
+    time.sleep(0.001)  # the thread that tripped the handler is ending
+report = {"handled": handled == [os.getpid()], "pid_known": pid is not None,
+          "profiled": bool(calls), "threads": sorted(t.name for t in threading.enumerate())}
+if pid == 0:
+    os.write(1, ("child " + json.dumps(report) + "\n").encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+os.write(1, ("parent " + json.dumps(report) + "\n").encode())
+"""
+
+
+def test_held_signal_with_another_profiler_set():
+    """With another profiler set (never displaced), a signal held through the
+    fork still reaches its handler once fork() returned, in the parent and
+    in the child (a thread watches the caller's frame there, started after
+    threading's own after-fork work, and is gone by then)."""
+    out = subprocess.run([sys.executable, "-c", PROFILER_SCRIPT], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    reports = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert set(reports) == {"parent", "child"}, out.stdout
+    for side, text in reports.items():
+        report = json.loads(text)
+        assert report["handled"] and report["pid_known"] and report["profiled"], (side, report)
+        assert report["threads"] == ["MainThread"], (side, report)
