@@ -43,16 +43,33 @@ _HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIG
 _INTERRUPT_TAKES_SIGNUM = sys.version_info >= (3, 10)
 
 
-def _trip(signum: int) -> None:
-    """Mark ``signum`` as arrived for its Python handler, in the main
-    thread, without running the handler in this call: it runs at the
-    interpreter's next check, as a signal that arrived just now would, and
-    one that raises leaves the others pending, as CPython does. (On Python
-    3.9 the handler runs in this call.)"""
+def _trip(signums: List[int]) -> None:
+    """Mark ``signums`` as arrived for their Python handlers, in the main
+    thread, all in one C call, as signals that arrived just now: the
+    handlers run at the interpreter's next check (in the main thread, just
+    after this call), in order, and one that raises leaves the others
+    pending, as CPython does. (Python 3.9 runs each handler as its signal
+    is raised: one that raises there drops the rest.)"""
     if _INTERRUPT_TAKES_SIGNUM:
-        _thread.interrupt_main(signum)
+        list(map(_thread.interrupt_main, signums))
     else:
-        signal.raise_signal(signum)
+        list(map(signal.raise_signal, signums))
+
+
+def _trip_after(exc: Optional[BaseException], signums: List[int]) -> None:
+    """Run the handlers of ``signums`` (:func:`_trip`), then raise ``exc``,
+    which a handler raised before them; if one of them raises, its
+    exception comes out instead, with ``exc`` as its context (nothing is
+    dropped unseen)."""
+    if exc is None:
+        _trip(signums)
+        return
+    try:
+        _trip(signums)
+    except BaseException as later:
+        later.__context__ = exc
+        raise
+    raise exc
 
 
 class _Deferred:
@@ -105,10 +122,7 @@ def deferred() -> Iterator[None]:
                     break
                 except BaseException as exc:
                     held.raised.append(exc)
-        for signum in held.caught:
-            _trip(signum)
-        if held.raised:
-            raise held.raised[0]
+        _trip_after(held.raised[0] if held.raised else None, held.caught)
 
 
 def _deliver_after_return(signums: List[int], caller) -> None:
@@ -138,8 +152,7 @@ def _deliver_after_return(signums: List[int], caller) -> None:
                 break
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
-        for signum in signums:
-            _trip(signum)
+        _trip(signums)
 
     threading.Thread(target=deliver, name="thpguard-fork-signal", daemon=True).start()
 
@@ -200,23 +213,13 @@ class _Held:
     def finish(self) -> None:
         """Once fork() returned and its pid is stored, in the forking thread:
         put the real handlers back, then mark what was recorded as arrived
-        (their handlers run next, in order; one that raises leaves the
-        others pending, as CPython does)."""
+        (their handlers run now, in order; one that raises leaves the
+        others pending, as CPython does). An exception a handler raised as
+        the hold began (before the fork) is raised after them."""
         self.restore()
         caught, self.caught = list(self.caught), []
-        if self.raised:
-            # A handler raised as the hold began (before the fork): that
-            # exception first; the signals recorded since stay pending
-            # behind it and run at the interpreter's next check.
-            exc, self.raised = self.raised[0], []
-            if _INTERRUPT_TAKES_SIGNUM:
-                for signum in caught:
-                    _trip(signum)
-            elif caught:  # 3.9 runs a handler at once: after the exception
-                _deliver_after_return(caught, None)
-            raise exc
-        for signum in caught:
-            _trip(signum)
+        exc, self.raised = (self.raised[0] if self.raised else None), []
+        _trip_after(exc, caught)
 
 
 _holding = threading.local()
