@@ -399,3 +399,51 @@ def test_held_signal_with_another_profiler_set():
         report = json.loads(text)
         assert report["handled"] and report["pid_known"] and report["profiled"], (side, report)
         assert report["threads"] == ["MainThread"], (side, report)
+
+
+TWO_SIGNALS_SCRIPT = r"""
+import json, os, signal, time
+import thpguard
+from thpguard import _fork
+
+class Tick(Exception):
+    pass
+
+def on_usr1(signum, frame):
+    raise Tick()
+
+seen = []
+signal.signal(signal.SIGUSR1, on_usr1)
+signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+
+def both():
+    signal.raise_signal(signal.SIGUSR1)
+    signal.raise_signal(signal.SIGUSR2)
+
+_fork.subscribe("t-raise", before=both, order=-10 ** 6)
+parent = os.getpid()
+ticks = 0
+try:
+    pid = os.fork()
+    if os.getpid() != parent:
+        os._exit(0)
+except Tick:
+    ticks += 1
+deadline = time.monotonic() + 10
+while not seen and time.monotonic() < deadline:
+    time.sleep(0.001)
+os.waitpid(-1, 0)
+print(json.dumps({"ticks": ticks, "usr2": seen}))
+"""
+
+
+def test_two_held_signals_the_first_raising():
+    """Two signals held through one fork, the first one's handler raising:
+    the exception reaches the program and the second handler still runs
+    (each signal is marked as arrived before any handler runs)."""
+    out = subprocess.run([sys.executable, "-c", TWO_SIGNALS_SCRIPT], capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"ticks": 1, "usr2": [signal.SIGUSR2]}, report
