@@ -18,7 +18,6 @@ from __future__ import annotations
 import _thread
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -291,8 +290,8 @@ def _hold() -> _Held:
 
 
 def _release(caller) -> None:
-    """End the hooks' hold: re-send what was recorded, and put the real
-    handlers back, once fork() has returned to ``caller`` and it moved on."""
+    """End the hooks' hold: put the real handlers back and deliver what was
+    recorded once fork() has returned to ``caller`` and it moved on."""
     held = getattr(_holding, "held", None)
     _holding.held = held.outer if held is not None else None
     if held is None:
@@ -302,7 +301,7 @@ def _release(caller) -> None:
     held.finishing = _can_wait(caller) and _when_returned(caller, restore=held.finish)
     if not held.finishing:
         # No profile function to finish with (another profiler, or no
-        # caller): the handlers go back now, and a thread re-sends. Back
+        # caller): the handlers go back now, and a thread delivers. Back
         # first, then released: what the recorder takes until then is in
         # held.caught, read after.
         held.restore()
