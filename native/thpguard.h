@@ -214,6 +214,12 @@ int tg_fork_claim(void);
 #define TG_MAX_COPY_REGIONS 1024
 #define TG_COPY_POOL_MAX 64
 
+/* The handler's pool of pre-faulted huge pages has a one-page marker just
+ * below it: an inaccessible mapping of a memfd named
+ * TG_COPY_POOL_MARKER "BYTES" (the pool's length), so /proc/PID/maps and
+ * `thpguard status` tell the pool from a leak. */
+#define TG_COPY_POOL_MARKER "thpguard-copy-pool:"
+
 /* How a block is put in place. */
 enum tg_copy_method {
     TG_COPY_MOVE = 1,       /* zap the block, UFFDIO_MOVE the copy in (6.8) */

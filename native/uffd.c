@@ -129,6 +129,14 @@ static int pool_active;       /* 0 in a child until it first takes a block */
 static struct tg_copy_stats stats;
 #define COUNT(field) __atomic_fetch_add(&stats.field, 1, __ATOMIC_RELAXED)
 
+static size_t page_size(void)
+{
+    static size_t page;
+    if (!page)
+        page = (size_t)sysconf(_SC_PAGESIZE);
+    return page;
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -275,19 +283,51 @@ static size_t pool_count(void)
 static void pool_free(void)
 {
     if (pool)
-        munmap(pool, pool_slots * block);
+        munmap(pool - page_size(), pool_slots * block + page_size());  /* with its marker */
     pool = NULL;
     pool_slots = 0;
     memset(pool_ready, 0, sizeof(pool_ready));
 }
 
+/* Name the page below the pool (TG_COPY_POOL_MARKER): the pool is 8 MiB
+ * of advised, PMD-mapped anonymous memory that an operator would otherwise
+ * take for a leak. Without a memfd (no fd left) the page stays a plain
+ * inaccessible one: only the label is lost. */
+static void pool_mark(char *below, size_t pool_len)
+{
+    /* No snprintf: a child's at-fork handler may get here. */
+    char name[64] = TG_COPY_POOL_MARKER, digits[24];
+    size_t n = 0, at = sizeof(TG_COPY_POOL_MARKER) - 1;
+    do
+        digits[n++] = (char)('0' + pool_len % 10);
+    while ((pool_len /= 10) != 0);
+    while (n)
+        name[at++] = digits[--n];
+    name[at] = '\0';
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd >= 0) {
+        mmap(below, page_size(), PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0);
+        close(fd);
+    } else {
+        mprotect(below, page_size(), PROT_NONE);
+    }
+    /* Children make their own pool: the marker stays with this one. */
+    madvise(below, page_size(), TG_MADV_DONTFORK);
+}
+
 static int pool_map(void)
 {
-    void *p;
-    if (tg_map_aligned(pool_target * block, block, &p) != 0)
+    /* One block more than the pool, aligned: the pool starts a block in,
+     * and the last page of the block below it is the marker. */
+    size_t len = pool_target * block;
+    char *p;
+    if (tg_map_aligned(len + block, block, (void **)&p) != 0)
         return -1;
-    madvise(p, pool_target * block, TG_MADV_HUGEPAGE);
-    madvise(p, pool_target * block, TG_MADV_DONTFORK);
+    munmap(p, block - page_size());
+    pool_mark(p + block - page_size(), len);
+    p += block;
+    madvise(p, len, TG_MADV_HUGEPAGE);
+    madvise(p, len, TG_MADV_DONTFORK);
     pool = p;
     pool_slots = pool_target;
     memset(pool_ready, 0, sizeof(pool_ready));

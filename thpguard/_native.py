@@ -307,13 +307,23 @@ def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:
 
 
 #: memfd name prefix of the marker page in front of each region: maps show
-#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA.
+#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA,
+#: ``/memfd:thpguard-region:NAME;copy=MECHANISM (deleted)`` for a ``copy``
+#: region (names never hold ``;``).
 MARKER_PREFIX = "thpguard-region:"
+#: What follows the name in a ``copy`` region's marker: its copy mechanism.
+MARKER_COPY = ";copy="
+#: memfd name prefix of the marker page below the lazy copy's pool of
+#: pre-faulted huge pages, followed by the pool's length in bytes
+#: (``TG_COPY_POOL_MARKER`` in native/thpguard.h).
+POOL_MARKER_PREFIX = "thpguard-copy-pool:"
 
 
-def map_marker(addr: int, length: int, name: Optional[str]) -> None:
-    """Put a PROT_NONE page of a memfd named after the region at ``addr``."""
-    fd = os.memfd_create(MARKER_PREFIX + (name or ""), os.MFD_CLOEXEC)
+def map_marker(addr: int, length: int, name: Optional[str], copy_mode: Optional[str] = None) -> None:
+    """Put a PROT_NONE page of a memfd named after the region (and, for a
+    ``copy`` region, its copy mechanism) at ``addr``."""
+    label = MARKER_PREFIX + (name or "") + (MARKER_COPY + copy_mode if copy_mode else "")
+    fd = os.memfd_create(label, os.MFD_CLOEXEC)
     try:
         _check(lib.tg_map_marker(_ptr(addr), length, fd), "mmap marker", addr, length)
     finally:

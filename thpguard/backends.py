@@ -305,6 +305,7 @@ class HugetlbBackend:
         """Marker page, fork policy and population of a freshly mapped region."""
         try:
             _native.map_marker(region.address - _PAGE, _PAGE, region.name)
+            region._marked = True
         except OSError:
             pass  # only `thpguard status` loses the region's name
         # MADV_WIPEONFORK is EINVAL on hugetlb (Linux 6.18, measured): a
