@@ -293,6 +293,16 @@ int tg_copy_set_pool(size_t blocks);
  * its handler thread fills the rest. */
 int tg_copy_set_child_prefill(size_t blocks);
 
+/* How long a child's at-fork handler waits, at most, for its new handler
+ * thread to run and poll before the child's code runs, in microseconds
+ * (default 50000; 0: no wait, the child's first write waits instead). */
+int tg_copy_set_child_ready_wait(unsigned microseconds);
+
+/* How long the handler waits after a fault before it refills the pool, in
+ * milliseconds (0..1000, default 1; 0: at once), so the writer it woke
+ * gets a CPU first. */
+int tg_copy_set_refill_delay(unsigned milliseconds);
+
 /* ---- process switches ------------------------------------------------- */
 
 /* Raw prctl(PR_GET_THP_DISABLE) result. */

@@ -27,6 +27,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <linux/futex.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -108,6 +109,12 @@ static pthread_t handler_tid;
 static int stop_fd = -1;      /* eventfd: wakes the handler; it exits if stopping */
 static int stopping;          /* set under op_lock before stop_fd is written */
 static _Atomic int arm_errno;
+/* 1 once the handler thread reaches its poll loop (a futex word): a child's
+ * at-fork handler waits for it, at most child_ready_wait_us, so the child's
+ * first write does not wait for a thread that has never run. */
+static _Atomic int handler_ready;
+static unsigned child_ready_wait_us = 50000;
+static unsigned refill_delay_ms = 1;
 
 /* Pre-faulted huge pages, taken by the handler and refilled by it when no
  * fault is waiting, so the fault path neither allocates nor zeroes. Only
@@ -632,14 +639,24 @@ static void *handler_main(void *arg)
     /* uffd and stop_fd stay open until this thread has been joined. */
     int fd = uffd;
     struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
-    int refill_failed = 0;
+    int refill_failed = 0, after_fault = 0;
     for (;;) {
         pthread_mutex_lock(&op_lock);
         int idle_work = !stopping && !pool_full();
         pthread_mutex_unlock(&op_lock);
+        if (!atomic_load(&handler_ready)) {
+            atomic_store(&handler_ready, 1);
+            syscall(SYS_futex, &handler_ready, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+        }
         /* A refill that failed (no huge page to be had) is tried again
-         * 100 ms later, not in a busy loop. */
-        int n = poll(pfd, 2, idle_work ? (refill_failed ? 100 : 0) : -1);
+         * 100 ms later, not in a busy loop. Right after a fault the refill
+         * waits refill_delay_ms for the next fault: the writer just woken
+         * runs first, instead of waiting for a CPU while this thread
+         * zeroes a block (milliseconds on a busy host). */
+        int n = poll(pfd, 2, !idle_work ? -1 : refill_failed ? 100
+                             : after_fault ? (int)refill_delay_ms : 0);
+        if (n == 0)
+            after_fault = 0;
         if (n < 0 && errno != EINTR)
             break;
         if (n > 0 && (pfd[1].revents & POLLIN)) {
@@ -668,6 +685,7 @@ static void *handler_main(void *arg)
             continue;
         for (ssize_t i = 0; i < got / (ssize_t)sizeof(msgs[0]); i++)
             handle(&msgs[i]);
+        after_fault = 1;
     }
     return NULL;
 }
@@ -678,6 +696,7 @@ static int start_handler(void)
     if (stop_fd < 0)
         return -1;
     stopping = 0;
+    atomic_store(&handler_ready, 0);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 256 << 10);
@@ -932,7 +951,44 @@ void tg__copy_unprotect_split(uintptr_t addr, size_t len)
     pthread_mutex_unlock(&op_lock);
 }
 
+int tg_copy_set_child_ready_wait(unsigned microseconds)
+{
+    pthread_mutex_lock(&op_lock);
+    child_ready_wait_us = microseconds;
+    pthread_mutex_unlock(&op_lock);
+    return 0;
+}
+
+int tg_copy_set_refill_delay(unsigned milliseconds)
+{
+    if (milliseconds > 1000) {
+        errno = EINVAL;
+        return -1;
+    }
+    pthread_mutex_lock(&op_lock);
+    refill_delay_ms = milliseconds;
+    pthread_mutex_unlock(&op_lock);
+    return 0;
+}
+
 /* ---- fork (called from thpguard.c's pthread_atfork handlers) ------------- */
+
+/* Wait (a futex, no sleep) until the new handler thread polls, at most
+ * `limit_us`. Its first run (stack, TLS, a CPU to run on) then happens
+ * before the child's code, not inside the child's first write fault. On
+ * timeout the child goes on: its first write then waits for the thread. */
+static void wait_handler_ready(unsigned limit_us)
+{
+    uint64_t deadline = now_ns() + (uint64_t)limit_us * 1000;
+    while (!atomic_load(&handler_ready)) {
+        uint64_t t = now_ns();
+        if (t >= deadline)
+            return;
+        struct timespec left = {.tv_sec = (time_t)((deadline - t) / 1000000000ULL),
+                                .tv_nsec = (long)((deadline - t) % 1000000000ULL)};
+        syscall(SYS_futex, &handler_ready, FUTEX_WAIT_PRIVATE, 0, &left, NULL, 0);
+    }
+}
 
 void tg__copy_prepare(void)
 {
@@ -1016,5 +1072,8 @@ void tg__copy_child(void)
          * the fd drops every registration and protection. */
         close(fd);
         uffd = -1;
+        return;
     }
+    if (child_ready_wait_us)
+        wait_handler_ready(child_ready_wait_us);
 }

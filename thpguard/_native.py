@@ -274,6 +274,18 @@ def copy_set_child_prefill(blocks: int) -> None:
     _check(lib.tg_copy_set_child_prefill(blocks), "copy child prefill")
 
 
+def copy_set_child_ready_wait(seconds: float) -> None:
+    """How long a child's at-fork handler waits at most for its handler
+    thread to poll (``tg_copy_set_child_ready_wait``); 0: not at all."""
+    _check(lib.tg_copy_set_child_ready_wait(int(seconds * 1e6)), "copy child ready wait")
+
+
+def copy_set_refill_delay(seconds: float) -> None:
+    """How long the handler waits after a fault before refilling its pool
+    (``tg_copy_set_refill_delay``, whole milliseconds); 0: at once."""
+    _check(lib.tg_copy_set_refill_delay(round(seconds * 1e3)), "copy refill delay")
+
+
 def map_flags(addr: int, length: int, extra_flags: int) -> int:
     """Map ``length`` bytes private anonymous with ``extra_flags`` (with a
     reservation, never ``MAP_NORESERVE``); at ``addr`` (``MAP_FIXED``) unless 0."""
