@@ -107,6 +107,9 @@ class UserfaultCopy(CopyMechanism):
     def parent_waits(self, region: "Region") -> bool:
         return False
 
+    def charge(self, region: "Region") -> int:
+        return 0  # each written block is charged when it is copied, as by the kernel's COW
+
     def in_child(self, region: "Region") -> None:
         pass
 
