@@ -14,13 +14,14 @@
 ``first write in the child``
     the same loop in a child, whose pool starts empty after fork: its very
     first write right after ``fork()`` returns (``right after fork``), and
-    the later blocks, with the child filling 0, 1 (the default) or 4 pool
-    blocks before its code runs (``prefill N``). ``fork + child exit, prefill
-    N`` is what that filling costs a fork against ``prefill 0``. ``as
-    before`` is ``prefill 1`` without the two changes that made the very
-    first write faster (the child's at-fork handler waits for its handler
-    thread to poll; the handler waits 1 ms after a fault before it refills
-    its pool), in the same run.
+    the later blocks, with the child's handler thread filling 0, 1 (the
+    default) or 4 pool blocks before the child's code runs (``prefill N``).
+    ``fork + child exit, prefill N`` is what that filling costs a fork
+    against ``prefill 0``. ``no ready wait`` is ``prefill 1`` without the
+    at-fork handler waiting for the handler thread (its filling overlaps
+    the child's code), ``neither`` also without the handler's 1 ms pause
+    after a fault before it refills its pool; ``fork() until the child's
+    first write is done`` adds the fork to the first write, in the same run.
 ``chase``
     pointer chasing right after fork and a write to every block, against
     the same process before the fork (no repair phase).
@@ -37,6 +38,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -107,14 +109,17 @@ def _first_writes(method: str, size: int, pause: float, burst: bool) -> dict:
         region.close()
 
 
-def _child_first_writes(prefill: int, size: int, pause: float, before: bool = False) -> dict:
+def _child_first_writes(prefill: int, size: int, pause: float, ready_wait: bool = True,
+                        refill_delay: bool = True) -> dict:
     """In a fresh process: a child's first writes, its pool filled with
     ``prefill`` blocks at fork (the parent keeps the region shared);
-    ``before``: without the ready wait and the refill delay."""
+    without ``ready_wait`` the child does not wait for its handler thread,
+    without ``refill_delay`` the handler refills at once after a fault."""
     ffi, lib = _cbench.load()
     _native.copy_set_child_prefill(prefill)
-    if before:
+    if not ready_wait:
         _native.copy_set_child_ready_wait(0)
+    if not refill_delay:
         _native.copy_set_refill_delay(0)
     pmd = pmd_size()
     warm_memory(2 * size)
@@ -123,21 +128,38 @@ def _child_first_writes(prefill: int, size: int, pause: float, before: bool = Fa
         lib.tgb_fill(ffi.cast("void *", region.address), 7, size)
         time.sleep(0.05)  # the parent's pool fills
 
-        def child():
-            base = region.address
-            t0 = now()
-            lib.tgb_write_each(ffi.cast("void *", base), pmd, pmd)
-            first = now() - t0
-            times = []
-            for off in range(pmd, size, pmd):
-                time.sleep(pause)
+        # A plain fork, the write the first thing the child does once
+        # fork() returned (a harness's own setup in the child would give the
+        # handler thread time to start first).
+        r, w = os.pipe()
+        forked = now()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                base = region.address
                 t0 = now()
-                lib.tgb_write_each(ffi.cast("void *", base + off), pmd, pmd)
-                times.append(now() - t0)
-            return {"first_s": first, "per_block_s": median(times), "stats": _native.copy_stats(),
-                    "coverage": region.coverage().ratio}
-
-        return in_child(child)
+                lib.tgb_write_each(ffi.cast("void *", base), pmd, pmd)
+                first = now() - t0
+                fork_to_first = now() - forked  # one monotonic clock for both processes
+                times = []
+                for off in range(pmd, size, pmd):
+                    time.sleep(pause)
+                    t0 = now()
+                    lib.tgb_write_each(ffi.cast("void *", base + off), pmd, pmd)
+                    times.append(now() - t0)
+                out = {"first_s": first, "fork_to_first_s": fork_to_first,
+                       "per_block_s": median(times), "stats": _native.copy_stats(),
+                       "coverage": region.coverage().ratio}
+                os.write(w, json.dumps(out).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            got = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not got:
+            raise RuntimeError(f"the writing child gave no result (wait status {status:#x})")
+        return json.loads(got)
     finally:
         region.close()
 
@@ -287,7 +309,8 @@ def run(settings: Settings) -> Result:
     variants["move, burst"] = lambda: in_child(_first_writes, "move", size, 0.0, True)
     for n in PREFILLS:
         variants[f"child, prefill {n}"] = lambda n=n: in_child(_child_first_writes, n, size, pause)
-    variants["child, as before"] = lambda: in_child(_child_first_writes, 1, size, pause, True)
+    variants["child, no ready wait"] = lambda: in_child(_child_first_writes, 1, size, pause, False)
+    variants["child, neither"] = lambda: in_child(_child_first_writes, 1, size, pause, False, False)
     samples = interleave(variants, settings.reps, settings.warmup)
     res.samples["first_write"] = samples
     base = [s["per_block_s"] for s in samples["baseline"]]
@@ -300,7 +323,7 @@ def run(settings: Settings) -> Result:
                 f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} left to the kernel COW, "
                 f"{inline:.0f} blocks faulted in the fault path)",
                 f"{median(base) * 1e3:.3f} ms")
-    for label in [f"prefill {n}" for n in PREFILLS] + ["as before"]:
+    for label in [f"prefill {n}" for n in PREFILLS] + ["no ready wait", "neither"]:
         runs = samples[f"child, {label}"]
         cov = min(s["coverage"] for s in runs)
         inline = [s["stats"]["inline_allocs"] for s in runs]
@@ -312,11 +335,13 @@ def run(settings: Settings) -> Result:
         res.add(f"first write in the child, later blocks, {label}",
                 paired([s["per_block_s"] for s in runs], base), "time per block vs THP fault + memcpy",
                 f"{median([s['per_block_s'] for s in runs]) * 1e3:.3f} ms", f"{median(base) * 1e3:.3f} ms")
-    before = [s["first_s"] for s in samples["child, as before"]]
-    res.add("first write in the child, right after fork, now vs as before",
-            paired([s["first_s"] for s in samples["child, prefill 1"]], before), "time vs as before",
-            f"{median([s['first_s'] for s in samples['child, prefill 1']]) * 1e3:.3f} ms",
-            f"{median(before) * 1e3:.3f} ms")
+    for key, what in (("first_s", "first write in the child, right after fork"),
+                      ("fork_to_first_s", "fork() until the child's first write is done")):
+        mine = [s[key] for s in samples["child, prefill 1"]]
+        for other in ("no ready wait", "neither"):
+            theirs = [s[key] for s in samples[f"child, {other}"]]
+            res.add(f"{what}, prefill 1 vs {other}", paired(mine, theirs), f"time vs {other}",
+                    f"{median(mine) * 1e3:.3f} ms", f"{median(theirs) * 1e3:.3f} ms")
 
     hops = settings.pick(2_000_000, 10_000_000)
     chase_size = settings.pick(128 * MiB, 512 * MiB)

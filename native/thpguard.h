@@ -288,14 +288,17 @@ int tg_copy_set_method(int method);
  * the first fault. */
 int tg_copy_set_pool(size_t blocks);
 
-/* Pool blocks a child fills in the at-fork handler, before any of its code
- * runs (0..TG_COPY_POOL_MAX, default 1; never more than the pool keeps);
- * its handler thread fills the rest. */
+/* Pool blocks a child's handler thread fills before it first polls, which
+ * the at-fork handler waits for (tg_copy_set_child_ready_wait)
+ * (0..TG_COPY_POOL_MAX, default 1; never more than the pool keeps); it
+ * fills the rest after the child's first write. */
 int tg_copy_set_child_prefill(size_t blocks);
 
 /* How long a child's at-fork handler waits, at most, for its new handler
- * thread to run and poll before the child's code runs, in microseconds
- * (default 50000; 0: no wait, the child's first write waits instead). */
+ * thread to fill the child's first pool blocks (tg_copy_set_child_prefill)
+ * and poll before the child's code runs, in microseconds (default 50000;
+ * 0: no wait, the filling overlaps the child's code and its first write
+ * waits for what is left of it). */
 int tg_copy_set_child_ready_wait(unsigned microseconds);
 
 /* How long the handler waits after a fault before it refills the pool, in

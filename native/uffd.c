@@ -122,15 +122,17 @@ static unsigned refill_delay_ms = 1;
  * handler before it starts, stop_handler after it ended). One
  * mapping (MADV_DONTFORK: children make their own), one slot per block.
  * At most pool_target blocks are kept, and never more than the registered
- * regions have blocks; a child fills TG_COPY_CHILD_PREFILL of them in the
- * at-fork handler (child_prefill), before its code runs, and its handler
- * the rest once the child has taken a block (pool_active). */
+ * regions have blocks; a child's new handler thread fills child_prefill of
+ * them first thing, before it polls (the at-fork handler waits for that,
+ * at most child_ready_wait_us), and the rest once the child has taken a
+ * block (pool_active). */
 static char *pool;
 static size_t pool_slots;
 static unsigned char pool_ready[TG_COPY_POOL_MAX];
 static size_t pool_target = 4;
 static size_t registered_blocks;
 static size_t child_prefill = 1;
+static size_t prefill_pending;  /* blocks a child's handler fills before it polls */
 static int pool_active;       /* 0 in a child until it first takes a block */
 
 static struct tg_copy_stats stats;
@@ -640,6 +642,12 @@ static void *handler_main(void *arg)
     int fd = uffd;
     struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
     int refill_failed = 0, after_fault = 0;
+    /* A child's first blocks, before the first poll: with the at-fork
+     * handler waiting for this thread, before the child's code runs. */
+    for (; prefill_pending && pool_count() < pool_cap(); prefill_pending--)
+        if (!pool_refill_one())
+            break;
+    prefill_pending = 0;
     for (;;) {
         pthread_mutex_lock(&op_lock);
         int idle_work = !stopping && !pool_full();
@@ -974,9 +982,10 @@ int tg_copy_set_refill_delay(unsigned milliseconds)
 /* ---- fork (called from thpguard.c's pthread_atfork handlers) ------------- */
 
 /* Wait (a futex, no sleep) until the new handler thread polls, at most
- * `limit_us`. Its first run (stack, TLS, a CPU to run on) then happens
- * before the child's code, not inside the child's first write fault. On
- * timeout the child goes on: its first write then waits for the thread. */
+ * `limit_us`. Its first run (stack, TLS, a CPU to run on) and the child's
+ * first pool block then happen before the child's code, not inside the
+ * child's first write fault. On timeout the child goes on: its first
+ * write then waits for the thread. */
 static void wait_handler_ready(unsigned limit_us)
 {
     uint64_t deadline = now_ns() + (uint64_t)limit_us * 1000;
@@ -1060,11 +1069,10 @@ void tg__copy_child(void)
             break;
         }
     }
-    /* A first write right after fork finds a block ready; the handler
-     * fills the rest of the pool as soon as it runs. */
-    if (pagemap_fd >= 0 && !atomic_load(&arm_errno))
-        for (size_t i = 0; i < child_prefill && pool_count() < pool_cap(); i++)
-            pool_refill_one();
+    /* A first write right after fork finds a block ready: the new handler
+     * fills it before it polls (zeroing 2 MiB, milliseconds on memory not
+     * touched lately), then the rest of the pool after the first write. */
+    prefill_pending = child_prefill;
     if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler() != 0) {
         if (!atomic_load(&arm_errno))
             atomic_store(&arm_errno, errno ? errno : EIO);
