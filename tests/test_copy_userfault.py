@@ -805,3 +805,55 @@ def test_status_names_copy_mechanism_and_pool(copy_region, region_factory, pmd, 
     assert label == "* thpguard region 'lazy-w' copy=userfault (not armed: its writes split)"
     rows = _status_rows(os.getpid())  # the parent is unchanged
     assert rows[lazy.address].copy_armed and rows[lazy.address].copy_mode == "userfault"
+
+
+def _blocked_syscalls():
+    """{tid: syscall number} of this process's threads (/proc/self/task/*/syscall;
+    "running" for a thread not in a system call)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            out[int(tid)] = f.read().split()[0]
+    return out
+
+
+def test_child_handler_ready_before_child_code(copy_region, pmd):
+    """A child's handler thread has run and filled its first pool block
+    when the child's first line runs: its first write copies the block
+    without allocating in the fault."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    # Generous: only the order is under test, not how long a busy host takes.
+    _native.copy_set_child_ready_wait(30.0)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the first thing the child does
+            try:
+                ready = _native.copy_stats()["pool_ready"]
+                threads = _blocked_syscalls()
+                view = region.view()
+                view[0] = 0x5A
+                view.release()
+                stats = _native.copy_stats()
+                os.write(w, json.dumps({
+                    "ready": ready, "threads": {str(k): v for k, v in threads.items()},
+                    "copies": stats["copies"], "inline": stats["inline_allocs"],
+                    "complete": region.coverage().complete}).encode())
+            finally:
+                os._exit(0)
+    finally:
+        _native.copy_set_child_ready_wait(0.05)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert child["ready"] == 1, child
+    # The handler thread: in poll (7 on x86-64), or on its way there from
+    # the futex that let the child go on.
+    handler = [v for tid, v in child["threads"].items() if int(tid) != pid]
+    assert len(handler) == 1, child
+    if os.uname().machine == "x86_64":
+        assert handler[0] in ("7", "running"), child
+    assert (child["copies"], child["inline"], child["complete"]) == (1, 0, True), child
+    assert checksum(region.view()) == expected and region.coverage().complete
