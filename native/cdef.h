@@ -81,6 +81,8 @@ struct tg_copy_stats {
     uint64_t pool_ready;
     int method;
     int arm_errno;
+    uint64_t arm_ns;
+    uint64_t ready_wait_ns;
     ...;
 };
 

@@ -258,6 +258,8 @@ struct tg_copy_stats {
     uint64_t pool_ready;    /* pre-faulted blocks waiting */
     int method;             /* enum tg_copy_method; 0 before the first use */
     int arm_errno;          /* last failure arming this process, 0 if none */
+    uint64_t arm_ns;        /* a child: its at-fork handler's time, in ns */
+    uint64_t ready_wait_ns; /* of which waiting for its handler thread */
 };
 
 /* Can this process use copy regions? Fills *out and returns 0; the verdict

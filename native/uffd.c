@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -115,6 +116,8 @@ static _Atomic int arm_errno;
 static _Atomic int handler_ready;
 static unsigned child_ready_wait_us = 50000;
 static unsigned refill_delay_ms = 1;
+static cpu_set_t handler_mask;
+static int pinned_first_run;
 
 /* Pre-faulted huge pages, taken by the handler and refilled by it when no
  * fault is waiting, so the fault path neither allocates nor zeroes. Only
@@ -655,6 +658,10 @@ static void *handler_main(void *arg)
         if (!atomic_load(&handler_ready)) {
             atomic_store(&handler_ready, 1);
             syscall(SYS_futex, &handler_ready, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+            if (pinned_first_run) {
+                pinned_first_run = 0;
+                pthread_setaffinity_np(pthread_self(), sizeof(handler_mask), &handler_mask);
+            }
         }
         /* A refill that failed (no huge page to be had) is tried again
          * 100 ms later, not in a busy loop. Right after a fault the refill
@@ -698,7 +705,7 @@ static void *handler_main(void *arg)
     return NULL;
 }
 
-static int start_handler(void)
+static int start_handler(int pin)
 {
     stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (stop_fd < 0)
@@ -708,6 +715,22 @@ static int start_handler(void)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 256 << 10);
+    /* A child's new thread first runs on this thread's CPU, which this
+     * thread leaves free as it waits for it (wait_handler_ready): placed
+     * elsewhere on a busy host, the new thread waited for a CPU there
+     * (measured at load 8 on 2 CPUs, 100 forks: 90th percentile of the wait
+     * 6.7 ms, against 0.46 ms so). It takes back this thread's CPU mask
+     * once it is ready. */
+    if (pin && sched_getaffinity(0, sizeof(handler_mask), &handler_mask) == 0) {
+        int cpu = sched_getcpu();
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        if (cpu >= 0) {
+            CPU_SET(cpu, &one);
+            if (pthread_attr_setaffinity_np(&attr, sizeof(one), &one) == 0)
+                pinned_first_run = 1;
+        }
+    }
     sigset_t all, old;
     sigfillset(&all);
     /* Signals go to the application's threads, never to the handler. */
@@ -764,7 +787,7 @@ static int ensure_handler(void)
     }
     uffd = fd;
     pool_active = 1;  /* the process that made the region fills its pool now */
-    if (start_handler() != 0) {
+    if (start_handler(0) != 0) {
         int saved = errno;
         close(fd);
         uffd = -1;
@@ -1021,6 +1044,7 @@ void tg__copy_parent(void)
 
 void tg__copy_child(void)
 {
+    uint64_t t0 = now_ns();
     /* The lock was taken by the forking thread, which is this one: a fresh
      * lock is the same thing without relying on the owner check. */
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
@@ -1073,7 +1097,7 @@ void tg__copy_child(void)
      * fills it before it polls (zeroing 2 MiB, milliseconds on memory not
      * touched lately), then the rest of the pool after the first write. */
     prefill_pending = child_prefill;
-    if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler() != 0) {
+    if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler(1) != 0) {
         if (!atomic_load(&arm_errno))
             atomic_store(&arm_errno, errno ? errno : EIO);
         /* Without a handler a protected write would wait forever: closing
@@ -1082,6 +1106,9 @@ void tg__copy_child(void)
         uffd = -1;
         return;
     }
+    uint64_t t1 = now_ns();
     if (child_ready_wait_us)
         wait_handler_ready(child_ready_wait_us);
+    stats.ready_wait_ns = now_ns() - t1;
+    stats.arm_ns = now_ns() - t0;
 }

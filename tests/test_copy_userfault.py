@@ -817,6 +817,11 @@ def _blocked_syscalls():
     return out
 
 
+def _cpus_allowed(tid):
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list"))
+
+
 def test_child_handler_ready_before_child_code(copy_region, pmd):
     """A child's handler thread has run and filled its first pool block
     when the child's first line runs: its first write copies the block
@@ -838,6 +843,7 @@ def test_child_handler_ready_before_child_code(copy_region, pmd):
                 stats = _native.copy_stats()
                 os.write(w, json.dumps({
                     "ready": ready, "threads": {str(k): v for k, v in threads.items()},
+                    "cpus": sorted({_cpus_allowed(tid) for tid in threads}),
                     "copies": stats["copies"], "inline": stats["inline_allocs"],
                     "complete": region.coverage().complete}).encode())
             finally:
@@ -856,4 +862,7 @@ def test_child_handler_ready_before_child_code(copy_region, pmd):
     if os.uname().machine == "x86_64":
         assert handler[0] in ("7", "running"), child
     assert (child["copies"], child["inline"], child["complete"]) == (1, 0, True), child
+    # The handler's first run was on the forking thread's CPU; once it handled
+    # a fault it runs on the CPUs that thread may use again.
+    assert len(child["cpus"]) == 1, child
     assert checksum(region.view()) == expected and region.coverage().complete

@@ -183,7 +183,10 @@ def copy_stats() -> Dict[str, object]:
     ``copy`` region is open (the handler is stopped); ``regions``: ``copy``
     regions registered; ``pool_ready``: pre-faulted blocks waiting (at most
     4, 8 MiB); ``arm_errno``: nonzero when this process could not arm its
-    regions at fork (they then behave like ``share``). Counters survive the
-    handler's stop and restart within a process.
+    regions at fork (they then behave like ``share``); ``arm_ns``: in a
+    child, nanoseconds its at-fork handler took to arm (a userfaultfd, the
+    registrations, the protection, the handler thread and its first pool
+    block), of which ``ready_wait_ns`` waiting for that thread. Counters
+    survive the handler's stop and restart within a process.
     """
     return _native.copy_stats()

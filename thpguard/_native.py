@@ -66,7 +66,7 @@ COPY_METHODS: Dict[int, str] = {
 
 _COPY_STATS_FIELDS = (
     "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "cow_fallbacks",
-    "inline_allocs", "copy_ns", "regions", "pool_ready",
+    "inline_allocs", "copy_ns", "regions", "pool_ready", "arm_ns", "ready_wait_ns",
 )
 
 _SCAN_VEC = 512
