@@ -720,7 +720,8 @@ static int start_handler(int pin)
      * elsewhere on a busy host, the new thread waited for a CPU there
      * (measured at load 8 on 2 CPUs, 100 forks: 90th percentile of the wait
      * 6.7 ms, against 0.46 ms so). It takes back this thread's CPU mask
-     * once it is ready. */
+     * once it is ready. Only when this thread waits: else the new one
+     * would wait for it to block. */
     if (pin && sched_getaffinity(0, sizeof(handler_mask), &handler_mask) == 0) {
         int cpu = sched_getcpu();
         cpu_set_t one;
@@ -1097,7 +1098,7 @@ void tg__copy_child(void)
      * fills it before it polls (zeroing 2 MiB, milliseconds on memory not
      * touched lately), then the rest of the pool after the first write. */
     prefill_pending = child_prefill;
-    if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler(1) != 0) {
+    if (pagemap_fd < 0 || atomic_load(&arm_errno) || start_handler(child_ready_wait_us != 0) != 0) {
         if (!atomic_load(&arm_errno))
             atomic_store(&arm_errno, errno ? errno : EIO);
         /* Without a handler a protected write would wait forever: closing
