@@ -307,7 +307,8 @@ static void pool_free(void)
  * inaccessible one: only the label is lost. */
 static void pool_mark(char *below, size_t pool_len)
 {
-    /* No snprintf: a child's at-fork handler may get here. */
+    /* By hand, not snprintf: the fault path gets here when the pool is
+     * empty, and must not take a lock (locale, malloc) fork could leave held. */
     char name[64] = TG_COPY_POOL_MARKER, digits[24];
     size_t n = 0, at = sizeof(TG_COPY_POOL_MARKER) - 1;
     do
@@ -742,6 +743,7 @@ static int start_handler(int pin)
     if (rc != 0) {
         close(stop_fd);
         stop_fd = -1;
+        pinned_first_run = 0;
         errno = rc;
         return -1;
     }
