@@ -137,6 +137,7 @@ def _child_first_writes(prefill: int, size: int, pause: float, ready_wait: bool 
         out = dict(runs[0])
         out["first_s"] = median([r["first_s"] for r in runs])
         out["fork_to_first_s"] = median([r["fork_to_first_s"] for r in runs])
+        out["coverage"] = min(r["coverage"] for r in runs)
         for key in ("arm_ns", "ready_wait_ns"):
             out["stats"][key] = median([r["stats"][key] for r in runs])
         return out
