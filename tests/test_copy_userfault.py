@@ -25,7 +25,7 @@ import pytest
 import thpguard
 from thpguard import _native, kernel
 
-from conftest import checksum, run_in_child, sharer, smaps_huge_bytes
+from conftest import checksum, run_in_child, sharer, smaps_huge_bytes, wait_child
 
 MiB = 1 << 20
 
@@ -291,7 +291,7 @@ def test_exit_mid_copy(copy_region, pmd):
                 threading.Thread(target=writer, args=(i,), daemon=True).start()
         finally:
             os._exit(7)
-    _, status = os.waitpid(pid, 0)
+    status = wait_child(pid, "a copy child whose writer threads were still running to exit")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
     assert checksum(region.view()) == expected and region.coverage().complete
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import WAIT
+from conftest import WAIT, read_pipe, wait_child
 from test_reliability_cgroup import memory_cgroup  # noqa: F401 - the fixture
 
 SIZE = 64 << 20
@@ -224,9 +224,9 @@ def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypat
         finally:
             kernel.set_test_roots(None)
         os.close(w)
-        with os.fdopen(r) as f:
-            child = json.loads(f.read())
-        _, status = os.waitpid(pid, 0)
+        child = json.loads(read_pipe(r, "the child's report", pid, n=1 << 16))
+        os.close(r)
+        status = wait_child(pid, "the child to exit after its report")
         assert os.waitstatus_to_exitcode(status) == 0
         assert child == {"ok": True, "fallbacks": 1}, child
         del view
