@@ -286,7 +286,9 @@ def _after_fork_in_child(late: bool = False) -> None:
                        if r.fork == "copy" and not r.closed]
         if exec_child:
             return
-        room = _cgroup_room() if targets else None
+        # Only a copy at fork needs room: a lazy copy charges block by block
+        # on write (and reading the cgroup costs a child milliseconds).
+        room = _cgroup_room() if any(m.charge(r) for r, m in targets) else None
         for region, mechanism in targets:
             if region.closed:
                 continue
