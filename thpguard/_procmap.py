@@ -198,16 +198,28 @@ class ProcessCoverage:
     cgroup: Optional[str] = None
 
     def totals(self, only_eligible: bool = False) -> dict:
+        """Sums over the VMAs, in bytes (blocks for the ``*_blocks`` keys).
+
+        The lazy copy's pool (``copy_pool`` VMAs) is not counted in
+        ``eligible_bytes``, ``huge_bytes`` or the block counts: it is spare
+        huge pages the copy takes blocks from, not memory of the program.
+        It has its own keys, ``copy_pool_bytes`` and
+        ``copy_pool_huge_bytes``; ``size`` and ``vmas`` count every VMA.
+        """
         vmas = [v for v in self.vmas if v.thp_eligible or not only_eligible]
+        pool = [v for v in vmas if v.copy_pool]
+        memory = [v for v in vmas if not v.copy_pool]
         detail = self.source != SOURCE_SMAPS
-        huge = sum(v.huge_bytes for v in vmas)
+        huge = sum(v.huge_bytes for v in memory)
         return {
-            "eligible_bytes": sum(v.size for v in vmas if v.thp_eligible),
+            "copy_pool_bytes": sum(v.size for v in pool),
+            "copy_pool_huge_bytes": sum(v.huge_bytes for v in pool),
+            "eligible_bytes": sum(v.size for v in memory if v.thp_eligible),
             "huge_bytes": huge,
-            "partial_blocks": sum(v.partial_blocks or 0 for v in vmas) if detail else None,
+            "partial_blocks": sum(v.partial_blocks or 0 for v in memory) if detail else None,
             "pmd_mapped_bytes": huge,
             "size": sum(v.size for v in vmas),
-            "split_blocks": sum(v.split_blocks or 0 for v in vmas) if detail else None,
+            "split_blocks": sum(v.split_blocks or 0 for v in memory) if detail else None,
             "vmas": len(vmas),
         }
 
