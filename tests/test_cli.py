@@ -483,6 +483,16 @@ def _gone_pid():
     return p.pid
 
 
+def test_status_and_watch_of_a_missing_pid_do_not_claim_it_exited(capsys):
+    """A PID with no process behind it (reaped here, or never used) is named
+    as either, exit 3: thpguard cannot tell the two apart."""
+    pid = _gone_pid()
+    for command in ("status", "watch"):
+        code, out, err = run(capsys, command, str(pid))
+        assert code == 3 and out == ""
+        assert f"no process with PID {pid} (it never existed, or it has exited)" in err, err
+
+
 def test_exit_codes_are_distinct(fake, capsys, monkeypatch):
     """Usage (2), no such process or permission (3) and unsupported host (4) differ."""
     assert cli.main(["status", "--bogus"]) == cli.EXIT_USAGE == 2

@@ -88,7 +88,7 @@ def why_no_memory(pid, roots: Optional[kernel.Roots] = None) -> str:
         fields = rest.split()
         state, flags = fields[0], int(fields[6])
     except (OSError, ValueError, IndexError):
-        return f"no process with PID {pid} (it exited)"
+        return f"no process with PID {pid} (it never existed, or it has exited)"
     if flags & _PF_KTHREAD:
         return (f"PID {pid} ({name}) is a kernel thread: it has no user memory to show or repair")
     if state in ("Z", "X", "x"):
