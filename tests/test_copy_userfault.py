@@ -802,7 +802,8 @@ def test_status_names_copy_mechanism_and_pool(copy_region, region_factory, pmd, 
     finally:
         _native.fault_clear()
     assert (armed, has_pool) == (False, False)
-    assert label == "* thpguard region 'lazy-w' copy=userfault (not armed: its writes split)"
+    assert label == ("* thpguard region 'lazy-w' copy=userfault (not armed: its writes split; see "
+                     "copy_stats()['arm_errno'] in that process for why; the guard repairs the splits)")
     rows = _status_rows(os.getpid())  # the parent is unchanged
     assert rows[lazy.address].copy_armed and rows[lazy.address].copy_mode == "userfault"
 

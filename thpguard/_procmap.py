@@ -142,7 +142,8 @@ class VmaCoverage:
         if self.copy_mode:
             label += f" copy={self.copy_mode}"
             if self.copy_armed is False:
-                label += " (not armed: its writes split)"
+                label += (" (not armed: its writes split; see copy_stats()['arm_errno'] in that "
+                          "process for why; the guard repairs the splits)")
         return label
 
     @property
@@ -227,7 +228,9 @@ class ProcessCoverage:
 def _error(exc: OSError, pid: int, what: str) -> OSError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return PermissionError(exc.errno, f"not allowed to read {what} of PID {pid}: it needs ptrace read "
-                                          "access (the same user and a dumpable process, or root)")
+                                          "access (the same user and a dumpable process, or root; even as root a "
+                                          "container or a security module such as Yama, SELinux or AppArmor "
+                                          "can still refuse it)")
     return exc
 
 
