@@ -511,6 +511,15 @@ def test_help_shows_defaults_and_exit_codes(capsys):
     assert "(default: 1.0)" in out and "130 interrupted" in " ".join(out.split())
 
 
+def test_verify_help_names_every_exit_code_it_uses(capsys):
+    """verify --help names 0, 1, 3 (--fix without root, --pid not readable) and 4."""
+    assert cli.main(["verify", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("Exit 0 when the host can give THP certainty, 1 when a check failed, 3 when --fix is run "
+            "without root or --pid names a process that does not exist or may not be read, 4 when "
+            "the host is unsupported") in out
+
+
 def test_run_help_shows_defaults_and_exit_codes(capsys):
     """run --help names its defaults and its own exit codes (127: program not found)."""
     assert cli.main(["run", "--help"]) == 0

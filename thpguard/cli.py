@@ -136,7 +136,8 @@ def _add_verify(sub) -> None:
         "verify", help="check whether this host can keep huge pages across fork, with a live self-test",
         description="Check the host's THP settings and kernel features, then run a live self-test "
                     "of every fork policy. Exit 0 when the host can give THP certainty, 1 when a "
-                    "check failed, 4 when the host is unsupported.",
+                    "check failed, 3 when --fix is run without root or --pid names a process that "
+                    "does not exist or may not be read, 4 when the host is unsupported.",
         epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON object (see the schema in the docs)")
