@@ -224,6 +224,21 @@ class ProcessCoverage:
             "vmas": len(vmas),
         }
 
+    def split_addresses(self) -> set:
+        """Start addresses of the split blocks of THP-eligible VMAs, the
+        lazy copy's pool left out (what ``watch`` follows)."""
+        return {b for v in self.vmas if v.thp_eligible and not v.copy_pool
+                for b in (v.split_block_addresses or ())}
+
+    @staticmethod
+    def pool_note(totals: dict) -> str:
+        """The lazy copy's pool from :meth:`totals`, which leave it out, as
+        ``status`` and ``watch`` print it apart."""
+        from ._checks import fmt_bytes  # noqa: PLC0415 - same layer, only for this text
+
+        return (f"copy pool {fmt_bytes(totals['copy_pool_bytes'])} "
+                f"({fmt_bytes(totals['copy_pool_huge_bytes'])} PMD-mapped, not counted)")
+
 
 def _error(exc: OSError, pid: int, what: str) -> OSError:
     if exc.errno in (errno.EACCES, errno.EPERM):

@@ -239,9 +239,8 @@ def _print_process(pc, args, agent_row: Optional[str] = None) -> None:
           + (f"; {hidden} VMA(s) without huge-page interest hidden (--all shows them)" if hidden else ""))
     if agent_row is not None:
         print(agent_row)
-    pool = _pool_note(t)
-    if pool:
-        print(f"  {pool}: spare huge pages of the lazy copy")
+    if t["copy_pool_bytes"]:
+        print(f"  {pc.pool_note(t)}: spare huge pages of the lazy copy")
     # [vsyscall] sits at ffffffffff600000: 16 hex digits where user space needs 12.
     digits = max([12] + [len(f"{v.end:x}") for v in shown])
     rng = 2 * digits + 1
@@ -321,19 +320,6 @@ def _add_watch(sub) -> None:
     p.set_defaults(func=_cmd_watch)
 
 
-def _split_set(pc) -> set:
-    return {b for v in pc.vmas if v.thp_eligible and not v.copy_pool
-            for b in (v.split_block_addresses or ())}
-
-
-def _pool_note(t: dict) -> str:
-    """The lazy copy's pool, kept out of the totals, as a note of its own ("" without one)."""
-    if not t["copy_pool_bytes"]:
-        return ""
-    return (f"copy pool {fmt_bytes(t['copy_pool_bytes'])} ({fmt_bytes(t['copy_pool_huge_bytes'])} "
-            "PMD-mapped, not counted)")
-
-
 def _cmd_watch(args) -> int:
     from . import _procmap  # noqa: PLC0415
 
@@ -355,7 +341,7 @@ def _cmd_watch(args) -> int:
             except PermissionError as exc:
                 raise AccessError(exc.strerror) from None
             t = pc.totals(only_eligible=True)
-            now = _split_set(pc)
+            now = pc.split_addresses()
             new = sorted(now - before) if before is not None else []
             repaired = sorted(before - now) if before is not None else []
             before = now
@@ -370,10 +356,10 @@ def _cmd_watch(args) -> int:
                 split = "?" if t["split_blocks"] is None else t["split_blocks"]
                 events = "".join([f"  +{len(new)} split ({', '.join(hex(b) for b in new[:3])})" if new else "",
                                   f"  {len(repaired)} repaired" if repaired else ""])
-                pool = _pool_note(t)
+                pool = f"  [{pc.pool_note(t)}]" if t["copy_pool_bytes"] else ""
                 print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['huge_bytes'])} of "
-                      f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}"
-                      + (f"  [{pool}]" if pool else ""), flush=True)
+                      f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}{pool}",
+                      flush=True)
             if args.count and samples >= args.count:
                 return EXIT_OK
             time.sleep(args.interval)
