@@ -738,6 +738,16 @@ static int start_handler(int pin)
     /* Signals go to the application's threads, never to the handler. */
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&handler_tid, &attr, handler_main, NULL);
+    if (rc != 0 && pinned_first_run) {
+        /* The placement is an optimisation, never a condition: where the
+         * affinity cannot be set (a seccomp filter, a cpuset), start the
+         * thread without it. */
+        pinned_first_run = 0;
+        pthread_attr_destroy(&attr);
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 256 << 10);
+        rc = pthread_create(&handler_tid, &attr, handler_main, NULL);
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
     if (rc != 0) {

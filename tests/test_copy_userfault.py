@@ -747,6 +747,51 @@ def test_seccomp_without_userfaultfd_auto_falls_back(require_thp, tmp_path):
     assert "LOG copy region" in out.stdout and "copies eagerly at fork" in out.stdout
 
 
+_AFFINITY_SCRIPT = r"""
+import ctypes, os, struct
+# A seccomp filter that refuses sched_setaffinity(2) with EPERM (x86_64),
+# as some container profiles do: the child's handler thread cannot be
+# placed on the forking thread's CPU.
+def ins(code, jt, jf, k):
+    return struct.pack("HBBI", code, jt, jf, k)
+LD, JEQ, RET = 0x20, 0x15, 0x06
+prog = b"".join([ins(LD, 0, 0, 4), ins(JEQ, 0, 3, 0xC000003E), ins(LD, 0, 0, 0),
+                 ins(JEQ, 0, 1, 203), ins(RET, 0, 0, 0x00050000 | 1), ins(RET, 0, 0, 0x7FFF0000)])
+buf = ctypes.create_string_buffer(prog)
+fbuf = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf)))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.prctl(22, 2, ctypes.addressof(fbuf), 0, 0) == 0, ctypes.get_errno()
+import thpguard
+region = thpguard.alloc(4 << 20, fork="copy", copy_mode="lazy")
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    armed = any(" uw" in line for line in open("/proc/self/smaps") if line.startswith("VmFlags"))
+    os.write(w, f"{armed} {thpguard.copy_stats()['arm_errno']}".encode())
+    os._exit(0)
+os.close(w)
+print("CHILD", os.read(r, 100).decode())
+os.waitpid(pid, 0)
+"""
+
+
+def test_child_arms_where_its_handler_cannot_be_placed(require_thp, tmp_path):
+    """sched_setaffinity refused (a seccomp profile): the child's handler
+    thread starts without the placement and the child is armed (before: it
+    ran unarmed, arm_errno EPERM, its writes split)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the filter uses x86_64 syscall numbers")
+    if not kernel.capabilities().copy_userfault.available:
+        pytest.skip("no lazy copy here")
+    script = tmp_path / "affinity.py"
+    script.write_text(_AFFINITY_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CHILD True 0" in out.stdout, out.stdout
+
+
 def _status_rows(pid):
     """{start: VmaCoverage} of every thpguard region and pool VMA of *pid*, from its maps."""
     from thpguard import _procmap

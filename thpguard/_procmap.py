@@ -46,7 +46,11 @@ def _pool_end(previous: Optional[kernel.Vma], vma: kernel.Vma) -> Optional[int]:
     """Where the lazy copy's pool ends when *previous* is its marker page
     right below *vma* (the marker names the pool's length)."""
     label = _marker_label(previous, vma, _POOL_MARKER)
-    return vma.start + int(label) if label is not None and label.isdigit() else None
+    # Any program can name a mapping so: only ASCII digits ("²" is a digit
+    # to str.isdigit, not to int) and no more than the pool can hold.
+    if label is None or not (label.isascii() and label.isdigit()) or len(label) > 15:
+        return None
+    return vma.start + int(label)
 
 
 def cgroup_of(pid, roots: Optional[kernel.Roots] = None) -> Optional[str]:
