@@ -448,3 +448,78 @@ def test_two_held_signals_the_first_raising():
     assert "Exception ignored" not in out.stderr, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"ticks": 1, "usr2": [signal.SIGUSR2]}, report
+
+
+THREAD_FORK_SCRIPT = r"""
+import json, os, signal, sys, threading, time
+import thpguard
+from thpguard import _fork
+
+where = sys.argv[1]
+signal.signal(signal.SIGINT, signal.default_int_handler)
+terms = []
+signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
+inside, done = threading.Event(), threading.Event()
+report = {}
+
+def forker():
+    inside.wait(60)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        got = {"handler": repr(signal.getsignal(signal.SIGINT))[:40], "interrupted": False}
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(500):
+                time.sleep(0.001)
+        except KeyboardInterrupt:
+            got["interrupted"] = True
+        got["terms"] = len(terms)
+        got["after"] = repr(signal.getsignal(signal.SIGTERM))[:40]
+        os.write(w, json.dumps(got).encode())
+        os._exit(0)
+    os.close(w)
+    report.update(json.loads(os.read(r, 4096)))
+    os.close(r)
+    os.waitpid(pid, 0)
+    done.set()
+
+def wait_in_hook():
+    if threading.current_thread() is threading.main_thread():
+        inside.set()
+        done.wait(60)
+
+thread = threading.Thread(target=forker)
+thread.start()
+if where == "deferred":
+    with _fork.signals_deferred():
+        inside.set()
+        done.wait(60)
+else:
+    _fork.subscribe("t-wait", before=wait_in_hook)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+thread.join()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("where", ["deferred", "fork_hooks"])
+def test_child_forked_from_a_thread_while_main_holds_signals(where):
+    """A child forked from another thread while the main thread is inside
+    ``signals_deferred()`` or inside a fork's hooks inherits the main
+    thread's recorder as its handlers: the child takes it over and puts the
+    program's handlers back once its fork() returned, so its own SIGINT and
+    SIGTERM reach them (before the fix: neither ran, the recorder stayed;
+    with a fork loop in the main thread 48 of 74 children got no
+    KeyboardInterrupt)."""
+    out = subprocess.run([sys.executable, "-c", THREAD_FORK_SCRIPT, where], capture_output=True,
+                         text=True, timeout=WAIT, preexec_fn=sigint_default)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["interrupted"] and report["terms"] == 1, report
+    assert "record" not in report["after"], report

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _native
-from ._forksignals import _hold, _holding, _release, _when_returned
+from ._forksignals import _adopt_inherited, _hold, _holding, _release, _when_returned
 from ._forksignals import deferred as signals_deferred  # noqa: F401 (used by the guard)
 
 log = logging.getLogger("thpguard")
@@ -235,9 +235,16 @@ def _after_in_child(late: bool = False) -> None:
     if not late:
         # The child inherits the recorder as its handler; what the parent
         # recorded before fork() is the parent's to deliver.
-        held = getattr(_holding, "held", None) or _hold()
+        held = getattr(_holding, "held", None)
+        # Forked from a thread that was not the parent's main one (or with
+        # no hold from before fork): the handlers here may be recorders of
+        # the parent's main thread, which no code in this child ends.
+        foreign = held is None or not held.main
+        held = held or _hold()
         held.caught.clear()
         held.raised = []
+        if foreign:
+            _adopt_inherited(held)
     try:
         _lock = threading.Lock()  # another parent thread may have held it
         state._for_child(None if late else held.caught)

@@ -176,6 +176,7 @@ class _Held:
         self.lasti = -1
         self.outer: Optional["_Held"] = None  # the hold of a fork this one is nested in
         self.raised: List[BaseException] = []  # raised by handlers as the hold began
+        self.main = False  # made in the main thread (it swapped the handlers)
 
     def _inside(self, frame) -> bool:
         if not self.released:
@@ -264,6 +265,7 @@ def _hold() -> _Held:
     try:
         held = _Held()
         held.raised = raised
+        held.main = main
         # A fork made by a handler inside another fork's hooks: its hold ends
         # with the outer one in place again (_release).
         held.outer = getattr(_holding, "held", None)
@@ -287,6 +289,51 @@ def _hold() -> _Held:
                 except BaseException as exc:  # not the recorder: a handler outside our hold
                     raised.append(exc)
     return held
+
+
+def _real_handler(signum: int, handler: Any) -> Any:
+    """The program's handler behind ``handler``: followed through the
+    recorders of holds and deferred blocks that stand in for it."""
+    for _ in range(64):  # a chain of recorders is short; never loop forever
+        owner = getattr(handler, "__self__", None)
+        if not isinstance(owner, (_Held, _Deferred)):
+            return handler
+        handler = owner.saved.get(signum, signal.SIG_DFL)
+    return signal.SIG_DFL
+
+
+def _adopt_inherited(held: _Held) -> None:
+    """In a child forked from a thread other than the parent's main one,
+    right after fork(): the handlers it inherited may be the recorders of
+    the parent's main thread (a fork's hold there, or a :func:`deferred`
+    block), which nothing in this child would ever put back. ``held``
+    takes them over: the program's handlers go back when it ends, like
+    those of its own hold. What those recorders had recorded is the
+    parent's, which delivers it; it is not delivered here too."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    old_mask = _block_all(held.raised)
+    try:
+        for signum in _HELD_SIGNALS:
+            handler = _getsignal(signum)
+            if getattr(handler, "__self__", None) is held:
+                handler = held.saved.get(signum, signal.SIG_DFL)
+            if not isinstance(getattr(handler, "__self__", None), (_Held, _Deferred)):
+                continue
+            real = _real_handler(signum, handler)
+            if callable(real):
+                held.saved[signum] = real
+                _setsignal(signum, held.record)
+            else:
+                held.saved.pop(signum, None)
+                _setsignal(signum, real)
+    finally:
+        while True:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                break
+            except BaseException as exc:  # a handler outside our hold
+                held.raised.append(exc)
 
 
 def _release(caller) -> None:
