@@ -523,3 +523,129 @@ def test_child_forked_from_a_thread_while_main_holds_signals(where):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["interrupted"] and report["terms"] == 1, report
     assert "record" not in report["after"], report
+
+
+FLOOD_SCRIPT = r"""
+import json, os, signal, subprocess, sys, time
+import thpguard
+from thpguard import _forksignals
+
+class Boom(Exception):
+    pass
+
+armed = [False]
+
+def on_usr1(signum, frame):
+    # Raise where it hurts most: in thpguard's own signal code (the profile
+    # function that ends a fork), else once per fork as it returns.
+    if frame is not None and frame.f_code.co_filename.endswith("_forksignals.py"):
+        raise Boom()
+    if armed[0]:
+        armed[0] = False
+        raise Boom()
+
+signal.signal(signal.SIGUSR1, on_usr1)
+thpguard.install(interval=0.05)
+region = thpguard.alloc(4 << 20, fork="copy", copy_mode="eager")
+flood = subprocess.Popen([sys.executable, "-c",
+                          "import os, signal, sys\n"
+                          "while True: os.kill(int(sys.argv[1]), signal.SIGUSR1)",
+                          str(os.getpid())])
+forks = booms = 0
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        armed[0] = True
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        forks += 1
+        armed[0] = False
+        os.waitpid(pid, 0)
+    except Boom:
+        booms += 1
+armed[0] = False
+flood.kill()
+flood.wait()
+time.sleep(1)
+guard = thpguard.guard()
+print(json.dumps({"forks": forks, "booms": booms, "running": bool(guard and guard.running),
+                  "waits": len(getattr(_forksignals._post, "waits", [])),
+                  "profile": repr(sys.getprofile()),
+                  "handler": signal.getsignal(signal.SIGUSR1) is on_usr1}))
+"""
+
+
+def test_raising_handler_flood_while_forking_keeps_the_guard(require_thp):
+    """A flood of SIGUSR1 whose handler raises, over a fork loop with a
+    ``copy`` region and the guard: whatever step of the profile function
+    the exception lands at, the fork's work due after it ran (the guard is
+    running again, no fork left waiting, the handler back) and no handler's
+    exception is swallowed by a log call (before the fix the guard was off
+    in 2 of 4 runs of a review's repro, one fork left waiting; a stress
+    test: the exact step is placed in the next test)."""
+    out = subprocess.run([sys.executable, "-c", FLOOD_SCRIPT, "3"], capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Logging error" not in out.stderr, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["forks"] > 0 and report["booms"] > 0, report
+    assert report["running"] and report["waits"] == 0 and report["handler"], report
+    assert report["profile"] == "None", report
+
+
+STEP_SCRIPT = r"""
+import _thread, json, os, signal, sys, time
+import thpguard
+from thpguard import _forksignals
+
+class Boom(Exception):
+    pass
+
+signal.signal(signal.SIGUSR1, lambda signum, frame: (_ for _ in ()).throw(Boom()))
+thpguard.install(interval=0.05)
+# A real SIGUSR1 marked as arrived at one exact step of the profile
+# function that ends a fork, once the fork's hooks are over and its work
+# is due (as it looks up the forks waiting, before any of their work):
+# its handler raises there.
+waits, placed = _forksignals._waits, []
+
+def _waits():
+    event = sys._getframe(1)
+    if (not placed and os.getpid() == parent and event.f_code.co_name == "_profile"
+            and event.f_locals["frame"].f_code.co_name == "<module>" and waits()):
+        placed.append(1)
+        _thread.interrupt_main(signal.SIGUSR1)
+    return waits()
+
+_forksignals._waits = _waits
+parent = os.getpid()
+booms = 0
+try:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+except Boom:
+    booms += 1
+time.sleep(0.5)
+guard = thpguard.guard()
+print(json.dumps({"placed": len(placed), "booms": booms, "running": bool(guard and guard.running),
+                  "waits": len(getattr(_forksignals._post, "waits", [])),
+                  "profile": repr(sys.getprofile())}))
+"""
+
+
+def test_handler_raising_inside_the_profile_step_keeps_the_fork_work():
+    """A handler's exception that lands in the profile function between two
+    steps (not inside a piece of the fork's work) leaves it only after the
+    fork's work ran: the guard is restarted, no fork is left waiting
+    (before the fix the exception left at once, CPython unset the profile
+    function and the guard stayed off with the fork's work pending)."""
+    out = subprocess.run([sys.executable, "-c", STEP_SCRIPT], capture_output=True, text=True,
+                         timeout=WAIT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Logging error" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["placed"] == 1 and report["booms"] == 1, report
+    assert report["running"] and report["waits"] == 0 and report["profile"] == "None", report

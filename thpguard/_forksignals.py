@@ -433,44 +433,87 @@ def _on_stack(frame, caller) -> bool:
     return at is not None
 
 
-def _call(function: Callable[[], None], raised: Optional[BaseException]):
-    """Call ``function``; the first exception of a profile event is kept
-    (returned), a later one logged: only one can leave the event."""
+def _call(function: Callable[[], None], raised: List[BaseException]) -> None:
+    """Call ``function``; what it raises is appended to ``raised`` (the
+    first leaves the profile event, the others go with it as notes)."""
     try:
         function()
     except BaseException as exc:
-        if raised is None:
-            return exc
-        log.error("thpguard: %r raised as a fork ended, after another exception there; "
-                  "it is not raised again", exc)
-    return raised
+        raised.append(exc)
 
 
-def _profile(frame, event, arg) -> None:
-    waits = _waits()
-    raised: Optional[BaseException] = None
-    for wait in reversed(list(waits)):  # the innermost fork first
+def _run_due(frame, waits: List[_Wait], raised: List[BaseException]) -> None:
+    """Run the work of the forks whose os.fork() returned, the innermost
+    first. Each piece is dropped only after it ran: an exception a handler
+    raises between two steps leaves the rest for :func:`_end_waits`."""
+    for wait in reversed(list(waits)):
         caller = wait.caller
         at_call = caller.f_lasti == wait.lasti and _on_stack(frame, caller)
         if at_call and frame is not caller:
             continue  # still inside that fork's hooks
-        callbacks, wait.callbacks = wait.callbacks, []
-        for callback in callbacks:
-            raised = _call(callback, raised)
-        if at_call and wait.restore is not None and raised is None:
+        for _ in range(len(wait.callbacks)):  # not those a callback adds
+            _call(wait.callbacks[0], raised)
+            del wait.callbacks[0]
+        if at_call and wait.restore is not None and not raised:
             continue  # fork() returned, its pid not yet stored
-        waits.remove(wait)
         if wait.restore is not None:
-            raised = _call(wait.restore, raised)
-    if raised is not None:
-        # Raised from here, it unsets the profile function (CPython does):
-        # the forks still waiting end now.
-        for wait in reversed(list(waits)):
+            _call(wait.restore, raised)
+            wait.restore = None
+        if wait in waits:
             waits.remove(wait)
-            for callback in wait.callbacks + [wait.restore]:
-                if callback is not None:
-                    raised = _call(callback, raised)
-    if not waits:
-        sys.setprofile(None)
-    if raised is not None:
-        raise raised
+
+
+def _end_waits(waits: List[_Wait], raised: List[BaseException]) -> None:
+    """Run the work of every fork still waiting, now: an exception is about
+    to leave the profile event, and CPython unsets the profile function."""
+    while waits:
+        wait = waits[-1]
+        while wait.callbacks:
+            _call(wait.callbacks[0], raised)
+            del wait.callbacks[0]
+        if wait.restore is not None:
+            _call(wait.restore, raised)
+            wait.restore = None
+        waits.pop()
+
+
+def _with_notes(raised: List[BaseException]) -> BaseException:
+    """The first exception, carrying the later ones as notes (Python 3.11+;
+    logged before that): only one can leave the event, none is dropped."""
+    first = raised[0]
+    for later in raised[1:]:
+        if later is first:
+            continue
+        if hasattr(first, "add_note"):
+            first.add_note(f"thpguard: {later!r} was raised too as a fork ended")
+        else:
+            log.error("thpguard: %r raised as a fork ended, after another exception there; "
+                      "it is not raised again", later)
+    return first
+
+
+def _profile(frame, event, arg) -> None:
+    # A handler of the program may run (and raise) at any step here. No
+    # exception leaves before every fork's work that is due ran: raised
+    # from here, it unsets the profile function (CPython does), so then the
+    # forks still waiting end now too.
+    raised: List[BaseException] = []
+    try:
+        _run_due(frame, _waits(), raised)
+    except BaseException as exc:  # a handler's, between two steps
+        raised.append(exc)
+    while True:
+        try:
+            try:
+                waits = _waits()
+                if raised:
+                    _end_waits(waits, raised)
+                if not waits:
+                    sys.setprofile(None)
+                break
+            except BaseException as exc:  # a handler's, between two steps
+                raised.append(exc)
+        except BaseException as exc:  # one more, as the first was kept
+            raised.append(exc)
+    if raised:
+        raise _with_notes(raised)
