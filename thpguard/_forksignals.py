@@ -190,7 +190,10 @@ class _Held:
         return at is not None  # still in the fork's call, before its pid is stored
 
     def record(self, signum, frame) -> None:
-        if self._inside(frame):
+        # In the profile function that will run finish() (fork() returned):
+        # the handler would raise there, at a step no try covers (its
+        # first), and CPython would unset it with the fork's work pending.
+        if self._inside(frame) or (self.finishing and _in_profile(frame)):
             # finish() (or _release, which puts the handlers back before it
             # reads this list) delivers it.
             if signum not in self.caught:
@@ -517,3 +520,12 @@ def _profile(frame, event, arg) -> None:
             raised.append(exc)
     if raised:
         raise _with_notes(raised)
+
+
+_PROFILE_CODES = frozenset(f.__code__ for f in (_profile, _run_due, _end_waits, _waits, _on_stack,
+                                                _call, _with_notes))
+
+
+def _in_profile(frame) -> bool:
+    """Whether ``frame`` runs the profile function's own code."""
+    return frame is not None and frame.f_code in _PROFILE_CODES
