@@ -428,10 +428,20 @@ class RepairEngine:
         except OSError:
             return []
         done.blocks = max(0, (after.huge_bytes - cov.huge_bytes) // pmd)
+        # Blocks that split while the pass ran (another thread wrote): more
+        # not-huge blocks after it than before, less those it repaired. They
+        # are counted as splits here, or no scan ever would (the next one
+        # compares with this reading), and their repair would count alone.
+        # A block split and repaired inside one pass shows in neither count.
+        before = st.smaps_split
         st.smaps_split = after.not_huge_blocks
+        grown = st.smaps_split - before + done.blocks
         finished = time.monotonic()
         latencies.extend(finished - seen for seen in st.smaps_seen[:done.blocks])
         del st.smaps_seen[:done.blocks]
+        if grown > 0:
+            st.smaps_seen.extend([finished] * grown)
+            self._split(address, grown, pmd)
         del st.smaps_seen[st.smaps_split:]
         if ok == 0 and einval and st.smaps_split:
             # Present blocks that are not huge refuse the collapse: not
