@@ -109,12 +109,17 @@ def test_no_hugetlb_kernel(fake, capsys):
 
 
 def test_one_page_test_mapping_on_this_host(hugepool, capsys):
-    """The one-page test mapping works here and gives its page back."""
+    """The one-page test mapping runs only with --hugetlb-pool (plain verify
+    never takes a free page others may count on), works here and gives its
+    page back."""
     if kernel.pmd_size() not in kernel.hugetlb_sizes():
         pytest.skip("no hugetlb pool of the PMD size")
     hugepool(1)
     free = kernel.hugetlb_meminfo()["HugePages_Free"]
     _, checks, _ = verify(capsys)
+    c = checks["hugetlb_test_map"]
+    assert c["status"] == "n/a" and "--hugetlb-pool" in c["detail"]
+    _, checks, _ = verify(capsys, "--hugetlb-pool", "1")
     c = checks["hugetlb_test_map"]
     assert c["status"] == "ok" and "KernelPageSize 2M" in c["detail"]
     assert kernel.hugetlb_meminfo()["HugePages_Free"] == free  # unmapped again
