@@ -14,9 +14,15 @@
 ``first write in the child``
     the same loop in a child, whose pool starts empty after fork: its very
     first write right after ``fork()`` returns (``right after fork``), and
-    the later blocks, with the child filling 0, 1 (the default) or 4 pool
-    blocks before its code runs (``prefill N``). ``fork + child exit, prefill
-    N`` is what that filling costs a fork against ``prefill 0``.
+    the later blocks, with the child's handler thread filling 0, 1 (the
+    default) or 4 pool blocks before the child's code runs (``prefill N``);
+    each sample is the median of CHILDREN_PER_SAMPLE children.
+    ``fork + child exit, prefill N`` is what that filling costs a fork
+    against ``prefill 0``. ``no ready wait`` is ``prefill 1`` without the
+    at-fork handler waiting for the handler thread (its filling overlaps
+    the child's code), ``neither`` also without the handler's 1 ms pause
+    after a fault before it refills its pool; ``fork() until the child's
+    first write is done`` adds the fork to the first write, in the same run.
 ``chase``
     pointer chasing right after fork and a write to every block, against
     the same process before the fork (no repair phase).
@@ -25,11 +31,15 @@
     whole region that the eager copy copies at fork.
 ``fork``
     ``fork()`` plus the child's exit with a populated ``copy`` region
-    (userfault), against ``share`` and the eager copy.
+    (userfault), against ``share`` and the eager copy, at two region sizes;
+    each sample is the median of several forks of one region. ``copy, no
+    ready wait`` leaves out the child's wait for its handler thread,
+    ``copy, prefill 0`` the block the child zeroes at fork.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -100,35 +110,77 @@ def _first_writes(method: str, size: int, pause: float, burst: bool) -> dict:
         region.close()
 
 
-def _child_first_writes(prefill: int, size: int, pause: float) -> dict:
+def _child_first_writes(prefill: int, size: int, pause: float, ready_wait: bool = True,
+                        refill_delay: bool = True) -> dict:
     """In a fresh process: a child's first writes, its pool filled with
-    ``prefill`` blocks at fork (the parent keeps the region shared)."""
+    ``prefill`` blocks at fork (the parent keeps the region shared);
+    without ``ready_wait`` the child does not wait for its handler thread,
+    without ``refill_delay`` the handler refills at once after a fault."""
     ffi, lib = _cbench.load()
     _native.copy_set_child_prefill(prefill)
-    pmd = pmd_size()
+    if not ready_wait:
+        _native.copy_set_child_ready_wait(0)
+    if not refill_delay:
+        _native.copy_set_refill_delay(0)
     warm_memory(2 * size)
     region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
     try:
         lib.tgb_fill(ffi.cast("void *", region.address), 7, size)
         time.sleep(0.05)  # the parent's pool fills
 
-        def child():
+        # Plain forks, the write the first thing each child does once
+        # fork() returned (a harness's own setup in the child would give the
+        # handler thread time to start first); the first child also writes
+        # the later blocks.
+        runs = [_one_child_first_writes(ffi, lib, region, size, pause, later=(i == 0))
+                for i in range(CHILDREN_PER_SAMPLE)]
+        out = dict(runs[0])
+        out["first_s"] = median([r["first_s"] for r in runs])
+        out["fork_to_first_s"] = median([r["fork_to_first_s"] for r in runs])
+        out["coverage"] = min(r["coverage"] for r in runs)
+        for key in ("arm_ns", "ready_wait_ns"):
+            out["stats"][key] = median([r["stats"][key] for r in runs])
+        return out
+    finally:
+        region.close()
+
+
+#: Children forked per sample of a child's first write (the median is the sample).
+CHILDREN_PER_SAMPLE = 5
+
+
+def _one_child_first_writes(ffi, lib, region, size: int, pause: float, later: bool) -> dict:
+    pmd = region.pmd_size
+    time.sleep(pause)
+    r, w = os.pipe()
+    forked = now()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
             base = region.address
             t0 = now()
             lib.tgb_write_each(ffi.cast("void *", base), pmd, pmd)
             first = now() - t0
+            fork_to_first = now() - forked  # one monotonic clock for both processes
             times = []
-            for off in range(pmd, size, pmd):
+            for off in range(pmd, size if later else pmd, pmd):
                 time.sleep(pause)
                 t0 = now()
                 lib.tgb_write_each(ffi.cast("void *", base + off), pmd, pmd)
                 times.append(now() - t0)
-            return {"first_s": first, "per_block_s": median(times), "stats": _native.copy_stats(),
-                    "coverage": region.coverage().ratio}
-
-        return in_child(child)
-    finally:
-        region.close()
+            out = {"first_s": first, "fork_to_first_s": fork_to_first,
+                   "per_block_s": median(times) if times else None, "stats": _native.copy_stats(),
+                   "coverage": region.coverage().ratio}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not got:
+        raise RuntimeError(f"the writing child gave no result (wait status {status:#x})")
+    return json.loads(got)
 
 
 def _baseline(size: int, pause: float) -> dict:
@@ -198,28 +250,66 @@ def _copied(size: int) -> dict:
         region.close()
 
 
+FORKS_PER_SAMPLE = 5
+
+
 def _fork_once(variant: str, size: int) -> dict:
+    """Median of FORKS_PER_SAMPLE forks (each until the child exited) of one region."""
     if variant == "share":
         region = thpguard.alloc(size, fork="share")
-    elif variant.startswith("prefill"):
-        _native.copy_set_child_prefill(int(variant.split()[1]))
-        region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
-        time.sleep(0.02)  # the parent's pool fills: the fork measures the child's side
+    elif variant == "eager":
+        region = thpguard.alloc(size, fork="copy", copy_mode="eager")
     else:
-        region = thpguard.alloc(size, fork="copy", copy_mode="lazy" if variant == "copy" else "eager")
+        if variant.startswith("prefill"):
+            _native.copy_set_child_prefill(int(variant.split()[1]))
+        if variant == "copy, prefill 0":
+            _native.copy_set_child_prefill(0)
+        if variant == "copy, no ready wait":
+            _native.copy_set_child_ready_wait(0)
+        region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    time.sleep(0.05)  # the parent's pool fills: the fork measures the steady state
     try:
         if variant == "eager":
             warm_memory(size)
-        t0 = now()
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        t1 = now()
-        os.waitpid(pid, 0)
-        return {"fork_s": t1 - t0, "total_s": now() - t0}
+        fork_s, total_s = [], []
+        for _ in range(FORKS_PER_SAMPLE if variant != "eager" else 1):
+            t0 = now()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            t1 = now()
+            os.waitpid(pid, 0)
+            fork_s.append(t1 - t0)
+            total_s.append(now() - t0)
+        return {"fork_s": median(fork_s), "total_s": median(total_s)}
     finally:
         region.close()
         _native.copy_set_child_prefill(1)
+        _native.copy_set_child_ready_wait(0.05)
+
+
+def _forks(res: Result, settings: Settings, fork_size: int) -> None:
+    """fork() and fork + child exit against share, at one region size."""
+    fork_variants = ("share", "copy", "copy, no ready wait", "copy, prefill 0", "eager")
+    if fork_size <= 128 * MiB:
+        fork_variants += tuple(f"prefill {n}" for n in PREFILLS)
+    forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
+                       settings.reps, settings.warmup)
+    res.samples[f"fork {fmt_bytes(fork_size)}"] = forks
+    for v in fork_variants[1:5]:
+        label = "userfault" + v[4:] if v.startswith("copy") else v
+        for key, what in (("fork_s", "fork() returns"), ("total_s", "fork + child exit")):
+            if key == "fork_s" and v.startswith("copy,"):
+                continue  # only the child's side differs
+            mine = [f[key] for f in forks[v]]
+            base = [f[key] for f in forks["share"]]
+            res.add(f"{what}, {label}, {fmt_bytes(fork_size)}", paired(mine, base), "time vs share",
+                    f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
+    for n in PREFILLS[1:] if fork_size <= 128 * MiB else ():
+        mine = [f["total_s"] for f in forks[f"prefill {n}"]]
+        base = [f["total_s"] for f in forks["prefill 0"]]
+        res.add(f"fork + child exit, prefill {n}, {fmt_bytes(fork_size)}", paired(mine, base),
+                "time vs prefill 0", f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
 
 
 def run(settings: Settings) -> Result:
@@ -238,6 +328,8 @@ def run(settings: Settings) -> Result:
     variants["move, burst"] = lambda: in_child(_first_writes, "move", size, 0.0, True)
     for n in PREFILLS:
         variants[f"child, prefill {n}"] = lambda n=n: in_child(_child_first_writes, n, size, pause)
+    variants["child, no ready wait"] = lambda: in_child(_child_first_writes, 1, size, pause, False)
+    variants["child, neither"] = lambda: in_child(_child_first_writes, 1, size, pause, False, False)
     samples = interleave(variants, settings.reps, settings.warmup)
     res.samples["first_write"] = samples
     base = [s["per_block_s"] for s in samples["baseline"]]
@@ -250,18 +342,32 @@ def run(settings: Settings) -> Result:
                 f"{median(per) * 1e3:.3f} ms (min coverage {cov:.0%}, {fallbacks} left to the kernel COW, "
                 f"{inline:.0f} blocks faulted in the fault path)",
                 f"{median(base) * 1e3:.3f} ms")
-    for n in PREFILLS:
-        runs = samples[f"child, prefill {n}"]
+    for label in [f"prefill {n}" for n in PREFILLS] + ["no ready wait", "neither"]:
+        runs = samples[f"child, {label}"]
         cov = min(s["coverage"] for s in runs)
         inline = [s["stats"]["inline_allocs"] for s in runs]
-        res.add(f"first write in the child, right after fork, prefill {n}",
+        res.add(f"first write in the child, right after fork, {label}",
                 paired([s["first_s"] for s in runs], base), "time per block vs THP fault + memcpy",
                 f"{median([s['first_s'] for s in runs]) * 1e3:.3f} ms (min coverage {cov:.0%}, "
                 f"{median(inline):.0f} blocks faulted in the fault path)",
                 f"{median(base) * 1e3:.3f} ms")
-        res.add(f"first write in the child, later blocks, prefill {n}",
+        res.add(f"first write in the child, later blocks, {label}",
                 paired([s["per_block_s"] for s in runs], base), "time per block vs THP fault + memcpy",
                 f"{median([s['per_block_s'] for s in runs]) * 1e3:.3f} ms", f"{median(base) * 1e3:.3f} ms")
+    for label in ("prefill 1", "no ready wait"):
+        runs = samples[f"child, {label}"]
+        arm = [s["stats"]["arm_ns"] / 1e9 for s in runs]
+        wait = [s["stats"]["ready_wait_ns"] / 1e9 for s in runs]
+        res.add(f"child's at-fork arming, {label}", paired(arm, base), "time vs THP fault + memcpy",
+                f"{median(arm) * 1e3:.3f} ms (waiting for its handler thread {median(wait) * 1e3:.3f} ms)",
+                f"{median(base) * 1e3:.3f} ms")
+    for key, what in (("first_s", "first write in the child, right after fork"),
+                      ("fork_to_first_s", "fork() until the child's first write is done")):
+        mine = [s[key] for s in samples["child, prefill 1"]]
+        for other in ("no ready wait", "neither"):
+            theirs = [s[key] for s in samples[f"child, {other}"]]
+            res.add(f"{what}, prefill 1 vs {other}", paired(mine, theirs), f"time vs {other}",
+                    f"{median(mine) * 1e3:.3f} ms", f"{median(theirs) * 1e3:.3f} ms")
 
     hops = settings.pick(2_000_000, 10_000_000)
     chase_size = settings.pick(128 * MiB, 512 * MiB)
@@ -277,23 +383,8 @@ def run(settings: Settings) -> Result:
     res.add("memory copied, 1 block in 8 written", median([c["copied"] for c in copied]) / size,
             "bytes vs eager copy", fmt_bytes(median([c["copied"] for c in copied])), fmt_bytes(size))
 
-    fork_size = settings.pick(128 * MiB, 512 * MiB)
-    fork_variants = ("share", "copy", "eager") + tuple(f"prefill {n}" for n in PREFILLS)
-    forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
-                       settings.reps, settings.warmup)
-    res.samples["fork"] = forks
-    for v in ("copy", "eager"):
-        label = "userfault" if v == "copy" else "eager"
-        for key, what in (("fork_s", "fork() returns"), ("total_s", "fork + child exit")):
-            mine = [f[key] for f in forks[v]]
-            base = [f[key] for f in forks["share"]]
-            res.add(f"{what}, {label}", paired(mine, base), "time vs share",
-                    f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
-    for n in PREFILLS[1:]:
-        mine = [f["total_s"] for f in forks[f"prefill {n}"]]
-        base = [f["total_s"] for f in forks["prefill 0"]]
-        res.add(f"fork + child exit, prefill {n}", paired(mine, base), "time vs prefill 0",
-                f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
+    for fork_size in (64 * MiB, 512 * MiB):
+        _forks(res, settings, fork_size)
     res.notes.append(
         "fork + child exit includes the child arming its own userfaultfd (a new descriptor, "
         "registration, protection, a handler thread) before it runs"

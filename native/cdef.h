@@ -81,6 +81,8 @@ struct tg_copy_stats {
     uint64_t pool_ready;
     int method;
     int arm_errno;
+    uint64_t arm_ns;
+    uint64_t ready_wait_ns;
     ...;
 };
 
@@ -130,6 +132,8 @@ int tg_copy_stats(struct tg_copy_stats *out);
 int tg_copy_set_method(int method);
 int tg_copy_set_pool(size_t blocks);
 int tg_copy_set_child_prefill(size_t blocks);
+int tg_copy_set_child_ready_wait(unsigned microseconds);
+int tg_copy_set_refill_delay(unsigned milliseconds);
 int tg_thp_disable_get(int *value);
 int tg_thp_disable_set(int disable, unsigned long flags);
 int tg_fault_inject(int op, int err, int count);

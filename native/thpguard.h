@@ -214,6 +214,12 @@ int tg_fork_claim(void);
 #define TG_MAX_COPY_REGIONS 1024
 #define TG_COPY_POOL_MAX 64
 
+/* The handler's pool of pre-faulted huge pages has a one-page marker just
+ * below it: an inaccessible mapping of a memfd named
+ * TG_COPY_POOL_MARKER "BYTES" (the pool's length), so /proc/PID/maps and
+ * `thpguard status` tell the pool from a leak. */
+#define TG_COPY_POOL_MARKER "thpguard-copy-pool:"
+
 /* How a block is put in place. */
 enum tg_copy_method {
     TG_COPY_MOVE = 1,       /* zap the block, UFFDIO_MOVE the copy in (6.8) */
@@ -252,6 +258,8 @@ struct tg_copy_stats {
     uint64_t pool_ready;    /* pre-faulted blocks waiting */
     int method;             /* enum tg_copy_method; 0 before the first use */
     int arm_errno;          /* last failure arming this process, 0 if none */
+    uint64_t arm_ns;        /* a child: its at-fork handler's time, in ns */
+    uint64_t ready_wait_ns; /* of which waiting for its handler thread */
 };
 
 /* Can this process use copy regions? Fills *out and returns 0; the verdict
@@ -282,10 +290,23 @@ int tg_copy_set_method(int method);
  * the first fault. */
 int tg_copy_set_pool(size_t blocks);
 
-/* Pool blocks a child fills in the at-fork handler, before any of its code
- * runs (0..TG_COPY_POOL_MAX, default 1; never more than the pool keeps);
- * its handler thread fills the rest. */
+/* Pool blocks a child's handler thread fills before it first polls, which
+ * the at-fork handler waits for (tg_copy_set_child_ready_wait)
+ * (0..TG_COPY_POOL_MAX, default 1; never more than the pool keeps); it
+ * fills the rest after the child's first write. */
 int tg_copy_set_child_prefill(size_t blocks);
+
+/* How long a child's at-fork handler waits, at most, for its new handler
+ * thread to fill the child's first pool blocks (tg_copy_set_child_prefill)
+ * and poll before the child's code runs, in microseconds (default 50000;
+ * 0: no wait, the filling overlaps the child's code and its first write
+ * waits for what is left of it). */
+int tg_copy_set_child_ready_wait(unsigned microseconds);
+
+/* How long the handler waits after a fault before it refills the pool, in
+ * milliseconds (0..1000, default 1; 0: at once), so the writer it woke
+ * gets a CPU first. */
+int tg_copy_set_refill_delay(unsigned milliseconds);
 
 /* ---- process switches ------------------------------------------------- */
 

@@ -26,6 +26,15 @@ from benchmarks._hostlock import hugetlb_pool_lock  # noqa: E402
 REQUIRE_THP = os.environ.get("THPGUARD_REQUIRE_THP") == "1"
 
 
+def pytest_configure(config):
+    """A run started in the background by a script (tests/under-load.sh)
+    inherits SIGINT ignored; give it Ctrl-C's meaning back, so the script
+    can end the run with SIGINT and every fixture's teardown still gives
+    back what its test took (pool pages, cgroups, servers)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def thp_unavailable_reason():
     """Why this host cannot give PMD THP to an advised region, or None."""
     if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import mmap
 import os
 import socket
@@ -17,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
 import thpguard
 from thpguard import _native, kernel
 
-from conftest import checksum, run_in_child, sharer, smaps_huge_bytes
+from conftest import checksum, run_in_child, sharer, smaps_huge_bytes, wait_child
 
 MiB = 1 << 20
 
@@ -289,7 +291,7 @@ def test_exit_mid_copy(copy_region, pmd):
                 threading.Thread(target=writer, args=(i,), daemon=True).start()
         finally:
             os._exit(7)
-    _, status = os.waitpid(pid, 0)
+    status = wait_child(pid, "a copy child whose writer threads were still running to exit")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
     assert checksum(region.view()) == expected and region.coverage().complete
 
@@ -743,3 +745,124 @@ def test_seccomp_without_userfaultfd_auto_falls_back(require_thp, tmp_path):
     assert "MODE eager" in out.stdout
     assert "EPERM" in out.stdout and "seccomp" in out.stdout
     assert "LOG copy region" in out.stdout and "copies eagerly at fork" in out.stdout
+
+
+def _status_rows(pid):
+    """{start: VmaCoverage} of every thpguard region and pool VMA of *pid*, from its maps."""
+    from thpguard import _procmap
+
+    pc = _procmap.scan_process(pid)
+    return {v.start: v for v in pc.vmas if v.region is not None or v.copy_pool}
+
+
+def test_status_names_copy_mechanism_and_pool(copy_region, region_factory, pmd, capsys):
+    """status names each copy region's mechanism from outside the process,
+    whether the process has it armed (VmFlags uw), and labels the pool."""
+    from thpguard import cli
+
+    lazy = copy_region(8 * MiB, name="lazy-w")
+    eager = region_factory(4 * MiB, fork="copy", copy_mode="eager", name="eager-w")
+    plain = region_factory(2 * MiB, fork="share", name="plain-w")
+    deadline = time.monotonic() + 10
+    while _native.copy_stats()["pool_ready"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rows = _status_rows(os.getpid())
+    assert (rows[lazy.address].copy_mode, rows[lazy.address].copy_armed) == ("userfault", True)
+    assert (rows[eager.address].copy_mode, rows[eager.address].copy_armed) == ("eager", None)
+    assert (rows[plain.address].copy_mode, rows[plain.address].region) == (None, "plain-w")
+    pool = [v for v in rows.values() if v.copy_pool]
+    assert pool and all(v.region is None for v in pool)
+    # The pool is what the handler holds ready: PMD-mapped pages, at most its 4 blocks.
+    assert 0 < sum(v.huge_bytes for v in pool) <= 4 * pmd
+    assert cli.main(["status", str(os.getpid())]) == 0
+    out = capsys.readouterr().out
+    assert "* thpguard region 'lazy-w' copy=userfault\n" in out
+    assert "* thpguard region 'eager-w' copy=eager\n" in out
+    assert "* thpguard region 'plain-w'\n" in out
+    assert "* thpguard copy pool (pre-faulted huge pages for the lazy copy, not a leak)" in out
+    assert cli.main(["status", "--json", str(os.getpid())]) == 0
+    vmas = json.loads(capsys.readouterr().out)["processes"][0]["vmas"]
+    by_start = {v["start"]: v for v in vmas}
+    assert by_start[lazy.address]["copy_mode"] == "userfault" and by_start[lazy.address]["copy_armed"]
+    assert any(v["copy_pool"] for v in vmas)
+
+    def child():
+        view = lazy.view()
+        view[0] = 1  # a first write: an armed child takes a pool block
+        view.release()
+        mine = _status_rows(os.getpid())
+        return (mine[lazy.address].copy_armed, any(v.copy_pool for v in mine.values()),
+                mine[lazy.address].label)
+
+    assert run_in_child(child) == (True, True, "* thpguard region 'lazy-w' copy=userfault")
+    # A child that could not arm: its region is not registered, and it has no pool.
+    _native.fault_inject("copy_arm", errno.EMFILE, 1)
+    try:
+        armed, has_pool, label = run_in_child(child)
+    finally:
+        _native.fault_clear()
+    assert (armed, has_pool) == (False, False)
+    assert label == "* thpguard region 'lazy-w' copy=userfault (not armed: its writes split)"
+    rows = _status_rows(os.getpid())  # the parent is unchanged
+    assert rows[lazy.address].copy_armed and rows[lazy.address].copy_mode == "userfault"
+
+
+def _blocked_syscalls():
+    """{tid: syscall number} of this process's threads (/proc/self/task/*/syscall;
+    "running" for a thread not in a system call)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            out[int(tid)] = f.read().split()[0]
+    return out
+
+
+def _cpus_allowed(tid):
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("Cpus_allowed_list"))
+
+
+def test_child_handler_ready_before_child_code(copy_region, pmd):
+    """A child's handler thread has run and filled its first pool block
+    when the child's first line runs: its first write copies the block
+    without allocating in the fault."""
+    region = copy_region(8 * MiB)
+    expected = _fill(region)
+    # Generous: only the order is under test, not how long a busy host takes.
+    _native.copy_set_child_ready_wait(30.0)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the first thing the child does
+            try:
+                ready = _native.copy_stats()["pool_ready"]
+                threads = _blocked_syscalls()
+                view = region.view()
+                view[0] = 0x5A
+                view.release()
+                stats = _native.copy_stats()
+                os.write(w, json.dumps({
+                    "ready": ready, "threads": {str(k): v for k, v in threads.items()},
+                    "cpus": sorted({_cpus_allowed(tid) for tid in threads}),
+                    "copies": stats["copies"], "inline": stats["inline_allocs"],
+                    "complete": region.coverage().complete}).encode())
+            finally:
+                os._exit(0)
+    finally:
+        _native.copy_set_child_ready_wait(0.05)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert child["ready"] == 1, child
+    # The handler thread: in poll (7 on x86-64), or on its way there from
+    # the futex that let the child go on.
+    handler = [v for tid, v in child["threads"].items() if int(tid) != pid]
+    assert len(handler) == 1, child
+    if os.uname().machine == "x86_64":
+        assert handler[0] in ("7", "running"), child
+    assert (child["copies"], child["inline"], child["complete"]) == (1, 0, True), child
+    # The handler's first run was on the forking thread's CPU; once it handled
+    # a fault it runs on the CPUs that thread may use again.
+    assert len(child["cpus"]) == 1, child
+    assert checksum(region.view()) == expected and region.coverage().complete

@@ -225,6 +225,10 @@ def test_copy_child_gets_its_own_hugetlb_pages(hugepool, pmd2m):
 
         info = run_in_child(child)
         assert r.copy_mode == "hugetlb-eager" and "UFFDIO_MOVE" in r.copy_fallback_reason
+        # `thpguard status` names the mechanism from outside (the region's marker page).
+        from thpguard import _procmap
+        row = next(v for v in _procmap.scan_process(os.getpid()).vmas if v.start == r.address)
+        assert (row.region, row.copy_mode, row.copy_armed) == ("", "hugetlb-eager", None)
         assert info["ok"] and info["backend"] == "hugetlb"
         assert info["page"] == MB2 and info["hugetlb"] == r.size
         # The child's pages are its own (mapped once: private), not the parent's.

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import WAIT
+from conftest import WAIT, read_pipe, wait_child
 from test_reliability_cgroup import memory_cgroup  # noqa: F401 - the fixture
 
 SIZE = 64 << 20
@@ -174,6 +174,21 @@ def test_parent_wait_is_bounded(require_collapse):
     assert report["child"]["data_ok"], report
 
 
+def _fake_v2_cgroup_with_4_mib_room(tmp_path):
+    from fakekernel import FakeTree
+
+    t = FakeTree(tmp_path)
+    base = f"{t.sys}/fs/cgroup"
+    t.write(f"{base}/svc/memory.max", f"{64 << 20}\n")
+    t.write(f"{base}/svc/web/memory.max", "max\n")
+    t.write(f"{base}/svc/web/memory.current", f"{62 << 20}\n")
+    t.write(f"{base}/svc/web/memory.stat", f"anon {60 << 20}\ninactive_file {1 << 20}\n"
+                                           f"active_file {1 << 20}\n")
+    t.process("self", cgroup="0::/svc/web\n",
+              mountinfo="30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n")
+    return t
+
+
 def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypatch):
     """The room check in a cgroup v2 (``0::/path`` in /proc/self/cgroup, the
     lowest memory.max up the tree, memory.current, the file cache in
@@ -182,7 +197,6 @@ def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypat
     copy_fallbacks = 1. The cgroup files are a fake tree (kernel.set_test_roots):
     on a host whose memory controller is bound to cgroup v1 no v2 cgroup
     can limit memory; the v1 tests above limit it for real."""
-    from fakekernel import FakeTree
     import thpguard
     from thpguard import kernel
 
@@ -191,15 +205,7 @@ def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypat
     try:
         view = region.view()
         view[::4096] = b"\x05" * (size // 4096)
-        t = FakeTree(tmp_path)
-        base = f"{t.sys}/fs/cgroup"
-        t.write(f"{base}/svc/memory.max", f"{64 << 20}\n")
-        t.write(f"{base}/svc/web/memory.max", "max\n")
-        t.write(f"{base}/svc/web/memory.current", f"{62 << 20}\n")
-        t.write(f"{base}/svc/web/memory.stat", f"anon {60 << 20}\ninactive_file {1 << 20}\n"
-                                               f"active_file {1 << 20}\n")
-        t.process("self", cgroup="0::/svc/web\n",
-                  mountinfo="30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n")
+        t = _fake_v2_cgroup_with_4_mib_room(tmp_path)
         monkeypatch.setattr(kernel._files, "_test_roots", None)
         kernel.set_test_roots(t.roots)
         try:
@@ -218,11 +224,57 @@ def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypat
         finally:
             kernel.set_test_roots(None)
         os.close(w)
-        with os.fdopen(r) as f:
-            child = json.loads(f.read())
-        _, status = os.waitpid(pid, 0)
+        child = json.loads(read_pipe(r, "the child's report", pid, n=1 << 16))
+        os.close(r)
+        status = wait_child(pid, "the child to exit after its report")
         assert os.waitstatus_to_exitcode(status) == 0
         assert child == {"ok": True, "fallbacks": 1}, child
         del view
     finally:
         region.close()
+
+
+def test_lazy_copy_child_needs_no_cgroup_room(require_collapse, tmp_path, monkeypatch):
+    """A userfault `copy` region charges nothing at fork (each written block
+    is charged when it is copied, as the kernel's COW would be): with 4 MiB
+    of room and a 32 MiB region the child logs no ERROR, counts no
+    copy_fallbacks, and its first write still copies the whole block."""
+    import thpguard
+    from thpguard import _native, kernel
+
+    if not kernel.capabilities().copy_userfault.available:
+        pytest.skip(f"needs userfaultfd block copy: {kernel.capabilities().copy_userfault.reason}")
+    size = 32 << 20
+    region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    try:
+        view = region.view()
+        view[::4096] = b"\x05" * (size // 4096)
+        t = _fake_v2_cgroup_with_4_mib_room(tmp_path)
+        monkeypatch.setattr(kernel._files, "_test_roots", None)
+        kernel.set_test_roots(t.roots)
+        try:
+            assert kernel.memory_cgroup().room_bytes == 4 << 20
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.close(r)
+                    view[0] = 6
+                    os.write(w, json.dumps({
+                        "ok": bytes(view[4096::4096]) == b"\x05" * (size // 4096 - 1),
+                        "fallbacks": thpguard.stats().copy_fallbacks,
+                        "copies": _native.copy_stats()["copies"],
+                        "complete": region.coverage().complete}).encode())
+                finally:
+                    os._exit(0)
+        finally:
+            kernel.set_test_roots(None)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = json.loads(f.read())
+        _, status = os.waitpid(pid, 0)
+    finally:
+        view.release()
+        region.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child == {"ok": True, "fallbacks": 0, "copies": 1, "complete": True}, child

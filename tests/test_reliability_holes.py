@@ -254,3 +254,70 @@ def test_close_keeps_a_mapping_in_a_hole_of_a_lazy_copy_region(region_factory, h
         _close_keeps_the_other_mapping(region, other, size, caplog)
     finally:
         _libc.munmap(other, size)
+
+
+# A whole-block mapping next to mremap-ed blocks is not told apart
+# (docs/reliability.rst): no ("block", "mremap").
+@pytest.mark.parametrize("hole, method", [("block", "auto"), ("page", "auto"), ("page", "mremap")])
+def test_close_keeps_a_mapping_in_a_hole_of_a_forked_lazy_copy_region(hole, method):
+    """A lazy ``copy`` region after a fork in which both sides wrote (each
+    copied blocks in): an advised mapping put into a hole of it is still
+    seen, and close() leaves it and its bytes alone, in the parent and in
+    the child; with UFFDIO_MOVE the range stays one VMA, with mremap each
+    copied block is a VMA of its own (forced here), and a page-sized hole
+    still shows. Run in a fresh process (the copy method is per process)."""
+    import subprocess
+    import sys
+
+    from thpguard import kernel
+    feature = kernel.capabilities().copy_userfault
+    if not feature.available:
+        pytest.skip(f"needs userfaultfd block copy: {feature.reason}")
+    code = f"""
+import ctypes, logging, mmap, os, sys, time
+import thpguard
+from thpguard import _native
+errors = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.ERROR:
+            errors.append(record.getMessage())
+logging.getLogger("thpguard").addHandler(Keep())
+if {method!r} != "auto":
+    _native.copy_set_method({method!r})
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+PAGE = mmap.PAGESIZE
+region = thpguard.alloc(8 << 20, fork="copy", copy_mode="lazy")
+assert region.copy_mode == "userfault", region.copy_fallback_reason
+pmd = region.pmd_size
+view = region.view()
+view[::PAGE] = b"\\x01" * ((8 << 20) // PAGE)
+pid = os.fork()
+for at in (0, 2 * pmd, 3 * pmd):  # both sides copy blocks in
+    view[at + 5] = 2
+time.sleep(0.05)
+method = _native.copy_stats()["method"]
+lo, size = (region.address + pmd, pmd) if {hole!r} == "block" else (region.address + pmd + 7 * PAGE, PAGE)
+view.release()
+_native.unmap(lo, size)
+assert libc.mmap(lo, size, 3, 0x22 | 0x100000, -1, 0) == lo
+_native.madvise(lo, size, _native.MADV_HUGEPAGE)
+ctypes.memmove(lo, b"not the region's", 16)
+region.close()
+ok = ctypes.string_at(lo, 16) == b"not the region's"
+side = "child" if pid == 0 else "parent"
+os.write(1, " ".join([side, "kept" if ok else "lost", str(len(errors)), str(method)]).encode() + b"\\n")
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    lines = sorted(out.stdout.split("\n")[:-1])
+    want = "mremap" if method == "mremap" else None
+    assert [line.split()[:3] for line in lines] == [["child", "kept", "1"], ["parent", "kept", "1"]], \
+        (out.stdout, out.stderr[-2000:])
+    if want:
+        assert all(line.split()[3] == want for line in lines), out.stdout

@@ -19,6 +19,7 @@ import pytest
 from thpguard import cli, kernel, metrics
 from thpguard.errors import ThpguardError
 from fakekernel import FakeTree
+from conftest import wait_child
 
 NOBODY = 65534
 
@@ -241,7 +242,7 @@ def _as_nobody(fn):
             code_ = 0
         finally:
             os._exit(code_)
-    _, status = os.waitpid(pid, 0)
+    status = wait_child(pid, "a child running as nobody")
     assert os.waitstatus_to_exitcode(status) == 0
 
 

@@ -33,9 +33,17 @@ stop() {
         wait "${burners[@]}" 2>/dev/null
     fi
     # The suite too (its whole process group: sanitize.sh runs pytest as a
-    # child), when a signal ends the script before the suite ended.
+    # child), when a signal ends the script before the suite ended: SIGINT
+    # first, so pytest ends as on Ctrl-C and its fixtures' teardowns give
+    # back what the tests took (pool pages, cgroups, servers); SIGKILL for
+    # whatever is left a minute later.
     if [[ -n $suite ]]; then
-        kill -- -"$suite" 2>/dev/null
+        kill -INT -- -"$suite" 2>/dev/null
+        for _ in $(seq 600); do
+            [[ $(ps -o stat= -p "$suite" 2>/dev/null) == [^Z]* ]] || break
+            sleep 0.1
+        done
+        kill -KILL -- -"$suite" 2>/dev/null
         wait "$suite" 2>/dev/null
     fi
 }
@@ -46,15 +54,19 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 for _ in $(seq $((cores * per_core))); do
-    # A simple command in the background: $! is the looping process itself.
-    bash -c 'while :; do :; done' &
+    # A simple command in the background: $! is the looping process itself
+    # (setpriv execs it). Killed with this script even when it is killed
+    # with SIGKILL and no trap runs (the parent-death signal).
+    setpriv --pdeathsig KILL bash -c 'while :; do :; done' &
     burners+=($!)
 done
 echo "under-load: $((cores * per_core)) busy processes on $cores cores (pids ${burners[*]}); load $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # In the background, so that a signal reaches the traps while it runs; in
 # a session (and process group) of its own, so that stop() reaches all of it.
-setsid "${suite_command[@]}" "$@" &
+# SIGINT when this script dies without running its traps (SIGKILL): pytest
+# then ends as on Ctrl-C, its fixtures' teardowns included.
+setsid setpriv --pdeathsig INT "${suite_command[@]}" "$@" &
 suite=$!
 wait "$suite"
 status=$?

@@ -12,6 +12,7 @@ Python.
 from __future__ import annotations
 
 import logging
+import mmap
 import weakref
 from typing import Dict
 
@@ -20,6 +21,7 @@ from .backends import _direct_cow_mode, mechanism_for
 from .errors import InvalidArgumentError, InvalidTypeError, UnsupportedError
 
 log = logging.getLogger("thpguard")
+_PAGE = mmap.PAGESIZE
 
 #: How a ``copy`` region may copy (the ``copy_mode`` argument of :func:`thpguard.alloc`).
 COPY_MODES = ("auto", "lazy", "eager")
@@ -122,6 +124,18 @@ def setup(region, requested: str) -> None:
     log.info("copy region %#x copies eagerly at fork: %s", region.address, reason)
 
 
+def label(region) -> None:
+    """Name the region's copy mechanism in its marker page, so ``thpguard
+    status`` shows it from outside the process (the marker is mapped again
+    under the new name; without a marker nothing happens)."""
+    if not getattr(region, "_marked", False):
+        return
+    try:
+        _native.map_marker(region.address - _PAGE, _PAGE, region.name, mode(region))
+    except OSError as exc:  # no fd left: status shows the region without its mechanism
+        log.debug("copy region %#x: marker not renamed: %s", region.address, exc)
+
+
 def release(region) -> bool:
     """Unregister the region from the handler; True if it was registered.
     Waits for a copy in progress and wakes every thread waiting on the
@@ -141,6 +155,7 @@ def rearm(region) -> None:
         log.error("copy region %#x: writes after fork now split (the kernel's COW): %s",
                   region.address, exc)
         region._copy_registered = False
+        label(region)
         return
     region._forget_copy = weakref.finalize(region, _native.copy_unregister, region.address)
     try:
@@ -168,7 +183,10 @@ def copy_stats() -> Dict[str, object]:
     ``copy`` region is open (the handler is stopped); ``regions``: ``copy``
     regions registered; ``pool_ready``: pre-faulted blocks waiting (at most
     4, 8 MiB); ``arm_errno``: nonzero when this process could not arm its
-    regions at fork (they then behave like ``share``). Counters survive the
-    handler's stop and restart within a process.
+    regions at fork (they then behave like ``share``); ``arm_ns``: in a
+    child, nanoseconds its at-fork handler took to arm (a userfaultfd, the
+    registrations, the protection, the handler thread and its first pool
+    block), of which ``ready_wait_ns`` waiting for that thread. Counters
+    survive the handler's stop and restart within a process.
     """
     return _native.copy_stats()

@@ -10,11 +10,12 @@ Signals with a Python handler (SIGINT, SIGTERM, a SIGALRM of
 waiting for a ``copy`` child, the child copying) are held: their handlers
 are replaced by a recorder from the first ``before`` callback to the last
 ``after_*`` callback, in the parent and in the child (which inherits the
-recorder), every callback finishes, and the signals are sent again to the
-forking thread once ``os.fork()`` has returned, so ``KeyboardInterrupt``
-(or the program's own handler) comes from the line that called it. CPython ignores exceptions raised inside
-at-fork hooks ("Exception ignored in"), so raising there would lose the
-signal and skip the callbacks after it.
+recorder), every callback finishes, and the signals go to their handlers
+once ``os.fork()`` has returned and the caller has stored its result: at
+the first function call or return after the statement that called fork()
+(raising on the fork line itself would lose the child's pid). CPython
+ignores exceptions raised inside at-fork hooks ("Exception ignored in"),
+so raising there would lose the signal and skip the callbacks after it.
 
 Forks that bypass Python (a C extension calling ``fork()``) do not run
 these hooks. The native ``pthread_atfork`` handler counts every fork, so
@@ -34,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _native
 from ._forksignals import _hold, _holding, _release, _when_returned
+from ._forksignals import deferred as signals_deferred  # noqa: F401 (used by the guard)
 
 log = logging.getLogger("thpguard")
 

@@ -5,18 +5,24 @@ its caller and the caller stored the pid, the Python handlers of every
 signal are replaced by a recorder (:class:`_Held`), in the parent and, by
 inheritance, in the child; then the real handlers go back and what was
 recorded is raised again in the forking thread. ``sys.setprofile`` tells
-when fork() has returned (:func:`_when_returned`).
+when fork() has returned (:func:`_when_returned`), for each of several
+nested forks (a handler that forks as another fork ends); recorded
+signals are marked as arrived for their handlers
+(``_thread.interrupt_main``), so they run at the interpreter's next check
+with no thread or timer involved. Only where another profiler is set does
+a thread watch the caller's frame instead (:func:`_deliver_after_return`).
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import _signal
 
@@ -32,26 +38,120 @@ log = logging.getLogger("thpguard")
 _HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
+# Python 3.10 added interrupt_main(signum) (PyErr_SetInterruptEx).
+_INTERRUPT_TAKES_SIGNUM = sys.version_info >= (3, 10)
+
+
+def _trip(signums: List[int]) -> None:
+    """Mark ``signums`` as arrived for their Python handlers, in the main
+    thread, all in one C call, as signals that arrived just now: the
+    handlers run at the interpreter's next check (in the main thread, just
+    after this call), in order, and one that raises leaves the others
+    pending, as CPython does. (Python 3.9 runs each handler as its signal
+    is raised: one that raises there drops the rest.)"""
+    if _INTERRUPT_TAKES_SIGNUM:
+        list(map(_thread.interrupt_main, signums))
+    else:
+        list(map(signal.raise_signal, signums))
+
+
+def _trip_after(exc: Optional[BaseException], signums: List[int]) -> None:
+    """Run the handlers of ``signums`` (:func:`_trip`), then raise ``exc``,
+    which a handler raised before them; if one of them raises, its
+    exception comes out instead, with ``exc`` as its context (nothing is
+    dropped unseen)."""
+    if exc is None:
+        _trip(signums)
+        return
+    try:
+        _trip(signums)
+    except BaseException as later:
+        later.__context__ = exc
+        raise
+    raise exc
+
+
+class _Deferred:
+    """The stand-in handler of :func:`deferred`: records, never runs."""
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []
+        self.saved: Dict[int, Any] = {}
+        self.raised: List[BaseException] = []
+
+    def record(self, signum, frame) -> None:
+        if signum not in self.caught:
+            self.caught.append(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Run the block with no Python signal handler running in it.
+
+    A signal mask cannot promise that: a signal another thread takes runs
+    its Python handler in the main thread at the next bytecode, whatever
+    the main thread's mask. So the handlers are replaced by a recorder for
+    the block; afterwards the real ones go back and what was recorded runs
+    at once, in arrival order. A handler that runs (and raises) while they
+    are swapped has its exception raised once the block is over. Outside
+    the main thread nothing is needed: Python runs handlers only there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = _Deferred()
+    try:
+        for signum in _HELD_SIGNALS:
+            while True:  # again if a handler raised between the two calls
+                try:
+                    old = _getsignal(signum)
+                    if callable(old) and getattr(old, "__self__", None) is not held:
+                        held.saved[signum] = old
+                        _setsignal(signum, held.record)
+                    break
+                except BaseException as exc:  # the program's handler, raised here
+                    held.raised.append(exc)
+        yield
+    finally:
+        for signum, old in held.saved.items():
+            while True:
+                try:
+                    if getattr(_getsignal(signum), "__self__", None) is held:
+                        _setsignal(signum, old)
+                    break
+                except BaseException as exc:
+                    held.raised.append(exc)
+        _trip_after(held.raised[0] if held.raised else None, held.caught)
+
+
 def _deliver_after_return(signums: List[int], caller) -> None:
-    """Send ``signums`` to this thread once the frame ``caller`` has moved
-    past its call of os.fork() (or left the stack); at most 10 s later."""
+    """Trip ``signums`` for this (the main) thread once the frame
+    ``caller`` has moved past its call of os.fork() (or left the stack).
+
+    Only where no profile function can tell that moment (another profiler
+    is set, :func:`_release`): then nothing in Python does, and a thread
+    watches the caller's frame. It is started in the last after-fork hook,
+    after threading's own after-fork work in a child, so threading never
+    forgets it (a thread started before that work is dropped from
+    threading's books and fails as it starts). It waits for the frame as
+    long as it takes, and no longer than the thread it waits for lives.
+    """
     target = threading.get_ident()
     lasti = caller.f_lasti if caller is not None else None
 
     def deliver() -> None:
-        deadline = time.monotonic() + 10.0
-        while caller is not None and time.monotonic() < deadline:
+        pause = 0.0001
+        while caller is not None:
             at = sys._current_frames().get(target)
+            if at is None:
+                return  # the thread is gone; so are its handlers
             while at is not None and at is not caller:
                 at = at.f_back
             if at is None or caller.f_lasti != lasti:
                 break
-            time.sleep(0.001)
-        for signum in signums:
-            try:
-                signal.pthread_kill(target, signum)
-            except (OSError, ValueError):
-                os.kill(os.getpid(), signum)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        _trip(signums)
 
     threading.Thread(target=deliver, name="thpguard-fork-signal", daemon=True).start()
 
@@ -90,10 +190,10 @@ class _Held:
 
     def record(self, signum, frame) -> None:
         if self._inside(frame):
+            # finish() (or _release, which puts the handlers back before it
+            # reads this list) delivers it.
             if signum not in self.caught:
                 self.caught.append(signum)
-                if self.released and not self.finishing:  # between the last hook and fork()'s return
-                    _deliver_after_return([signum], self.caller)
             return
         self.restore()
         handler = self.saved.get(signum)
@@ -111,19 +211,14 @@ class _Held:
 
     def finish(self) -> None:
         """Once fork() returned and its pid is stored, in the forking thread:
-        put the real handlers back, then raise what was recorded, in one C
-        call (their handlers run next; one that raises leaves the others
-        pending, as CPython does)."""
+        put the real handlers back, then mark what was recorded as arrived
+        (their handlers run now, in order; one that raises leaves the
+        others pending, as CPython does). An exception a handler raised as
+        the hold began (before the fork) is raised after them."""
         self.restore()
-        if self.raised:
-            # A handler raised as the hold began (before the fork): that
-            # exception first, from the line that called fork(); the
-            # signals recorded since follow it from a thread.
-            exc, self.raised = self.raised[0], []
-            if self.caught:
-                _deliver_after_return(list(self.caught), None)
-            raise exc
-        list(map(signal.raise_signal, self.caught))
+        caught, self.caught = list(self.caught), []
+        exc, self.raised = (self.raised[0] if self.raised else None), []
+        _trip_after(exc, caught)
 
 
 _holding = threading.local()
@@ -195,8 +290,8 @@ def _hold() -> _Held:
 
 
 def _release(caller) -> None:
-    """End the hooks' hold: re-send what was recorded, and put the real
-    handlers back, once fork() has returned to ``caller`` and it moved on."""
+    """End the hooks' hold: put the real handlers back and deliver what was
+    recorded once fork() has returned to ``caller`` and it moved on."""
     held = getattr(_holding, "held", None)
     _holding.held = held.outer if held is not None else None
     if held is None:
@@ -204,30 +299,55 @@ def _release(caller) -> None:
     held.caller = caller
     held.lasti = caller.f_lasti if caller is not None else -1
     held.finishing = _can_wait(caller) and _when_returned(caller, restore=held.finish)
-    held.released = True
     if not held.finishing:
         # No profile function to finish with (another profiler, or no
-        # caller): the handlers go back now, and a thread re-sends.
+        # caller): the handlers go back now, and a thread delivers. Back
+        # first, then released: what the recorder takes until then is in
+        # held.caught, read after.
         held.restore()
+        held.released = True
         for exc in held.raised:
             log.error("thpguard: a signal handler raised %r as a fork began; it cannot be "
                       "raised again where fork() was called (another profiler is set)", exc)
         held.raised = []
         if held.caught:
             _deliver_after_return(list(held.caught), caller)
+    else:
+        held.released = True
 
 
 # -- after fork() returned ----------------------------------------------------
 
-_post = threading.local()  # this thread's work for after fork() returns
+_post = threading.local()  # this thread's forks waiting for fork() to return
+
+
+class _Wait:
+    """One fork waiting for its os.fork() call to return to ``caller``:
+    ``callbacks`` run at the first profile event in ``caller`` (or above
+    it), ``restore`` once ``caller`` moved past the call (stored the pid)
+    or left the stack."""
+
+    __slots__ = ("caller", "lasti", "callbacks", "restore")
+
+    def __init__(self, caller) -> None:
+        self.caller = caller
+        self.lasti = caller.f_lasti
+        self.callbacks: List[Callable[[], None]] = []
+        self.restore: Optional[Callable[[], None]] = None
+
+
+def _waits() -> List[_Wait]:
+    waits = getattr(_post, "waits", None)
+    if waits is None:
+        waits = _post.waits = []
+    return waits
 
 
 def _can_wait(caller) -> bool:
     """Whether :func:`_when_returned` can wait for ``caller`` (known, and
     no other profiler set in this thread)."""
     current = sys.getprofile()
-    return caller is not None and (current is None or current is _profile) and (
-        getattr(_post, "caller", None) in (None, caller))
+    return caller is not None and (current is None or current is _profile)
 
 
 def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
@@ -235,39 +355,75 @@ def _when_returned(caller, callback: Optional[Callable[[], None]] = None,
     """Run ``callback`` at the first profile event in ``caller`` (fork()'s
     c_return) and ``restore`` at the first one after ``caller`` moved past
     the call (its pid stored); True. At once where the caller is unknown or
-    another profiler is set (never displaced); False."""
+    another profiler is set (never displaced); False.
+
+    Forks nest (a signal handler that forks while another fork's hooks, or
+    the callbacks after it, run): each waits for its own caller."""
     if not _can_wait(caller):
         if callback is not None:
             callback()
         if restore is not None:
             restore()
         return False
-    _post.caller = caller
-    _post.lasti = caller.f_lasti
+    waits = _waits()
+    wait = next((w for w in waits if w.caller is caller and w.lasti == caller.f_lasti), None)
+    if wait is None:
+        wait = _Wait(caller)
+        waits.append(wait)
     if callback is not None:
-        _post.callbacks = getattr(_post, "callbacks", []) + [callback]
+        wait.callbacks.append(callback)
     if restore is not None:
-        _post.restore = restore
+        wait.restore = restore
     sys.setprofile(_profile)
     return True
 
 
+def _on_stack(frame, caller) -> bool:
+    """Whether ``caller`` is ``frame`` or one of the frames that called it."""
+    at = frame
+    while at is not None and at is not caller:
+        at = at.f_back
+    return at is not None
+
+
+def _call(function: Callable[[], None], raised: Optional[BaseException]):
+    """Call ``function``; the first exception of a profile event is kept
+    (returned), a later one logged: only one can leave the event."""
+    try:
+        function()
+    except BaseException as exc:
+        if raised is None:
+            return exc
+        log.error("thpguard: %r raised as a fork ended, after another exception there; "
+                  "it is not raised again", exc)
+    return raised
+
+
 def _profile(frame, event, arg) -> None:
-    caller = _post.caller
-    callbacks = getattr(_post, "callbacks", [])
-    if callbacks:
-        at = caller
-        while at is not None and at is not frame:
-            at = at.f_back
-        if at is None:
-            return  # still inside the fork hooks
-        _post.callbacks = []
+    waits = _waits()
+    raised: Optional[BaseException] = None
+    for wait in reversed(list(waits)):  # the innermost fork first
+        caller = wait.caller
+        at_call = caller.f_lasti == wait.lasti and _on_stack(frame, caller)
+        if at_call and frame is not caller:
+            continue  # still inside that fork's hooks
+        callbacks, wait.callbacks = wait.callbacks, []
         for callback in callbacks:
-            callback()
-    restore = getattr(_post, "restore", None)
-    if restore is not None and caller.f_lasti == _post.lasti:
-        return  # fork() returned, its pid not yet stored
-    sys.setprofile(None)
-    _post.caller = _post.restore = None
-    if restore is not None:
-        restore()
+            raised = _call(callback, raised)
+        if at_call and wait.restore is not None and raised is None:
+            continue  # fork() returned, its pid not yet stored
+        waits.remove(wait)
+        if wait.restore is not None:
+            raised = _call(wait.restore, raised)
+    if raised is not None:
+        # Raised from here, it unsets the profile function (CPython does):
+        # the forks still waiting end now.
+        for wait in reversed(list(waits)):
+            waits.remove(wait)
+            for callback in wait.callbacks + [wait.restore]:
+                if callback is not None:
+                    raised = _call(callback, raised)
+    if not waits:
+        sys.setprofile(None)
+    if raised is not None:
+        raise raised

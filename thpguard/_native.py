@@ -66,7 +66,7 @@ COPY_METHODS: Dict[int, str] = {
 
 _COPY_STATS_FIELDS = (
     "wp_faults", "missing_faults", "copies", "reuses", "missing_fills", "cow_fallbacks",
-    "inline_allocs", "copy_ns", "regions", "pool_ready",
+    "inline_allocs", "copy_ns", "regions", "pool_ready", "arm_ns", "ready_wait_ns",
 )
 
 _SCAN_VEC = 512
@@ -274,6 +274,18 @@ def copy_set_child_prefill(blocks: int) -> None:
     _check(lib.tg_copy_set_child_prefill(blocks), "copy child prefill")
 
 
+def copy_set_child_ready_wait(seconds: float) -> None:
+    """How long a child's at-fork handler waits at most for its handler
+    thread to poll (``tg_copy_set_child_ready_wait``); 0: not at all."""
+    _check(lib.tg_copy_set_child_ready_wait(int(seconds * 1e6)), "copy child ready wait")
+
+
+def copy_set_refill_delay(seconds: float) -> None:
+    """How long the handler waits after a fault before refilling its pool
+    (``tg_copy_set_refill_delay``, whole milliseconds); 0: at once."""
+    _check(lib.tg_copy_set_refill_delay(round(seconds * 1e3)), "copy refill delay")
+
+
 def map_flags(addr: int, length: int, extra_flags: int) -> int:
     """Map ``length`` bytes private anonymous with ``extra_flags`` (with a
     reservation, never ``MAP_NORESERVE``); at ``addr`` (``MAP_FIXED``) unless 0."""
@@ -307,13 +319,23 @@ def placeholder_add(addr: int, length: int, name: Optional[str] = None) -> None:
 
 
 #: memfd name prefix of the marker page in front of each region: maps show
-#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA.
+#: ``/memfd:thpguard-region:NAME (deleted)`` right before the region's VMA,
+#: ``/memfd:thpguard-region:NAME;copy=MECHANISM (deleted)`` for a ``copy``
+#: region (names never hold ``;``).
 MARKER_PREFIX = "thpguard-region:"
+#: What follows the name in a ``copy`` region's marker: its copy mechanism.
+MARKER_COPY = ";copy="
+#: memfd name prefix of the marker page below the lazy copy's pool of
+#: pre-faulted huge pages, followed by the pool's length in bytes
+#: (``TG_COPY_POOL_MARKER`` in native/thpguard.h).
+POOL_MARKER_PREFIX = "thpguard-copy-pool:"
 
 
-def map_marker(addr: int, length: int, name: Optional[str]) -> None:
-    """Put a PROT_NONE page of a memfd named after the region at ``addr``."""
-    fd = os.memfd_create(MARKER_PREFIX + (name or ""), os.MFD_CLOEXEC)
+def map_marker(addr: int, length: int, name: Optional[str], copy_mode: Optional[str] = None) -> None:
+    """Put a PROT_NONE page of a memfd named after the region (and, for a
+    ``copy`` region, its copy mechanism) at ``addr``."""
+    label = MARKER_PREFIX + (name or "") + (MARKER_COPY + copy_mode if copy_mode else "")
+    fd = os.memfd_create(label, os.MFD_CLOEXEC)
     try:
         _check(lib.tg_map_marker(_ptr(addr), length, fd), "mmap marker", addr, length)
     finally:

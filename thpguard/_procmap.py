@@ -21,13 +21,32 @@ from .blocks import SOURCE_PAGEMAP_SCAN, SOURCE_SMAPS, BlockMap, classify
 
 
 _MARKER = "/memfd:" + _native.MARKER_PREFIX
+_POOL_MARKER = "/memfd:" + _native.POOL_MARKER_PREFIX
 
 
-def _marked_region(previous: Optional[kernel.Vma], vma: kernel.Vma) -> Optional[str]:
-    """The region name when *previous* is a thpguard marker page right below *vma*."""
-    if previous is None or previous.end != vma.start or not previous.path.startswith(_MARKER):
+def _marker_label(previous: Optional[kernel.Vma], vma: kernel.Vma, prefix: str) -> Optional[str]:
+    """What follows *prefix* in the name of *previous*, a marker page right below *vma*."""
+    if previous is None or previous.end != vma.start or not previous.path.startswith(prefix):
         return None
-    return previous.path[len(_MARKER):].split(" (deleted)")[0]
+    return previous.path[len(prefix):].split(" (deleted)")[0]
+
+
+def _marked_region(previous: Optional[kernel.Vma], vma: kernel.Vma) -> "tuple[Optional[str], Optional[str]]":
+    """(name, copy mechanism) when *previous* is a thpguard region's marker
+    page right below *vma*: the name "" when unnamed, the mechanism None
+    unless it is a ``copy`` region; (None, None) for any other VMA."""
+    label = _marker_label(previous, vma, _MARKER)
+    if label is None:
+        return None, None
+    name, _, copy_mode = label.partition(_native.MARKER_COPY)
+    return name, copy_mode or None
+
+
+def _pool_end(previous: Optional[kernel.Vma], vma: kernel.Vma) -> Optional[int]:
+    """Where the lazy copy's pool ends when *previous* is its marker page
+    right below *vma* (the marker names the pool's length)."""
+    label = _marker_label(previous, vma, _POOL_MARKER)
+    return vma.start + int(label) if label is not None and label.isdigit() else None
 
 
 def cgroup_of(pid, roots: Optional[kernel.Roots] = None) -> Optional[str]:
@@ -96,10 +115,35 @@ class VmaCoverage:
     #: For a thpguard region (found by its marker page): its name, "" when
     #: unnamed; None for every other VMA.
     region: Optional[str] = None
+    #: For a thpguard ``copy`` region: how it copies ("kernel", "userfault",
+    #: "eager", "hugetlb-eager"; :attr:`thpguard.Region.copy_mode`); else None.
+    copy_mode: Optional[str] = None
+    #: For a ``userfault`` copy region: whether this process has it
+    #: registered for write-protect faults now (VmFlags ``uw``), which a
+    #: child that could not arm lacks (its writes split); else None.
+    copy_armed: Optional[bool] = None
+    #: True for the lazy copy's pool of pre-faulted huge pages (found by
+    #: its marker page): spare memory of the handler, not a leak.
+    copy_pool: bool = False
 
     @property
     def size(self) -> int:
         return self.end - self.start
+
+    @property
+    def label(self) -> str:
+        """What ``thpguard status`` shows in its path column: a region with
+        its name and copy mechanism, the lazy copy's pool, else the path."""
+        if self.copy_pool:
+            return "* thpguard copy pool (pre-faulted huge pages for the lazy copy, not a leak)"
+        if self.region is None:
+            return self.path
+        label = f"* thpguard region {self.region!r}" if self.region else "* thpguard region"
+        if self.copy_mode:
+            label += f" copy={self.copy_mode}"
+            if self.copy_armed is False:
+                label += " (not armed: its writes split)"
+        return label
 
     @property
     def pmd_mapped_bytes(self) -> int:
@@ -124,6 +168,9 @@ class VmaCoverage:
     def as_dict(self) -> dict:
         return {
             "advised": self.advised,
+            "copy_armed": self.copy_armed,
+            "copy_mode": self.copy_mode,
+            "copy_pool": self.copy_pool,
             "end": self.end,
             "huge_bytes": self.huge_bytes,
             "partial_blocks": self.partial_blocks,
@@ -206,11 +253,16 @@ def scan_process(pid: int, pmd: Optional[int] = None, roots: Optional[kernel.Roo
             raise _error(exc, pid, "the page map") from None
     out: List[VmaCoverage] = []
     previous = None
+    pool_end = 0
     try:
         for v in vmas:
+            region, copy_mode = _marked_region(previous, v)
+            pool_end = _pool_end(previous, v) or pool_end
             cov = VmaCoverage(v.start, v.end, v.perms, v.path, v.thp_eligible, v.advised_huge,
                               (v.huge_bytes or 0) + (v.hugetlb_bytes or 0), v.rss, None,
-                              _marked_region(previous, v))
+                              region, copy_mode,
+                              "uw" in v.vm_flags if copy_mode == "userfault" else None,
+                              v.start < pool_end)  # mremap (Linux 6.7) splits the pool's VMA
             previous = v
             if source == SOURCE_PAGEMAP_SCAN and v.path != "[vsyscall]":
                 try:

@@ -86,11 +86,20 @@ def _before_fork() -> None:
     fs.pending.pipe = None
     targets = [r for r in regions() if r.fork == "copy"]
     targets = [(r, mechanism_for(r)) for r in targets]
+    moves_vmas = None
     for r, m in targets:
         if m.name == "userfault":
-            # From this fork on, the handler of each side may move copied
-            # blocks into the range, as VMAs of their own (outside_change).
-            r._blocks_moved_in = True
+            # From this fork on, the handler of each side may put copied
+            # blocks into the range with mremap, as VMAs of their own
+            # (outside_change); UFFDIO_MOVE (6.8) and the collapse method
+            # move pages, not VMAs, and the range stays one VMA.
+            if moves_vmas is None:
+                try:
+                    moves_vmas = _native.copy_stats()["method"] not in ("move", "collapse")
+                except OSError:
+                    moves_vmas = True
+            if moves_vmas:
+                r._blocks_moved_in = True
     targets += _share_downgrades()
     if any(m.parent_waits(r) for r, m in targets):
         fs.pending.pipe = os.pipe()
@@ -277,7 +286,9 @@ def _after_fork_in_child(late: bool = False) -> None:
                        if r.fork == "copy" and not r.closed]
         if exec_child:
             return
-        room = _cgroup_room() if targets else None
+        # Only a copy at fork needs room: a lazy copy charges block by block
+        # on write (and reading the cgroup costs a child milliseconds).
+        room = _cgroup_room() if any(m.charge(r) for r, m in targets) else None
         for region, mechanism in targets:
             if region.closed:
                 continue
@@ -355,8 +366,19 @@ def unmap_region(region) -> None:
     if change is not None:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(region._map))
         _abandoned.append(region._map)
-        log.error("region %#x (%d bytes) is left mapped by close(): %s; unmapping it would "
-                  "unmap memory that is not the region's", region.address, region.size, change)
+        base = region.address - region._offset
+        end = base + len(region._map)
+        try:
+            spans = kernel.mapped_ranges(base, end, roots=kernel.Roots())
+        except OSError:
+            spans = []
+        kept = sum(min(b, end) - max(a, base) for a, b in spans)
+        log.error("region %#x (%d bytes) is closed but not unmapped: %s. The %d bytes still "
+                  "mapped in its range %#x-%#x (%d mappings, any in the hole included) stay "
+                  "mapped until the process exits: the region's mapping can only be unmapped "
+                  "as that one range, and that would also unmap whatever is mapped in the "
+                  "hole then (by this or another thread)", region.address, region.size, change,
+                  kept, base, end, len(spans))
         return
     try:
         region._map.close()
@@ -392,10 +414,10 @@ def outside_change(region) -> Optional[str]:
     around the range; another mapping that differs from a piece of the
     region only in protection, mlock or huge page advice; and a region whose
     VMA could merge (``map_unmergeable`` failed, a hugetlb region); and in a
-    lazy ``copy`` region that has been through a fork (in the parent and
-    the child: the handlers move copied blocks in one by one, as VMAs of
-    their own), a mapping that differs from the region's pieces only in
-    what a merge ignores.
+    lazy ``copy`` region that has been through a fork where the handlers put
+    copied blocks in with mremap (no UFFDIO_MOVE: Linux before 6.8), as VMAs
+    of their own, a mapping of whole blocks that differs from the region's
+    pieces only in what a merge ignores.
     """
     base = region.address - region._offset
     end = base + len(region._map)
@@ -417,18 +439,20 @@ def outside_change(region) -> Optional[str]:
         if region._advised and not {"hg", "nh"} & set(vma.vm_flags):
             return (f"{vma.start:#x}-{vma.end:#x} is not the region's (no MADV_HUGEPAGE): "
                     "mapped there after outside code unmapped part of the region")
-    # The blocks the userfaultfd handler copies after a fork are moved in
-    # (UFFDIO_MOVE or mremap) as VMAs of their own that never merge back;
-    # before the region's first fork its range is one VMA like any other's.
-    moved = getattr(region, "_blocks_moved_in", False)
-    if not getattr(region, "_unmergeable", False) or moved:  # set by Region._setup (THP)
+    if not getattr(region, "_unmergeable", False):  # set by Region._setup (THP)
         return None
     fixed = {frozenset(set(v.vm_flags) - _PIECE_FLAGS) for v in pieces}
     if len(fixed) > 1:
         return ("the region's range holds mappings with different VmFlags ("
                 + ", ".join(f"{v.start:#x}-{v.end:#x}: {' '.join(v.vm_flags)}" for v in pieces)
                 + "): one of them is not the region's")
+    # The blocks the userfaultfd handler copies after a fork with mremap
+    # are VMAs of their own that never merge back, each a whole block:
+    # pieces alike may meet at a block's edge there, and nowhere else.
+    moved = getattr(region, "_blocks_moved_in", False)
     for a, b in zip(pieces, pieces[1:]):
+        if moved and (b.start - region.address) % region.pmd_size == 0:
+            continue
         if a.end == b.start and a.perms == b.perms and set(a.vm_flags) - {"sd"} == set(b.vm_flags) - {"sd"}:
             return (f"{b.start:#x}-{b.end:#x} did not merge with {a.start:#x}-{a.end:#x} although "
                     "nothing tells them apart: one is another mapping, placed there after outside "

@@ -107,6 +107,9 @@ class UserfaultCopy(CopyMechanism):
     def parent_waits(self, region: "Region") -> bool:
         return False
 
+    def charge(self, region: "Region") -> int:
+        return 0  # each written block is charged when it is copied, as by the kernel's COW
+
     def in_child(self, region: "Region") -> None:
         pass
 
@@ -305,6 +308,7 @@ class HugetlbBackend:
         """Marker page, fork policy and population of a freshly mapped region."""
         try:
             _native.map_marker(region.address - _PAGE, _PAGE, region.name)
+            region._marked = True
         except OSError:
             pass  # only `thpguard status` loses the region's name
         # MADV_WIPEONFORK is EINVAL on hugetlb (Linux 6.18, measured): a

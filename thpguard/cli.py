@@ -245,8 +245,7 @@ def _print_process(pc, args, agent_row: Optional[str] = None) -> None:
     for v in shown:
         elig = {True: "yes", False: "no", None: "?"}[v.thp_eligible]
         vsplit = "?" if v.split_blocks is None else v.split_blocks
-        region = getattr(v, "region", None)
-        path = v.path if region is None else f"* thpguard region {region!r}" if region else "* thpguard region"
+        path = getattr(v, "label", v.path)
         print(f"  {v.start:0{digits}x}-{v.end:0{digits}x}  {fmt_bytes(v.size):>7} {elig:>4} "
               f"{'hg' if v.advised else '':>3} {fmt_bytes(v.huge_bytes):>10} {vsplit:>5}  {path}")
     print(f"  {'total (all ' + str(t['vmas']) + ' VMAs)':<{rng}}  {fmt_bytes(t['size']):>7} {'':>4} {'':>3} "

@@ -209,20 +209,25 @@ class Guard:
 
     def _start(self) -> None:
         # No Python signal handler may run in this thread while it starts
-        # the guard thread: a handler that forks would halt a thread that
-        # is not started yet (and then start a second one). Blocked here,
-        # the signals wait until the thread runs (it inherits the mask, so
-        # it never takes a signal meant for the program's handlers); a
-        # handler that runs as they are unblocked sees a consistent guard.
-        try:
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-        except (OSError, ValueError):
-            blocked = None
-        try:
-            self._start_blocked()
-        finally:
-            if blocked is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        # the guard thread: a handler that forks (a SIGCHLD handler that
+        # respawns) would run the fork's hooks between two steps of the
+        # start and halt a thread that is half set up, or start a second
+        # one that nothing stops. Blocking the signals is not enough (a
+        # signal another thread takes runs its Python handler here at the
+        # next bytecode), so the handlers are deferred until the thread
+        # runs; a handler that runs after that sees a consistent guard.
+        # The mask is for the new thread, which inherits it and so never
+        # takes a signal meant for the program's handlers.
+        with _fork.signals_deferred():
+            try:
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+            except (OSError, ValueError):
+                blocked = None
+            try:
+                self._start_blocked()
+            finally:
+                if blocked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _start_blocked(self) -> None:
         with self._lock:

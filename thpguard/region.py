@@ -197,7 +197,9 @@ class Region:
             self._offset = self.address - _native.buffer_address(self._map)
             setup = getattr(self._backend, "setup", None)
             setup(self, populate) if setup else self._setup(populate, strict)
-            _copy.setup(self, copy_mode) if self.fork == "copy" else None  # populated
+            if self.fork == "copy":
+                _copy.setup(self, copy_mode)  # populated
+                _copy.label(self)
         except BaseException as exc:
             full = kernel.map_count_error(exc)  # at vm.max_map_count: say so, not "EAGAIN"
             self._map.close()
@@ -225,6 +227,7 @@ class Region:
         try:
             # The slack page below the region: a named marker for `thpguard status`.
             _native.map_marker(addr - _PAGE, _PAGE, self.name)
+            self._marked = True
         except OSError as exc:
             log.debug("no marker page for region %#x: %s", addr, exc)
         try:
