@@ -420,23 +420,16 @@ class RepairEngine:
         return [b for b in blocks if kernel.first_gap(spans, b, b + pmd) is not None]
 
     def _smaps_account(self, st, cov, address, size, done, latencies, ok, einval) -> List[int]:
-        # MADV_COLLAPSE also answers 0 for a block that was huge already:
-        # count the repairs from smaps, before and after.
+        # MADV_COLLAPSE answers 0 on huge blocks too: count repairs from smaps.
         pmd = cov.pmd_size
         try:
             after = pagemap.smaps_coverage(address, address + size, pmd)
         except OSError:
             return []
         done.blocks = max(0, (after.huge_bytes - cov.huge_bytes) // pmd)
-        # Blocks that split while the pass ran (another thread wrote): more
-        # not-huge blocks after it than before, less those it repaired. They
-        # are counted as splits here, or no scan ever would (the next one
-        # compares with this reading), and their repair would count alone.
-        # A block split and repaired inside one pass shows in neither count.
-        before = st.smaps_split
-        st.smaps_split = after.not_huge_blocks
-        grown = st.smaps_split - before + done.blocks
-        finished = time.monotonic()
+        # Splits made during the pass count here or never (scans compare with this).
+        before, st.smaps_split = st.smaps_split, after.not_huge_blocks
+        grown, finished = st.smaps_split - before + done.blocks, time.monotonic()
         latencies.extend(finished - seen for seen in st.smaps_seen[:done.blocks])
         del st.smaps_seen[:done.blocks]
         if grown > 0:
