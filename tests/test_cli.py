@@ -483,6 +483,16 @@ def _gone_pid():
     return p.pid
 
 
+def test_status_and_watch_of_a_missing_pid_do_not_claim_it_exited(capsys):
+    """A PID with no process behind it (reaped here, or never used) is named
+    as either, exit 3: thpguard cannot tell the two apart."""
+    pid = _gone_pid()
+    for command in ("status", "watch"):
+        code, out, err = run(capsys, command, str(pid))
+        assert code == 3 and out == ""
+        assert f"no process with PID {pid} (it never existed, or it has exited)" in err, err
+
+
 def test_exit_codes_are_distinct(fake, capsys, monkeypatch):
     """Usage (2), no such process or permission (3) and unsupported host (4) differ."""
     assert cli.main(["status", "--bogus"]) == cli.EXIT_USAGE == 2
@@ -499,6 +509,15 @@ def test_help_shows_defaults_and_exit_codes(capsys):
     assert cli.main(["guard", "--help"]) == 0
     out = capsys.readouterr().out
     assert "(default: 1.0)" in out and "130 interrupted" in " ".join(out.split())
+
+
+def test_verify_help_names_every_exit_code_it_uses(capsys):
+    """verify --help names 0, 1, 3 (--fix without root, --pid not readable) and 4."""
+    assert cli.main(["verify", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("Exit 0 when the host can give THP certainty, 1 when a check failed, 3 when --fix is run "
+            "without root or --pid names a process that does not exist or may not be read, 4 when "
+            "the host is unsupported") in out
 
 
 def test_run_help_shows_defaults_and_exit_codes(capsys):

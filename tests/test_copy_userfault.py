@@ -25,7 +25,7 @@ import pytest
 import thpguard
 from thpguard import _native, kernel
 
-from conftest import checksum, run_in_child, sharer, smaps_huge_bytes, wait_child
+from conftest import checksum, exit_child, read_pipe, run_in_child, sharer, smaps_huge_bytes, wait_child
 
 MiB = 1 << 20
 
@@ -802,9 +802,84 @@ def test_status_names_copy_mechanism_and_pool(copy_region, region_factory, pmd, 
     finally:
         _native.fault_clear()
     assert (armed, has_pool) == (False, False)
-    assert label == "* thpguard region 'lazy-w' copy=userfault (not armed: its writes split)"
+    assert label == ("* thpguard region 'lazy-w' copy=userfault (not armed: its writes split; see "
+                     "copy_stats()['arm_errno'] in that process for why; the guard repairs the splits)")
     rows = _status_rows(os.getpid())  # the parent is unchanged
     assert rows[lazy.address].copy_armed and rows[lazy.address].copy_mode == "userfault"
+
+
+def test_watch_and_status_leave_the_pool_out_of_totals(copy_region, pmd, capsys):
+    """In a child of two healthy 4 MiB copy regions, watch and status count
+    only the regions as eligible and PMD-mapped: the lazy copy's pool VMA
+    (spare huge pages) has its own totals, checked against smaps."""
+    from thpguard import _procmap, cli
+
+    regions = [copy_region(4 * MiB, name=f"pool-totals-{i}") for i in range(2)]
+    for region in regions:
+        _fill(region)
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        def body():
+            os.close(go_w)
+            os.close(ready_r)
+            for region in regions:
+                view = region.view()
+                view[0] ^= 1  # the child's first write takes a block from its pool
+                view.release()
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)  # until the parent has looked
+            return 0
+
+        exit_child(body)
+    os.close(go_r)
+    os.close(ready_w)
+    try:
+        assert read_pipe(ready_r, "the child's writes", pid) == b"r"
+        pc = _procmap.scan_process(pid)
+        pool = [v for v in pc.vmas if v.copy_pool]
+        assert pool, "the child has no copy pool VMA"
+        mine = [v for v in pc.vmas if v.region is not None and v.region.startswith("pool-totals-")]
+        assert len(mine) == 2
+        # Ground truth: both regions wholly PMD-mapped in the child.
+        for v in mine:
+            assert smaps_huge_bytes(pid, v.start, v.end) == v.size == 4 * MiB
+        others = [v for v in pc.vmas if v.thp_eligible and not v.copy_pool]
+        t = pc.totals(only_eligible=True)
+        assert t["eligible_bytes"] == sum(v.size for v in others)
+        assert t["huge_bytes"] == sum(v.huge_bytes for v in others)
+        assert t["copy_pool_bytes"] == sum(v.size for v in pool if v.thp_eligible)
+        # The child's handler refills its pool meanwhile: compare within one scan.
+        assert t["copy_pool_huge_bytes"] == sum(v.huge_bytes for v in pool if v.thp_eligible)
+        assert t["copy_pool_huge_bytes"] <= t["copy_pool_bytes"]
+
+        assert cli.main(["watch", "--count", "1", "--json", str(pid)]) == 0
+        sample = json.loads(capsys.readouterr().out.splitlines()[0])
+        assert sample["totals"]["eligible_bytes"] == t["eligible_bytes"]
+        assert sample["totals"]["huge_bytes"] == t["huge_bytes"]
+        assert sample["totals"]["copy_pool_bytes"] == t["copy_pool_bytes"] > 0
+        assert cli.main(["watch", "--count", "1", str(pid)]) == 0
+        line = capsys.readouterr().out
+        if all(v.region is not None for v in others):  # no other eligible VMA in the child
+            assert "PMD-mapped 8M of 8M eligible (100%)" in line, line
+        assert "copy pool" in line and "not counted" in line
+
+        assert cli.main(["status", "--json", str(pid)]) == 0
+        totals = json.loads(capsys.readouterr().out)["processes"][0]["totals"]
+        assert totals["huge_bytes"] == sum(v.huge_bytes for v in pc.vmas if not v.copy_pool)
+        assert totals["copy_pool_bytes"] == sum(v.size for v in pool)
+
+        from thpguard import metrics
+
+        text = metrics.textfile([pc])
+        huge = [line for line in text.splitlines() if line.startswith("thpguard_process_huge_bytes")]
+        counted = sum(v.huge_bytes for v in pc.vmas if not v.copy_pool and (v.advised or v.huge_bytes))
+        assert len(huge) == 1 and float(huge[0].rsplit(" ", 1)[1]) == counted
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        assert wait_child(pid, "the child after status and watch") == 0
 
 
 def _blocked_syscalls():

@@ -303,6 +303,25 @@ def test_capabilities_new_kernel(tmp_path, monkeypatch):
     assert kernel.capabilities(refresh=True, roots=t.roots) is not c
 
 
+@pytest.mark.parametrize("move, expected", [
+    (True, "copy: 2 MiB block copies by userfaultfd (UFFDIO_MOVE)"),
+    (False, "copy: 2 MiB block copies by userfaultfd (mremap: one VMA per copied block)"),
+    (None, "copy: the whole region at fork (no userfaultfd: "),
+])
+def test_direct_cow_line_says_what_each_policy_does(tmp_path, monkeypatch, move, expected):
+    """Without direct COW, verify's line says in one sentence what share and
+    copy do instead: splits re-collapsed, and the copy's mechanism."""
+    t = FakeTree(tmp_path)
+    probe = None if move is None else {"stage": "ok", "errno": 0, "source": "syscall",
+                                       "user_mode_only": False, "move": move}
+    use_native(monkeypatch, FakeNative(copy_probe=probe))
+    c = kernel.capabilities(roots=t.roots)
+    check = _checks.check_direct_cow(_checks.HostContext(c, t.roots))
+    assert check.status == _checks.NA
+    assert check.detail.startswith(f"{c.direct_cow.reason}; share: splits re-collapsed; {expected}")
+    assert "instead" not in check.detail
+
+
 def test_capabilities_old_kernel(tmp_path, monkeypatch):
     """A 5.15-like kernel: no MADV_COLLAPSE, PAGEMAP_SCAN gives ENOTTY; reasons name versions."""
     t = FakeTree(tmp_path, mthp={})

@@ -70,6 +70,8 @@ def _close_keeps_the_other_mapping(region, other, size, caplog):
     assert ctypes.string_at(other, 16) == b"not the region's"
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and f"{region.address:#x}" in errors[0].getMessage()
+    # It says whether the user must act: not for the data, only if it repeats.
+    assert "Nothing needs doing for the data" in errors[0].getMessage()
 
 
 @pytest.mark.parametrize("hole", ["block", "page"])

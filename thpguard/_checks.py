@@ -191,7 +191,7 @@ def check_direct_cow(ctx: HostContext) -> Check:
         ident = kernel.direct_cow_interface(ctx.roots)
         if not ident.available:
             # Another kernel's thp_cow: not ours to switch.
-            return Check("direct_cow", title, NA, c.direct_cow.reason + "; re-collapse instead")
+            return Check("direct_cow", title, NA, c.direct_cow.reason + "; share: splits re-collapsed")
         path = ctx.thp_path("thp_cow")
         return Check("direct_cow", title, WARN, "thp_cow=never: writes after fork split huge pages",
                      f"echo madvise > {path}", (path, "madvise"))
@@ -199,11 +199,13 @@ def check_direct_cow(ctx: HostContext) -> Check:
     # where this process may (docs/copy.rst), else eagerly at fork: one line
     # for both keeps verify on one screen.
     uffd = c.copy_userfault
-    if uffd.available:
-        lazy = f"fork='copy' copies 2 MiB blocks with userfaultfd instead ({uffd.reason})"
-    else:
-        lazy = f"fork='copy' copies eagerly at fork: {uffd.reason}"
-    return Check("direct_cow", title, NA, f"{c.direct_cow.reason}; re-collapse instead; {lazy}")
+    if not uffd.available:
+        lazy = f"copy: the whole region at fork ({uffd.reason})"
+    elif uffd.reason.endswith("put in place with UFFDIO_MOVE"):  # kernel/_probes.py's wording
+        lazy = "copy: 2 MiB block copies by userfaultfd (UFFDIO_MOVE)"
+    else:  # Linux 6.7: no UFFDIO_MOVE
+        lazy = "copy: 2 MiB block copies by userfaultfd (mremap: one VMA per copied block)"
+    return Check("direct_cow", title, NA, f"{c.direct_cow.reason}; share: splits re-collapsed; {lazy}")
 
 
 def _disabled_ancestor(ctx: HostContext, pid) -> Optional[Tuple[int, str]]:

@@ -88,7 +88,7 @@ def why_no_memory(pid, roots: Optional[kernel.Roots] = None) -> str:
         fields = rest.split()
         state, flags = fields[0], int(fields[6])
     except (OSError, ValueError, IndexError):
-        return f"no process with PID {pid} (it exited)"
+        return f"no process with PID {pid} (it never existed, or it has exited)"
     if flags & _PF_KTHREAD:
         return (f"PID {pid} ({name}) is a kernel thread: it has no user memory to show or repair")
     if state in ("Z", "X", "x"):
@@ -142,7 +142,8 @@ class VmaCoverage:
         if self.copy_mode:
             label += f" copy={self.copy_mode}"
             if self.copy_armed is False:
-                label += " (not armed: its writes split)"
+                label += (" (not armed: its writes split; see copy_stats()['arm_errno'] in that "
+                          "process for why; the guard repairs the splits)")
         return label
 
     @property
@@ -198,24 +199,53 @@ class ProcessCoverage:
     cgroup: Optional[str] = None
 
     def totals(self, only_eligible: bool = False) -> dict:
+        """Sums over the VMAs, in bytes (blocks for the ``*_blocks`` keys).
+
+        The lazy copy's pool (``copy_pool`` VMAs) is not counted in
+        ``eligible_bytes``, ``huge_bytes`` or the block counts: it is spare
+        huge pages the copy takes blocks from, not memory of the program.
+        It has its own keys, ``copy_pool_bytes`` and
+        ``copy_pool_huge_bytes``; ``size`` and ``vmas`` count every VMA.
+        """
         vmas = [v for v in self.vmas if v.thp_eligible or not only_eligible]
+        pool = [v for v in vmas if v.copy_pool]
+        memory = [v for v in vmas if not v.copy_pool]
         detail = self.source != SOURCE_SMAPS
-        huge = sum(v.huge_bytes for v in vmas)
+        huge = sum(v.huge_bytes for v in memory)
         return {
-            "eligible_bytes": sum(v.size for v in vmas if v.thp_eligible),
+            "copy_pool_bytes": sum(v.size for v in pool),
+            "copy_pool_huge_bytes": sum(v.huge_bytes for v in pool),
+            "eligible_bytes": sum(v.size for v in memory if v.thp_eligible),
             "huge_bytes": huge,
-            "partial_blocks": sum(v.partial_blocks or 0 for v in vmas) if detail else None,
+            "partial_blocks": sum(v.partial_blocks or 0 for v in memory) if detail else None,
             "pmd_mapped_bytes": huge,
             "size": sum(v.size for v in vmas),
-            "split_blocks": sum(v.split_blocks or 0 for v in vmas) if detail else None,
+            "split_blocks": sum(v.split_blocks or 0 for v in memory) if detail else None,
             "vmas": len(vmas),
         }
+
+    def split_addresses(self) -> set:
+        """Start addresses of the split blocks of THP-eligible VMAs, the
+        lazy copy's pool left out (what ``watch`` follows)."""
+        return {b for v in self.vmas if v.thp_eligible and not v.copy_pool
+                for b in (v.split_block_addresses or ())}
+
+    @staticmethod
+    def pool_note(totals: dict) -> str:
+        """The lazy copy's pool from :meth:`totals`, which leave it out, as
+        ``status`` and ``watch`` print it apart."""
+        from ._checks import fmt_bytes  # noqa: PLC0415 - same layer, only for this text
+
+        return (f"copy pool {fmt_bytes(totals['copy_pool_bytes'])} "
+                f"({fmt_bytes(totals['copy_pool_huge_bytes'])} PMD-mapped, not counted)")
 
 
 def _error(exc: OSError, pid: int, what: str) -> OSError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return PermissionError(exc.errno, f"not allowed to read {what} of PID {pid}: it needs ptrace read "
-                                          "access (the same user and a dumpable process, or root)")
+                                          "access (the same user and a dumpable process, or root; even as root a "
+                                          "container or a security module such as Yama, SELinux or AppArmor "
+                                          "can still refuse it)")
     return exc
 
 

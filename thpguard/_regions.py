@@ -377,7 +377,10 @@ def unmap_region(region) -> None:
                   "mapped in its range %#x-%#x (%d mappings, any in the hole included) stay "
                   "mapped until the process exits: the region's mapping can only be unmapped "
                   "as that one range, and that would also unmap whatever is mapped in the "
-                  "hole then (by this or another thread)", region.address, region.size, change,
+                  "hole then (by this or another thread). Nothing needs doing for the data: the "
+                  "program keeps running correctly, and only these bytes stay in use; if it "
+                  "repeats, find the code that unmaps or maps over thpguard regions (munmap, "
+                  "mmap with MAP_FIXED) and make it leave them alone", region.address, region.size, change,
                   kept, base, end, len(spans))
         return
     try:

@@ -136,7 +136,8 @@ def _add_verify(sub) -> None:
         "verify", help="check whether this host can keep huge pages across fork, with a live self-test",
         description="Check the host's THP settings and kernel features, then run a live self-test "
                     "of every fork policy. Exit 0 when the host can give THP certainty, 1 when a "
-                    "check failed, 4 when the host is unsupported.",
+                    "check failed, 3 when --fix is run without root or --pid names a process that "
+                    "does not exist or may not be read, 4 when the host is unsupported.",
         epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON object (see the schema in the docs)")
@@ -238,6 +239,8 @@ def _print_process(pc, args, agent_row: Optional[str] = None) -> None:
           + (f"; {hidden} VMA(s) without huge-page interest hidden (--all shows them)" if hidden else ""))
     if agent_row is not None:
         print(agent_row)
+    if t["copy_pool_bytes"]:
+        print(f"  {pc.pool_note(t)}: spare huge pages of the lazy copy")
     # [vsyscall] sits at ffffffffff600000: 16 hex digits where user space needs 12.
     digits = max([12] + [len(f"{v.end:x}") for v in shown])
     rng = 2 * digits + 1
@@ -317,10 +320,6 @@ def _add_watch(sub) -> None:
     p.set_defaults(func=_cmd_watch)
 
 
-def _split_set(pc) -> set:
-    return {b for v in pc.vmas if v.thp_eligible for b in (v.split_block_addresses or ())}
-
-
 def _cmd_watch(args) -> int:
     from . import _procmap  # noqa: PLC0415
 
@@ -342,7 +341,7 @@ def _cmd_watch(args) -> int:
             except PermissionError as exc:
                 raise AccessError(exc.strerror) from None
             t = pc.totals(only_eligible=True)
-            now = _split_set(pc)
+            now = pc.split_addresses()
             new = sorted(now - before) if before is not None else []
             repaired = sorted(before - now) if before is not None else []
             before = now
@@ -357,8 +356,9 @@ def _cmd_watch(args) -> int:
                 split = "?" if t["split_blocks"] is None else t["split_blocks"]
                 events = "".join([f"  +{len(new)} split ({', '.join(hex(b) for b in new[:3])})" if new else "",
                                   f"  {len(repaired)} repaired" if repaired else ""])
+                pool = f"  [{pc.pool_note(t)}]" if t["copy_pool_bytes"] else ""
                 print(f"{time.strftime('%H:%M:%S')}  PMD-mapped {fmt_bytes(t['huge_bytes'])} of "
-                      f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}",
+                      f"{fmt_bytes(t['eligible_bytes'])} eligible ({ratio:.0%})  split {split}{events}{pool}",
                       flush=True)
             if args.count and samples >= args.count:
                 return EXIT_OK

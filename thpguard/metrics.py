@@ -290,6 +290,9 @@ def _vma_numbers(vma: Any, pmd: Optional[int]) -> Tuple[int, int, int, Optional[
 def _counts(vma: Any, huge: int) -> bool:
     # `thpguard status` lists every VMA of a process; only those advised
     # MADV_HUGEPAGE or holding huge pages say anything about THP.
+    # The lazy copy's pool is spare huge pages, not the program's memory.
+    if _field(vma, "copy_pool"):
+        return False
     advised = _field(vma, "advised")
     return advised is None or bool(advised) or huge > 0
 
