@@ -420,18 +420,21 @@ class RepairEngine:
         return [b for b in blocks if kernel.first_gap(spans, b, b + pmd) is not None]
 
     def _smaps_account(self, st, cov, address, size, done, latencies, ok, einval) -> List[int]:
-        # MADV_COLLAPSE also answers 0 for a block that was huge already:
-        # count the repairs from smaps, before and after.
+        # MADV_COLLAPSE answers 0 on huge blocks too: count repairs from smaps.
         pmd = cov.pmd_size
         try:
             after = pagemap.smaps_coverage(address, address + size, pmd)
         except OSError:
             return []
         done.blocks = max(0, (after.huge_bytes - cov.huge_bytes) // pmd)
-        st.smaps_split = after.not_huge_blocks
-        finished = time.monotonic()
+        # Splits made during the pass count here or never (scans compare with this).
+        before, st.smaps_split = st.smaps_split, after.not_huge_blocks
+        grown, finished = st.smaps_split - before + done.blocks, time.monotonic()
         latencies.extend(finished - seen for seen in st.smaps_seen[:done.blocks])
         del st.smaps_seen[:done.blocks]
+        if grown > 0:
+            st.smaps_seen.extend([finished] * grown)
+            self._split(address, grown, pmd)
         del st.smaps_seen[st.smaps_split:]
         if ok == 0 and einval and st.smaps_split:
             # Present blocks that are not huge refuse the collapse: not
