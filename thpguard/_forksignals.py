@@ -126,16 +126,10 @@ def deferred() -> Iterator[None]:
 
 def _deliver_after_return(signums: List[int], caller) -> None:
     """Trip ``signums`` for this (the main) thread once the frame
-    ``caller`` has moved past its call of os.fork() (or left the stack).
-
-    Only where no profile function can tell that moment (another profiler
-    is set, :func:`_release`): then nothing in Python does, and a thread
-    watches the caller's frame. It is started in the last after-fork hook,
-    after threading's own after-fork work in a child, so threading never
-    forgets it (a thread started before that work is dropped from
-    threading's books and fails as it starts). It waits for the frame as
-    long as it takes, and no longer than the thread it waits for lives.
-    """
+    ``caller`` moved past its call of os.fork() (or left the stack), from a
+    thread watching that frame: only where another profiler is set. It is
+    started in the last after-fork hook, after threading's own after-fork
+    work (a thread started before it is dropped from threading's books)."""
     target = threading.get_ident()
     lasti = caller.f_lasti if caller is not None else None
 
@@ -157,15 +151,10 @@ def _deliver_after_return(signums: List[int], caller) -> None:
 
 
 class _Held:
-    """Signals recorded instead of handled during one fork.
-
-    Its :meth:`record` stands in for the Python handlers from the first
-    before-fork callback until fork() has returned to its caller and the
-    caller has moved on (stored the pid): until then a signal is recorded,
-    after it the real handlers are put back and the signal goes to its
-    own handler. Putting them back inside a hook would leave a window where
-    a signal runs its real handler there (a periodic SIGALRM hits it).
-    """
+    """Signals recorded instead of handled during one fork: its
+    :meth:`record` stands for the Python handlers from the first before-fork
+    callback until fork() has returned and the caller stored the pid (put
+    back inside a hook, a periodic SIGALRM would still hit the hook)."""
 
     def __init__(self) -> None:
         self.caught: List[int] = []
@@ -190,9 +179,8 @@ class _Held:
         return at is not None  # still in the fork's call, before its pid is stored
 
     def record(self, signum, frame) -> None:
-        # In the profile function that will run finish() (fork() returned):
-        # the handler would raise there, at a step no try covers (its
-        # first), and CPython would unset it with the fork's work pending.
+        # In the profile function that runs finish(): the handler would
+        # raise at its first step, outside any try.
         if self._inside(frame) or (self.finishing and _in_profile(frame)):
             # finish() (or _release, which puts the handlers back before it
             # reads this list) delivers it.
@@ -249,18 +237,11 @@ def _block_all(raised: List[BaseException]):
 
 
 def _hold() -> _Held:
-    """Record signals instead of running their Python handlers from now
-    until fork() has returned (:func:`_release`), in this process and
-    (inherited with the handlers) in the child.
-
-    Signals left to the kernel (SIG_DFL, SIG_IGN) and handlers installed
-    outside Python are not touched; in a thread that may not set handlers
-    (not the main one) nothing is held. The handlers are swapped while the
-    signals are blocked in this thread, so no handler of the program runs
-    between two swaps (one that did could fork, or raise with its own
-    signal half swapped); a handler that runs, and raises, as they are
-    blocked has its exception raised again once fork() has returned.
-    """
+    """Record signals instead of running their Python handlers until
+    fork() has returned (:func:`_release`), here and in the child. Handlers
+    left to the kernel or installed outside Python are not touched, nor any
+    outside the main thread. They are swapped with the signals blocked in
+    this thread; what a handler raises meanwhile is raised after fork()."""
     raised: List[BaseException] = getattr(_holding, "early", [])
     _holding.early = []
     main = threading.current_thread() is threading.main_thread()
@@ -295,8 +276,7 @@ def _hold() -> _Held:
 
 
 def _real_handler(signum: int, handler: Any) -> Any:
-    """The program's handler behind ``handler``: followed through the
-    recorders of holds and deferred blocks that stand in for it."""
+    """The program's handler behind ``handler`` (through recorders)."""
     for _ in range(64):  # a chain of recorders is short; never loop forever
         owner = getattr(handler, "__self__", None)
         if not isinstance(owner, (_Held, _Deferred)):
@@ -306,13 +286,10 @@ def _real_handler(signum: int, handler: Any) -> Any:
 
 
 def _adopt_inherited(held: _Held) -> None:
-    """In a child forked from a thread other than the parent's main one,
-    right after fork(): the handlers it inherited may be the recorders of
-    the parent's main thread (a fork's hold there, or a :func:`deferred`
-    block), which nothing in this child would ever put back. ``held``
-    takes them over: the program's handlers go back when it ends, like
-    those of its own hold. What those recorders had recorded is the
-    parent's, which delivers it; it is not delivered here too."""
+    """In a child forked from a thread other than the parent's main one:
+    ``held`` takes over the recorders of the parent's main thread (a fork's
+    hold, a :func:`deferred` block) that no code here would put back. What
+    they recorded is the parent's to deliver, not this child's."""
     if threading.current_thread() is not threading.main_thread():
         return
     old_mask = _block_all(held.raised)
@@ -437,8 +414,7 @@ def _on_stack(frame, caller) -> bool:
 
 
 def _call(function: Callable[[], None], raised: List[BaseException]) -> None:
-    """Call ``function``; what it raises is appended to ``raised`` (the
-    first leaves the profile event, the others go with it as notes)."""
+    """Call ``function``; what it raises is appended to ``raised``."""
     try:
         function()
     except BaseException as exc:
@@ -446,9 +422,8 @@ def _call(function: Callable[[], None], raised: List[BaseException]) -> None:
 
 
 def _run_due(frame, waits: List[_Wait], raised: List[BaseException]) -> None:
-    """Run the work of the forks whose os.fork() returned, the innermost
-    first. Each piece is dropped only after it ran: an exception a handler
-    raises between two steps leaves the rest for :func:`_end_waits`."""
+    """Run the due work of the forks, the innermost first; each piece is
+    dropped only after it ran (a handler may raise between two steps)."""
     for wait in reversed(list(waits)):
         caller = wait.caller
         at_call = caller.f_lasti == wait.lasti and _on_stack(frame, caller)
@@ -467,8 +442,8 @@ def _run_due(frame, waits: List[_Wait], raised: List[BaseException]) -> None:
 
 
 def _end_waits(waits: List[_Wait], raised: List[BaseException]) -> None:
-    """Run the work of every fork still waiting, now: an exception is about
-    to leave the profile event, and CPython unsets the profile function."""
+    """Run the work of every fork still waiting: an exception is about to
+    leave the profile function, and CPython unsets it."""
     while waits:
         wait = waits[-1]
         while wait.callbacks:
@@ -481,12 +456,9 @@ def _end_waits(waits: List[_Wait], raised: List[BaseException]) -> None:
 
 
 def _with_notes(raised: List[BaseException]) -> BaseException:
-    """The first exception, carrying the later ones as notes (Python 3.11+;
-    logged before that): only one can leave the event, none is dropped."""
+    """The first exception, the later ones as its notes (logged before 3.11)."""
     first = raised[0]
-    for later in raised[1:]:
-        if later is first:
-            continue
+    for later in [exc for exc in raised[1:] if exc is not first]:
         if hasattr(first, "add_note"):
             first.add_note(f"thpguard: {later!r} was raised too as a fork ended")
         else:
@@ -496,10 +468,8 @@ def _with_notes(raised: List[BaseException]) -> BaseException:
 
 
 def _profile(frame, event, arg) -> None:
-    # A handler of the program may run (and raise) at any step here. No
-    # exception leaves before every fork's work that is due ran: raised
-    # from here, it unsets the profile function (CPython does), so then the
-    # forks still waiting end now too.
+    # No exception leaves before every due piece of work ran: raised from
+    # here, it unsets the profile function, so the forks waiting end now.
     raised: List[BaseException] = []
     try:
         _run_due(frame, _waits(), raised)
@@ -527,5 +497,4 @@ _PROFILE_CODES = frozenset(f.__code__ for f in (_profile, _run_due, _end_waits, 
 
 
 def _in_profile(frame) -> bool:
-    """Whether ``frame`` runs the profile function's own code."""
     return frame is not None and frame.f_code in _PROFILE_CODES
