@@ -576,10 +576,10 @@ print(json.dumps({"forks": forks, "booms": booms, "running": bool(guard and guar
 """
 
 
-@pytest.mark.xfail(strict=False, reason="open: in 1 of 6 runs of an 8 s flood the guard still "
+@pytest.mark.xfail(strict=False, reason="open: in 3 of 18 runs of an 8 s flood the guard still "
                    "stayed stopped with one fork waiting (its restart and finish pending, the "
-                   "profile function unset); the step where the handler's exception lands is "
-                   "not found yet")
+                   "profile function unset); the last exceptions of those runs landed at the "
+                   "first step of the _before hook and inside _Held.restore")
 def test_raising_handler_flood_while_forking_keeps_the_guard(require_thp):
     """A flood of SIGUSR1 whose handler raises, over a fork loop with a
     ``copy`` region and the guard: whatever step of the profile function
