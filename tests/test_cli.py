@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import select
 import subprocess
 import sys
 import time
@@ -544,12 +545,19 @@ def test_verify_progress_only_on_a_terminal(require_thp):
     piped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "self-test 1/" not in piped.stderr and "self-test 1/" not in piped.stdout
     master, slave = pty.openpty()
+    seen = b""
     try:
-        tty = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300)
+        # The terminal is read while verify runs: unread, its buffer fills
+        # on a slow run and verify's next write to stderr blocks for good.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True)
         os.close(slave)
         slave = -1
-        seen = b""
-        while True:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1)[0]:
+                if proc.poll() is not None:
+                    break
+                continue
             try:
                 chunk = os.read(master, 65536)
             except OSError:  # EIO: the terminal's other end closed
@@ -557,6 +565,13 @@ def test_verify_progress_only_on_a_terminal(require_thp):
             if not chunk:
                 break
             seen += chunk
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        tty = subprocess.CompletedProcess(cmd, proc.returncode, out, None)
     finally:
         os.close(master)
         if slave >= 0:
