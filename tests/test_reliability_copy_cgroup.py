@@ -189,6 +189,33 @@ def _fake_v2_cgroup_with_4_mib_room(tmp_path):
     return t
 
 
+def _fork_with_4_mib_room(tmp_path, monkeypatch, report):
+    """Fork while kernel.memory_cgroup() reads a fake v2 cgroup with 4 MiB
+    of room; the child sends ``report()``'s dict and exits. Returns the
+    cgroup the parent read, the child's dict and its wait status."""
+    from thpguard import kernel
+
+    t = _fake_v2_cgroup_with_4_mib_room(tmp_path)
+    monkeypatch.setattr(kernel._files, "_test_roots", None)
+    kernel.set_test_roots(t.roots)
+    try:
+        cg = kernel.memory_cgroup()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.write(w, json.dumps(report()).encode())
+            finally:
+                os._exit(0)
+    finally:
+        kernel.set_test_roots(None)
+    os.close(w)
+    child = json.loads(read_pipe(r, "the child's report", pid, n=1 << 16))
+    os.close(r)
+    return cg, child, wait_child(pid, "the child to exit after its report")
+
+
 def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypatch):
     """The room check in a cgroup v2 (``0::/path`` in /proc/self/cgroup, the
     lowest memory.max up the tree, memory.current, the file cache in
@@ -198,39 +225,20 @@ def test_copy_room_check_reads_a_v2_cgroup(require_collapse, tmp_path, monkeypat
     on a host whose memory controller is bound to cgroup v1 no v2 cgroup
     can limit memory; the v1 tests above limit it for real."""
     import thpguard
-    from thpguard import kernel
 
     size = 32 << 20
     region = thpguard.alloc(size, fork="copy", copy_mode="eager")
     try:
         view = region.view()
         view[::4096] = b"\x05" * (size // 4096)
-        t = _fake_v2_cgroup_with_4_mib_room(tmp_path)
-        monkeypatch.setattr(kernel._files, "_test_roots", None)
-        kernel.set_test_roots(t.roots)
-        try:
-            cg = kernel.memory_cgroup()
-            assert cg.version == 2 and cg.room_bytes == 4 << 20
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.close(r)
-                    ok = bytes(view[::4096]) == b"\x05" * (size // 4096)
-                    os.write(w, json.dumps({"ok": ok, "fallbacks": thpguard.stats().copy_fallbacks}
-                                           ).encode())
-                finally:
-                    os._exit(0)
-        finally:
-            kernel.set_test_roots(None)
-        os.close(w)
-        child = json.loads(read_pipe(r, "the child's report", pid, n=1 << 16))
-        os.close(r)
-        status = wait_child(pid, "the child to exit after its report")
+        cg, child, status = _fork_with_4_mib_room(tmp_path, monkeypatch, lambda: {
+            "ok": bytes(view[::4096]) == b"\x05" * (size // 4096),
+            "fallbacks": thpguard.stats().copy_fallbacks})
+        assert cg.version == 2 and cg.room_bytes == 4 << 20
         assert os.waitstatus_to_exitcode(status) == 0
         assert child == {"ok": True, "fallbacks": 1}, child
-        del view
     finally:
+        view.release()
         region.close()
 
 
@@ -249,30 +257,16 @@ def test_lazy_copy_child_needs_no_cgroup_room(require_collapse, tmp_path, monkey
     try:
         view = region.view()
         view[::4096] = b"\x05" * (size // 4096)
-        t = _fake_v2_cgroup_with_4_mib_room(tmp_path)
-        monkeypatch.setattr(kernel._files, "_test_roots", None)
-        kernel.set_test_roots(t.roots)
-        try:
-            assert kernel.memory_cgroup().room_bytes == 4 << 20
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.close(r)
-                    view[0] = 6
-                    os.write(w, json.dumps({
-                        "ok": bytes(view[4096::4096]) == b"\x05" * (size // 4096 - 1),
-                        "fallbacks": thpguard.stats().copy_fallbacks,
-                        "copies": _native.copy_stats()["copies"],
-                        "complete": region.coverage().complete}).encode())
-                finally:
-                    os._exit(0)
-        finally:
-            kernel.set_test_roots(None)
-        os.close(w)
-        with os.fdopen(r) as f:
-            child = json.loads(f.read())
-        _, status = os.waitpid(pid, 0)
+
+        def report():
+            view[0] = 6
+            return {"ok": bytes(view[4096::4096]) == b"\x05" * (size // 4096 - 1),
+                    "fallbacks": thpguard.stats().copy_fallbacks,
+                    "copies": _native.copy_stats()["copies"],
+                    "complete": region.coverage().complete}
+
+        cg, child, status = _fork_with_4_mib_room(tmp_path, monkeypatch, report)
+        assert cg.room_bytes == 4 << 20
     finally:
         view.release()
         region.close()
