@@ -110,6 +110,7 @@ def setup(region, requested: str) -> None:
             reason = f"registering the region with userfaultfd failed: {exc}"
         else:
             region._copy_registered = True
+            _note_method(region)
             # A region dropped without close() leaves the handler too,
             # before the mapping goes.
             region._forget_copy = weakref.finalize(region, _native.copy_unregister, region.address)
@@ -122,6 +123,17 @@ def setup(region, requested: str) -> None:
         )
     region.copy_fallback_reason = reason
     log.info("copy region %#x copies eagerly at fork: %s", region.address, reason)
+
+
+def _note_method(region) -> None:
+    """Note, once per registration (not at every fork), whether the
+    handlers put copied blocks in with mremap, as VMAs of their own
+    (:func:`thpguard._regions.outside_change`); UFFDIO_MOVE (6.8) and the
+    collapse method move pages, not VMAs, and the range stays one VMA."""
+    try:
+        region._moves_vmas = _native.copy_stats()["method"] not in ("move", "collapse")
+    except OSError:
+        region._moves_vmas = True
 
 
 def label(region) -> None:
@@ -157,6 +169,7 @@ def rearm(region) -> None:
         region._copy_registered = False
         label(region)
         return
+    _note_method(region)
     region._forget_copy = weakref.finalize(region, _native.copy_unregister, region.address)
     try:
         _native.copy_arm()  # unregistering dropped the protection

@@ -196,8 +196,8 @@ class _Held:
         """Put the real handlers back where this recorder still stands."""
         for signum, old in self.saved.items():
             try:
-                if signal.getsignal(signum) == self.record:
-                    signal.signal(signum, old)
+                if _getsignal(signum) == self.record:
+                    _setsignal(signum, old)
             except ValueError:  # not the main thread
                 return
 
@@ -224,13 +224,13 @@ def _block_all(raised: List[BaseException]):
     next call runs the ones it left pending."""
     while True:
         try:
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            old = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
             break
         except BaseException as exc:  # the program's handler, raised here
             raised.append(exc)
     while True:
         try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+            _signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
             return old
         except BaseException as exc:  # the mask is set; run what is left
             raised.append(exc)
@@ -268,7 +268,7 @@ def _hold() -> _Held:
             # Pending signals run the recorder now.
             while True:
                 try:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                    _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                     break
                 except BaseException as exc:  # not the recorder: a handler outside our hold
                     raised.append(exc)
@@ -310,7 +310,7 @@ def _adopt_inherited(held: _Held) -> None:
     finally:
         while True:
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 break
             except BaseException as exc:  # a handler outside our hold
                 held.raised.append(exc)

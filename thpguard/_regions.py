@@ -86,20 +86,11 @@ def _before_fork() -> None:
     fs.pending.pipe = None
     targets = [r for r in regions() if r.fork == "copy"]
     targets = [(r, mechanism_for(r)) for r in targets]
-    moves_vmas = None
     for r, m in targets:
-        if m.name == "userfault":
-            # From this fork on, the handler of each side may put copied
-            # blocks into the range with mremap, as VMAs of their own
-            # (outside_change); UFFDIO_MOVE (6.8) and the collapse method
-            # move pages, not VMAs, and the range stays one VMA.
-            if moves_vmas is None:
-                try:
-                    moves_vmas = _native.copy_stats()["method"] not in ("move", "collapse")
-                except OSError:
-                    moves_vmas = True
-            if moves_vmas:
-                r._blocks_moved_in = True
+        # From this fork on, the handler of each side may put copied blocks
+        # into the range as VMAs of their own (outside_change).
+        if m.name == "userfault" and getattr(r, "_moves_vmas", True):
+            r._blocks_moved_in = True
     targets += _share_downgrades()
     if any(m.parent_waits(r) for r, m in targets):
         fs.pending.pipe = os.pipe()
