@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -77,6 +78,43 @@ def children(pid: int) -> List[int]:
         except FileNotFoundError:  # a thread that ended meanwhile (the guard's, at fork)
             continue
     return sorted(found)
+
+
+def describe(pid: int) -> str:
+    """What ``pid`` is doing, for a failure message: each thread's state,
+    wait channel and kernel stack (/proc), and its user stacks where gdb
+    is installed."""
+    lines = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except FileNotFoundError:
+        return f"pid {pid}: gone"
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat = f.read()
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            state = stat[stat.rindex(")") + 2]
+            with open(f"{base}/wchan") as f:
+                wchan = f.read()
+            try:
+                with open(f"{base}/stack") as f:
+                    stack = " < ".join(x.split()[1].split("+")[0] for x in f.read().splitlines()[:6])
+            except OSError:
+                stack = "?"
+        except (OSError, ValueError):
+            continue
+        lines.append(f"  tid {tid} {comm!r} state {state} wchan {wchan or '-'}; kernel stack {stack}")
+    gdb = shutil.which("gdb")
+    if gdb:
+        try:
+            out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 25"],
+                                 capture_output=True, text=True, timeout=60).stdout
+            lines += ["  " + x for x in out.splitlines() if x.startswith(("#", "Thread"))][:120]
+        except (OSError, subprocess.SubprocessError) as exc:
+            lines.append(f"  gdb: {exc}")
+    return f"pid {pid}:\n" + "\n".join(lines)
 
 
 def huge_bytes(pid: int, start: int, end: int) -> int:
@@ -176,9 +214,10 @@ def pin_workers(workers: List[int], send_pin, timeout: float = WAIT):
                     break
                 failed = [a.exception() for a in answers if a.done() and a.exception()]
                 if failed or time.monotonic() > deadline:
+                    stuck = "\n".join(describe(pid) for pid in workers if pid not in reports)
                     raise AssertionError(f"not every worker took a pin within "
                                          f"{timeout:g} s: pinned {sorted(reports)} of "
-                                         f"{sorted(workers)}; errors: {failed}")
+                                         f"{sorted(workers)}; errors: {failed}\n{stuck}")
                 time.sleep(0.02)
             assert set(reports) == set(workers), (sorted(reports), sorted(workers))
             yield reports
