@@ -114,6 +114,8 @@ static _Atomic int arm_errno;
  * at-fork handler waits for it, at most child_ready_wait_us, so the child's
  * first write does not wait for a thread that has never run. */
 static _Atomic int handler_ready;
+/* How long a fork waits for a handler thread that is still starting. */
+#define FORK_READY_WAIT_US 1000000u
 static unsigned child_ready_wait_us = 50000;
 static unsigned refill_delay_ms = 1;
 static cpu_set_t handler_mask;
@@ -1042,6 +1044,17 @@ void tg__copy_prepare(void)
      * life_lock first: a fork never sees the handler half stopped. */
     pthread_mutex_lock(&life_lock);
     pthread_mutex_lock(&op_lock);
+    if (handler_running && !atomic_load(&handler_ready)) {
+        /* The handler thread is still starting (stack, TLS): an allocator
+         * without fork handlers (AddressSanitizer's in GCC 12) may hold a
+         * lock there, which a child forked now inherits held, and the
+         * child's first thread start then hangs (seen with uWSGI forking
+         * its workers from C right after the app made its first copy
+         * region). Let it reach its first poll; it takes op_lock on the way. */
+        pthread_mutex_unlock(&op_lock);
+        wait_handler_ready(FORK_READY_WAIT_US);
+        pthread_mutex_lock(&op_lock);
+    }
     if (uffd < 0)
         return;
     for (size_t i = 0; i < n_regions; i++)
