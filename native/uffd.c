@@ -112,7 +112,9 @@ static int stopping;          /* set under op_lock before stop_fd is written */
 static _Atomic int arm_errno;
 /* 1 once the handler thread reaches its poll loop (a futex word): a child's
  * at-fork handler waits for it, at most child_ready_wait_us, so the child's
- * first write does not wait for a thread that has never run. */
+ * first write does not wait for a thread that has never run; and every
+ * fork's prepare handler waits for it, at most FORK_READY_WAIT_US, so no
+ * child is forked while the thread is still starting. */
 static _Atomic int handler_ready;
 /* How long a fork waits for a handler thread that is still starting. */
 #define FORK_READY_WAIT_US 1000000u
@@ -1048,9 +1050,12 @@ void tg__copy_prepare(void)
         /* The handler thread is still starting (stack, TLS): an allocator
          * without fork handlers (AddressSanitizer's in GCC 12) may hold a
          * lock there, which a child forked now inherits held, and the
-         * child's first thread start then hangs (seen with uWSGI forking
-         * its workers from C right after the app made its first copy
-         * region). Let it reach its first poll; it takes op_lock on the way. */
+         * child's first thread start then hangs (seen in the sanitized
+         * test_uwsgi_workers_are_repaired[fork-from-c]: uWSGI forks its
+         * workers from C right after the app made its first copy region).
+         * Let it reach its first poll. It takes op_lock on the way, so
+         * op_lock is let go meanwhile (life_lock, kept, stops an unregister
+         * from stopping it). After FORK_READY_WAIT_US the fork goes ahead. */
         pthread_mutex_unlock(&op_lock);
         wait_handler_ready(FORK_READY_WAIT_US);
         pthread_mutex_lock(&op_lock);

@@ -82,8 +82,9 @@ def children(pid: int) -> List[int]:
 
 def describe(pid: int) -> str:
     """What ``pid`` is doing, for a failure message: each thread's state,
-    wait channel and kernel stack (/proc), and its user stacks where gdb
-    is installed."""
+    wait channel and top 6 kernel frames (/proc), and where gdb is
+    installed its user stacks (25 frames a thread, 120 lines in all; gdb
+    stops the process while it reads, up to 60 s)."""
     lines = []
     try:
         tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
@@ -105,7 +106,8 @@ def describe(pid: int) -> str:
                 stack = "?"
         except (OSError, ValueError):
             continue
-        lines.append(f"  tid {tid} {comm!r} state {state} wchan {wchan or '-'}; kernel stack {stack}")
+        lines.append(f"  tid {tid} {comm!r} state {state} wchan {'-' if wchan in ('', '0') else wchan}; "
+                     f"kernel stack {stack}")
     gdb = shutil.which("gdb")
     if gdb:
         try:
@@ -214,7 +216,8 @@ def pin_workers(workers: List[int], send_pin, timeout: float = WAIT):
                     break
                 failed = [a.exception() for a in answers if a.done() and a.exception()]
                 if failed or time.monotonic() > deadline:
-                    stuck = "\n".join(describe(pid) for pid in workers if pid not in reports)
+                    stuck = "" if failed else "\n".join(describe(pid) for pid in workers
+                                                         if pid not in reports)
                     raise AssertionError(f"not every worker took a pin within "
                                          f"{timeout:g} s: pinned {sorted(reports)} of "
                                          f"{sorted(workers)}; errors: {failed}\n{stuck}")

@@ -129,7 +129,8 @@ def _note_method(region) -> None:
     """Note, once per registration (not at every fork), whether the
     handlers put copied blocks in with mremap, as VMAs of their own
     (:func:`thpguard._regions.outside_change`); UFFDIO_MOVE (6.8) and the
-    collapse method move pages, not VMAs, and the range stays one VMA."""
+    collapse method move pages, not VMAs, and the range stays one VMA. The
+    method cannot change while a region is registered."""
     try:
         region._moves_vmas = _native.copy_stats()["method"] not in ("move", "collapse")
     except OSError:
@@ -192,7 +193,8 @@ def copy_stats() -> Dict[str, object]:
     ``inline_allocs``: blocks faulted in inside a write fault because the
     pool of pre-faulted blocks was empty; ``missing_fills``: empty blocks
     filled with a zeroed huge page; ``copy_ns``: nanoseconds spent copying;
-    ``method``: ``"move"`` (UFFDIO_MOVE) or ``"mremap"``, None while no
+    ``method``: ``"move"`` (UFFDIO_MOVE), ``"mremap"`` or ``"collapse"``
+    (forced by the benchmarks), None while no
     ``copy`` region is open (the handler is stopped); ``regions``: ``copy``
     regions registered; ``pool_ready``: pre-faulted blocks waiting (at most
     4, 8 MiB); ``arm_errno``: nonzero when this process could not arm its
