@@ -112,12 +112,21 @@ static int stopping;          /* set under op_lock before stop_fd is written */
 static _Atomic int arm_errno;
 /* 1 once the handler thread reaches its poll loop (a futex word): a child's
  * at-fork handler waits for it, at most child_ready_wait_us, so the child's
- * first write does not wait for a thread that has never run; and every
- * fork's prepare handler waits for it, at most FORK_READY_WAIT_US, so no
- * child is forked while the thread is still starting. */
+ * first write does not wait for a thread that has never run; and in a
+ * build with AddressSanitizer every fork's prepare handler waits for it, at
+ * most FORK_READY_WAIT_US, so no child is forked while the thread is still
+ * starting (tg__copy_prepare). */
 static _Atomic int handler_ready;
-/* How long a fork waits for a handler thread that is still starting. */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TG_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(TG_ASAN)
 #define FORK_READY_WAIT_US 1000000u
+#else
+#define FORK_READY_WAIT_US 0u  /* glibc's malloc and thread start are fork-safe */
+#endif
 static unsigned child_ready_wait_us = 50000;
 static unsigned refill_delay_ms = 1;
 static cpu_set_t handler_mask;
@@ -1046,16 +1055,20 @@ void tg__copy_prepare(void)
      * life_lock first: a fork never sees the handler half stopped. */
     pthread_mutex_lock(&life_lock);
     pthread_mutex_lock(&op_lock);
-    if (handler_running && !atomic_load(&handler_ready)) {
-        /* The handler thread is still starting (stack, TLS): an allocator
-         * without fork handlers (AddressSanitizer's in GCC 12) may hold a
-         * lock there, which a child forked now inherits held, and the
-         * child's first thread start then hangs (seen in the sanitized
-         * test_uwsgi_workers_are_repaired[fork-from-c]: uWSGI forks its
-         * workers from C right after the app made its first copy region).
-         * Let it reach its first poll. It takes op_lock on the way, so
-         * op_lock is let go meanwhile (life_lock, kept, stops an unregister
-         * from stopping it). After FORK_READY_WAIT_US the fork goes ahead. */
+    if (FORK_READY_WAIT_US && handler_running && !atomic_load(&handler_ready)) {
+        /* The handler thread is still starting (stack, TLS), and
+         * AddressSanitizer's runtime (GCC 12's has no fork handlers) may
+         * hold its allocator's lock there: a child forked now inherits it
+         * held, and the child's first thread start hangs (seen in the
+         * sanitized test_uwsgi_workers_are_repaired[fork-from-c]: uWSGI
+         * forks its workers from C right after the app made its first copy
+         * region). Let it reach its first poll. It takes op_lock on the
+         * way, so op_lock is let go meanwhile (life_lock, kept, stops an
+         * unregister from stopping it). After FORK_READY_WAIT_US the fork
+         * goes ahead. Not in other builds: glibc makes malloc and a
+         * thread's start safe across fork, and the wait would make the
+         * first fork after a first copy region wait for a CPU for the new
+         * thread on a busy host (8.6x a later fork at load 6). */
         pthread_mutex_unlock(&op_lock);
         wait_handler_ready(FORK_READY_WAIT_US);
         pthread_mutex_lock(&op_lock);

@@ -84,7 +84,7 @@ def describe(pid: int) -> str:
     """What ``pid`` is doing, for a failure message: each thread's state,
     wait channel and top 6 kernel frames (/proc), and where gdb is
     installed its user stacks (25 frames a thread, 120 lines in all; gdb
-    stops the process while it reads, up to 60 s)."""
+    stops the process while it reads, up to 30 s)."""
     lines = []
     try:
         tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
@@ -112,7 +112,7 @@ def describe(pid: int) -> str:
     if gdb:
         try:
             out = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 25"],
-                                 capture_output=True, text=True, timeout=60).stdout
+                                 capture_output=True, text=True, timeout=30).stdout
             lines += ["  " + x for x in out.splitlines() if x.startswith(("#", "Thread"))][:120]
         except (OSError, subprocess.SubprocessError) as exc:
             lines.append(f"  gdb: {exc}")
