@@ -42,13 +42,27 @@ _HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIG
 _INTERRUPT_TAKES_SIGNUM = sys.version_info >= (3, 10)
 
 
+def _wakeup_only(signum: int) -> bool:
+    """True where the program learns of ``signum`` from its wakeup fd and
+    its Python handler does nothing: asyncio's ``add_signal_handler``.
+
+    The signal's arrival wrote its number to the wakeup fd already, while
+    the recorder stood in for the handler; tripping it again would write it
+    a second time, and asyncio would run the program's callback twice."""
+    handler = _getsignal(signum)
+    return (getattr(handler, "__name__", None) == "_sighandler_noop"
+            and getattr(handler, "__module__", "").startswith("asyncio"))
+
+
 def _trip(signums: List[int]) -> None:
     """Mark ``signums`` as arrived for their Python handlers, in the main
     thread, all in one C call, as signals that arrived just now: the
     handlers run at the interpreter's next check (in the main thread, just
     after this call), in order, and one that raises leaves the others
     pending, as CPython does. (Python 3.9 runs each handler as its signal
-    is raised: one that raises there drops the rest.)"""
+    is raised: one that raises there drops the rest.) Signals whose
+    wakeup fd already carried them (:func:`_wakeup_only`) are left out."""
+    signums = [s for s in signums if not _wakeup_only(s)]
     if _INTERRUPT_TAKES_SIGNUM:
         list(map(_thread.interrupt_main, signums))
     else:
