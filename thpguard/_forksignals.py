@@ -42,27 +42,18 @@ _HELD_SIGNALS = sorted(s for s in signal.valid_signals() if s not in (signal.SIG
 _INTERRUPT_TAKES_SIGNUM = sys.version_info >= (3, 10)
 
 
-def _wakeup_only(signum: int) -> bool:
-    """True where the program learns of ``signum`` from its wakeup fd and
-    its Python handler does nothing: asyncio's ``add_signal_handler``.
-
-    The signal's arrival wrote its number to the wakeup fd already, while
-    the recorder stood in for the handler; tripping it again would write it
-    a second time, and asyncio would run the program's callback twice."""
-    handler = _getsignal(signum)
-    return (getattr(handler, "__name__", None) == "_sighandler_noop"
-            and getattr(handler, "__module__", "").startswith("asyncio"))
-
-
 def _trip(signums: List[int]) -> None:
     """Mark ``signums`` as arrived for their Python handlers, in the main
     thread, all in one C call, as signals that arrived just now: the
     handlers run at the interpreter's next check (in the main thread, just
     after this call), in order, and one that raises leaves the others
     pending, as CPython does. (Python 3.9 runs each handler as its signal
-    is raised: one that raises there drops the rest.) Signals whose
-    wakeup fd already carried them (:func:`_wakeup_only`) are left out."""
-    signums = [s for s in signums if not _wakeup_only(s)]
+    is raised: one that raises there drops the rest.) Left out: signals of
+    asyncio's ``add_signal_handler``, whose handler does nothing while the
+    loop reads the wakeup fd, which their arrival wrote already (again, and
+    the program's callback would run twice)."""
+    signums = [s for s in signums if getattr(_getsignal(s), "__qualname__", "") != "_sighandler_noop"
+               or not getattr(_getsignal(s), "__module__", "").startswith("asyncio")]
     if _INTERRUPT_TAKES_SIGNUM:
         list(map(_thread.interrupt_main, signums))
     else:
@@ -230,24 +221,25 @@ class _Held:
 _holding = threading.local()
 
 
+def _sigmask(how: int, mask, raised: List[BaseException]):
+    """``pthread_sigmask(how, mask)``; the old mask. A handler may run (and
+    raise) inside the call, after the mask is set: what it raises is
+    appended to ``raised``, never propagated, and the call is made again
+    (the same mask), which runs the handlers it left pending."""
+    while True:
+        try:
+            return _signal.pthread_sigmask(how, mask)
+        except BaseException as exc:  # the program's handler, raised here
+            raised.append(exc)
+
+
 def _block_all(raised: List[BaseException]):
     """Block every signal a Python handler may take in this (the main)
     thread and run the handlers of those already pending; return the old
-    mask. What such a handler raises is appended to ``raised``, never
-    propagated: a handler may run (and raise) inside each call, and the
-    next call runs the ones it left pending."""
-    while True:
-        try:
-            old = _signal.pthread_sigmask(signal.SIG_BLOCK, ())
-            break
-        except BaseException as exc:  # the program's handler, raised here
-            raised.append(exc)
-    while True:
-        try:
-            _signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-            return old
-        except BaseException as exc:  # the mask is set; run what is left
-            raised.append(exc)
+    mask (:func:`_sigmask`)."""
+    old = _sigmask(signal.SIG_BLOCK, (), raised)
+    _sigmask(signal.SIG_BLOCK, _HELD_SIGNALS, raised)
+    return old
 
 
 def _hold() -> _Held:
@@ -279,13 +271,8 @@ def _hold() -> _Held:
                     _setsignal(signum, held.record)
     finally:
         if old_mask is not None:
-            # Pending signals run the recorder now.
-            while True:
-                try:
-                    _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                    break
-                except BaseException as exc:  # not the recorder: a handler outside our hold
-                    raised.append(exc)
+            # Pending signals run the recorder now (or a handler outside our hold).
+            _sigmask(signal.SIG_SETMASK, old_mask, raised)
     return held
 
 
@@ -322,12 +309,7 @@ def _adopt_inherited(held: _Held) -> None:
                 held.saved.pop(signum, None)
                 _setsignal(signum, real)
     finally:
-        while True:
-            try:
-                _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                break
-            except BaseException as exc:  # a handler outside our hold
-                held.raised.append(exc)
+        _sigmask(signal.SIG_SETMASK, old_mask, held.raised)  # a handler outside our hold may raise
 
 
 def _release(caller) -> None:
