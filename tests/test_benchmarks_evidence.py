@@ -397,8 +397,10 @@ def test_hugetlb_variant_sizes_the_pool_its_forks_need(hugepool):
     assert found["downgraded"] is None
     assert found["children_hugetlb"] == [size, size]
     assert found["children_thp"] == [0, 0]
-    # smaps leaves hugetlb pages out of PSS; footprint() counts the shared table once.
-    assert found["pss"] + size <= found["footprint"] < found["pss"] + 2 * size
+    # smaps leaves hugetlb pages out of PSS; footprint() counts the shared table
+    # once. The two are read one after the other, and the processes' own PSS
+    # may move by some KiB between the reads (33 KiB less was seen once).
+    assert abs(found["footprint"] - found["pss"] - size) < MiB, found
 
 
 def test_a_downgraded_hugetlb_run_is_named_so():
