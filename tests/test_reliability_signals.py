@@ -408,6 +408,7 @@ import thpguard
 from thpguard import _fork
 
 calls = []
+thpguard.install(interval=0.05)  # its restart after each fork defers handlers too
 
 async def main():
     loop = asyncio.get_running_loop()

@@ -49,11 +49,12 @@ def _trip(signums: List[int]) -> None:
     after this call), in order, and one that raises leaves the others
     pending, as CPython does. (Python 3.9 runs each handler as its signal
     is raised: one that raises there drops the rest.) Left out: signals of
-    asyncio's ``add_signal_handler``, whose handler does nothing while the
-    loop reads the wakeup fd, which their arrival wrote already (again, and
-    the program's callback would run twice)."""
-    signums = [s for s in signums if getattr(_getsignal(s), "__qualname__", "") != "_sighandler_noop"
-               or not getattr(_getsignal(s), "__module__", "").startswith("asyncio")]
+    asyncio's ``add_signal_handler``, whose handler does nothing: the loop
+    reads the wakeup fd, which their arrival wrote already; marking them
+    again would write it twice and run the program's callback twice."""
+    real = {s: _real_handler(s, _getsignal(s)) for s in signums}  # behind our recorders
+    signums = [s for s in signums if getattr(real[s], "__qualname__", "") != "_sighandler_noop"
+               or getattr(real[s], "__module__", "") != "asyncio.unix_events"]
     if _INTERRUPT_TAKES_SIGNUM:
         list(map(_thread.interrupt_main, signums))
     else:
