@@ -223,10 +223,12 @@ _holding = threading.local()
 
 
 def _sigmask(how: int, mask, raised: List[BaseException]):
-    """``pthread_sigmask(how, mask)``; the old mask. A handler may run (and
-    raise) inside the call, after the mask is set: what it raises is
-    appended to ``raised``, never propagated, and the call is made again
-    (the same mask), which runs the handlers it left pending."""
+    """``pthread_sigmask(how, mask)``. A handler may run (and raise) inside
+    the call, after the mask is set: what it raises is appended to
+    ``raised``, never propagated, and the call is made again (the same
+    mask), which runs the handlers it left pending. Returns the mask before
+    the last call: the mask before this one only where ``how, mask`` change
+    nothing (``SIG_BLOCK, ()``) or no handler raised."""
     while True:
         try:
             return _signal.pthread_sigmask(how, mask)
