@@ -123,7 +123,10 @@ static _Atomic int handler_ready;
 #endif
 #endif
 #if defined(__SANITIZE_ADDRESS__) || defined(TG_ASAN)
-#define FORK_READY_WAIT_US 1000000u
+/* Long: the start includes the pool's prefill, and the hang recurred once
+ * at load 8 with a 1 s bound; a fork that goes ahead too early can hang
+ * its child. */
+#define FORK_READY_WAIT_US 30000000u
 #else
 #define FORK_READY_WAIT_US 0u  /* glibc's malloc and thread start are fork-safe */
 #endif
