@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 import thpguard
-from thpguard import _checks, _child, kernel
+from thpguard import _checks, _child, _fork, kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -290,6 +290,43 @@ def exit_child(body) -> None:
         traceback.print_exc()
     finally:
         _child.leave(status if isinstance(status, int) else 70)
+
+
+def fork_from_threads(n: int, body, timeout: float = WAIT) -> None:
+    """Run ``body()`` in ``n`` threads at once, for tests that fork from threads.
+
+    No thread starts or ends while another one forks: every thread is
+    running before any calls ``body``, none returns before all are done,
+    and this returns once the kernel has removed them. A thread's start and
+    end take the C runtime's locks without the GIL (AddressSanitizer's
+    allocator among them, which GCC 12's runtime does not make safe across
+    fork), so a child forked at that moment could hang on its first
+    allocation. Fails the test if a thread is still running after
+    ``timeout`` seconds.
+    """
+    started = threading.Barrier(n, timeout=timeout)
+    ended = threading.Barrier(n, timeout=timeout)
+
+    def run() -> None:
+        try:
+            started.wait()
+            body()
+        finally:
+            try:
+                ended.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        pytest.fail(f"a thread forking in {body.__name__} still ran after {timeout:g} s (a fork hung)")
+    for t in threads:
+        _fork.wait_task_gone(t.native_id)
 
 
 #: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):

@@ -54,7 +54,7 @@ def listening_port(pid: int) -> Optional[int]:
     return None
 
 
-def get(port: int, path: str, timeout: float = 5.0) -> dict:
+def get(port: int, path: str, timeout: float = WAIT) -> dict:
     """GET ``path`` from 127.0.0.1:``port`` (no proxy) and decode the JSON body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:

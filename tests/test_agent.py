@@ -379,10 +379,22 @@ def test_sighup_reloads_and_sigterm_summarises(require_agent, victims, tmp_path,
         wait_until(lambda: v.huge_bytes() == v.whole_blocks(pmd),
                    lambda: f"the agent to repair the victim ({v.huge_bytes()} of "
                            f"{v.whole_blocks(pmd)} bytes huge)", poll=0.1)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        line = next(ln for ln in text.splitlines() if ln.startswith("thpguard_agent_repaired_bytes_total{"))
+        # The agent counts a pass's repairs once the pass is over: smaps may
+        # show the last block huge a moment before the counter has it.
+        scrape = {}
+
+        def repaired_bytes() -> float:
+            scrape["text"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                    timeout=WAIT).read().decode()
+            scrape["line"] = next((ln for ln in scrape["text"].splitlines()
+                                   if ln.startswith("thpguard_agent_repaired_bytes_total{")), "")
+            return float(scrape["line"].rsplit(" ", 1)[1]) if scrape["line"] else 0.0
+
+        wait_until(lambda: repaired_bytes() >= v.whole_blocks(pmd),
+                   lambda: f"the agent's repaired_bytes_total to count the victim's "
+                           f"{v.whole_blocks(pmd)} bytes ({scrape.get('line')!r})", poll=0.1)
+        line, text = scrape["line"], scrape["text"]
         assert 'comm="python' in line and 'cgroup="' in line and "pid=" not in line
-        assert float(line.rsplit(" ", 1)[1]) >= v.whole_blocks(pmd)
         assert not re.search(r'pid="', text)
         conf.write_text("interval = [\n")
         p.send_signal(signal.SIGHUP)

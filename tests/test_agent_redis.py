@@ -21,7 +21,7 @@ import time
 import pytest
 
 from thpguard import kernel
-from conftest import communicate_within, stop_process
+from conftest import WAIT, communicate_within, stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -32,7 +32,10 @@ from benchmarks import _redis  # noqa: E402
 KEYS = 1_000_000  # about 1.1 GiB of heap with 1000-byte values
 VALUE_BYTES = 1000
 RECOVERED = 0.95  # "back" = at least this share of the PMD-mapped bytes before the snapshot
-LIMIT = 90.0  # seconds the agent gets to recover before the test fails
+# Seconds the agent gets to recover before the test fails: only a bound on a
+# hang. Its stall and CPU budgets are shares of the wall clock, so on a busy
+# host (or a sanitizer build) the same collapses take longer: 90 s was missed.
+LIMIT = 5 * WAIT
 
 
 @pytest.fixture

@@ -130,8 +130,10 @@ def test_both_sides_write_every_block_and_stay_huge(copy_region, pmd):
     region = copy_region(32 * MiB)
     _fill(region)
     go_r, go_w = os.pipe()
+    forked_r, forked_w = os.pipe()
 
     def child():
+        os.write(forked_w, b"f")
         os.read(go_r, 1)
         with _Sampler(region) as sampler:
             _write_every_block(region, 0xC1, pmd)
@@ -144,6 +146,10 @@ def test_both_sides_write_every_block_and_stay_huge(copy_region, pmd):
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=run_in_child(child)))
     thread.start()
+    # The sampler thread starts once the child exists: a thread starting
+    # while another forks can leave the sanitizer runtime's lock held in
+    # the child (conftest.fork_from_threads).
+    read_pipe(forked_r, "the child to start")
     os.write(go_w, b"x")
     with _Sampler(region) as sampler:
         _write_every_block(region, 0x9A, pmd)
@@ -156,8 +162,8 @@ def test_both_sides_write_every_block_and_stay_huge(copy_region, pmd):
     marks = {off: 0x9A for off in range(0, region.size, pmd)}
     assert checksum(region.view()) == _expected_after_marks(region, marks)
     assert region.coverage().complete
-    os.close(go_r)
-    os.close(go_w)
+    for fd in (go_r, go_w, forked_r, forked_w):
+        os.close(fd)
 
 
 def test_many_threads_same_and_different_blocks(copy_region, pmd):

@@ -5,13 +5,12 @@ import errno
 import gc
 import os
 import pickle
-import threading
 
 import pytest
 
 import thpguard
 from thpguard import _native, errors, kernel, pagemap
-from conftest import exit_child, read_pipe, run_in_child, smaps_vma, wait_child
+from conftest import exit_child, fork_from_threads, read_pipe, run_in_child, smaps_vma, wait_child
 
 MiB = 1 << 20
 
@@ -73,12 +72,7 @@ def test_concurrent_forks_with_copy_regions(require_thp):
             if os.waitstatus_to_exitcode(status) != 0:
                 failures.append(status)
 
-    threads = [threading.Thread(target=forker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a fork hung"
+    fork_from_threads(3, forker)
     assert failures == []
     region.close()
 

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import thpguard
-from conftest import WAIT, direct_cow_active, sharer, sigint_default
+from conftest import WAIT, direct_cow_active, fork_from_threads, sharer, sigint_default
 
 from reliability_support import COUNTS, N_WRITERS, Workload, run_child, scale, sized
 
@@ -213,11 +213,7 @@ def test_fork_from_other_threads(policies):
         for _ in range(5):
             results.append(run_child(_check_policies, policies))
 
-    threads = [threading.Thread(target=forker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    fork_from_threads(2, forker, timeout=2 * WAIT)
     assert len(results) == 10 and not any(results), results
     COUNTS["forks"] += 10
     _assert_parent_intact(policies)

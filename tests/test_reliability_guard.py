@@ -82,16 +82,17 @@ def test_guard_backs_off_on_hard_failures_then_repairs(region_factory, pmd, guar
         wait_until(lambda: region.coverage().complete,
                    lambda: f"the guard to repair after the faults (events: {guard.recorder.kinds(region)})")
     assert_smaps_huge(region)
+    # At least the injected failures: a busy host may add a real one.
     backoffs = guard.recorder.of("backoff", region)
-    assert len(backoffs) == 3
+    assert len(backoffs) >= 3
     delays = [e.delay for e in backoffs]
     assert delays == sorted(delays) and delays[0] >= FAST["backoff_initial"]
     assert delays[-1] <= FAST["backoff_max"]
     assert errno.errorcode[err] in backoffs[0].reason
     failed = guard.recorder.of("failed", region)
-    assert sum(e.failures.get(errno.errorcode[err], 0) for e in failed) == 3
+    assert sum(e.failures.get(errno.errorcode[err], 0) for e in failed) >= 3
     stats = thpguard.stats()
-    assert stats.repair_failures.get(errno.errorcode[err], 0) - failures_before == 3
+    assert stats.repair_failures.get(errno.errorcode[err], 0) - failures_before >= 3
     assert checksum(region.view()) == before
 
 

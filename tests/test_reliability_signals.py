@@ -77,7 +77,10 @@ if (who == "child") != mine:
         os._exit(0)
     os.waitpid(-1, 0)
     sys.exit(0)
-time.sleep(0.3)  # a few guard ticks
+# The guard repairs blocks the kernel gave small pages; a minute only bounds that.
+deadline = time.monotonic() + 60
+while not region.coverage().complete and time.monotonic() < deadline:
+    time.sleep(0.05)
 # Ground truth: each side owns its huge pages now, so a write splits nothing.
 complete_before = region.coverage().complete
 view[::2 << 20] = b"\x08" * (size // (2 << 20))
