@@ -259,7 +259,7 @@ def test_unprivileged_with_three_capabilities(require_agent, victims, pmd):
     assert agent.returncode == 0, err
     v2 = victims(32)
     r = subprocess.run(_setpriv("sys_nice", "dac_read_search") + base[:-4]
-                       + ["--pid", str(v2.pid), "--min-process-bytes", "0", "--interval", "0.2", "--duration", "1.5"],
+                       + ["--pid", str(v2.pid), "--min-process-bytes", "0", "--interval", "0.2", "--duration", "4"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     evs = events(r.stderr)
@@ -423,7 +423,7 @@ def test_byte_budget_bounds_what_is_collapsed(require_agent, victims, pmd):
     the one-second burst (a bound, not a timing)."""
     v = victims(64)
     r = agent_cli("--pid", str(v.pid), "--min-process-bytes", "0", "--rate", "8M", "--interval", "0.2",
-                  "--duration", "1.5")
+                  "--duration", "4")
     assert r.returncode == 0, r.stderr
     stop = events(r.stderr)[-1]
     assert 0 < stop["repaired_bytes"] <= (8 << 20) * (stop["elapsed_seconds"] + 1) + pmd

@@ -695,11 +695,7 @@ def _zombie():
     if pid == 0:
         os._exit(0)
     try:
-        for _ in range(500):
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            time.sleep(0.01)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited; left unreaped
         yield pid
     finally:
         os.waitpid(pid, 0)

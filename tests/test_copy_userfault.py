@@ -25,7 +25,8 @@ import pytest
 import thpguard
 from thpguard import _native, kernel
 
-from conftest import checksum, exit_child, read_pipe, run_in_child, sharer, smaps_huge_bytes, wait_child
+from conftest import (checksum, exit_child, read_pipe, run_in_child, sharer, smaps_huge_bytes,
+                      wait_child, wait_until)
 
 MiB = 1 << 20
 
@@ -546,7 +547,6 @@ def _pool_mappings(pool_bytes):
 def test_handler_stops_with_the_last_region(require_userfault, pmd):
     """The handler thread and its pool exist while a copy region does, stop
     when the last one closes, and start again with the next."""
-    from conftest import wait_until
 
     def child():
         before = _threads()
@@ -845,9 +845,7 @@ def test_status_names_copy_mechanism_and_pool(copy_region, region_factory, pmd, 
     lazy = copy_region(8 * MiB, name="lazy-w")
     eager = region_factory(4 * MiB, fork="copy", copy_mode="eager", name="eager-w")
     plain = region_factory(2 * MiB, fork="share", name="plain-w")
-    deadline = time.monotonic() + 10
-    while _native.copy_stats()["pool_ready"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: _native.copy_stats()["pool_ready"] > 0, "the handler to fill its pool")
     rows = _status_rows(os.getpid())
     assert (rows[lazy.address].copy_mode, rows[lazy.address].copy_armed) == ("userfault", True)
     assert (rows[eager.address].copy_mode, rows[eager.address].copy_armed) == ("eager", None)
