@@ -302,15 +302,19 @@ def fork_from_threads(n: int, body, timeout: float = WAIT) -> None:
     allocator among them, which GCC 12's runtime does not make safe across
     fork), so a child forked at that moment could hang on its first
     allocation. Fails the test if a thread is still running after
-    ``timeout`` seconds.
+    ``timeout`` seconds; an exception in a thread (``body``'s, or a barrier
+    that broke) is raised here once all have ended.
     """
     started = threading.Barrier(n, timeout=timeout)
     ended = threading.Barrier(n, timeout=timeout)
+    raised = []
 
     def run() -> None:
         try:
             started.wait()
             body()
+        except BaseException as exc:  # raised again in the calling thread
+            raised.append(exc)
         finally:
             try:
                 ended.wait()
@@ -324,9 +328,12 @@ def fork_from_threads(n: int, body, timeout: float = WAIT) -> None:
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in threads):
-        pytest.fail(f"a thread forking in {body.__name__} still ran after {timeout:g} s (a fork hung)")
+        pytest.fail(f"a thread forking in {getattr(body, '__name__', body)!s} still ran after "
+                    f"{timeout:g} s (a fork hung)")
     for t in threads:
         _fork.wait_task_gone(t.native_id)
+    if raised:
+        raise raised[0]
 
 
 #: Fork, run ``fn(*args)`` in the child, return its result (thpguard._child.run):

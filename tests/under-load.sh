@@ -14,6 +14,10 @@
 # Needs an environment where `pip install -e '.[test]'` has been done
 # (PYTHON picks the interpreter, default python3).
 set -uo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"  # the comment above
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
