@@ -44,6 +44,7 @@ libubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$libasan:$libubsan"
 export ASAN_OPTIONS="detect_leaks=0:log_path=$logs/asan:handle_segv=1:allow_user_segv_handler=1"
 export UBSAN_OPTIONS="print_stacktrace=1:log_path=$logs/ubsan"
+export THPGUARD_SANITIZED=1  # tests whose premise the sanitizer runtime breaks skip, saying why
 export PYTHONPATH="$scratch${PYTHONPATH:+:$PYTHONPATH}"
 
 where=$(cd "$scratch" && "$python" -c 'import thpguard._cffi as m; print(m.__file__)')

@@ -58,6 +58,12 @@ def test_uwsgi_workers_are_repaired(require_thp, mode):
         pytest.skip("needs uWSGI (pip install pyuwsgi)")
     if mode == "ini-uid" and os.geteuid() != 0:
         pytest.skip("--uid needs uWSGI started as root")
+    if os.environ.get("THPGUARD_SANITIZED"):
+        # docs/reliability.rst: GCC 12's AddressSanitizer runtime has no fork
+        # handlers, and a uWSGI worker hung on its locks at start (fork-from-c
+        # and ini-uid, about 1 sanitized suite run in 6; never without it).
+        pytest.skip("uWSGI under AddressSanitizer: the runtime's locks are not fork-safe "
+                    "(GCC 12); the plain run tests uWSGI")
     argv, env = _uwsgi(mode)
     with serve(argv, env=env, cwd=TESTS) as (master, port):
         _check_workers(master, port, python_hooks=mode != "fork-from-c",
