@@ -129,9 +129,9 @@ region.close()
 """
 
 
-@pytest.mark.xfail(strict=False, reason="open: at load 5-8, 1 of 87 runs hung (300 s) after "
-                   "CPython reported a Tick raised at the first line of an after-fork hook as "
-                   "ignored, which skips that hook's work (docs/reliability.rst)")
+@pytest.mark.xfail(strict=False, reason="open: at load 5-8, in 2 of 87 runs CPython reported a "
+                   "Tick raised at the first line of an after-fork hook as ignored, which skips "
+                   "that hook's work; one of them hung (docs/reliability.rst)")
 @pytest.mark.parametrize("run", range(3))
 def test_raising_alarm_handler_around_fork(run):
     """A SIGALRM every 0.3 ms whose handler raises, around os.fork() with a
