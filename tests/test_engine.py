@@ -59,14 +59,17 @@ def test_mostly_empty_block_is_partial_everywhere(require_scan, region_factory, 
     """A block holding one 4 KiB page is 'partial' (not split, not huge) in
     coverage(), in thpguard status and in smaps alike."""
     region = region_factory(2 * pmd)
-    _one_page_block(region, pmd)
-    cov = region.coverage()
+    for _ in range(5):
+        _one_page_block(region, pmd)
+        cov = region.coverage()
+        vma = _status_vma(region.address)
+        truth = smaps_huge_bytes(os.getpid(), region.address, region.address + region.size)
+        if truth == pmd:
+            break  # khugepaged (max_ptes_none 511) did not fill the block between the reads
     assert cov.blocks.kind(region.address) == blocks.PARTIAL
     assert cov.blocks.partial == {region.address: pmd // 4096 - 1}
     assert cov.split_blocks == 0 and cov.partial_blocks == 1
-    vma = _status_vma(region.address)
     assert vma.split_blocks == 0 and vma.partial_blocks == 1
-    truth = smaps_huge_bytes(os.getpid(), region.address, region.address + region.size)
     assert cov.huge_bytes == vma.huge_bytes == truth == pmd
 
 
