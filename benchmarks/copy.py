@@ -34,7 +34,11 @@
     (userfault), against ``share`` and the eager copy, at two region sizes;
     each sample is the median of several forks of one region. ``copy, no
     ready wait`` leaves out the child's wait for its handler thread,
-    ``copy, prefill 0`` the block the child zeroes at fork.
+    ``copy, prefill 0`` the block the child zeroes at fork. ``share, child
+    lives`` and ``copy, child lives``: the same forks with a child that
+    blocks on a pipe until ``fork()`` has returned in the parent, as a
+    worker would: the parent's first writes after the fork then copy the
+    pages they still share, whatever the region's policy.
 """
 
 from __future__ import annotations
@@ -254,7 +258,13 @@ FORKS_PER_SAMPLE = 5
 
 
 def _fork_once(variant: str, size: int) -> dict:
-    """Median of FORKS_PER_SAMPLE forks (each until the child exited) of one region."""
+    """Median of FORKS_PER_SAMPLE forks (each until the child exited) of one region.
+
+    A variant ending in ", child lives" keeps each child until the
+    parent's ``fork()`` returned (it reads a pipe the parent then closes).
+    """
+    lives = variant.endswith(", child lives")
+    variant = variant.removesuffix(", child lives")
     if variant == "share":
         region = thpguard.alloc(size, fork="share")
     elif variant == "eager":
@@ -273,11 +283,17 @@ def _fork_once(variant: str, size: int) -> dict:
             warm_memory(size)
         fork_s, total_s = [], []
         for _ in range(FORKS_PER_SAMPLE if variant != "eager" else 1):
+            hold = os.pipe() if lives else ()
             t0 = now()
             pid = os.fork()
             if pid == 0:
+                if hold:
+                    os.close(hold[1])
+                    os.read(hold[0], 1)
                 os._exit(0)
             t1 = now()
+            for fd in hold:
+                os.close(fd)
             os.waitpid(pid, 0)
             fork_s.append(t1 - t0)
             total_s.append(now() - t0)
@@ -290,7 +306,8 @@ def _fork_once(variant: str, size: int) -> dict:
 
 def _forks(res: Result, settings: Settings, fork_size: int) -> None:
     """fork() and fork + child exit against share, at one region size."""
-    fork_variants = ("share", "copy", "copy, no ready wait", "copy, prefill 0", "eager")
+    fork_variants = ("share", "copy", "copy, no ready wait", "copy, prefill 0", "eager",
+                     "share, child lives", "copy, child lives")
     if fork_size <= 128 * MiB:
         fork_variants += tuple(f"prefill {n}" for n in PREFILLS)
     forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
@@ -305,6 +322,12 @@ def _forks(res: Result, settings: Settings, fork_size: int) -> None:
             base = [f[key] for f in forks["share"]]
             res.add(f"{what}, {label}, {fmt_bytes(fork_size)}", paired(mine, base), "time vs share",
                     f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
+    for v, against in (("copy, child lives", "share, child lives"), ("share, child lives", "share")):
+        mine = [f["fork_s"] for f in forks[v]]
+        base = [f["fork_s"] for f in forks[against]]
+        label = "userfault" + v[4:] if v.startswith("copy") else v
+        res.add(f"fork() returns, {label}, {fmt_bytes(fork_size)}", paired(mine, base),
+                f"time vs {against}", f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
     for n in PREFILLS[1:] if fork_size <= 128 * MiB else ():
         mine = [f["total_s"] for f in forks[f"prefill {n}"]]
         base = [f["total_s"] for f in forks["prefill 0"]]
