@@ -17,12 +17,11 @@
     the later blocks, with the child's handler thread filling 0, 1 (the
     default) or 4 pool blocks before the child's code runs (``prefill N``);
     each sample is the median of CHILDREN_PER_SAMPLE children.
-    ``fork + child exit, prefill N`` is what that filling costs a fork
-    against ``prefill 0``. ``no ready wait`` is ``prefill 1`` without the
-    at-fork handler waiting for the handler thread (its filling overlaps
-    the child's code), ``neither`` also without the handler's 1 ms pause
-    after a fault before it refills its pool; ``fork() until the child's
-    first write is done`` adds the fork to the first write, in the same run.
+    ``no ready wait`` is ``prefill 1`` without the at-fork handler waiting
+    for the handler thread (its filling overlaps the child's code),
+    ``neither`` also without the handler's 1 ms pause after a fault before
+    it refills its pool; ``fork() until the child's first write is done``
+    adds the fork to the first write, in the same run.
 ``chase``
     pointer chasing right after fork and a write to every block, against
     the same process before the fork (no repair phase).
@@ -30,15 +29,23 @@
     bytes copied when the child writes one block in eight, against the
     whole region that the eager copy copies at fork.
 ``fork``
-    ``fork()`` plus the child's exit with a populated ``copy`` region
-    (userfault), against ``share`` and the eager copy, at two region sizes;
-    each sample is the median of several forks of one region. ``copy, no
-    ready wait`` leaves out the child's wait for its handler thread,
-    ``copy, prefill 0`` the block the child zeroes at fork. ``share, child
-    lives`` and ``copy, child lives``: the same forks with a child that
-    blocks on a pipe until ``fork()`` has returned in the parent, as a
-    worker would: the parent's first writes after the fork then copy the
-    pages they still share, whatever the region's policy.
+    ``fork()`` until it returns in the parent, and until the child exited
+    (``waitpid``), with a populated region, at two region sizes; each
+    sample is the median of FORKS_PER_SAMPLE forks of one region (the eager
+    copy: one). Rows named ``userfault`` are ``copy`` regions with the lazy
+    mechanism; they and the eager copy are against ``share``. ``no ready
+    wait`` leaves out the child's wait for its handler thread, ``prefill
+    0`` the block the child's handler zeroes at fork; ``prefill 1`` (the
+    default) and ``prefill 4`` are against ``prefill 0`` (64 and 128 MiB
+    regions only). ``child lives``: each child blocks on a pipe until
+    ``fork()`` has returned in the parent, as a worker would; the other
+    variants' children exit as soon as they run (often, not always, before
+    ``fork()`` returned). While a child lives, each page the parent's own
+    after-fork hooks write (stack and heap; the region is not written)
+    is copied, not reused, whatever the region's policy: ``share, child
+    lives`` against ``share`` shows what that costs, and ``userfault, child
+    lives`` against ``share, child lives`` is the lazy copy's own cost at
+    fork for a child that lives.
 """
 
 from __future__ import annotations
@@ -270,10 +277,8 @@ def _fork_once(variant: str, size: int) -> dict:
     elif variant == "eager":
         region = thpguard.alloc(size, fork="copy", copy_mode="eager")
     else:
-        if variant.startswith("prefill"):
-            _native.copy_set_child_prefill(int(variant.split()[1]))
-        if variant == "copy, prefill 0":
-            _native.copy_set_child_prefill(0)
+        if variant.startswith("copy, prefill "):
+            _native.copy_set_child_prefill(int(variant.split()[-1]))
         if variant == "copy, no ready wait":
             _native.copy_set_child_ready_wait(0)
         region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
@@ -304,42 +309,41 @@ def _fork_once(variant: str, size: int) -> dict:
         _native.copy_set_child_ready_wait(0.05)
 
 
+def _label(variant: str) -> str:
+    return "userfault" + variant[4:] if variant.startswith("copy") else variant
+
+
 def _forks(res: Result, settings: Settings, fork_size: int) -> None:
-    """fork() and fork + child exit against share, at one region size."""
-    fork_variants = ("share", "copy", "copy, no ready wait", "copy, prefill 0", "eager",
-                     "share, child lives", "copy, child lives")
+    """fork() returning and fork + child exit, at one region size (module docstring)."""
+    against_share = ("copy", "copy, no ready wait", "copy, prefill 0", "eager")
+    fork_variants = ("share",) + against_share + ("share, child lives", "copy, child lives")
     if fork_size <= 128 * MiB:
-        fork_variants += tuple(f"prefill {n}" for n in PREFILLS)
+        fork_variants += ("copy, prefill 4",)
     forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
                        settings.reps, settings.warmup)
     res.samples[f"fork {fmt_bytes(fork_size)}"] = forks
-    for v in fork_variants[1:5]:
-        label = "userfault" + v[4:] if v.startswith("copy") else v
-        # The child's work differs between the copy variants, but it runs
-        # beside the parent's after-fork hooks: fork() returning shows it too.
-        for key, what in (("fork_s", "fork() returns"), ("total_s", "fork + child exit")):
-            mine = [f[key] for f in forks[v]]
-            base = [f[key] for f in forks["share"]]
-            res.add(f"{what}, {label}, {fmt_bytes(fork_size)}", paired(mine, base), "time vs share",
-                    f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
-    for v, against in (("copy, child lives", "share, child lives"), ("share, child lives", "share")):
-        mine = [f["fork_s"] for f in forks[v]]
-        base = [f["fork_s"] for f in forks[against]]
-        label = "userfault" + v[4:] if v.startswith("copy") else v
-        res.add(f"fork() returns, {label}, {fmt_bytes(fork_size)}", paired(mine, base),
-                f"time vs {against}", f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
-    for n in PREFILLS[1:] if fork_size <= 128 * MiB else ():
-        mine = [f["total_s"] for f in forks[f"prefill {n}"]]
-        base = [f["total_s"] for f in forks["prefill 0"]]
-        res.add(f"fork + child exit, prefill {n}, {fmt_bytes(fork_size)}", paired(mine, base),
-                "time vs prefill 0", f"{median(mine) * 1e3:.2f} ms", f"{median(base) * 1e3:.2f} ms")
+
+    def row(what: str, key: str, variant: str, against: str, label: str) -> None:
+        mine = [f[key] for f in forks[variant]]
+        base = [f[key] for f in forks[against]]
+        res.add(f"{what}, {label}, {fmt_bytes(fork_size)}", paired(mine, base),
+                f"time vs {_label(against)}", f"{median(mine) * 1e3:.2f} ms",
+                f"{median(base) * 1e3:.2f} ms")
+
+    for v in against_share:
+        row("fork() returns", "fork_s", v, "share", _label(v))
+        row("fork + child exit", "total_s", v, "share", _label(v))
+    row("fork() returns", "fork_s", "share, child lives", "share", "share, child lives")
+    row("fork() returns", "fork_s", "copy, child lives", "share, child lives", _label("copy, child lives"))
+    if fork_size <= 128 * MiB:
+        for v, n in (("copy", 1), ("copy, prefill 4", 4)):
+            row("fork + child exit", "total_s", v, "copy, prefill 0", f"prefill {n}")
 
 
 def run(settings: Settings) -> Result:
     feature = kernel.capabilities().copy_userfault
     if not feature.available:
         raise Skipped(f"no userfaultfd block copy here: {feature.reason}")
-    pmd = pmd_size()
     size = settings.pick(32 * MiB, 128 * MiB)
     pause = 0.004
     res = Result(NAME, TITLE, params={"region": fmt_bytes(size), "reps": settings.reps,
