@@ -12,7 +12,7 @@ import sys
 import pytest
 
 SCRIPT = r"""
-import json, os, signal, sys, threading, time
+import itertools, json, os, signal, sys, threading, time
 import thpguard
 
 threads = []
@@ -25,15 +25,23 @@ threading.Thread.start = counted_start
 if sys.argv[1] == "guard":
     thpguard.install(interval=0.05)
 region = thpguard.alloc(4 << 20)
-made = reaped = 0
+# Handlers nest: the signals a fork held run their handler as soon as
+# os.fork() returns, inside the handler that forked, and (before Python
+# 3.10) between almost any two bytecodes. So every count is one C call: a
+# ticket from the counter reserves a child before its fork (a nested
+# handler never gets the same one), and the lists record pids.
+tickets = itertools.count()
+made, reaped = [], []
 
 def spawn():
+    if next(tickets) >= 60:
+        return
     pid = os.fork()
     if pid == 0:
         os._exit(0)
+    made.append(pid)
 
 def on_chld(signum, frame):
-    global made, reaped
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -41,24 +49,18 @@ def on_chld(signum, frame):
             break
         if pid == 0:
             break
-        reaped += 1
-    # Handlers nest: the signals a fork held run their handler as soon as
-    # os.fork() returns, inside this one. A child is counted before its fork
-    # (check and count with no call between them, where no handler runs),
-    # so a nested handler never sees a stale count and forks a 61st.
-    if made < 60:
-        made += 1
-        spawn()
+        reaped.append(pid)
+    spawn()
 
 signal.signal(signal.SIGCHLD, on_chld)
 for _ in range(4):
-    made += 1
     spawn()
 deadline = time.monotonic() + 60
-while (made < 60 or reaped < made) and time.monotonic() < deadline:
+while (len(made) < 60 or len(reaped) < len(made)) and time.monotonic() < deadline:
     time.sleep(0.01)
 g = thpguard.guard()
-print(json.dumps({"made": made, "reaped": reaped, "threads": sorted(set(threads)),
+print(json.dumps({"made": len(made), "reaped": len(reaped), "same_pids": sorted(made) == sorted(reaped),
+                  "threads": sorted(set(threads)),
                   "guard_running": g is not None and g.running}), flush=True)
 region.close()
 """
@@ -80,7 +82,7 @@ def test_sigchld_handler_that_forks(guard, run):
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["made"] == 60 and report["reaped"] == 60, report
+    assert report["made"] == 60 and report["reaped"] == 60 and report["same_pids"], report
     # The signals a nested fork held go out when its own fork() returns,
     # without a thread (a thread started around a fork can break
     # threading's books in the child).
