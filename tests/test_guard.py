@@ -53,16 +53,21 @@ def running_guard():
 
 
 @pytest.fixture
-def deadline():
+def deadline(request):
     """Fail instead of hanging forever if a fork deadlocks."""
+    limit = int(120 * TIME_SCALE)
+
     def alarm(signum, frame):
-        raise AssertionError("timed out: deadlock?")
+        raise AssertionError(f"{request.node.name} did not finish in {limit} s: a fork, a guard "
+                             f"tick or a child it waits for is stuck (a deadlock?)")
 
     old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(int(120 * TIME_SCALE))
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    signal.alarm(limit)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def task_ids() -> set:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import thpguard
-from thpguard import kernel
+from thpguard import _fork, kernel
 from thpguard.errors import HugePagesUnavailableError, InvalidArgumentError, UnsupportedError
 from thpguard._child import Child
 from conftest import WAIT, checksum, exit_child, hugetlb_vma, run_in_child, skip_thp, smaps_vma, wait_child
@@ -638,8 +638,8 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
         if raising[0]:
             raise _Alarm()
 
-    forked = []  # hooks registered after thpguard's run after its own in the parent
-    os.register_at_fork(after_in_parent=lambda: forked.append(1))
+    forked = []  # os.fork() was called: its after-fork hooks ran in the parent
+    _fork.subscribe("test-hugetlb-forked", after_in_parent=lambda: forked.append(1))
     with thpguard.alloc(4 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 10)
         old = signal.signal(signal.SIGALRM, on_alarm)
@@ -656,18 +656,15 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
                     raising[0] = False
                 # An exception its handler raised as the fork's hooks began is
                 # raised again at the first call after fork() returned and the
-                # pid is stored (thpguard._forksignals), in both processes:
-                # here, at exit_child() in the child and setitimer() in the parent.
-                if pid == 0:  # a child inherits no interval timer
+                # pid is stored (thpguard._forksignals), in the parent only: here,
+                # at setitimer(). The child starts with no held signal and
+                # inherits no interval timer.
+                if pid == 0:
                     def body():
                         code = 0 if _pages_ok(r, 10) else 3
                         _fill(r, 20)
                         return code or (0 if _pages_ok(r, 20) else 4)
-                    while True:
-                        try:
-                            exit_child(body)
-                        except _Alarm:
-                            pass
+                    exit_child(body)
                 while True:
                     try:
                         signal.setitimer(signal.ITIMER_REAL, 0, 0)
@@ -686,5 +683,6 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0, 0)
             signal.signal(signal.SIGALRM, old)
+            _fork.unsubscribe("test-hugetlb-forked")
         assert r.fork_downgraded
         assert fired  # the timer did fire through the forks

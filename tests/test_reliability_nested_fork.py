@@ -145,7 +145,7 @@ def test_raising_alarm_handler_around_fork(run):
     (CPython would print "Exception ignored" and skip the rest of the
     hook), and every fork pauses and resumes the guard."""
     out = subprocess.run([sys.executable, "-c", ALARM_SCRIPT], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=120)  # it takes seconds; a hang (the open cause) ends here
     assert out.returncode == 0, out.stderr
     # A second handler that raises on entry to thpguard's unraisablehook
     # wrapper, before its first line, is CPython's own report of an exception
