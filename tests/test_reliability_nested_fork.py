@@ -135,9 +135,10 @@ region.close()
 """
 
 
-@pytest.mark.xfail(strict=False, reason="open: at load 5-8, in 2 of 87 runs CPython reported a "
-                   "Tick raised at the first line of an after-fork hook as ignored, which skips "
-                   "that hook's work; one of them hung (docs/reliability.rst)")
+@pytest.mark.xfail(strict=False, reason="raising handlers on four hook entries in a row skip "
+                   "thpguard's before-fork work (then an after-fork hook's, or a hang); 0 of 42 "
+                   "runs at load 5-6 since three hooks stand in for a skipped one, 7 or 8 of 36 "
+                   "with one (docs/reliability.rst)")
 @pytest.mark.parametrize("run", range(3))
 def test_raising_alarm_handler_around_fork(run):
     """A SIGALRM every 0.3 ms whose handler raises, around os.fork() with a

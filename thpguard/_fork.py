@@ -153,18 +153,18 @@ def _before() -> None:
     # Counted, not flagged: a handler that forks while this hook runs (in
     # _hold before its signal is swapped, or after the hold of an outer fork
     # was cut short) makes a nested fork whose hooks run in full meanwhile;
-    # its hooks must not make this fork's _before_again run the before-fork
+    # its hooks must not make this fork's _BEFORE_AGAIN hooks run the before-fork
     # callbacks a second time (they take non-reentrant locks).
     held = None
     try:
         held = _hold()
         # Counted once the hold is in place: an exception before it skips
-        # the rest of this hook, and _before_again runs it.
+        # the rest of this hook, and a _BEFORE_AGAIN hook runs it.
         _holding.befores = getattr(_holding, "befores", 0) + 1
         _run_all((before for _, before, _, _ in _ordered(reverse=False)), caught=held.caught)
     except BaseException as exc:  # a handler's, before the hold was in place
         if held is None:
-            # _before_again runs this hook again; its hold raises this then.
+            # A _BEFORE_AGAIN hook runs this one again; its hold raises this then.
             _holding.early = getattr(_holding, "early", []) + [exc]
         elif isinstance(exc, KeyboardInterrupt):
             if signal.SIGINT not in held.caught:
@@ -175,7 +175,7 @@ def _before() -> None:
 
 class _Unraisable:
     """Wraps ``sys.unraisablehook``: an exception a program's signal handler
-    raised on entry to :func:`_before` or :func:`_before_again` (before any
+    raised on entry to :func:`_before` or one of ``_BEFORE_AGAIN`` (before any
     of their code, so they cannot
     catch it) is kept, and :func:`_hold` raises it again once fork() has
     returned; anything else goes to the hook that was there."""
@@ -184,7 +184,8 @@ class _Unraisable:
         self.inner = inner
 
     def __call__(self, unraisable) -> None:
-        if unraisable.object in (_before, _before_again) and unraisable.exc_value is not None:
+        if (unraisable.object is _before or unraisable.object in _BEFORE_AGAIN) \
+                and unraisable.exc_value is not None:
             _holding.early = getattr(_holding, "early", []) + [unraisable.exc_value]
             return
         self.inner(unraisable)
@@ -195,17 +196,31 @@ def _catch_unraisable() -> None:
         sys.unraisablehook = _Unraisable(sys.unraisablehook)
 
 
-def _before_again() -> None:
-    # A signal that arrived just before fork() runs its handler on entry to
-    # the first hook, before any code of it; if that raised, CPython dropped
-    # the exception and skipped the hook: run it now (this hook runs next).
-    # Every fork runs _before then _before_again, and a nested fork runs
-    # both of its own in between: fewer _before than _before_again calls
-    # means this fork's _before was skipped.
-    _holding.agains = getattr(_holding, "agains", 0) + 1
-    if getattr(_holding, "befores", 0) < _holding.agains:
-        _before()
-    _catch_unraisable()
+def _make_before_again(i: int) -> Callable[[], None]:
+    """The i-th of :data:`_BEFORE_AGAIN`, with its own count."""
+    count = f"agains{i}"
+
+    def before_again() -> None:
+        # A signal that arrived just before fork() runs its handler on entry
+        # to the first hook, before any code of it; if that raised, CPython
+        # dropped the exception and skipped the hook: run it now (these
+        # hooks run next). Every fork runs _before then each of these, and a
+        # nested fork runs all of its own in between: fewer _before calls
+        # than calls of this one means this fork's _before was skipped.
+        n = getattr(_holding, count, 0) + 1
+        setattr(_holding, count, n)
+        if getattr(_holding, "befores", 0) < n:
+            _before()
+        _catch_unraisable()
+
+    before_again.__name__ = before_again.__qualname__ = f"_before_again{i}"
+    return before_again
+
+
+#: Three chances for a skipped _before: a second signal whose handler raises
+#: can arrive on entry to the hook that was to run it (seen at a SIGALRM
+#: every 0.3 ms on a busy host: no hold, and then no fork work at all).
+_BEFORE_AGAIN = tuple(_make_before_again(i) for i in range(3))
 
 
 def _fork_done() -> None:
@@ -213,7 +228,9 @@ def _fork_done() -> None:
     outermost one is done."""
     held = getattr(_holding, "held", None)
     if held is None or held.outer is None:
-        _holding.befores = _holding.agains = 0
+        _holding.befores = 0
+        for i in range(len(_BEFORE_AGAIN)):
+            setattr(_holding, f"agains{i}", 0)
 
 
 def _after_in_parent() -> None:
@@ -332,7 +349,8 @@ def in_exec_child() -> bool:
 _catch_unraisable()
 _native.atfork_install()
 _native.fork_claim()  # nothing to handle for forks made before import
-os.register_at_fork(before=_before_again)  # before callbacks run last registered first
+for _again in _BEFORE_AGAIN:  # before callbacks run last registered first
+    os.register_at_fork(before=_again)
 os.register_at_fork(
     before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
 )
