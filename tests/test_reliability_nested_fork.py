@@ -135,9 +135,9 @@ region.close()
 """
 
 
-@pytest.mark.xfail(strict=False, reason="raising handlers on four hook entries in a row skip "
-                   "thpguard's before-fork work (then an after-fork hook's, or a hang); 0 of 42 "
-                   "runs at load 5-6 since three hooks stand in for a skipped one, 7 or 8 of 36 "
+@pytest.mark.xfail(strict=False, reason="four raising handlers in a row as the hold is taken "
+                   "skip thpguard's before-fork work (then an after-fork hook's, or a hang); 0 of "
+                   "51 runs at load 5-6 since three hooks stand in for a skipped one, 7 or 8 of 36 "
                    "with one (docs/reliability.rst)")
 @pytest.mark.parametrize("run", range(3))
 def test_raising_alarm_handler_around_fork(run):
@@ -158,3 +158,69 @@ def test_raising_alarm_handler_around_fork(run):
     assert report["forks"] == 200 and report["guard_running"], report
     # forks whose exception came from fork() after the child was made count too
     assert report["forks_seen"] >= 200, report
+
+
+ORDER_SCRIPT = r"""
+import json, os, signal, sys
+import thpguard
+from thpguard import _fork
+
+region = thpguard.alloc(4 << 20)
+runs = []  # one entry per run of the before-fork callbacks
+_fork.subscribe("test-order", before=lambda: runs.append(1), order=100)
+
+class Tick(Exception):
+    pass
+
+def on_alrm(signum, frame):
+    raise Tick()
+
+def on_usr1(signum, frame):  # a respawn handler: forks
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+signal.signal(signal.SIGALRM, on_alrm)
+signal.signal(signal.SIGUSR1, on_usr1)
+# Chooses when a real signal arrives: on the plan's n-th attempt to take the
+# hold, just before it (R: a handler that raises, F: one that forks).
+plan, attempts, real_hold = sys.argv[1], [0], _fork._hold
+def hold():
+    step = plan[attempts[0]] if attempts[0] < len(plan) else "."
+    attempts[0] += 1
+    if step != ".":
+        signal.raise_signal(signal.SIGALRM if step == "R" else signal.SIGUSR1)
+    return real_hold()
+_fork._hold = hold
+ticks = 0
+for _ in range(2):
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    except Tick:
+        ticks += 1
+print(json.dumps({"runs": len(runs), "ticks": ticks}), flush=True)
+region.close()
+"""
+
+
+@pytest.mark.parametrize("plan, nested", [(".", 0), ("R", 0), ("RR", 0), ("RRR", 0), ("F", 1),
+                                          ("FR", 1), ("RF", 1), ("RRF", 1), ("FRF", 2)])
+def test_skipped_and_nested_before_hooks_run_the_fork_work_once(plan, nested):
+    """Two forks, with handlers that raise (R) or fork (F) as the hold is
+    taken, in the order of the plan: each fork, nested ones too, runs its
+    before-fork callbacks exactly once (twice takes their locks twice and
+    hangs; none skips the fork's work), up to three raising handlers in a
+    row. Before, a fork made while a stand-in hook re-ran a skipped one
+    (RF) ran its own callbacks twice and hung."""
+    try:
+        out = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, plan], capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"plan {plan}: the process hung (before-fork work run twice?): {exc.stderr!r}")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"runs": 2 + nested, "ticks": plan.count("R") and 1}, (plan, report)

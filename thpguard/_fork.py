@@ -146,21 +146,26 @@ def _run_all(callbacks, **kwargs) -> None:
             _run(callback, **kwargs)
 
 
-def _before() -> None:
+def _fork_key(caller) -> tuple:
+    """What tells one fork from another: the frame that called os.fork()
+    and where in it (a nested fork made by a handler has the handler's)."""
+    return (caller, caller.f_lasti if caller is not None else -1)
+
+
+def _before(caller=None) -> None:
     # Held from the first before-fork callback to the last after-fork one,
     # in both processes: CPython reports an exception raised in any at-fork
     # hook as "Exception ignored" and drops it (and the signal with it).
-    # Counted, not flagged: a handler that forks while this hook runs (in
-    # _hold before its signal is swapped, or after the hold of an outer fork
-    # was cut short) makes a nested fork whose hooks run in full meanwhile;
-    # its hooks must not make this fork's _BEFORE_AGAIN hooks run the before-fork
-    # callbacks a second time (they take non-reentrant locks).
+    # The hold names its fork (_fork_key): the _BEFORE_AGAIN hooks run this
+    # hook again only when the hold in place is not this fork's, never
+    # because of a nested fork (a handler that forks while this hook runs,
+    # in _hold before its signal is swapped) whose hooks ran meanwhile: the
+    # before-fork callbacks take non-reentrant locks.
+    caller = caller if caller is not None else sys._getframe(1)
     held = None
     try:
         held = _hold()
-        # Counted once the hold is in place: an exception before it skips
-        # the rest of this hook, and a _BEFORE_AGAIN hook runs it.
-        _holding.befores = getattr(_holding, "befores", 0) + 1
+        held.fork = _fork_key(caller)
         _run_all((before for _, before, _, _ in _ordered(reverse=False)), caught=held.caught)
     except BaseException as exc:  # a handler's, before the hold was in place
         if held is None:
@@ -184,7 +189,8 @@ class _Unraisable:
         self.inner = inner
 
     def __call__(self, unraisable) -> None:
-        if (unraisable.object is _before or unraisable.object in _BEFORE_AGAIN) \
+        # By identity: the object of another report may compare in odd ways.
+        if any(unraisable.object is hook for hook in (_before,) + _BEFORE_AGAIN) \
                 and unraisable.exc_value is not None:
             _holding.early = getattr(_holding, "early", []) + [unraisable.exc_value]
             return
@@ -197,20 +203,17 @@ def _catch_unraisable() -> None:
 
 
 def _make_before_again(i: int) -> Callable[[], None]:
-    """The i-th of :data:`_BEFORE_AGAIN`, with its own count."""
-    count = f"agains{i}"
+    """The i-th of :data:`_BEFORE_AGAIN`."""
 
     def before_again() -> None:
         # A signal that arrived just before fork() runs its handler on entry
         # to the first hook, before any code of it; if that raised, CPython
         # dropped the exception and skipped the hook: run it now (these
-        # hooks run next). Every fork runs _before then each of these, and a
-        # nested fork runs all of its own in between: fewer _before calls
-        # than calls of this one means this fork's _before was skipped.
-        n = getattr(_holding, count, 0) + 1
-        setattr(_holding, count, n)
-        if getattr(_holding, "befores", 0) < n:
-            _before()
+        # hooks run next), unless the hold in place is this fork's.
+        caller = sys._getframe(1)
+        held = getattr(_holding, "held", None)
+        if held is None or held.fork != _fork_key(caller):
+            _before(caller)
         _catch_unraisable()
 
     before_again.__name__ = before_again.__qualname__ = f"_before_again{i}"
@@ -223,18 +226,7 @@ def _make_before_again(i: int) -> Callable[[], None]:
 _BEFORE_AGAIN = tuple(_make_before_again(i) for i in range(3))
 
 
-def _fork_done() -> None:
-    """One fork's hooks are over: back to no fork in progress once the
-    outermost one is done."""
-    held = getattr(_holding, "held", None)
-    if held is None or held.outer is None:
-        _holding.befores = 0
-        for i in range(len(_BEFORE_AGAIN)):
-            setattr(_holding, f"agains{i}", 0)
-
-
 def _after_in_parent() -> None:
-    _fork_done()
     held = getattr(_holding, "held", None) or _hold()  # a fork whose before hook did not run
     try:
         for _, _, parent, _ in _ordered(reverse=True):
@@ -246,8 +238,6 @@ def _after_in_parent() -> None:
 
 def _after_in_child(late: bool = False) -> None:
     global _lock
-    if not late:
-        _fork_done()
     held = None
     if not late:
         # The child inherits the recorder as its handler; what the parent

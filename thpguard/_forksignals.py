@@ -172,6 +172,7 @@ class _Held:
         self.outer: Optional["_Held"] = None  # the hold of a fork this one is nested in
         self.raised: List[BaseException] = []  # raised by handlers as the hold began
         self.main = False  # made in the main thread (it swapped the handlers)
+        self.fork = None  # set by the before-fork hook that made it: which fork it is for
 
     def _inside(self, frame) -> bool:
         if not self.released:
