@@ -146,13 +146,25 @@ def _run_all(callbacks, **kwargs) -> None:
             _run(callback, **kwargs)
 
 
+def _hook_caller():
+    """In a fork hook (called from C): the Python frame that called
+    os.fork(), or None where fork() came from C with no Python frame below."""
+    try:
+        return sys._getframe(2)
+    except ValueError:
+        return None
+
+
+_AS_HOOK = object()  # _before called by CPython, not by a stand-in hook
+
+
 def _fork_key(caller) -> tuple:
     """What tells one fork from another: the frame that called os.fork()
     and where in it (a nested fork made by a handler has the handler's)."""
     return (caller, caller.f_lasti if caller is not None else -1)
 
 
-def _before(caller=None) -> None:
+def _before(caller=_AS_HOOK) -> None:
     # Held from the first before-fork callback to the last after-fork one,
     # in both processes: CPython reports an exception raised in any at-fork
     # hook as "Exception ignored" and drops it (and the signal with it).
@@ -161,7 +173,8 @@ def _before(caller=None) -> None:
     # because of a nested fork (a handler that forks while this hook runs,
     # in _hold before its signal is swapped) whose hooks ran meanwhile: the
     # before-fork callbacks take non-reentrant locks.
-    caller = caller if caller is not None else sys._getframe(1)
+    if caller is _AS_HOOK:
+        caller = _hook_caller()
     held = None
     try:
         held = _hold()
@@ -210,7 +223,7 @@ def _make_before_again(i: int) -> Callable[[], None]:
         # to the first hook, before any code of it; if that raised, CPython
         # dropped the exception and skipped the hook: run it now (these
         # hooks run next), unless the hold in place is this fork's.
-        caller = sys._getframe(1)
+        caller = _hook_caller()
         held = getattr(_holding, "held", None)
         if held is None or held.fork != _fork_key(caller):
             _before(caller)
@@ -233,7 +246,7 @@ def _after_in_parent() -> None:
             if parent:
                 _run(parent, held.caught)
     finally:
-        _release(sys._getframe(1))
+        _release(_hook_caller())
 
 
 def _after_in_child(late: bool = False) -> None:
@@ -263,7 +276,7 @@ def _after_in_child(late: bool = False) -> None:
                 _run(child, held.caught if not late else None, late=late)
     finally:
         if not late:
-            _release(sys._getframe(1))
+            _release(_hook_caller())
 
 
 def check() -> bool:
