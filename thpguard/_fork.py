@@ -216,7 +216,7 @@ def _catch_unraisable() -> None:
 
 
 def _make_before_again(i: int) -> Callable[[], None]:
-    """The i-th of :data:`_BEFORE_AGAIN`."""
+    """The i-th of :data:`_BEFORE_AGAIN` (the 0th runs last)."""
 
     def before_again() -> None:
         # A signal that arrived just before fork() runs its handler on entry
@@ -227,6 +227,12 @@ def _make_before_again(i: int) -> Callable[[], None]:
         held = getattr(_holding, "held", None)
         if held is None or held.fork != _fork_key(caller):
             _before(caller)
+        if i == 0:
+            # The before phase is over: a hold left in place (its after-fork
+            # hook skipped) must not pass for a later fork from the same line.
+            held = getattr(_holding, "held", None)
+            if held is not None:
+                held.fork = None
         _catch_unraisable()
 
     before_again.__name__ = before_again.__qualname__ = f"_before_again{i}"
