@@ -87,7 +87,9 @@ def test_native_map_of_odd_size_leaves_nothing_behind():
         addr = _native.map_aligned(4097, 2 * MiB)
         assert addr % (2 * MiB) == 0
         _native.unmap(addr, 4097)
-    assert mapped() <= before + 1
+    # Slack left behind would add a mapping or two per call (20 or more);
+    # other threads (a sanitizer's allocator) may add a few meanwhile.
+    assert mapped() <= before + 5
 
 
 def test_capability_probe_keeps_injected_faults(require_thp):
