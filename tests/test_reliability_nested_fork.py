@@ -66,6 +66,18 @@ region.close()
 """
 
 
+def _run(script: str, *args: str, hang: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter; it must exit 0. A hang (120 s)
+    fails the test with ``hang`` as the likely cause."""
+    try:
+        out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process hung ({hang}): {exc.stderr!r}")
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 @pytest.mark.parametrize("guard", ["guard", "noguard"])
 @pytest.mark.parametrize("run", range(8))
 def test_sigchld_handler_that_forks(guard, run):
@@ -74,12 +86,7 @@ def test_sigchld_handler_that_forks(guard, run):
     end, and no thread but the guard's is started. (With the guard it hung 3 times in 80 runs while a handler could
     run in the middle of the guard thread's start: it started a second
     thread that no fork stopped.)"""
-    try:
-        out = subprocess.run([sys.executable, "-c", SCRIPT, guard], capture_output=True,
-                             text=True, timeout=120)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the process hung (a nested fork's hooks deadlocked): {exc.stderr!r}")
-    assert out.returncode == 0, out.stderr
+    out = _run(SCRIPT, guard, hang="a nested fork's hooks deadlocked")
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["made"] == 60 and report["reaped"] == 60 and report["same_pids"], report
@@ -145,9 +152,7 @@ def test_raising_alarm_handler_around_fork(run):
     ``share`` region and the guard: the exception never escapes a fork hook
     (CPython would print "Exception ignored" and skip the rest of the
     hook), and every fork pauses and resumes the guard."""
-    out = subprocess.run([sys.executable, "-c", ALARM_SCRIPT], capture_output=True, text=True,
-                         timeout=120)  # it takes seconds; a hang (the open cause) ends here
-    assert out.returncode == 0, out.stderr
+    out = _run(ALARM_SCRIPT, hang="the before-fork work lost, the open cause above")
     # A second handler that raises on entry to thpguard's unraisablehook
     # wrapper, before its first line, is CPython's own report of an exception
     # no Python code can catch (docs/reliability.rst); no hook lost its work.
@@ -216,11 +221,6 @@ def test_skipped_and_nested_before_hooks_run_the_fork_work_once(plan, nested):
     hangs; none skips the fork's work), up to three raising handlers in a
     row. Before, a fork made while a stand-in hook re-ran a skipped one
     (RF) ran its own callbacks twice and hung."""
-    try:
-        out = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, plan], capture_output=True,
-                             text=True, timeout=120)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"plan {plan}: the process hung (before-fork work run twice?): {exc.stderr!r}")
-    assert out.returncode == 0, out.stderr
+    out = _run(ORDER_SCRIPT, plan, hang=f"plan {plan}: before-fork work run twice?")
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"runs": 2 + nested, "ticks": plan.count("R") and 1}, (plan, report)
