@@ -642,10 +642,10 @@ def test_downgraded_share_fork_survives_a_raising_signal_handler(hugepool, pmd2m
             raise _Alarm()
 
     forked = []  # os.fork() was called: its after-fork hooks ran in the parent
-    _fork.subscribe("test-hugetlb-forked", after_in_parent=lambda: forked.append(1))
     with thpguard.alloc(4 * MB2, backend="hugetlb", fork="share") as r:
         _fill(r, 10)
         old = signal.signal(signal.SIGALRM, on_alarm)
+        _fork.subscribe("test-hugetlb-forked", after_in_parent=lambda: forked.append(1))
         try:
             done = 0
             while done < 5:
