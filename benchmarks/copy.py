@@ -45,18 +45,11 @@
     is copied, not reused, whatever the region's policy: ``share, child
     lives`` against ``share`` shows what that costs, and ``userfault, child
     lives`` against ``share, child lives`` is the lazy copy's own cost at
-    fork for a child that lives. Back to back, each fork also pays for what
-    the previous child did (a ``copy`` child arms its own handler thread):
-    ``share, child starts a thread`` against ``share`` shows what a child
-    that starts one thread costs the next fork. ``spaced`` variants wait
-    SPACING_S, busy, between a child's exit and the next fork, so that each
-    fork pays only for itself; ``userfault, spaced`` against ``share,
-    spaced`` is the figure the target (at most 1.1x) is judged on.
+    fork for a child that lives.
 """
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
 import time
@@ -269,23 +262,16 @@ def _copied(size: int) -> dict:
 
 
 FORKS_PER_SAMPLE = 5
-#: Busy wait after each child of a ``spaced`` variant was reaped, before the next fork.
-SPACING_S = 0.02
 
 
 def _fork_once(variant: str, size: int) -> dict:
     """Median of FORKS_PER_SAMPLE forks (each until the child exited) of one region.
 
-    Suffixes: ``, child lives`` keeps each child until the parent's
-    ``fork()`` returned (it reads a pipe the parent then closes); ``, child
-    starts a thread`` makes each child start one thread and exit;
-    ``, spaced`` waits SPACING_S (busy, so the CPU does not idle) between
-    one child's exit and the next fork.
+    A variant ending in ", child lives" keeps each child until the
+    parent's ``fork()`` returned (it reads a pipe the parent then closes).
     """
     lives = variant.endswith(", child lives")
-    thread = variant.endswith(", child starts a thread")
-    spaced = variant.endswith(", spaced")
-    variant = variant.split(", child ")[0].removesuffix(", spaced")
+    variant = variant.removesuffix(", child lives")
     if variant == "share":
         region = thpguard.alloc(size, fork="share")
     elif variant == "eager":
@@ -309,8 +295,6 @@ def _fork_once(variant: str, size: int) -> dict:
                 if hold:
                     os.close(hold[1])
                     os.read(hold[0], 1)
-                if thread:
-                    _thread.start_new_thread(time.sleep, (60,))
                 os._exit(0)
             t1 = now()
             for fd in hold:
@@ -318,10 +302,6 @@ def _fork_once(variant: str, size: int) -> dict:
             os.waitpid(pid, 0)
             fork_s.append(t1 - t0)
             total_s.append(now() - t0)
-            if spaced:
-                until = now() + SPACING_S
-                while now() < until:
-                    pass
         return {"fork_s": median(fork_s), "total_s": median(total_s)}
     finally:
         region.close()
@@ -336,9 +316,7 @@ def _label(variant: str) -> str:
 def _forks(res: Result, settings: Settings, fork_size: int) -> None:
     """fork() returning and fork + child exit, at one region size (module docstring)."""
     against_share = ("copy", "copy, no ready wait", "copy, prefill 0", "eager")
-    fork_variants = ("share",) + against_share + (
-        "share, child lives", "copy, child lives", "share, child starts a thread",
-        "share, spaced", "copy, spaced")
+    fork_variants = ("share",) + against_share + ("share, child lives", "copy, child lives")
     if fork_size <= 128 * MiB:
         fork_variants += ("copy, prefill 4",)
     forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
@@ -357,8 +335,6 @@ def _forks(res: Result, settings: Settings, fork_size: int) -> None:
         row("fork + child exit", "total_s", v, "share", _label(v))
     row("fork() returns", "fork_s", "share, child lives", "share", "share, child lives")
     row("fork() returns", "fork_s", "copy, child lives", "share, child lives", _label("copy, child lives"))
-    row("fork() returns", "fork_s", "share, child starts a thread", "share", "share, child starts a thread")
-    row("fork() returns", "fork_s", "copy, spaced", "share, spaced", _label("copy, spaced"))
     if fork_size <= 128 * MiB:
         for v, n in (("copy", 1), ("copy, prefill 4", 4)):
             row("fork + child exit", "total_s", v, "copy, prefill 0", f"prefill {n}")
