@@ -45,11 +45,24 @@
     is copied, not reused, whatever the region's policy: ``share, child
     lives`` against ``share`` shows what that costs, and ``userfault, child
     lives`` against ``share, child lives`` is the lazy copy's own cost at
-    fork for a child that lives.
+    fork for a child that lives. ``child not armed``: each child's arming
+    made to fail at once through the ``copy_arm`` fault hook (no descriptor,
+    registration, handler thread or block of its own), so the parent's own
+    work at fork shows apart from what its children do.
+    ``living workers``: WORKERS forks in a row whose earlier children all
+    still live (a pre-forking server starting its workers), the median
+    ``fork()`` of each sample.
+``C fork loop``
+    no thpguard: a C loop forks children one after the other and times the
+    parent's ``fork()`` plus its writes to 225 pages the child shares (about
+    what ``os.fork()`` writes in a Python parent); the child starts a thread
+    that is still blocked when it exits (as a ``copy`` child's handler
+    thread is), or one it joins first, against a child with no thread.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -261,7 +274,7 @@ def _copied(size: int) -> dict:
         region.close()
 
 
-FORKS_PER_SAMPLE = 5
+FORKS_PER_SAMPLE = 15
 
 
 def _fork_once(variant: str, size: int) -> dict:
@@ -282,6 +295,11 @@ def _fork_once(variant: str, size: int) -> dict:
         if variant == "copy, no ready wait":
             _native.copy_set_child_ready_wait(0)
         region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+        if variant == "copy, child not armed":
+            # Each child inherits the pending fault and fails its arming at
+            # once (no descriptor, registration, thread or block of its own);
+            # the parent never consumes it.
+            _native.fault_inject("copy_arm", errno.EIO, 1)
     time.sleep(0.05)  # the parent's pool fills: the fork measures the steady state
     try:
         if variant == "eager":
@@ -304,9 +322,67 @@ def _fork_once(variant: str, size: int) -> dict:
             total_s.append(now() - t0)
         return {"fork_s": median(fork_s), "total_s": median(total_s)}
     finally:
+        _native.fault_clear()
         region.close()
         _native.copy_set_child_prefill(1)
         _native.copy_set_child_ready_wait(0.05)
+
+
+#: Workers a sample of ``_fork_workers`` starts, all alive until the last fork returned.
+WORKERS = 8
+
+
+def _fork_workers(variant: str, size: int) -> float:
+    """Median ``fork()`` time over WORKERS forks whose earlier children still live.
+
+    The shape of a pre-forking server starting its workers: each child blocks
+    on a pipe until the last one has been forked, then all exit.
+    """
+    if variant == "share":
+        region = thpguard.alloc(size, fork="share")
+    else:
+        region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+    time.sleep(0.05)  # the parent's pool fills
+    pids, times = [], []
+    hold = os.pipe()
+    try:
+        for _ in range(WORKERS):
+            t0 = now()
+            pid = os.fork()
+            if pid == 0:
+                os.close(hold[1])
+                os.read(hold[0], 1)
+                os._exit(0)
+            times.append(now() - t0)
+            pids.append(pid)
+    finally:
+        for fd in hold:
+            os.close(fd)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        region.close()
+    return median(times)
+
+
+def _child_thread_forks(res: Result, settings: Settings) -> None:
+    """A plain C fork loop (no thpguard): what a thread in the child costs the parent."""
+    ffi, lib = _cbench.load()
+    n = 25
+    buf = ffi.new("char[]", 4 * MiB)  # zeroed, so touched before the first fork
+    out = ffi.new("uint64_t[]", n)
+
+    def sample(thread: int) -> float:
+        if lib.tgb_fork_children(n, thread, buf, 225, 256, out) != 0:
+            raise OSError("fork failed in the C fork loop")
+        return median([out[i] / 1e9 for i in range(n)])
+
+    names = {"no thread": 0, "thread alive at exit": 1, "thread joined before exit": 2}
+    got = interleave({k: (lambda t=t: sample(t)) for k, t in names.items()}, settings.reps, settings.warmup)
+    res.samples["C child thread"] = got
+    base = got["no thread"]
+    for label in ("thread alive at exit", "thread joined before exit"):
+        res.add(f"C fork loop, child starts a {label.replace('thread ', 'thread, ')}", paired(got[label], base),
+                "time vs no thread", f"{median(got[label]) * 1e3:.3f} ms", f"{median(base) * 1e3:.3f} ms")
 
 
 def _label(variant: str) -> str:
@@ -315,7 +391,7 @@ def _label(variant: str) -> str:
 
 def _forks(res: Result, settings: Settings, fork_size: int) -> None:
     """fork() returning and fork + child exit, at one region size (module docstring)."""
-    against_share = ("copy", "copy, no ready wait", "copy, prefill 0", "eager")
+    against_share = ("copy", "copy, child not armed", "copy, no ready wait", "copy, prefill 0", "eager")
     fork_variants = ("share",) + against_share + ("share, child lives", "copy, child lives")
     if fork_size <= 128 * MiB:
         fork_variants += ("copy, prefill 4",)
@@ -338,6 +414,12 @@ def _forks(res: Result, settings: Settings, fork_size: int) -> None:
     if fork_size <= 128 * MiB:
         for v, n in (("copy", 1), ("copy, prefill 4", 4)):
             row("fork + child exit", "total_s", v, "copy, prefill 0", f"prefill {n}")
+    workers = interleave({v: (lambda v=v: _fork_workers(v, fork_size)) for v in ("share", "copy")},
+                         settings.reps, settings.warmup)
+    res.samples[f"fork workers {fmt_bytes(fork_size)}"] = workers
+    res.add(f"fork() returns, {WORKERS} living workers, userfault, {fmt_bytes(fork_size)}",
+            paired(workers["copy"], workers["share"]), "time vs share",
+            f"{median(workers['copy']) * 1e3:.2f} ms", f"{median(workers['share']) * 1e3:.2f} ms")
 
 
 def run(settings: Settings) -> Result:
@@ -412,6 +494,7 @@ def run(settings: Settings) -> Result:
 
     for fork_size in (64 * MiB, 512 * MiB):
         _forks(res, settings, fork_size)
+    _child_thread_forks(res, settings)
     res.notes.append(
         "fork + child exit includes the child arming its own userfaultfd (a new descriptor, "
         "registration, protection, a handler thread) before it runs"
