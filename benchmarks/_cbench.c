@@ -1,15 +1,11 @@
 /* Inner loops of the benchmarks, in C so that Python's own overhead does
  * not hide what is measured (a dependent load costs ~100 ns; one Python
  * bytecode costs about as much). Built at run time by _cbench.py. */
-#include <pthread.h>
-#include <semaphore.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 #include <sys/mman.h>
-#include <sys/wait.h>
 
 uint64_t tgb_now_ns(void)
 {
@@ -212,64 +208,4 @@ void tgb_fill_index_f32(float *table, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         table[i] = (float)i;
-}
-
-/* ---- a child's thread and its parent's next fork ---------------------------
- * No thpguard here: plain fork() of this process, so what a child's thread
- * costs its parent is seen apart from everything thpguard does. */
-
-static sem_t tgb_started;
-
-static void *tgb_blocked_thread(void *arg)
-{
-    (void)arg;
-    sem_post(&tgb_started);
-    for (;;)
-        pause();  /* until the child exits */
-    return NULL;
-}
-
-static void *tgb_short_thread(void *arg)
-{
-    sem_post(&tgb_started);
-    return arg;
-}
-
-/* Fork `n` children one after the other. Each duration in `out_ns` is the
- * parent's fork() plus its writes to `parent_pages` pages of `buf` (pages
- * the child shares, as the parent's own after-fork work writes its stack and
- * heap). The child writes `child_pages` pages of `buf`; before that, with
- * `thread` 1 it starts a thread and waits until it runs (the thread is still
- * blocked when the child exits, as a handler thread is), with `thread` 2 it
- * also joins it (one thread left at exit). The parent waits for each child
- * to exit before the next fork. Returns 0, or -1 if a fork failed. */
-int tgb_fork_children(size_t n, int thread, char *buf, size_t parent_pages, size_t child_pages,
-                      uint64_t *out_ns)
-{
-    for (size_t i = 0; i < n; i++) {
-        uint64_t t0 = tgb_now_ns();
-        pid_t pid = fork();
-        if (pid < 0)
-            return -1;
-        if (pid == 0) {
-            if (thread) {
-                pthread_t tid;
-                sem_init(&tgb_started, 0, 0);
-                if (pthread_create(&tid, NULL, thread == 1 ? tgb_blocked_thread : tgb_short_thread,
-                                   NULL) == 0) {
-                    sem_wait(&tgb_started);
-                    if (thread == 2)
-                        pthread_join(tid, NULL);
-                }
-            }
-            for (size_t p = 0; p < child_pages; p++)
-                buf[p * 4096] += 1;
-            _exit(0);
-        }
-        for (size_t p = 0; p < parent_pages; p++)
-            buf[p * 4096] += 1;
-        out_ns[i] = tgb_now_ns() - t0;
-        waitpid(pid, NULL, 0);
-    }
-    return 0;
 }

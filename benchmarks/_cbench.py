@@ -33,8 +33,6 @@ void tgb_fill_index_f32(float *table, size_t n);
 size_t tgb_kv_serve(uint64_t *slots, unsigned bits, uint64_t *state, uint64_t batch,
                     unsigned update_permille, uint64_t until_ns,
                     uint64_t *start_ns, uint64_t *lat_ns, size_t cap);
-int tgb_fork_children(size_t n, int thread, char *buf, size_t parent_pages, size_t child_pages,
-                      uint64_t *out_ns);
 """
 
 _module = None
@@ -62,7 +60,7 @@ def load():
 
         builder = cffi.FFI()
         builder.cdef(_CDEF)
-        builder.set_source(name, source.decode(), extra_compile_args=["-O2"], libraries=["pthread"])
+        builder.set_source(name, source.decode(), extra_compile_args=["-O2"])
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = builder.compile(tmpdir=tmp, verbose=False)
             final = os.path.join(cache, os.path.basename(built))

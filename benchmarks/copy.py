@@ -45,19 +45,15 @@
     is copied, not reused, whatever the region's policy: ``share, child
     lives`` against ``share`` shows what that costs, and ``userfault, child
     lives`` against ``share, child lives`` is the lazy copy's own cost at
-    fork for a child that lives. ``child not armed``: each child's arming
-    made to fail at once through the ``copy_arm`` fault hook (no descriptor,
-    registration, handler thread or block of its own), so the parent's own
-    work at fork shows apart from what its children do.
+    fork for a child that lives. ``share, again`` against ``share`` is the
+    run's noise. ``eager`` runs apart, with its own ``share`` rounds (its
+    copy would slow whichever variant ran after it). ``child not armed``:
+    each child's arming made to fail at once through the ``copy_arm``
+    fault hook (no descriptor, registration, handler thread or block of its
+    own), so the parent's own work at fork shows apart from its children's.
     ``living workers``: WORKERS forks in a row whose earlier children all
     still live (a pre-forking server starting its workers), the median
     ``fork()`` of each sample.
-``C fork loop``
-    no thpguard: a C loop forks children one after the other and times the
-    parent's ``fork()`` plus its writes to 225 pages the child shares (about
-    what ``os.fork()`` writes in a Python parent); the child starts a thread
-    that is still blocked when it exits (as a ``copy`` child's handler
-    thread is), or one it joins first, against a child with no thread.
 """
 
 from __future__ import annotations
@@ -282,26 +278,30 @@ def _fork_once(variant: str, size: int) -> dict:
 
     A variant ending in ", child lives" keeps each child until the
     parent's ``fork()`` returned (it reads a pipe the parent then closes).
+    ``share, again`` is ``share`` once more: its ratio to ``share`` is the
+    run's noise. ``copy, child not armed`` replaces any pending ``copy_arm``
+    fault and clears it afterwards.
     """
     lives = variant.endswith(", child lives")
     variant = variant.removesuffix(", child lives")
-    if variant == "share":
-        region = thpguard.alloc(size, fork="share")
-    elif variant == "eager":
-        region = thpguard.alloc(size, fork="copy", copy_mode="eager")
-    else:
-        if variant.startswith("copy, prefill "):
-            _native.copy_set_child_prefill(int(variant.split()[-1]))
-        if variant == "copy, no ready wait":
-            _native.copy_set_child_ready_wait(0)
-        region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
-        if variant == "copy, child not armed":
-            # Each child inherits the pending fault and fails its arming at
-            # once (no descriptor, registration, thread or block of its own);
-            # the parent never consumes it.
-            _native.fault_inject("copy_arm", errno.EIO, 1)
-    time.sleep(0.05)  # the parent's pool fills: the fork measures the steady state
+    region = None
     try:
+        if variant in ("share", "share, again"):
+            region = thpguard.alloc(size, fork="share")
+        elif variant == "eager":
+            region = thpguard.alloc(size, fork="copy", copy_mode="eager")
+        else:
+            if variant.startswith("copy, prefill "):
+                _native.copy_set_child_prefill(int(variant.split()[-1]))
+            if variant == "copy, no ready wait":
+                _native.copy_set_child_ready_wait(0)
+            region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+            if variant == "copy, child not armed":
+                # Each child inherits the pending fault and fails its arming
+                # at once (no descriptor, registration, thread or block of
+                # its own); the parent never consumes it.
+                _native.fault_inject("copy_arm", errno.EIO, 1)
+        time.sleep(0.05)  # the parent's pool fills: the fork measures the steady state
         if variant == "eager":
             warm_memory(size)
         fork_s, total_s = [], []
@@ -322,8 +322,10 @@ def _fork_once(variant: str, size: int) -> dict:
             total_s.append(now() - t0)
         return {"fork_s": median(fork_s), "total_s": median(total_s)}
     finally:
-        _native.fault_clear()
-        region.close()
+        if variant == "copy, child not armed":
+            _native.fault_inject("copy_arm", 0, 0)
+        if region is not None:
+            region.close()
         _native.copy_set_child_prefill(1)
         _native.copy_set_child_ready_wait(0.05)
 
@@ -338,14 +340,14 @@ def _fork_workers(variant: str, size: int) -> float:
     The shape of a pre-forking server starting its workers: each child blocks
     on a pipe until the last one has been forked, then all exit.
     """
-    if variant == "share":
-        region = thpguard.alloc(size, fork="share")
-    else:
-        region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
-    time.sleep(0.05)  # the parent's pool fills
-    pids, times = [], []
-    hold = os.pipe()
+    region, hold, pids, times = None, (), [], []
     try:
+        if variant == "share":
+            region = thpguard.alloc(size, fork="share")
+        else:
+            region = thpguard.alloc(size, fork="copy", copy_mode="lazy")
+        time.sleep(0.05)  # the parent's pool fills
+        hold = os.pipe()
         for _ in range(WORKERS):
             t0 = now()
             pid = os.fork()
@@ -360,43 +362,31 @@ def _fork_workers(variant: str, size: int) -> float:
             os.close(fd)
         for pid in pids:
             os.waitpid(pid, 0)
-        region.close()
+        if region is not None:
+            region.close()
     return median(times)
 
 
-def _child_thread_forks(res: Result, settings: Settings) -> None:
-    """A plain C fork loop (no thpguard): what a thread in the child costs the parent."""
-    ffi, lib = _cbench.load()
-    n = 25
-    buf = ffi.new("char[]", 4 * MiB)  # zeroed, so touched before the first fork
-    out = ffi.new("uint64_t[]", n)
-
-    def sample(thread: int) -> float:
-        if lib.tgb_fork_children(n, thread, buf, 225, 256, out) != 0:
-            raise OSError("fork failed in the C fork loop")
-        return median([out[i] / 1e9 for i in range(n)])
-
-    names = {"no thread": 0, "thread alive at exit": 1, "thread joined before exit": 2}
-    got = interleave({k: (lambda t=t: sample(t)) for k, t in names.items()}, settings.reps, settings.warmup)
-    res.samples["C child thread"] = got
-    base = got["no thread"]
-    for label in ("thread alive at exit", "thread joined before exit"):
-        res.add(f"C fork loop, child starts a {label.replace('thread ', 'thread, ')}", paired(got[label], base),
-                "time vs no thread", f"{median(got[label]) * 1e3:.3f} ms", f"{median(base) * 1e3:.3f} ms")
-
-
 def _label(variant: str) -> str:
+    if variant == "share (with eager)":
+        return "share"
     return "userfault" + variant[4:] if variant.startswith("copy") else variant
 
 
 def _forks(res: Result, settings: Settings, fork_size: int) -> None:
     """fork() returning and fork + child exit, at one region size (module docstring)."""
-    against_share = ("copy", "copy, child not armed", "copy, no ready wait", "copy, prefill 0", "eager")
+    against_share = ("share, again", "copy", "copy, child not armed", "copy, no ready wait", "copy, prefill 0")
     fork_variants = ("share",) + against_share + ("share, child lives", "copy, child lives")
     if fork_size <= 128 * MiB:
         fork_variants += ("copy, prefill 4",)
     forks = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in fork_variants},
                        settings.reps, settings.warmup)
+    # Apart: the eager copy's seconds of copying would slow whichever
+    # variant runs after it.
+    eager = interleave({v: (lambda v=v: _fork_once(v, fork_size)) for v in ("share", "eager")},
+                       settings.reps, settings.warmup)
+    forks["eager"] = eager["eager"]
+    forks["share (with eager)"] = eager["share"]
     res.samples[f"fork {fmt_bytes(fork_size)}"] = forks
 
     def row(what: str, key: str, variant: str, against: str, label: str) -> None:
@@ -409,6 +399,8 @@ def _forks(res: Result, settings: Settings, fork_size: int) -> None:
     for v in against_share:
         row("fork() returns", "fork_s", v, "share", _label(v))
         row("fork + child exit", "total_s", v, "share", _label(v))
+    for key, what in (("fork_s", "fork() returns"), ("total_s", "fork + child exit")):
+        row(what, key, "eager", "share (with eager)", "eager")
     row("fork() returns", "fork_s", "share, child lives", "share", "share, child lives")
     row("fork() returns", "fork_s", "copy, child lives", "share, child lives", _label("copy, child lives"))
     if fork_size <= 128 * MiB:
@@ -494,7 +486,6 @@ def run(settings: Settings) -> Result:
 
     for fork_size in (64 * MiB, 512 * MiB):
         _forks(res, settings, fork_size)
-    _child_thread_forks(res, settings)
     res.notes.append(
         "fork + child exit includes the child arming its own userfaultfd (a new descriptor, "
         "registration, protection, a handler thread) before it runs"
