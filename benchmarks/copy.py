@@ -84,9 +84,11 @@ def _holder(region):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(w)
-        os.read(r, 1)
-        os._exit(0)
+        try:  # a signal here must not run the parent's code on in the child
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(0)
     os.close(r)
     return pid, w
 
@@ -310,10 +312,12 @@ def _fork_once(variant: str, size: int) -> dict:
             t0 = now()
             pid = os.fork()
             if pid == 0:
-                if hold:
-                    os.close(hold[1])
-                    os.read(hold[0], 1)
-                os._exit(0)
+                try:  # a signal here must not run the parent's code on in the child
+                    if hold:
+                        os.close(hold[1])
+                        os.read(hold[0], 1)
+                finally:
+                    os._exit(0)
             t1 = now()
             for fd in hold:
                 os.close(fd)
@@ -352,9 +356,11 @@ def _fork_workers(variant: str, size: int) -> float:
             t0 = now()
             pid = os.fork()
             if pid == 0:
-                os.close(hold[1])
-                os.read(hold[0], 1)
-                os._exit(0)
+                try:  # a signal here must not run the parent's code on in the child
+                    os.close(hold[1])
+                    os.read(hold[0], 1)
+                finally:
+                    os._exit(0)
             times.append(now() - t0)
             pids.append(pid)
     finally:
