@@ -79,16 +79,26 @@ METHODS = ("move", "mremap", "collapse")
 PREFILLS = (0, 1, 4)
 
 
+def _child_waits(hold) -> None:
+    """In a forked child: wait until the parent closes the pipe ``hold`` (if one), then exit.
+
+    The exit is in a ``finally``: a signal while the child waits must not
+    run the parent's code on in the child.
+    """
+    try:
+        if hold:
+            os.close(hold[1])
+            os.read(hold[0], 1)
+    finally:
+        os._exit(0)
+
+
 def _holder(region):
     """Fork a child that keeps the region shared until told to go."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        try:  # a signal here must not run the parent's code on in the child
-            os.close(w)
-            os.read(r, 1)
-        finally:
-            os._exit(0)
+        _child_waits((r, w))
     os.close(r)
     return pid, w
 
@@ -312,12 +322,7 @@ def _fork_once(variant: str, size: int) -> dict:
             t0 = now()
             pid = os.fork()
             if pid == 0:
-                try:  # a signal here must not run the parent's code on in the child
-                    if hold:
-                        os.close(hold[1])
-                        os.read(hold[0], 1)
-                finally:
-                    os._exit(0)
+                _child_waits(hold)
             t1 = now()
             for fd in hold:
                 os.close(fd)
@@ -356,11 +361,7 @@ def _fork_workers(variant: str, size: int) -> float:
             t0 = now()
             pid = os.fork()
             if pid == 0:
-                try:  # a signal here must not run the parent's code on in the child
-                    os.close(hold[1])
-                    os.read(hold[0], 1)
-                finally:
-                    os._exit(0)
+                _child_waits(hold)
             times.append(now() - t0)
             pids.append(pid)
     finally:
@@ -374,8 +375,6 @@ def _fork_workers(variant: str, size: int) -> float:
 
 
 def _label(variant: str) -> str:
-    if variant == "share (with eager)":
-        return "share"
     return "userfault" + variant[4:] if variant.startswith("copy") else variant
 
 
